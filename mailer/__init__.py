@@ -1,0 +1,1 @@
+"""The newsletter system: editions, rendering, delivery, scheduling, web and CLI."""

@@ -1,0 +1,175 @@
+"""Settings: `MAILER_*` environment variables over an optional TOML file over the defaults.
+
+The defaults are the embedded setup: SQLite under `var/`, the web app on 127.0.0.1:8000, mail
+to the dev sink. Secrets are never defaults: when none is configured, a random one is generated
+on first use into `var/` with mode 0600 and reused from there.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from mailer.errors import ConfigError
+from subscribers.rules import DEFAULT_ORGANISATION_TYPES, DEFAULT_REGIONS, DEFAULT_ROLES, Rules
+
+CONFIG_ENV = "MAILER_CONFIG"
+DEFAULT_CONFIG_FILE = "mailer.toml"
+
+
+def config_file() -> Path:
+    return Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MAILER_", extra="forbid",
+                                      validate_default=True)
+
+    var_dir: Path = Field(Path("var"), description="Where the embedded setup keeps its files")
+    database_url: str = Field("", description="SQLAlchemy URL; default SQLite in var_dir")
+    base_url: str = Field("http://127.0.0.1:8000", description="Absolute URL of the web app")
+    secret_key: SecretStr | None = Field(None, description="Signs tokens; generated if unset")
+    suppression_key: SecretStr | None = Field(
+        None, description="Keys the HMAC of suppressed addresses; generated if unset")
+
+    smtp_url: SecretStr = Field(SecretStr("smtp://127.0.0.1:8025?tls=none"),
+                                description="smtp://user:pass@host:port?tls=starttls|ssl|none")
+    from_address: str = Field("msht-bulletin@example.org", description="The From address")
+    from_name: str = Field("Kent & Essex MSHT Co-ordinators", description="The From name")
+    contact_address: str = Field("msht-bulletin@example.org",
+                                 description="Where readers write to; shown in every footer")
+    list_id: str = Field("msht-bulletin.example.org", description="The RFC 2919 List-Id")
+
+    allow_smtputf8: bool = Field(False, description="Accept non-ASCII local parts")
+    check_deliverability: bool = Field(False, description="Look up MX records at sign-up")
+    regions: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_REGIONS))
+    organisation_types: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_ORGANISATION_TYPES))
+    roles: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_ROLES))
+    trusted_domains: list[str] = Field(
+        default_factory=lambda: ["police.uk", "gov.uk", "nhs.net", "nhs.uk"],
+        description="Sign-ups from these domains need no co-ordinator approval")
+
+    rate_per_minute: int = Field(30, ge=0, description="Messages a minute; 0 means no limit")
+    rate_per_day: int = Field(10_000, ge=0, description="Messages a rolling 24 h; 0: no limit")
+    retry_base_seconds: int = Field(60, ge=1)
+    retry_cap_seconds: int = Field(1800, ge=1)
+    retry_give_up_hours: int = Field(48, ge=1)
+
+    timezone: str = Field("Europe/London", description="The time zone people see")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings,
+                TomlConfigSettingsSource(settings_cls, toml_file=config_file()))
+
+    @field_validator("base_url")
+    @classmethod
+    def _absolute_http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an absolute http(s) URL such as https://news.example.org")
+        return value.rstrip("/")
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.var_dir / 'mailer.db'}"
+
+    def secret(self) -> bytes:
+        return self._key("secret_key", self.secret_key)
+
+    def suppression_secret(self) -> bytes:
+        return self._key("suppression_key", self.suppression_key)
+
+    def _key(self, name: str, configured: SecretStr | None) -> bytes:
+        if configured is not None:
+            value = configured.get_secret_value()
+            if len(value) < 32:
+                raise ConfigError(f"MAILER_{name.upper()} is too short",
+                                  hint="use at least 32 random characters")
+            return value.encode()
+        path = self.var_dir / name
+        try:
+            return path.read_text().strip().encode()
+        except FileNotFoundError:
+            pass
+        self.var_dir.mkdir(parents=True, exist_ok=True)
+        value = secrets.token_urlsafe(48)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process generated it first: use theirs
+            return path.read_text().strip().encode()
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value + "\n")
+        return value.encode()
+
+    def rules(self) -> Rules:
+        return Rules(
+            suppression_key=self.suppression_secret(),
+            regions=dict(self.regions),
+            organisation_types=dict(self.organisation_types),
+            roles=dict(self.roles),
+            allow_smtputf8=self.allow_smtputf8,
+            check_deliverability=self.check_deliverability,
+            trusted_domains=tuple(d.lower() for d in self.trusted_domains),
+        )
+
+    def shown(self) -> dict[str, Any]:
+        """The effective settings with every secret masked, for `mailer config show`."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = mask_url(value.get_secret_value()) if name.endswith("_url") else "********"
+            elif name == "database_url":
+                value = mask_url(self.database)
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        for name in ("secret_key", "suppression_key"):
+            if out[name] is None:
+                out[name] = f"(generated in {self.var_dir / name})"
+        return out
+
+
+def mask_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:********@{parts.hostname}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning a validation failure into one clear `ConfigError`."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}",
+                          hint=f"check MAILER_* variables and {config_file()}") from None

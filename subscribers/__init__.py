@@ -1,0 +1,1 @@
+"""The subscriber database. It knows nothing of email: `mailer` imports it, never the reverse."""

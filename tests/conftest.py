@@ -1,0 +1,167 @@
+"""Shared fixtures: real databases (SQLite files and the PostgreSQL server), settings, browser.
+
+Every database test runs on SQLite and on PostgreSQL. PostgreSQL runs need
+MAILER_TEST_POSTGRES_URL; without it they are skipped locally and fail under CI=true, where a
+missing service must never pass as green. Each test gets a database of its own: a copy of a
+migrated SQLite file, or a PostgreSQL database cloned from a migrated template.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from mailer import migrations
+from mailer.config import Settings
+from subscribers.db import make_engine, normalise_url, session_factory
+from subscribers.rules import Rules
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+POSTGRES_URL = os.environ.get("MAILER_TEST_POSTGRES_URL", "")
+CHROMIUM = os.environ.get("MAILER_TEST_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def _require_or_skip(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{reason}, and CI=true requires it", pytrace=False)
+    pytest.skip(reason)
+
+
+# ---- PostgreSQL: one migrated template per test session, one clone per test ----
+
+def _pg_admin() -> Engine:
+    return create_engine(normalise_url(POSTGRES_URL), isolation_level="AUTOCOMMIT")
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    if not POSTGRES_URL:
+        _require_or_skip("MAILER_TEST_POSTGRES_URL is not set")
+    name = f"mailer_tmpl_{os.getpid()}"
+    admin = _pg_admin()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(normalise_url(POSTGRES_URL)).set(database=name)
+    migrations.upgrade(url.render_as_string(hide_password=False))
+    yield name
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _pg_clone(template: str | None) -> Iterator[str]:
+    name = f"mailer_t_{uuid.uuid4().hex[:12]}"
+    admin = _pg_admin()
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"' +
+                          (f' TEMPLATE "{template}"' if template else "")))
+    try:
+        yield make_url(normalise_url(POSTGRES_URL)).set(database=name).render_as_string(
+            hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+# ---- SQLite: one migrated file per test session, one copy per test ----
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "mailer.db"
+    migrations.upgrade(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def db_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated, empty database of this test's own, on each backend."""
+    if backend == "sqlite":
+        path = tmp_path / "mailer.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite:///{path}"
+    else:
+        yield from _pg_clone(request.getfixturevalue("pg_template"))
+
+
+@pytest.fixture
+def empty_db_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A database with no tables at all, on each backend (for migration tests)."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+    else:
+        if not POSTGRES_URL:
+            _require_or_skip("MAILER_TEST_POSTGRES_URL is not set")
+        yield from _pg_clone(None)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    eng = make_engine(db_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def session(engine: Engine) -> Iterator[Session]:
+    with session_factory(engine)() as s:
+        yield s
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings for a test: its own var/ and database, no mailer.toml, no stray MAILER_ vars."""
+    for key in list(os.environ):
+        if key.startswith("MAILER_") and not key.startswith("MAILER_TEST_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("MAILER_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.setenv("MAILER_VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("MAILER_DATABASE_URL", db_url)
+    monkeypatch.setenv("MAILER_SUPPRESSION_KEY", "k" * 40)
+    monkeypatch.setenv("MAILER_SECRET_KEY", "s" * 40)
+    return Settings()
+
+
+@pytest.fixture
+def rules(settings: Settings) -> Rules:
+    return settings.rules()
+
+
+# ---- Browser: Debian's chromium, never a downloaded one ----
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    if not Path(CHROMIUM).exists():
+        _require_or_skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"],
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
