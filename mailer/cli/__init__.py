@@ -14,7 +14,7 @@ import typer
 from rich.markup import escape
 from sqlalchemy.exc import OperationalError
 
-from mailer.cli import config_cmd, db, subscribers_cmd, topics
+from mailer.cli import bounces_cmd, config_cmd, db, dev_sink, edition, subscribers_cmd, topics
 from mailer.cli.runtime import Runtime, err_console
 from mailer.errors import MailerError
 from subscribers.errors import SubscriberError
@@ -30,6 +30,9 @@ app.add_typer(db.app, name="db")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(topics.app, name="topics")
 app.add_typer(subscribers_cmd.app, name="subscribers")
+app.add_typer(edition.app, name="edition")
+app.add_typer(bounces_cmd.app, name="bounces")
+app.command("dev-sink")(dev_sink.dev_sink)
 
 
 @app.callback()
