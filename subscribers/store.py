@@ -1,0 +1,640 @@
+"""Every query on the subscriber tables.
+
+State changes are guarded and idempotent: each one checks the row is in a state it may leave,
+does nothing (and records nothing) when the change has already happened, and writes a
+`ConsentEvent` when it does change something. Functions take the session first and never commit:
+the caller owns the transaction, so a web request or an import is all or nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Select, delete, exists, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from subscribers.db import utcnow
+from subscribers.errors import AddressSuppressed, InvalidInput, NotFound, SubscriberError
+from subscribers.models import (
+    LEFT,
+    SENDABLE,
+    Channel,
+    ConsentAction,
+    ConsentEvent,
+    Subscriber,
+    SubscriberStatus,
+    Subscription,
+    SubscriptionStatus,
+    Suppression,
+    SuppressionReason,
+    Topic,
+)
+from subscribers.rules import Rules
+from subscribers.validation import (
+    email_hmac,
+    is_trusted_domain,
+    normalise_address,
+    normalise_name,
+    normalise_organisation,
+    vocabulary_value,
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a person tells us about themselves, already validated by `profile_from`."""
+
+    email: str
+    key: str
+    name: str | None = None
+    organisation: str | None = None
+    organisation_type: str | None = None
+    role: str | None = None
+    region: str | None = None
+
+
+def profile_from(rules: Rules, *, email: str | None, name: str | None = None,
+                 organisation: str | None = None, organisation_type: str | None = None,
+                 role: str | None = None, region: str | None = None) -> Profile:
+    """Validate raw input into a `Profile`; raises `InvalidInput` naming the field."""
+    address = normalise_address(email, rules)
+    return Profile(
+        email=address.email,
+        key=address.key,
+        name=normalise_name(name),
+        organisation=normalise_organisation(organisation),
+        organisation_type=vocabulary_value(rules, "organisation_type", organisation_type),
+        role=vocabulary_value(rules, "role", role),
+        region=vocabulary_value(rules, "region", region),
+    )
+
+
+@dataclass(frozen=True)
+class Context:
+    """Who or what asked for a change, for the consent record."""
+
+    channel: Channel
+    actor: str | None = None  # a co-ordinator's login, or None for the subscriber themself
+    ip: str | None = None
+    user_agent: str | None = None
+    consent_version: str | None = None
+    lawful_basis: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+# ---------------------------------------------------------------- topics
+
+def list_topics(session: Session) -> Sequence[Topic]:
+    return session.scalars(select(Topic).order_by(Topic.id)).all()
+
+
+def get_topic(session: Session, slug: str) -> Topic:
+    topic = session.scalar(select(Topic).where(Topic.slug == slug))
+    if topic is None:
+        known = ", ".join(t.slug for t in list_topics(session))
+        raise NotFound(f"no topic '{slug}' (topics: {known})")
+    return topic
+
+
+def topics_by_slug(session: Session, slugs: Iterable[str]) -> list[Topic]:
+    return [get_topic(session, slug) for slug in dict.fromkeys(slugs)]
+
+
+def add_topic(session: Session, slug: str, name: str, description: str = "") -> Topic:
+    if not slug.replace("-", "").replace("_", "").isalnum() or slug != slug.lower():
+        raise InvalidInput("slug", "a topic slug is lower-case letters, digits, '-' and '_'")
+    if session.scalar(select(Topic.id).where(Topic.slug == slug)) is not None:
+        raise SubscriberError(f"topic '{slug}' exists already")
+    topic = Topic(slug=slug, name=name.strip(), description=description.strip())
+    session.add(topic)
+    session.flush()
+    return topic
+
+
+# ---------------------------------------------------------------- lookups
+
+def get(session: Session, subscriber_id: int) -> Subscriber:
+    subscriber = session.get(Subscriber, subscriber_id)
+    if subscriber is None or subscriber.status == SubscriberStatus.ERASED:
+        raise NotFound(f"no subscriber with id {subscriber_id}")
+    return subscriber
+
+
+def find_by_email(session: Session, rules: Rules, email: str) -> Subscriber | None:
+    key = normalise_address(email, rules).key
+    return session.scalar(select(Subscriber).where(Subscriber.email_key == key))
+
+
+def get_by_email(session: Session, rules: Rules, email: str) -> Subscriber:
+    subscriber = find_by_email(session, rules, email)
+    if subscriber is None:
+        raise NotFound("no subscriber with that address")
+    return subscriber
+
+
+def resolve(session: Session, rules: Rules, ident: str) -> Subscriber:
+    """A subscriber named by id (`42`) or by address, as co-ordinators type them."""
+    if ident.isdigit():
+        return get(session, int(ident))
+    return get_by_email(session, rules, ident)
+
+
+def is_suppressed(session: Session, rules: Rules, key: str) -> bool:
+    digest = email_hmac(rules, key)
+    return session.scalar(select(exists().where(Suppression.email_hmac == digest))) or False
+
+
+def active_topics(session: Session, subscriber_id: int) -> list[str]:
+    return list(session.scalars(
+        select(Topic.slug).join(Subscription)
+        .where(Subscription.subscriber_id == subscriber_id,
+               Subscription.status == SubscriptionStatus.ACTIVE)
+        .order_by(Topic.id)))
+
+
+def consent_history(session: Session, subscriber_id: int) -> Sequence[ConsentEvent]:
+    return session.scalars(select(ConsentEvent).where(ConsentEvent.subscriber_id == subscriber_id)
+                           .order_by(ConsentEvent.id)).all()
+
+
+# ---------------------------------------------------------------- changes
+
+def _record(session: Session, subscriber: Subscriber, action: ConsentAction, ctx: Context,
+            topic: str | None = None, **detail: Any) -> None:
+    session.add(ConsentEvent(
+        subscriber_id=subscriber.id, action=action, channel=ctx.channel, topic=topic,
+        consent_version=ctx.consent_version, lawful_basis=ctx.lawful_basis, ip=ctx.ip,
+        user_agent=(ctx.user_agent or None) and ctx.user_agent[:300], actor=ctx.actor,
+        detail={**(ctx.detail or {}), **detail} or None))
+
+
+def _set_topics(session: Session, subscriber: Subscriber, topics: Sequence[Topic],
+                ctx: Context) -> list[str]:
+    """Make each topic active for the subscriber; return the slugs that changed."""
+    existing = {s.topic_id: s for s in subscriber.subscriptions}
+    changed = []
+    for topic in topics:
+        row = existing.get(topic.id)
+        if row is None:
+            subscriber.subscriptions.append(Subscription(topic_id=topic.id))
+        elif row.status != SubscriptionStatus.ACTIVE:
+            row.status = SubscriptionStatus.ACTIVE
+        else:
+            continue
+        changed.append(topic.slug)
+    return changed
+
+
+class SubscribeOutcome(StrEnum):
+    """What a sign-up found; the web layer chooses which email (if any) to send from it."""
+
+    NEW = "new"  # a new pending subscriber: send a confirmation
+    STILL_PENDING = "still_pending"  # asked again before confirming: resend, within the caps
+    RETURNING = "returning"  # had left (or was suppressed): pending again, needs confirmation
+    ALREADY_ACTIVE = "already_active"  # nothing changes: tell them they are subscribed
+    AWAITING_APPROVAL = "awaiting_approval"  # confirmed, waiting for a co-ordinator
+
+
+def subscribe(session: Session, rules: Rules, profile: Profile, topics: Sequence[Topic],
+              ctx: Context) -> tuple[Subscriber, SubscribeOutcome]:
+    """A sign-up (double opt-in): the subscriber is pending until `confirm`.
+
+    Suppressed and departed addresses may sign up again this way, because the confirmation
+    proves that the person who owns the address asked; `confirm` lifts the suppression.
+    """
+    if not topics:
+        raise InvalidInput("topics", "choose at least one topic")
+    subscriber = session.scalar(select(Subscriber).where(Subscriber.email_key == profile.key))
+    if subscriber is not None and subscriber.status == SubscriberStatus.ACTIVE:
+        return subscriber, SubscribeOutcome.ALREADY_ACTIVE
+    if subscriber is not None and subscriber.status == SubscriberStatus.AWAITING_APPROVAL:
+        return subscriber, SubscribeOutcome.AWAITING_APPROVAL
+    if subscriber is None:
+        subscriber = Subscriber(email=profile.email, email_key=profile.key, source=ctx.channel,
+                                status=SubscriberStatus.PENDING)
+        session.add(subscriber)
+        outcome = SubscribeOutcome.NEW
+    elif subscriber.status == SubscriberStatus.PENDING:
+        outcome = SubscribeOutcome.STILL_PENDING
+    else:
+        outcome = SubscribeOutcome.RETURNING
+        subscriber.status = SubscriberStatus.PENDING
+        subscriber.left_at = None
+    _apply_profile(subscriber, profile)
+    subscriber.email_hmac = email_hmac(rules, profile.key)
+    session.flush()
+    _set_topics(session, subscriber, topics, ctx)
+    _record(session, subscriber, ConsentAction.SUBSCRIBE, ctx,
+            topics=[t.slug for t in topics])
+    session.flush()
+    return subscriber, outcome
+
+
+def _apply_profile(subscriber: Subscriber, profile: Profile) -> None:
+    subscriber.email = profile.email
+    for name in ("name", "organisation", "organisation_type", "role", "region"):
+        value = getattr(profile, name)
+        if value is not None:
+            setattr(subscriber, name, value)
+
+
+def confirm(session: Session, rules: Rules, subscriber: Subscriber,
+            ctx: Context) -> SubscriberStatus:
+    """The owner of the address confirmed. Trusted domains become active; others await approval.
+
+    Idempotent: confirming twice changes nothing the second time.
+    """
+    if subscriber.status != SubscriberStatus.PENDING:
+        return SubscriberStatus(subscriber.status)
+    assert subscriber.email_key is not None and subscriber.email_hmac is not None
+    lifted = session.execute(
+        delete(Suppression).where(Suppression.email_hmac == subscriber.email_hmac)
+    ).rowcount
+    if lifted:
+        _record(session, subscriber, ConsentAction.UNSUPPRESS, ctx,
+                reason="a fresh double opt-in confirmed the address")
+    trusted = is_trusted_domain(rules, subscriber.email_key)
+    subscriber.status = SubscriberStatus.ACTIVE if trusted else SubscriberStatus.AWAITING_APPROVAL
+    subscriber.confirmed_at = utcnow()
+    _record(session, subscriber, ConsentAction.CONFIRM, ctx, trusted_domain=trusted)
+    session.flush()
+    return SubscriberStatus(subscriber.status)
+
+
+def approve(session: Session, subscriber: Subscriber, ctx: Context) -> bool:
+    if subscriber.status != SubscriberStatus.AWAITING_APPROVAL:
+        return False
+    subscriber.status = SubscriberStatus.ACTIVE
+    _record(session, subscriber, ConsentAction.APPROVE, ctx)
+    session.flush()
+    return True
+
+
+def reject(session: Session, subscriber: Subscriber, ctx: Context) -> bool:
+    """Turn down a sign-up awaiting approval; the address is not suppressed, only left."""
+    if subscriber.status != SubscriberStatus.AWAITING_APPROVAL:
+        return False
+    _leave(subscriber, SubscriberStatus.UNSUBSCRIBED)
+    _record(session, subscriber, ConsentAction.REJECT, ctx)
+    session.flush()
+    return True
+
+
+def add_active(session: Session, rules: Rules, profile: Profile, topics: Sequence[Topic],
+               ctx: Context) -> Subscriber:
+    """Add someone as active on a recorded lawful basis (a co-ordinator or an import).
+
+    Refuses suppressed addresses and people who left: only their own fresh double opt-in may
+    bring them back, never a co-ordinator's list.
+    """
+    if not ctx.lawful_basis:
+        raise InvalidInput("lawful_basis", "say on what lawful basis this person is added")
+    if not topics:
+        raise InvalidInput("topics", "choose at least one topic")
+    if is_suppressed(session, rules, profile.key):
+        raise AddressSuppressed(
+            "this address is suppressed (it was erased, bounced or complained) and cannot be "
+            "added again; the person may sign up themselves through the subscribe page")
+    subscriber = session.scalar(select(Subscriber).where(Subscriber.email_key == profile.key))
+    if subscriber is not None:
+        if subscriber.status in LEFT:
+            raise AddressSuppressed(
+                f"this address is {subscriber.status}; only the person may sign up again")
+        raise SubscriberError(f"this address is already a subscriber ({subscriber.status})")
+    subscriber = Subscriber(email=profile.email, email_key=profile.key,
+                            email_hmac=email_hmac(rules, profile.key),
+                            status=SubscriberStatus.ACTIVE, lawful_basis=ctx.lawful_basis,
+                            source=(ctx.detail or {}).get("source") or ctx.channel,
+                            confirmed_at=utcnow())
+    _apply_profile(subscriber, profile)
+    session.add(subscriber)
+    session.flush()
+    _set_topics(session, subscriber, topics, ctx)
+    action = ConsentAction.IMPORT if ctx.channel == Channel.IMPORT else ConsentAction.ADD
+    _record(session, subscriber, action, ctx, topics=[t.slug for t in topics])
+    session.flush()
+    return subscriber
+
+
+def update_profile(session: Session, rules: Rules, subscriber: Subscriber, ctx: Context,
+                   **fields: Any) -> bool:
+    """Change name, organisation, organisation type, role or region; records what changed."""
+    cleaned = {
+        "name": normalise_name, "organisation": normalise_organisation,
+    }
+    changes = {}
+    for name, raw in fields.items():
+        if name in cleaned:
+            value = cleaned[name](raw)
+        elif name in ("organisation_type", "role", "region"):
+            value = vocabulary_value(rules, name, raw)
+        else:
+            raise InvalidInput(name, f"'{name}' cannot be changed here")
+        if value != getattr(subscriber, name):
+            changes[name] = value
+    if not changes:
+        return False
+    for name, value in changes.items():
+        setattr(subscriber, name, value)
+    _record(session, subscriber, ConsentAction.PROFILE, ctx, fields=sorted(changes))
+    session.flush()
+    return True
+
+
+def subscribe_topic(session: Session, subscriber: Subscriber, topic: Topic, ctx: Context) -> bool:
+    """Add a topic for an active subscriber (from their preferences page)."""
+    if subscriber.status != SubscriberStatus.ACTIVE:
+        raise SubscriberError(f"cannot add topics while the subscriber is {subscriber.status}")
+    changed = _set_topics(session, subscriber, [topic], ctx)
+    if changed:
+        _record(session, subscriber, ConsentAction.TOPIC_ADD, ctx, topic=topic.slug)
+        session.flush()
+    return bool(changed)
+
+
+def unsubscribe(session: Session, subscriber: Subscriber, ctx: Context,
+                topic: Topic | None = None) -> bool:
+    """Leave one topic, or (topic=None) everything. Returns whether anything changed."""
+    if subscriber.status == SubscriberStatus.ERASED:
+        return False
+    if topic is not None:
+        row = next((s for s in subscriber.subscriptions if s.topic_id == topic.id), None)
+        if row is None or row.status == SubscriptionStatus.UNSUBSCRIBED:
+            return False
+        row.status = SubscriptionStatus.UNSUBSCRIBED
+        _record(session, subscriber, ConsentAction.UNSUBSCRIBE, ctx, topic=topic.slug)
+        session.flush()
+        return True
+    if subscriber.status in LEFT:
+        return False
+    _leave(subscriber, SubscriberStatus.UNSUBSCRIBED)
+    _record(session, subscriber, ConsentAction.UNSUBSCRIBE, ctx)
+    session.flush()
+    return True
+
+
+def _leave(subscriber: Subscriber, status: SubscriberStatus) -> None:
+    subscriber.status = status
+    subscriber.left_at = utcnow()
+    for row in subscriber.subscriptions:
+        row.status = SubscriptionStatus.UNSUBSCRIBED
+
+
+def _suppress(session: Session, digest: str, reason: SuppressionReason) -> None:
+    if session.scalar(select(exists().where(Suppression.email_hmac == digest))):
+        return
+    session.add(Suppression(email_hmac=digest, reason=reason))
+
+
+def mark_bounced(session: Session, subscriber: Subscriber, ctx: Context) -> bool:
+    """A hard bounce: stop mailing and suppress the address."""
+    return _mark(session, subscriber, ctx, SubscriberStatus.BOUNCED, ConsentAction.BOUNCE,
+                 SuppressionReason.BOUNCED)
+
+
+def mark_complained(session: Session, subscriber: Subscriber, ctx: Context) -> bool:
+    """A spam complaint: unsubscribe from everything and suppress, at once."""
+    return _mark(session, subscriber, ctx, SubscriberStatus.COMPLAINED, ConsentAction.COMPLAINT,
+                 SuppressionReason.COMPLAINED)
+
+
+def _mark(session: Session, subscriber: Subscriber, ctx: Context, status: SubscriberStatus,
+          action: ConsentAction, reason: SuppressionReason) -> bool:
+    if subscriber.status in (status, SubscriberStatus.ERASED):
+        return False
+    _leave(subscriber, status)
+    if subscriber.email_hmac:
+        _suppress(session, subscriber.email_hmac, reason)
+    _record(session, subscriber, action, ctx)
+    session.flush()
+    return True
+
+
+def erase(session: Session, subscriber: Subscriber, ctx: Context) -> None:
+    """GDPR erasure: delete the personal data, keep a keyed-HMAC suppression entry and an
+    anonymised trail of what happened when (no address, name, IP or user agent)."""
+    if subscriber.status == SubscriberStatus.ERASED:
+        return
+    if subscriber.email_hmac:
+        _suppress(session, subscriber.email_hmac, SuppressionReason.ERASED)
+    for name in ("email", "email_key", "email_hmac", "name", "organisation",
+                 "organisation_type", "role", "region", "source"):
+        setattr(subscriber, name, None)
+    subscriber.status = SubscriberStatus.ERASED
+    subscriber.left_at = utcnow()
+    session.execute(delete(Subscription).where(Subscription.subscriber_id == subscriber.id))
+    session.execute(update(ConsentEvent).where(ConsentEvent.subscriber_id == subscriber.id)
+                    .values(ip=None, user_agent=None, detail=None))
+    _record(session, subscriber, ConsentAction.ERASE, Context(channel=ctx.channel, actor=ctx.actor))
+    session.flush()
+    session.expire(subscriber)
+
+
+# ---------------------------------------------------------------- segments and counts
+
+def segment(topics: Sequence[str], regions: Sequence[str] = (),
+            roles: Sequence[str] = ()) -> Select[tuple[int]]:
+    """The ids of subscribers an edition goes to: active, on one of the topics, in the regions
+    and roles if given, and not suppressed. A SELECT for the outbox's INSERT ... SELECT."""
+    query = (
+        select(Subscriber.id).distinct()
+        .join(Subscription, Subscription.subscriber_id == Subscriber.id)
+        .join(Topic, Topic.id == Subscription.topic_id)
+        .where(Topic.slug.in_(list(topics)),
+               Subscription.status == SubscriptionStatus.ACTIVE,
+               Subscriber.status.in_(list(SENDABLE)),
+               ~exists().where(Suppression.email_hmac == Subscriber.email_hmac))
+    )
+    if regions:
+        query = query.where(Subscriber.region.in_(list(regions)))
+    if roles:
+        query = query.where(Subscriber.role.in_(list(roles)))
+    return query
+
+
+def is_sendable(session: Session, subscriber_id: int, topic_slug: str) -> bool:
+    """The send-time re-check: still active, still on the topic, not suppressed."""
+    query = segment([topic_slug]).where(Subscriber.id == subscriber_id)
+    return session.scalar(select(exists(query))) or False
+
+
+def segment_count(session: Session, topics: Sequence[str], regions: Sequence[str] = (),
+                  roles: Sequence[str] = ()) -> int:
+    return session.scalar(select(func.count()).select_from(
+        segment(topics, regions, roles).subquery())) or 0
+
+
+@dataclass
+class Counts:
+    by_status: dict[str, int] = field(default_factory=dict)
+    by_region: dict[str, int] = field(default_factory=dict)  # active subscribers only
+    by_role: dict[str, int] = field(default_factory=dict)
+    by_organisation_type: dict[str, int] = field(default_factory=dict)
+    by_topic: dict[str, int] = field(default_factory=dict)  # active subscriptions
+
+
+def counts(session: Session, regions: Sequence[str] = ()) -> Counts:
+    """Subscriber figures, optionally limited to some regions (a co-ordinator's scope)."""
+    scope = Subscriber.region.in_(list(regions)) if regions else True
+    active = Subscriber.status == SubscriberStatus.ACTIVE
+    out = Counts()
+    out.by_status = dict(session.execute(
+        select(Subscriber.status, func.count()).where(scope).group_by(Subscriber.status)).all())
+    for column, target in ((Subscriber.region, out.by_region), (Subscriber.role, out.by_role),
+                           (Subscriber.organisation_type, out.by_organisation_type)):
+        for value, n in session.execute(
+                select(column, func.count()).where(active, scope).group_by(column)):
+            target[value or "(not given)"] = n
+    per_topic = dict(session.execute(
+        select(Topic.slug, func.count())
+        .join(Subscription, Subscription.topic_id == Topic.id)
+        .join(Subscriber, Subscriber.id == Subscription.subscriber_id)
+        .where(Subscription.status == SubscriptionStatus.ACTIVE, active, scope)
+        .group_by(Topic.slug)).all())
+    out.by_topic = {t.slug: per_topic.get(t.slug, 0) for t in list_topics(session)}
+    return out
+
+
+@dataclass(frozen=True)
+class Filter:
+    status: str | None = None
+    region: str | None = None
+    role: str | None = None
+    topic: str | None = None
+    search: str | None = None  # part of the address, name or organisation
+
+
+def _filtered(flt: Filter) -> Select[tuple[Subscriber]]:
+    query = select(Subscriber).where(Subscriber.status != SubscriberStatus.ERASED)
+    if flt.status:
+        query = query.where(Subscriber.status == flt.status)
+    if flt.region:
+        query = query.where(Subscriber.region == flt.region)
+    if flt.role:
+        query = query.where(Subscriber.role == flt.role)
+    if flt.topic:
+        query = query.where(exists().where(
+            Subscription.subscriber_id == Subscriber.id, Subscription.topic_id == Topic.id,
+            Topic.slug == flt.topic, Subscription.status == SubscriptionStatus.ACTIVE))
+    if flt.search:
+        like = f"%{flt.search.lower().replace('%', '').replace('_', '')}%"
+        query = query.where(func.lower(Subscriber.email_key).like(like)
+                            | func.lower(Subscriber.name).like(like)
+                            | func.lower(Subscriber.organisation).like(like))
+    return query
+
+
+def list_subscribers(session: Session, flt: Filter = Filter(), limit: int = 50,
+                     offset: int = 0) -> tuple[int, Sequence[Subscriber]]:
+    query = _filtered(flt)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Subscriber.id).limit(limit).offset(offset)).all()
+    return total, rows
+
+
+def iter_export(session: Session, flt: Filter = Filter(),
+                batch: int = 1000) -> Iterator[dict[str, Any]]:
+    """Subscribers as plain dicts, in id order, fetched in batches so memory stays flat."""
+    last_id = 0
+    while True:
+        rows = session.scalars(_filtered(flt).where(Subscriber.id > last_id)
+                               .order_by(Subscriber.id).limit(batch)).all()
+        if not rows:
+            return
+        topics = _topics_of(session, [r.id for r in rows])
+        for row in rows:
+            yield {**_profile_dict(row), "topics": topics.get(row.id, [])}
+        last_id = rows[-1].id
+        session.expunge_all()
+
+
+def _topics_of(session: Session, ids: Sequence[int]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for sid, slug in session.execute(
+            select(Subscription.subscriber_id, Topic.slug).join(Topic)
+            .where(Subscription.subscriber_id.in_(ids),
+                   Subscription.status == SubscriptionStatus.ACTIVE).order_by(Topic.id)):
+        out.setdefault(sid, []).append(slug)
+    return out
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _profile_dict(s: Subscriber) -> dict[str, Any]:
+    return {
+        "id": s.id, "email": s.email, "name": s.name, "organisation": s.organisation,
+        "organisation_type": s.organisation_type, "role": s.role, "region": s.region,
+        "status": s.status, "lawful_basis": s.lawful_basis, "source": s.source,
+        "created_at": _iso(s.created_at), "confirmed_at": _iso(s.confirmed_at),
+        "left_at": _iso(s.left_at),
+    }
+
+
+def subject_access(session: Session, subscriber: Subscriber) -> dict[str, Any]:
+    """Everything we hold on one person (UK GDPR Art. 15): profile, subscriptions, history."""
+    subscriptions = session.execute(
+        select(Topic.slug, Subscription.status, Subscription.created_at, Subscription.updated_at)
+        .join(Topic).where(Subscription.subscriber_id == subscriber.id).order_by(Topic.id)).all()
+    return {
+        "profile": _profile_dict(subscriber),
+        "subscriptions": [{"topic": t, "status": st, "since": _iso(c), "changed": _iso(u)}
+                          for t, st, c, u in subscriptions],
+        "consent_history": [
+            {"at": _iso(e.occurred_at), "action": e.action, "channel": e.channel,
+             "topic": e.topic, "consent_version": e.consent_version,
+             "lawful_basis": e.lawful_basis, "ip": e.ip, "user_agent": e.user_agent,
+             "by": e.actor, "detail": e.detail}
+            for e in consent_history(session, subscriber.id)],
+    }
+
+
+# ---------------------------------------------------------------- bulk import
+
+def existing_by_key(session: Session, keys: Sequence[str]) -> dict[str, str]:
+    """Status of each key that is already a subscriber."""
+    return dict(session.execute(
+        select(Subscriber.email_key, Subscriber.status)
+        .where(Subscriber.email_key.in_(list(keys)))).all())
+
+
+def suppressed_among(session: Session, digests: Sequence[str]) -> set[str]:
+    return set(session.scalars(
+        select(Suppression.email_hmac).where(Suppression.email_hmac.in_(list(digests)))))
+
+
+def bulk_add_active(session: Session, rules: Rules,
+                    profiles: Sequence[tuple[Profile, Sequence[Topic]]], ctx: Context) -> int:
+    """Insert many new active subscribers at once (an import), with their topics and consent
+    events. The caller has already excluded existing, departed and suppressed addresses."""
+    if not profiles:
+        return 0
+    now = utcnow()
+    source = (ctx.detail or {}).get("source") or ctx.channel
+    rows = [{
+        "email": p.email, "email_key": p.key, "email_hmac": email_hmac(rules, p.key),
+        "name": p.name, "organisation": p.organisation, "organisation_type": p.organisation_type,
+        "role": p.role, "region": p.region, "status": SubscriberStatus.ACTIVE,
+        "lawful_basis": ctx.lawful_basis, "source": source, "bounce_score": 0.0,
+        "created_at": now, "updated_at": now, "confirmed_at": now,
+    } for p, _ in profiles]
+    ids = dict(session.execute(
+        insert(Subscriber).returning(Subscriber.email_key, Subscriber.id), rows).all())
+    subscriptions, events = [], []
+    for profile, topics in profiles:
+        sid = ids[profile.key]
+        subscriptions.extend({"subscriber_id": sid, "topic_id": t.id, "status": "active",
+                              "created_at": now, "updated_at": now} for t in topics)
+        events.append({"subscriber_id": sid, "action": ConsentAction.IMPORT,
+                       "channel": ctx.channel, "lawful_basis": ctx.lawful_basis,
+                       "consent_version": ctx.consent_version, "actor": ctx.actor,
+                       "detail": {**(ctx.detail or {}), "topics": [t.slug for t in topics]},
+                       "occurred_at": now})
+    session.execute(insert(Subscription), subscriptions)
+    session.execute(insert(ConsentEvent), events)
+    return len(rows)

@@ -1,0 +1,131 @@
+"""Checks and normal forms for what people type: addresses, names, vocabulary fields. Pure.
+
+Each function returns the value to store or raises `InvalidInput` with a message fit to show the
+person who typed it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from email_validator import EmailNotValidError, validate_email
+
+from subscribers.errors import InvalidInput
+from subscribers.rules import Rules
+
+# Stripped from the ends of an address: pasted addresses carry these (GOV.UK Notify does the same).
+_EDGE_JUNK = " \t\r\n\u00a0\u200b\u200c\u200d\u2060\ufeff"
+# Characters that can make text display as something other than what it is.
+_BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_FORMULA_START = ("=", "+", "@", "\t", "\r", "\0")
+
+MAX_NAME = 100
+MAX_ORGANISATION = 200
+
+
+@dataclass(frozen=True)
+class Address:
+    email: str  # what we send to: the address as typed, domain lower-cased (ASCII form)
+    key: str  # what we match on: one subscriber per address whatever its case
+
+
+def normalise_address(raw: str | None, rules: Rules) -> Address:
+    if raw is None or not raw.strip(_EDGE_JUNK):
+        raise InvalidInput("email", "the email address is missing")
+    text = raw.strip(_EDGE_JUNK)
+    if any(ch in text for ch in "\r\n"):
+        raise InvalidInput("email", "the email address contains a line break")
+    if "<" in text or ">" in text:
+        raise InvalidInput("email", "give the bare address (name@example.org), not 'Name <...>'")
+    if text.count("@") > 1 and ("," in text or ";" in text or " " in text):
+        raise InvalidInput("email", "one address per row: this cell holds several")
+    try:
+        result = validate_email(
+            text,
+            check_deliverability=rules.check_deliverability,
+            allow_smtputf8=rules.allow_smtputf8,
+            allow_quoted_local=False,
+            allow_domain_literal=False,
+            allow_display_name=False,
+        )
+    except EmailNotValidError as exc:
+        raise InvalidInput("email", f"not a valid email address: {exc}") from None
+    local = result.local_part
+    if len(local.encode()) > 64:
+        raise InvalidInput("email", "the part before the @ is longer than 64 characters")
+    email = result.ascii_email or result.normalized
+    if len(email) > 254:
+        raise InvalidInput("email", "the address is longer than 254 characters")
+    if _mixed_scripts(result.domain):
+        raise InvalidInput("email", "the domain mixes alphabets (a look-alike of another domain?)")
+    return Address(email=email, key=email.lower())
+
+
+def _mixed_scripts(domain: str) -> bool:
+    """True when one domain label mixes letters of several scripts (e.g. Latin and Cyrillic)."""
+    for label in domain.split("."):
+        scripts = {unicodedata.name(ch, "?").split(" ")[0] for ch in label if ch.isalpha()}
+        if len(scripts) > 1:
+            return True
+    return False
+
+
+def normalise_text(raw: str | None, field: str, limit: int) -> str | None:
+    """NFC, trimmed, at most `limit` characters, no control or bidi characters; None if empty."""
+    if raw is None:
+        return None
+    text = unicodedata.normalize("NFC", raw).strip(" \u00a0")
+    if not text:
+        return None
+    label = field.replace("_", " ")
+    if len(text) > limit:
+        raise InvalidInput(field, f"the {label} is longer than {limit} characters")
+    if any(unicodedata.category(ch) == "Cc" for ch in text):
+        raise InvalidInput(field, f"the {label} contains a control character or line break")
+    if any(ch in _BIDI_CONTROLS for ch in text):
+        raise InvalidInput(field, f"the {label} contains a text-direction control character")
+    if text.startswith(_FORMULA_START):
+        raise InvalidInput(field, f"the {label} starts with '{text[0]}' like a spreadsheet formula")
+    if "=?" in text and "?=" in text:
+        raise InvalidInput(field, f"the {label} contains an encoded-word (=?...?=)")
+    return text
+
+
+def normalise_name(raw: str | None) -> str | None:
+    return normalise_text(raw, "name", MAX_NAME)
+
+
+def normalise_organisation(raw: str | None) -> str | None:
+    return normalise_text(raw, "organisation", MAX_ORGANISATION)
+
+
+def vocabulary_value(rules: Rules, field: str, raw: str | None) -> str | None:
+    """A slug from the field's vocabulary, matched on slug or label, whatever the case."""
+    if raw is None or not raw.strip():
+        return None
+    vocabulary = rules.vocabulary(field)
+    wanted = _slug(raw)
+    for slug, label in vocabulary.items():
+        if wanted in (_slug(slug), _slug(label)):
+            return slug
+    label = field.replace("_", " ")
+    raise InvalidInput(field, f"unknown {label} '{raw.strip()[:40]}' "
+                              f"(one of: {', '.join(sorted(vocabulary))})")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.strip().lower()).strip("_")
+
+
+def email_hmac(rules: Rules, key: str) -> str:
+    """The keyed hash kept for suppression: without the key it cannot be reversed by guessing."""
+    return hmac.new(rules.suppression_key, key.encode(), hashlib.sha256).hexdigest()
+
+
+def is_trusted_domain(rules: Rules, email: str) -> bool:
+    domain = email.rpartition("@")[2].lower()
+    return any(domain == d or domain.endswith("." + d) for d in rules.trusted_domains)

@@ -1,0 +1,198 @@
+"""The store's state changes: guarded, idempotent, each one on the consent record."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from mailer import migrations
+from subscribers import store
+from subscribers.errors import AddressSuppressed, InvalidInput, SubscriberError
+from subscribers.models import (
+    Channel,
+    ConsentEvent,
+    Subscriber,
+    SubscriberStatus,
+    Suppression,
+)
+from subscribers.rules import Rules
+
+WEB = store.Context(channel=Channel.WEB, ip="192.0.2.7", user_agent="Firefox",
+                    consent_version="2026-12")
+ADMIN = store.Context(channel=Channel.ADMIN, actor="coord.kent", lawful_basis="public_task")
+
+
+def _profile(rules: Rules, email: str = "Jo.Bloggs@Kent.Police.UK", **kw: str) -> store.Profile:
+    defaults = {"name": "Jo Bloggs", "organisation": "Kent Police", "organisation_type": "police",
+                "role": "first_responder", "region": "kent"}
+    return store.profile_from(rules, email=email, **{**defaults, **kw})
+
+
+def _actions(session: Session, subscriber: Subscriber) -> list[str]:
+    return [e.action for e in store.consent_history(session, subscriber.id)]
+
+
+def test_double_opt_in_records_each_step(session: Session, rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter", "reminders"])
+    subscriber, outcome = store.subscribe(session, rules, _profile(rules), topics, WEB)
+    assert outcome is store.SubscribeOutcome.NEW
+    assert subscriber.status == SubscriberStatus.PENDING
+    assert store.segment_count(session, ["newsletter"]) == 0  # pending is not sendable
+
+    assert store.confirm(session, rules, subscriber, WEB) is SubscriberStatus.ACTIVE
+    assert store.confirm(session, rules, subscriber, WEB) is SubscriberStatus.ACTIVE
+    assert _actions(session, subscriber) == ["subscribe", "confirm"]  # second confirm: nothing
+    first = store.consent_history(session, subscriber.id)[0]
+    assert (first.ip, first.consent_version, first.channel) == ("192.0.2.7", "2026-12", "web")
+    assert store.segment_count(session, ["newsletter"]) == 1
+
+
+def test_one_subscriber_per_address_whatever_its_case(session: Session, rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter"])
+    first, _ = store.subscribe(session, rules, _profile(rules), topics, WEB)
+    again, outcome = store.subscribe(session, rules, _profile(rules, " JO.BLOGGS@kent.police.uk"),
+                                     topics, WEB)
+    assert again.id == first.id and outcome is store.SubscribeOutcome.STILL_PENDING
+    assert session.scalar(select(func.count()).select_from(Subscriber)) == 1
+
+
+def test_untrusted_domain_waits_for_approval(session: Session, rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter"])
+    subscriber, _ = store.subscribe(
+        session, rules, _profile(rules, "helper@charity.example.org", organisation_type="ngo"),
+        topics, WEB)
+    assert store.confirm(session, rules, subscriber, WEB) is SubscriberStatus.AWAITING_APPROVAL
+    assert store.segment_count(session, ["newsletter"]) == 0
+    assert store.approve(session, subscriber, ADMIN) is True
+    assert store.approve(session, subscriber, ADMIN) is False
+    assert store.segment_count(session, ["newsletter"]) == 1
+
+
+def test_unsubscribe_is_idempotent_per_topic_and_overall(session: Session, rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter", "reminders"])
+    subscriber = store.add_active(session, rules, _profile(rules), topics, ADMIN)
+    reminders = store.get_topic(session, "reminders")
+    one_click = store.Context(channel=Channel.ONE_CLICK)
+
+    assert store.unsubscribe(session, subscriber, one_click, topic=reminders) is True
+    assert store.unsubscribe(session, subscriber, one_click, topic=reminders) is False
+    assert store.active_topics(session, subscriber.id) == ["newsletter"]
+    assert subscriber.status == SubscriberStatus.ACTIVE
+
+    assert store.unsubscribe(session, subscriber, one_click) is True
+    assert store.unsubscribe(session, subscriber, one_click) is False
+    assert subscriber.status == SubscriberStatus.UNSUBSCRIBED
+    assert _actions(session, subscriber) == ["add", "unsubscribe", "unsubscribe"]
+    assert store.segment_count(session, ["newsletter", "reminders"]) == 0
+
+
+def test_add_refuses_people_who_left(session: Session, rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter"])
+    subscriber = store.add_active(session, rules, _profile(rules), topics, ADMIN)
+    store.unsubscribe(session, subscriber, ADMIN)
+    with pytest.raises(AddressSuppressed, match="unsubscribed"):
+        store.add_active(session, rules, _profile(rules), topics, ADMIN)
+    with pytest.raises(InvalidInput, match="lawful basis"):
+        store.add_active(session, rules, _profile(rules, "x@kent.police.uk"), topics,
+                         store.Context(channel=Channel.ADMIN))
+
+
+def test_bounce_and_complaint_suppress(session: Session, rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter"])
+    a = store.add_active(session, rules, _profile(rules, "a@kent.police.uk"), topics, ADMIN)
+    b = store.add_active(session, rules, _profile(rules, "b@kent.police.uk"), topics, ADMIN)
+    bounce = store.Context(channel=Channel.BOUNCE)
+    assert store.mark_bounced(session, a, bounce) is True
+    assert store.mark_bounced(session, a, bounce) is False
+    assert store.mark_complained(session, b, store.Context(channel=Channel.COMPLAINT)) is True
+    reasons = set(session.scalars(select(Suppression.reason)))
+    assert reasons == {"bounced", "complained"}
+    assert store.is_suppressed(session, rules, "A@kent.police.uk".lower())
+    assert store.segment_count(session, ["newsletter"]) == 0
+
+
+def test_erase_keeps_only_a_keyed_hash_and_an_anonymous_trail(
+        session: Session, rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter"])
+    subscriber, _ = store.subscribe(
+        session, rules, _profile(rules, "Erase.Me@Essex.Police.UK", name="Zoë Unique-Name",
+                                 region="essex"), topics, WEB)
+    store.confirm(session, rules, subscriber, WEB)
+    sid = subscriber.id
+    store.erase(session, subscriber, ADMIN)
+    session.commit()
+
+    # No table holds the address or the name in clear, in any case: every table, so that
+    # tables added later are checked too.
+    dump = {name: repr(session.execute(select(table)).all()).lower()
+            for name, table in migrations.metadata().tables.items()}
+    for needle in ("erase.me", "unique-name", "192.0.2.7", "firefox"):
+        assert not [name for name, rows in dump.items() if needle in rows], needle
+    assert _actions(session, session.get(Subscriber, sid)) == ["subscribe", "confirm", "erase"]
+
+    with pytest.raises(AddressSuppressed, match="suppressed"):
+        store.add_active(session, rules, _profile(rules, "erase.me@essex.police.uk"), topics,
+                         ADMIN)
+    # A fresh double opt-in by the person may lift it, and says so in the record.
+    again, outcome = store.subscribe(session, rules, _profile(rules, "erase.me@essex.police.uk"),
+                                     topics, WEB)
+    assert outcome is store.SubscribeOutcome.NEW and again.id != sid
+    assert store.confirm(session, rules, again, WEB) is SubscriberStatus.ACTIVE
+    assert _actions(session, again) == ["subscribe", "unsuppress", "confirm"]
+    assert not store.is_suppressed(session, rules, "erase.me@essex.police.uk")
+
+
+def test_segment_filters_and_send_time_recheck(session: Session, rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter"])
+    kent = store.add_active(session, rules, _profile(rules, "k@kent.police.uk"), topics, ADMIN)
+    store.add_active(session, rules, _profile(rules, "e@essex.police.uk", region="essex",
+                                              role="analyst"), topics, ADMIN)
+    assert store.segment_count(session, ["newsletter"], regions=["kent"]) == 1
+    assert store.segment_count(session, ["newsletter"], roles=["analyst"]) == 1
+    assert store.segment_count(session, ["reminders"]) == 0
+    assert store.is_sendable(session, kent.id, "newsletter")
+    store.unsubscribe(session, kent, ADMIN)
+    assert not store.is_sendable(session, kent.id, "newsletter")
+
+
+def test_counts_by_region_role_topic_status(session: Session, rules: Rules) -> None:
+    both = store.topics_by_slug(session, ["newsletter", "reminders"])
+    store.add_active(session, rules, _profile(rules, "a@kent.police.uk"), both, ADMIN)
+    store.add_active(session, rules, _profile(rules, "b@essex.police.uk", region="essex"),
+                     both[:1], ADMIN)
+    store.subscribe(session, rules, _profile(rules, "c@kent.police.uk"), both, WEB)
+    counts = store.counts(session)
+    assert counts.by_status == {"active": 2, "pending": 1}
+    assert counts.by_region == {"kent": 1, "essex": 1}
+    assert counts.by_topic == {"newsletter": 2, "reminders": 1}
+    assert store.counts(session, regions=["essex"]).by_topic == {"newsletter": 1, "reminders": 0}
+
+
+def test_subject_access_export_has_profile_subscriptions_and_history(
+        session: Session, rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter"])
+    subscriber, _ = store.subscribe(session, rules, _profile(rules), topics, WEB)
+    store.confirm(session, rules, subscriber, WEB)
+    export = store.subject_access(session, subscriber)
+    assert export["profile"]["email"] == "Jo.Bloggs@kent.police.uk"
+    assert export["subscriptions"][0]["topic"] == "newsletter"
+    assert [e["action"] for e in export["consent_history"]] == ["subscribe", "confirm"]
+
+
+def test_topics_add_and_refuse_duplicates(session: Session) -> None:
+    store.add_topic(session, "op-aidant", "Operation Aidant alerts")
+    with pytest.raises(SubscriberError, match="exists"):
+        store.add_topic(session, "op-aidant", "again")
+    with pytest.raises(InvalidInput):
+        store.add_topic(session, "Bad Slug", "x")
+
+
+def test_consent_events_are_append_only_in_the_store(session: Session, rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter"])
+    subscriber = store.add_active(session, rules, _profile(rules), topics, ADMIN)
+    store.update_profile(session, rules, subscriber, ADMIN, name="Jo B", region="essex")
+    assert store.update_profile(session, rules, subscriber, ADMIN, name="Jo B") is False
+    events = session.scalars(select(ConsentEvent).order_by(ConsentEvent.id)).all()
+    assert [e.action for e in events] == ["add", "profile"]
+    assert events[1].detail == {"fields": ["name", "region"]}
