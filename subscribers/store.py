@@ -305,11 +305,12 @@ def add_active(session: Session, rules: Rules, profile: Profile, topics: Sequenc
             raise AddressSuppressed(
                 f"this address is {subscriber.status}; only the person may sign up again")
         raise SubscriberError(f"this address is already a subscriber ({subscriber.status})")
+    now = utcnow()
     subscriber = Subscriber(email=profile.email, email_key=profile.key,
                             email_hmac=email_hmac(rules, profile.key),
                             status=SubscriberStatus.ACTIVE, lawful_basis=ctx.lawful_basis,
                             source=(ctx.detail or {}).get("source") or ctx.channel,
-                            confirmed_at=utcnow())
+                            created_at=now, confirmed_at=now)
     _apply_profile(subscriber, profile)
     session.add(subscriber)
     session.flush()
