@@ -1,0 +1,101 @@
+"""Tokens: purpose-bound, expiring, rotatable, opaque."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+
+import pytest
+import time_machine
+
+from subscribers.tokens import MAX_TOKEN_LENGTH, Claims, InvalidToken, Lifetimes, Purpose, Tokens
+
+OLD = b"o" * 40
+NEW = b"n" * 40
+OTHER = b"x" * 40
+
+
+def test_round_trip_for_each_purpose() -> None:
+    tokens = Tokens([NEW])
+    assert tokens.read(Purpose.CONFIRM, tokens.confirm(7)) == Claims(7)
+    assert tokens.read(Purpose.MANAGE, tokens.manage(8)) == Claims(8)
+    assert tokens.read(Purpose.UNSUBSCRIBE, tokens.unsubscribe(9, topic_id=2)) == Claims(9, 2)
+    assert tokens.read(Purpose.UNSUBSCRIBE, tokens.unsubscribe(9)) == Claims(9, None)
+
+
+@pytest.mark.parametrize("made", list(Purpose))
+@pytest.mark.parametrize("read", list(Purpose))
+def test_a_token_works_only_for_its_own_purpose(made: Purpose, read: Purpose) -> None:
+    tokens = Tokens([NEW])
+    token = tokens.make(made, 5)
+    if made == read:
+        assert tokens.read(read, token).subscriber_id == 5
+    else:
+        with pytest.raises(InvalidToken):
+            tokens.read(read, token)
+
+
+def test_tampered_truncated_and_foreign_tokens_are_refused() -> None:
+    tokens = Tokens([NEW])
+    token = tokens.unsubscribe(5, 1)
+    # a character in the middle of the signature: the last one may only carry padding bits
+    flipped = token[:-10] + ("A" if token[-10] != "A" else "B") + token[-9:]
+    _, _, rest = token.partition(".")
+    other_payload = base64.urlsafe_b64encode(b"[6,1]").rstrip(b"=").decode()
+    for bad in (flipped, token[:-5], token + "x", other_payload + "." + rest, "", "...",
+                "not a token", "é" * 10, "a" * (MAX_TOKEN_LENGTH + 1),
+                Tokens([OTHER]).unsubscribe(5, 1)):
+        with pytest.raises(InvalidToken):
+            tokens.read(Purpose.UNSUBSCRIBE, bad)
+
+
+def test_no_address_or_name_inside_the_token() -> None:
+    token = Tokens([NEW]).unsubscribe(123, 4)
+    payload = token.split(".")[0]
+    decoded = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    assert decoded == b"[123,4]"
+    assert "@" not in token
+
+
+def test_unsubscribe_survives_three_years_and_a_key_rotation() -> None:
+    with time_machine.travel(dt.datetime(2026, 1, 10, tzinfo=dt.UTC), tick=False):
+        token = Tokens([OLD]).unsubscribe(42, 1)
+    rotated = Tokens([OLD, NEW])
+    with time_machine.travel(dt.datetime(2029, 2, 1, tzinfo=dt.UTC), tick=False):
+        assert rotated.read(Purpose.UNSUBSCRIBE, token) == Claims(42, 1)
+        # the newest key signs new tokens, which the old key alone cannot verify
+        fresh = rotated.unsubscribe(42, 1)
+        with pytest.raises(InvalidToken):
+            Tokens([OLD]).read(Purpose.UNSUBSCRIBE, fresh)
+    # once the old key is retired, its tokens stop working
+    with pytest.raises(InvalidToken):
+        Tokens([NEW]).read(Purpose.UNSUBSCRIBE, token)
+
+
+def test_confirm_tokens_expire_after_their_lifetime() -> None:
+    tokens = Tokens([NEW], Lifetimes(confirm=7 * 86400))
+    with time_machine.travel(dt.datetime(2026, 1, 1, tzinfo=dt.UTC), tick=False):
+        token = tokens.confirm(1)
+    with time_machine.travel(dt.datetime(2026, 1, 7, 23, tzinfo=dt.UTC), tick=False):
+        assert tokens.read(Purpose.CONFIRM, token) == Claims(1)
+    with time_machine.travel(dt.datetime(2026, 1, 8, 1, tzinfo=dt.UTC), tick=False):
+        with pytest.raises(InvalidToken) as info:
+            tokens.read(Purpose.CONFIRM, token)
+        assert info.value.expired
+
+
+def test_unsubscribe_tokens_do_expire_eventually() -> None:
+    tokens = Tokens([NEW])
+    with time_machine.travel(dt.datetime(2026, 1, 1, tzinfo=dt.UTC), tick=False):
+        token = tokens.unsubscribe(1)
+    with time_machine.travel(dt.datetime(2036, 6, 1, tzinfo=dt.UTC), tick=False):
+        with pytest.raises(InvalidToken) as info:
+            tokens.read(Purpose.UNSUBSCRIBE, token)
+        assert info.value.expired
+
+
+def test_keys_must_be_given_and_long_enough() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        Tokens([])
+    with pytest.raises(ValueError, match="32 bytes"):
+        Tokens([b"short"])
