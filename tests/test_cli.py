@@ -1,0 +1,143 @@
+"""The `mailer` command line: each co-ordinator task end to end, errors as one clear line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailer.cli import run
+from mailer.config import Settings
+
+
+def mailer(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = run(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_subscriber_lifecycle_from_the_command_line(
+        settings: Settings, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = mailer(capsys, "subscribers", "add", "Jo.Bloggs@Kent.Police.UK",
+                          "--lawful-basis", "public_task", "--name", "=cmd|' /C calc'!A0",
+                          "--region", "kent")
+    assert code == 1  # a name that is a spreadsheet formula is refused at the door
+    code, out, _ = mailer(capsys, "subscribers", "add", "Jo.Bloggs@Kent.Police.UK",
+                          "--lawful-basis", "public_task", "--name", "Jo Bloggs",
+                          "--organisation", "-Kent Police", "--region", "kent",
+                          "--topics", "newsletter,reminders")
+    assert code == 0 and "added subscriber" in out
+
+    code, out, _ = mailer(capsys, "subscribers", "show", "jo.bloggs@kent.police.uk", "--json")
+    export = json.loads(out)
+    assert export["profile"]["email"] == "Jo.Bloggs@kent.police.uk"
+    assert [s["topic"] for s in export["subscriptions"]] == ["newsletter", "reminders"]
+    assert export["consent_history"][0]["lawful_basis"] == "public_task"
+
+    out_file = tmp_path / "out.csv"
+    assert mailer(capsys, "subscribers", "export", "-o", str(out_file))[0] == 0
+    rows = list(csv.DictReader(out_file.open(encoding="utf-8")))
+    assert rows[0]["organisation"] == "'-Kent Police"  # formula-escaped
+    assert rows[0]["topics"] == "newsletter|reminders"
+    code, out, _ = mailer(capsys, "subscribers", "export", "--format", "json")
+    assert json.loads(out)[0]["email"] == "Jo.Bloggs@kent.police.uk"
+
+    code, out, _ = mailer(capsys, "subscribers", "unsubscribe", "1", "--topic", "reminders")
+    assert code == 0 and "unsubscribed from reminders" in out
+    code, out, _ = mailer(capsys, "subscribers", "unsubscribe", "1", "--topic", "reminders")
+    assert code == 0 and "already unsubscribed" in out
+
+    code, out, _ = mailer(capsys, "subscribers", "erase", "1", "--yes")
+    assert code == 0 and "erased" in out
+    code, _, err = mailer(capsys, "subscribers", "add", "jo.bloggs@kent.police.uk",
+                          "--lawful-basis", "public_task")
+    assert code == 1 and "suppressed" in err and "Traceback" not in err
+    code, _, err = mailer(capsys, "subscribers", "show", "1")
+    assert code == 1 and err.startswith("error: no subscriber")
+
+
+def test_import_is_a_dry_run_until_apply(
+        settings: Settings, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "list.csv"
+    path.write_text("email,name,region\njo@kent.police.uk,Jo,kent\nbad-address,X,kent\n")
+    code, out, _ = mailer(capsys, "subscribers", "import", str(path), "--lawful-basis",
+                          "public_task", "--apply")
+    assert code == 1 and "nothing was written" in out and "bad-address" not in out
+    assert "3" in out  # the bad row's line number is in the report table
+
+    path.write_text("email,name,region\njo@kent.police.uk,Jo,kent\n")
+    code, out, _ = mailer(capsys, "subscribers", "import", str(path), "--lawful-basis",
+                          "public_task")
+    assert code == 0 and "dry run" in out
+    assert json.loads(mailer(capsys, "subscribers", "export", "--format", "json")[1]) == []
+    code, out, _ = mailer(capsys, "subscribers", "import", str(path), "--lawful-basis",
+                          "public_task", "--apply")
+    assert code == 0 and "imported 1" in out
+    code, out, _ = mailer(capsys, "subscribers", "import", str(path), "--lawful-basis",
+                          "public_task", "--apply")
+    assert code == 0 and "new: 0" in out
+
+
+def test_topics_list_and_add(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    assert mailer(capsys, "topics", "add", "op-aidant", "Operation Aidant")[0] == 0
+    code, out, _ = mailer(capsys, "topics", "list")
+    assert code == 0 and "newsletter" in out and "reminders" in out and "op-aidant" in out
+    code, _, err = mailer(capsys, "topics", "add", "op-aidant", "again")
+    assert code == 1 and "exists" in err
+
+
+def test_config_show_masks_secrets(settings: Settings, capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILER_SMTP_URL", "smtp://relay:Sup3rSecret@smtp.example.org:587")
+    code, out, _ = mailer(capsys, "config", "show", "--json")
+    shown = json.loads(out)
+    assert code == 0 and "Sup3rSecret" not in out and "s" * 40 not in out
+    assert shown["smtp_url"] == "smtp://relay:********@smtp.example.org:587"
+    assert shown["rate_per_minute"] == 30
+
+
+def test_a_bad_setting_is_one_clear_line(settings: Settings, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAILER_BASE_URL", "news.example.org")
+    code, _, err = mailer(capsys, "config", "show")
+    assert code == 1 and "base_url" in err and "absolute" in err
+
+
+def test_settings_come_from_mailer_toml_under_the_environment(
+        settings: Settings, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "mailer.toml"
+    toml.write_text('from_name = "Essex MSHT"\nrate_per_minute = 0\n')
+    monkeypatch.setenv("MAILER_CONFIG", str(toml))
+    monkeypatch.setenv("MAILER_RATE_PER_MINUTE", "12")
+    shown = json.loads(mailer(capsys, "config", "show", "--json")[1])
+    assert shown["from_name"] == "Essex MSHT" and shown["rate_per_minute"] == 12
+
+
+def test_generated_secret_is_private_and_stable(tmp_path: Path) -> None:
+    settings = Settings(var_dir=tmp_path / "var")
+    first = settings.secret()
+    assert first == Settings(var_dir=tmp_path / "var").secret() and len(first) >= 48
+    assert oct((tmp_path / "var" / "secret_key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_new_database_is_refused_until_upgraded_in_a_real_process(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    env.update(MAILER_VAR_DIR=str(tmp_path / "var"), MAILER_CONFIG=str(tmp_path / "none.toml"))
+    exe = [sys.executable, "-m", "mailer"]
+    listing = subprocess.run([*exe, "subscribers", "list"], env=env, capture_output=True,
+                             text=True, cwd=tmp_path, check=False)
+    assert listing.returncode == 1
+    assert "mailer db upgrade" in listing.stderr and "Traceback" not in listing.stderr
+    upgrade = subprocess.run([*exe, "db", "upgrade"], env=env, capture_output=True, text=True,
+                             cwd=tmp_path, check=False)
+    assert upgrade.returncode == 0, upgrade.stderr
+    status = subprocess.run([*exe, "db", "status"], env=env, capture_output=True, text=True,
+                            cwd=tmp_path, check=False)
+    assert status.returncode == 0 and "up to date" in status.stdout
+    assert (tmp_path / "var" / "mailer.db").exists()
