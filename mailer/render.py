@@ -401,6 +401,7 @@ def compile_edition(edition: Edition, settings: Settings, *,
                     "references": sorted((n, u) for u, n in r.links.numbers.items())}
     text = _text_env().get_template(TEXT_TEMPLATE).render(text_context)
     text = re.sub(r"\n{3,}", "\n\n", text).strip("\n") + "\n"
+    html = html.rstrip("\n") + "\n"  # as set_content() would leave it
     compiled = CompiledEdition(
         html=html, text=text, subject=edition.meta.subject, preheader=edition.meta.preheader,
         from_name=from_name, from_address=settings.from_address, list_id=settings.list_id,
@@ -683,19 +684,26 @@ class _Skeleton:
             "Content-Transfer-Encoding: quoted-printable\r\n",
             "\r\n",
         ])
+        # The CRLF before a boundary belongs to the delimiter (RFC 2046 §5.1.1), not the body.
         between = "".join([
-            f"--{boundary}\r\n",
+            f"\r\n--{boundary}\r\n",
             'Content-Type: text/html; charset="utf-8"\r\n',
             "Content-Transfer-Encoding: quoted-printable\r\n",
             "\r\n",
         ])
         names = ["From", "Subject", "Date", "To", "Message-ID", "List-Unsubscribe", "List-Id",
                  "List-Unsubscribe-Post", "MIME-Version", "Content-Type"]
-        return cls(head=head.encode("ascii"), mid=mid.encode("ascii"),
-                   between=between.encode("ascii"), tail=f"--{boundary}--\r\n".encode("ascii"),
+        skeleton = cls(head=head.encode("ascii"), mid=mid.encode("ascii"),
+                   between=between.encode("ascii"), tail=f"\r\n--{boundary}--\r\n".encode("ascii"),
                    text=_Part.build(compiled.text, compiled.markers),
                    html=_Part.build(compiled.html, compiled.markers),
                    header_names=names, date=date)
+        static = b"".join([skeleton.head, skeleton.mid, *skeleton.text.pieces, skeleton.between,
+                           *skeleton.html.pieces, skeleton.tail])
+        if _bad_lines(static):
+            raise EditionError("the compiled edition has a bare CR/LF or an over-long line",
+                               compiled.source)
+        return skeleton
 
 
 def build_message(compiled: CompiledEdition, recipient: RecipientLike, urls: RecipientUrls, *,
@@ -714,7 +722,8 @@ def build_message(compiled: CompiledEdition, recipient: RecipientLike, urls: Rec
     to_line = _format_to(recipient)
     unsub = list_unsubscribe(urls)
     values = _slot_values(recipient, urls)
-    _check_header_text(values["name"], "recipient name")
+    if _CONTROL.search(values["name"]):
+        raise MessageRefused(f"recipient name contains a control character: {values['name']!r}")
     for slot in ("preferences", "view_online"):
         if _CONTROL.search(values[slot]) or " " in values[slot]:
             raise MessageRefused(f"unusable {slot} URL: {values[slot]!r}")
@@ -726,41 +735,78 @@ def build_message(compiled: CompiledEdition, recipient: RecipientLike, urls: Rec
     chunks = [sk.head, per_recipient, sk.mid, *sk.text.join(text_values), sk.between,
               *sk.html.join(html_values), sk.tail]
     raw = b"".join(chunks)
-    check_round_trip(raw, sk.header_names, recipient.email)
+    check_round_trip(raw, sk.header_names, recipient.email, body_checked=True,
+                     to_value=to_line)
     if dkim is not None:
         raw = dkim_sign(raw, dkim)
     return raw
 
 
 def check_round_trip(raw: bytes, expected_headers: Sequence[str] | None = None,
-                     recipient: str | None = None) -> None:
+                     recipient: str | None = None, *, body_checked: bool = False,
+                     to_value: str | None = None) -> None:
     """Refuse a message that does not parse back to what was meant.
 
     Serialise -> parse must give the same header names in the same order, no bare CR or LF
     and no line over 998 octets; To must parse to exactly the one recipient. This is what
     catches CVE-2024-6923 on an unpatched Python: the injected line parses as an extra header.
+    `body_checked` skips the body scan when the caller built the body from pieces that were
+    each checked already (the skeleton), which is most of the per-message cost.
     """
     end = raw.find(b"\r\n\r\n")
     if end < 0:
         raise MessageRefused("the message has no header/body separator")
-    if raw.count(b"\n") != raw.count(b"\r\n") or raw.count(b"\r") != raw.count(b"\r\n"):
-        raise MessageRefused("the message contains a bare CR or LF")
-    if any(len(line) > 998 for line in raw.split(b"\r\n")):
-        raise MessageRefused("the message has a line over 998 characters")
-    parsed = BytesHeaderParser(policy=email_policy.compat32).parsebytes(raw[:end + 4])
-    names = parsed.keys()
-    if parsed.defects:
-        raise MessageRefused(f"the headers do not parse cleanly: {parsed.defects}")
+    scan = raw[:end + 4] if body_checked else raw
+    if _bad_lines(scan):
+        raise MessageRefused("the message has a bare CR or LF, or a line over 998 octets")
+    if body_checked:
+        # The per-message path: RFC 5322 field syntax on the header block, ~10x cheaper than
+        # the feedparser and with the same result for the headers we write (tests compare).
+        fields = _fields(raw[:end])
+    else:
+        parsed = BytesHeaderParser(policy=email_policy.compat32).parsebytes(raw[:end + 4])
+        if parsed.defects:
+            raise MessageRefused(f"the headers do not parse cleanly: {parsed.defects}")
+        fields = [(k, str(v)) for k, v in parsed.items()]
+    names = [k for k, _ in fields]
     if expected_headers is not None and [n.lower() for n in names] != [
             n.lower() for n in expected_headers]:
         raise MessageRefused(f"headers changed in serialisation: expected "
                              f"{list(expected_headers)}, got {names}")
-    if len(parsed.get_all("List-Unsubscribe") or []) != 1:
+    if [n.lower() for n in names].count("list-unsubscribe") != 1:
         raise MessageRefused("a list message needs exactly one List-Unsubscribe")
-    if recipient is not None:
-        pairs = email.utils.getaddresses(parsed.get_all("To") or [])
+    if recipient is not None and body_checked and to_value is not None:
+        if [v for k, v in fields if k.lower() == "to"] != [to_value]:
+            raise MessageRefused("To does not parse back to the value written")
+    elif recipient is not None:
+        pairs = email.utils.getaddresses([v for k, v in fields if k.lower() == "to"])
         if [addr for _, addr in pairs] != [recipient.strip()]:
             raise MessageRefused(f"To does not parse back to the one recipient: {pairs}")
+
+
+_FIELD_NAME = re.compile(rb"[!-9;-~]+")
+
+
+def _fields(block: bytes) -> list[tuple[str, str]]:
+    """(name, unfolded value) for each header field; refuses anything that is not a field."""
+    fields: list[tuple[str, str]] = []
+    for line in block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + line.decode("ascii", "replace"))
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not _FIELD_NAME.fullmatch(name):
+            raise MessageRefused(f"not a header field: {line[:80]!r}")
+        fields.append((name.decode("ascii"), value.lstrip().decode("ascii", "replace")))
+    return fields
+
+
+_BARE_OR_LONG = re.compile(rb"\r(?!\n)|(?<!\r)\n|[^\r\n]{999}")
+
+
+def _bad_lines(data: bytes) -> bool:
+    return _BARE_OR_LONG.search(data) is not None
 
 
 # ---- DKIM ----
