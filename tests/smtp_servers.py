@@ -26,7 +26,6 @@ import ssl
 import subprocess
 import threading
 import time
-import warnings
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,8 +42,6 @@ TEST_PASSWORD = "p@ss:wo/rd%1"  # every character that must be percent-encoded i
 
 # aiosmtpd warns on every login that Session.login_data is deprecated: noise, not news.
 logging.getLogger("mail.log").setLevel(logging.ERROR)
-# Implicit TLS with AUTH: aiosmtpd only knows STARTTLS as TLS, so it warns about plain AUTH.
-warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
 
 
 @dataclass(frozen=True)
@@ -137,6 +134,7 @@ class FaultHandler:
         self.keywords = keywords
         self.pipelining = pipelining
         self.mail_reply = mail_reply
+        self.initial_greeting_failures = greeting_failures
         self.greeting_failures = greeting_failures
         self.greeting_reply = greeting_reply
         self.close_after = close_after
@@ -163,6 +161,7 @@ class FaultHandler:
             self._accepted_at.clear()
             self.connections = 0
             self.logins.clear()
+            self.greeting_failures = self.initial_greeting_failures
 
     def copies(self, rcpt: str) -> int:
         with self._lock:
@@ -321,8 +320,15 @@ class _FaultSMTP(SMTP):
 
 
 class _Controller(Controller):
+    implicit_tls = False
+
     def factory(self) -> SMTP:
-        return _FaultSMTP(self.handler, **self.SMTP_kwargs)
+        server = _FaultSMTP(self.handler, **self.SMTP_kwargs)
+        if self.implicit_tls:
+            # aiosmtpd only counts STARTTLS as TLS and would refuse AUTH on an implicit-TLS
+            # session; saying auth_require_tls=False instead makes it warn on every connection.
+            server._auth_require_tls = False
+        return server
 
     def _trigger_server(self) -> None:
         # Bound to port 0: learn the real port before aiosmtpd's start-up probe connects.
@@ -363,7 +369,8 @@ class FaultServer:
     """
 
     def __init__(self, *, tls: str = "none", tls_files: TlsFiles | None = None,
-                 auth: bool = False, **handler_options: Any) -> None:
+                 auth: bool = False, smtp_options: dict[str, Any] | None = None,
+                 **handler_options: Any) -> None:
         if tls != "none" and tls_files is None:
             raise ValueError("TLS needs tls_files")
         self.tls = tls
@@ -377,10 +384,10 @@ class FaultServer:
             assert tls_files is not None
             kwargs["ssl_context"] = tls_files.server_context()
         if auth:
-            kwargs.update(authenticator=self.handler.authenticate, auth_required=True,
-                          # aiosmtpd counts only STARTTLS as TLS; implicit TLS is TLS too
-                          auth_require_tls=tls != "ssl")
+            kwargs.update(authenticator=self.handler.authenticate, auth_required=True)
+        kwargs.update(smtp_options or {})
         self._controller = _Controller(self.handler, hostname="127.0.0.1", port=0, **kwargs)
+        self._controller.implicit_tls = tls == "ssl"
         self.port = 0
 
     def start(self) -> FaultServer:
