@@ -237,7 +237,8 @@ def _front_matter(text: str, first: int, where: str, errors: list[EditionError]
                 message = f"unknown key {name!r}"
             elif err["type"] == "missing":
                 message = f"missing {name}"
-                line = first
+                # A missing top-level key has no line of its own: point at the front matter.
+                line = key_lines.get(loc[:-1], first) if len(loc) > 1 else first
             elif loc[:1] == ("images",) and loc[-1:] == ("alt",):
                 message = f"{name}: image without alt text: say what the image shows"
             elif loc and loc[0] == "date":

@@ -1,0 +1,161 @@
+"""Edition source: the sample validates; every kind of mistake is named with its file and line."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from mailer.edition import Table, link_problem, load_edition, parse_edition
+from mailer.errors import EditionError
+
+SAMPLE = Path(__file__).resolve().parent.parent / "editions" / "2020-q3-kent-essex.md"
+CASES = Path(__file__).resolve().parent / "edition_cases"
+
+GOOD_FRONT = """---
+title: Test bulletin
+issue: 1
+date: 2024-03-01
+subject: Test subject
+preheader: A test
+topic: newsletter
+---
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(EditionError) as info:
+        parse_edition(text, "ed.md")
+    errors = getattr(info.value, "errors", [info.value])
+    return [str(e) for e in errors]
+
+
+def test_sample_edition_validates_with_every_section() -> None:
+    edition = load_edition(SAMPLE)
+    assert edition.meta.issue == 2
+    assert edition.meta.date == dt.date(2020, 9, 1)
+    assert edition.meta.audience.regions == ["kent", "essex"]
+    titles = [s.title for s in edition.sections]
+    assert titles == [
+        "Who are Protect & Prevent?",
+        "Modern Slavery & Human Trafficking",
+        "MSHT dates of interest",
+        "Kent picture",
+        "Operation Aidant – What is it?",
+        "Consultation on research priorities for the Modern Slavery PEC",
+        "Useful links",
+        "Trends & Intelligence Gaps",
+    ]
+    kinds = {s.title: s.kind for s in edition.sections}
+    assert kinds["MSHT dates of interest"] == "dates"
+    assert kinds["Useful links"] == "links"
+    figures = next(s for s in edition.sections if s.kind == "figures")
+    assert sum(isinstance(b, Table) for b in figures.blocks) == 2
+    assert edition.intro, "the introduction is the text before the first section"
+
+
+def test_sample_edition_has_no_placeholder_links_or_personal_address() -> None:
+    edition = load_edition(SAMPLE)
+    text = SAMPLE.read_text()
+    assert "Jana.Sherrin" not in text
+    assert "](#)" not in text
+    hrefs = [href for _, href, _ in edition.links]
+    assert len(hrefs) == 11
+    assert all(h.startswith("https://example.org/") or h == "contact:" for h in hrefs)
+    assert not any(text.strip().lower() in ("here", "click here")
+                   for text, _, _ in edition.links)
+
+
+@pytest.mark.parametrize(("body", "line", "fragment"), [
+    ("Hello <b>there</b>.\n", 9, "raw HTML"),
+    ("<div>block</div>\n", 9, "raw HTML"),
+    ("See [this page](javascript:alert(1)).\n", 9, "javascript: links"),
+    ("See [the page](/relative/path).\n", 9, "relative link"),
+    ("See [the page]().\n", 9, "empty link target"),
+    ("See [the page](#).\n", 9, "placeholder link"),
+    ("See [the page](http://example.org/x).\n", 9, "insecure link"),
+    ("Intro.\n\n![](https://example.org/a.png)\n", 11, "image without alt text"),
+    ("Intro.\n\n# Title again\n\nText.\n", 11, "'#' heading is not allowed"),
+    ("## Odd {.sidebar}\n\nText.\n", 9, "unknown section kind"),
+    ("## Links {.links}\n\n- [A](https://example.org/a)\n- no link here\n", 12, "has no link"),
+    ("## Figures {.figures}\n\nNo table.\n", 9, "has no table"),
+    ("## Dates {.dates}\n\nNo list.\n", 9, "needs a bullet list"),
+    ("Intro.\n\n| a | b |\n|---|---|\n| [x](#) | 1 |\n", 13, "placeholder link"),
+])
+def test_body_problem_names_file_and_line(body: str, line: int, fragment: str) -> None:
+    found = problems(GOOD_FRONT + body)
+    assert any(p.startswith(f"ed.md:{line}: ") and fragment in p for p in found), found
+
+
+@pytest.mark.parametrize(("front", "line", "fragment"), [
+    ("colour: red\n", 8, "unknown key 'colour'"),
+    ("images:\n  - src: https://example.org/a.png\n    alt: ''\n", 10, "image without alt"),
+    ("images:\n  - src: https://example.org/a.png\n", 9, "images.0.alt"),
+    ("images:\n  - src: /a.png\n    alt: A logo\n", 9, "relative link"),
+    ("audience:\n  regions: [Kent County]\n", 9, "not a lower-case key"),
+])
+def test_front_matter_problem_names_file_and_line(front: str, line: int, fragment: str) -> None:
+    text = GOOD_FRONT.replace("topic: newsletter\n", "topic: newsletter\n" + front) + "Body.\n"
+    found = problems(text)
+    assert any(p.startswith(f"ed.md:{line}: ") and fragment in p for p in found), found
+
+
+def test_bad_date_is_named_on_its_line() -> None:
+    found = problems(GOOD_FRONT.replace("2024-03-01", "2024-13-45") + "Body.\n")
+    assert found == ["ed.md:4: bad date '2024-13-45': write it as YYYY-MM-DD"]
+
+
+def test_missing_subject_is_reported() -> None:
+    found = problems(GOOD_FRONT.replace("subject: Test subject\n", "") + "Body.\n")
+    assert any("missing subject" in p for p in found), found
+
+
+def test_every_problem_is_reported_in_one_pass() -> None:
+    text = (GOOD_FRONT.replace("issue: 1", "issue: 0").replace("topic: newsletter\n",
+                                                                  "topic: newsletter\nx: 1\n")
+            + "A [here](#) and <i>b</i>.\n\n## S\n\nSee [x](javascript:y).\n")
+    found = problems(text)
+    assert len(found) >= 5, found
+    lines = [int(p.split(":")[1]) for p in found]
+    assert lines == sorted(lines), "problems are listed in file order"
+
+
+def test_subject_with_line_break_is_refused() -> None:
+    found = problems(GOOD_FRONT.replace("subject: Test subject",
+                                        'subject: "Hi\\nBcc: x@example.com"') + "Body.\n")
+    assert any(p.startswith("ed.md:5: ") and "one line" in p for p in found), found
+
+
+def test_front_matter_must_be_present_and_closed() -> None:
+    assert problems("Just text\n") == [
+        "ed.md:1: the file must start with '---' and YAML front matter"]
+    assert problems("---\ntitle: x\n") == ["ed.md:1: the front matter is not closed with '---'"]
+
+
+def test_invalid_yaml_names_its_line() -> None:
+    found = problems("---\ntitle: x\nsubject: [unclosed\n---\nBody.\n")
+    assert found and found[0].startswith("ed.md:") and "not valid YAML" in found[0]
+
+
+def test_link_problem_accepts_https_mailto_and_contact() -> None:
+    assert link_problem("https://example.org/page") is None
+    assert link_problem("mailto:someone@example.org") is None
+    assert link_problem("contact:") is None
+    assert link_problem("data:text/html,<script>") is not None
+    assert link_problem("  ") == "empty link target"
+
+
+def test_case_files_report_their_expected_first_problem() -> None:
+    # Each case file's first line is a comment "<!-- expect LINE: text -->"; the file itself
+    # is otherwise a whole edition, so the cases read like real mistakes.
+    cases = sorted(CASES.glob("*.md"))
+    assert cases
+    for case in cases:
+        first, _, rest = case.read_text().partition("\n")
+        expect = first.removeprefix("<!-- expect ").removesuffix(" -->")
+        line, _, fragment = expect.partition(": ")
+        found = problems(rest)
+        # The comment line was removed, so shift the expected line by one.
+        assert any(p.startswith(f"ed.md:{int(line) - 1}: ") and fragment in p
+                   for p in found), (case.name, found)
