@@ -34,7 +34,8 @@ MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 @dataclass(frozen=True)
 class InboundMessage:
     """One message as it arrived. `rcpt_tos` is the RCPT TO (empty when the source does not
-    know the envelope, as with a mailbox); `origin` says where it came from, for the log."""
+    know the envelope, as with a mailbox); `mail_from` is "" for the null sender `<>` that
+    bounces carry and None when unknown; `origin` says where it came from, for the log."""
 
     raw: bytes
     origin: str
@@ -59,7 +60,8 @@ class _Handler:
         message = InboundMessage(
             raw=bytes(envelope.original_content or b""),
             origin=f"{'lmtp' if self.lmtp else 'smtp'} from {peer}",
-            mail_from=envelope.mail_from,
+            # aiosmtpd reports the null reverse-path as "<>"; every bounce has one.
+            mail_from="" if envelope.mail_from in ("<>", None) else envelope.mail_from,
             rcpt_tos=tuple(envelope.rcpt_tos),
         )
         try:
