@@ -396,8 +396,12 @@ def compile_edition(edition: Edition, settings: Settings, *,
         "sections": sections, "intro": intro_html, "slots": markers,
     }
     mjml_source = _html_env().get_template(HTML_TEMPLATE).render(context)
-    html = inline_css(mjml_to_html(mjml_source, edition.path))
+    html = inline_css(mjml_to_html(mjml_source, f"{TEMPLATE_DIR / HTML_TEMPLATE} (rendered)"))
     text_context = {**context, "intro": intro_text, "why_wrapped": wrap(why),
+                    "title": wrap(edition.meta.title),
+                    "masthead": wrap(f"{from_name} · Issue {edition.meta.issue} · {date_text}"),
+                    "sender": wrap(f"Sent by {from_name}. "
+                                   f"Write to us at {settings.contact_address}."),
                     "references": sorted((n, u) for u, n in r.links.numbers.items())}
     text = _text_env().get_template(TEXT_TEMPLATE).render(text_context)
     text = re.sub(r"\n{3,}", "\n\n", text).strip("\n") + "\n"
@@ -413,16 +417,45 @@ def compile_edition(edition: Edition, settings: Settings, *,
 
 
 def mjml_to_html(source: str, where: str = "<template>") -> str:
-    """MJML -> HTML; a parse error becomes an EditionError naming the MJML line."""
+    """MJML -> HTML; a parse error becomes an EditionError naming the MJML line.
+
+    mrml reports a position only for some errors ("at position 12:17", byte offsets), so when
+    it gives none we find the first unbalanced tag or unquoted attribute ourselves.
+    """
     try:
         return mjml.mjml2html(source)
     except ValueError as exc:
         message = str(exc)
-        match = re.search(r"position (\d+)(?::(\d+))?", message)
-        line = source.count("\n", 0, int(match[1])) + 1 if match else None
-        location = f"{TEMPLATE_DIR / HTML_TEMPLATE} (rendered MJML):{line}" if line else where
-        raise EditionError(f"the MJML does not parse: {message}", location,
-                           hint="check the template (and any partial) for unclosed tags") from None
+        match = re.search(r"position (\d+)", message)
+        line = (source.count("\n", 0, int(match[1])) + 1) if match else _locate_mjml_error(source)
+        location = f"{where}:{line}" if line else where
+        shown = source.splitlines()[line - 1].strip()[:120] if line else ""
+        raise EditionError(f"the MJML does not parse: {message}"
+                           + (f" near {shown!r}" if shown else ""), location,
+                           hint="check the template (and any partial) for unclosed tags "
+                                "or unquoted attributes") from None
+
+
+_TAG = re.compile(r"<(/?)([A-Za-z][\w-]*)((?:\s+[^>]*?)?)\s*(/?)>")
+_UNQUOTED = re.compile(r"""[\w-]+\s*=\s*[^"'\s>]""")
+_VOID = frozenset({"br", "img", "hr", "meta", "input", "link", "col", "source", "wbr"})
+
+
+def _locate_mjml_error(source: str) -> int | None:
+    """Line (1-based) of the first mismatched close tag, unquoted attribute or unclosed tag."""
+    stack: list[tuple[str, int]] = []
+    for match in _TAG.finditer(source):
+        closing, name, attrs, selfclose = match.groups()
+        line = source.count("\n", 0, match.start()) + 1
+        if _UNQUOTED.search(attrs or ""):
+            return line
+        if closing:
+            if not stack or stack[-1][0] != name.lower():
+                return line
+            stack.pop()
+        elif not selfclose and name.lower() not in _VOID:
+            stack.append((name.lower(), line))
+    return stack[-1][1] if stack else None
 
 
 def inline_css(html: str) -> str:
@@ -569,7 +602,13 @@ def _format_to(recipient: RecipientLike) -> str:
         return f"<{addr}>"
     _check_header_text(name, "recipient name")
     if not name.isascii():
-        return f"{_encoded_words(name)} <{addr}>"
+        word = _encoded_word(name)
+        if word is not None:
+            return f"{word} <{addr}>"
+        # Too long for one encoded-word: readers disagree on the space between adjacent
+        # words, so let the email package fold it as it parses it (rare; ~50 µs).
+        folded = _fold("To", str(Address(display_name=name, addr_spec=addr)))
+        return folded.removeprefix("To: ").removesuffix("\r\n")
     if _ATEXT_PHRASE.fullmatch(name):
         return f"{name} <{addr}>"
     quoted = name.replace("\\", "\\\\").replace('"', '\\"')
@@ -579,26 +618,27 @@ def _format_to(recipient: RecipientLike) -> str:
 _Q_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!*+-/")
 
 
-def _encoded_words(text: str) -> str:
-    """RFC 2047 Q encoding for a phrase, split so no word exceeds 75 characters."""
-    words, current = [], ""
-    for char in text:
-        piece = "".join("_" if b == 0x20 else chr(b) if b in _Q_SAFE else f"={b:02X}"
-                        for b in char.encode("utf-8"))
-        if len(current) + len(piece) > 75 - len("=?utf-8?q??="):
-            words.append(current)
-            current = ""
-        current += piece
-    words.append(current)
-    return " ".join(f"=?utf-8?q?{w}?=" for w in words)
+def _encoded_word(text: str) -> str | None:
+    """One RFC 2047 Q encoded-word for a phrase, or None if it would exceed 75 characters."""
+    body = "".join("_" if b == 0x20 else chr(b) if b in _Q_SAFE else f"={b:02X}"
+                   for b in text.encode("utf-8"))
+    word = f"=?utf-8?q?{body}?="
+    return word if len(word) <= 75 else None
 
 
 def _header_lines(compiled: CompiledEdition) -> tuple[str, str, str]:
     """From, Subject and List-Id folded once per edition by the email package itself."""
     from_value = str(Address(display_name=compiled.from_name, addr_spec=compiled.from_address))
     list_id = f"{compiled.title or compiled.from_name} <{compiled.list_id}>"
-    return (POLICY.fold("From", from_value), POLICY.fold("Subject", compiled.subject),
-            POLICY.fold("List-Id", list_id))
+    return (_fold("From", from_value), _fold("Subject", compiled.subject),
+            _fold("List-Id", list_id))
+
+
+def _fold(name: str, value: str) -> str:
+    # policy.fold() passes a short str through as "source", non-ASCII and all; going
+    # through the header factory makes it encode. (On 3.11.7 this is also where the
+    # CVE-2024-6923 line break would appear; the round-trip check is the net.)
+    return POLICY.header_factory(name, value).fold(policy=POLICY)
 
 
 # ---- the fast build: a pre-encoded skeleton ----
