@@ -69,6 +69,29 @@ class Settings(BaseSettings):
 
     timezone: str = Field("Europe/London", description="The time zone people see")
 
+    # ---- web (issue 5)
+    previous_secret_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Retired token keys, oldest first: links signed with them keep working")
+    consent_version: str = Field("2026-12", description="Version of the sign-up consent wording")
+    consent_wording: str = Field(
+        "I agree to receive the Kent & Essex modern slavery and human trafficking newsletter "
+        "and the reminders I chose, sent by the MSHT co-ordinators of Kent Police and Essex "
+        "Police. I can unsubscribe at any time from a link in every email.",
+        description="The sign-up consent text; change consent_version whenever it changes")
+    confirm_link_days: int = Field(7, ge=1, description="How long a confirmation link works")
+    manage_link_days: int = Field(180, ge=1, description="How long a preferences link works")
+    unsubscribe_link_years: int = Field(10, ge=3, description="How long unsubscribe links work")
+    signup_mails_per_day: int = Field(1, ge=1, description="Sign-up mails an address may get/24h")
+    signup_mails_per_month: int = Field(3, ge=1, description="... and per 30 days")
+    mails_per_network_day: int = Field(
+        20, ge=1, description="Mails the web may send a day for requests from one /24 (or /56)")
+    posts_per_network_hour: int = Field(
+        60, ge=1, description="Form posts an hour from one /24 (IPv4) or /56 (IPv6) network")
+    max_request_bytes: int = Field(16_384, ge=1024, description="Largest request body accepted")
+    archive_dir: Path | None = Field(
+        None, description="Published edition sources for /archive; default var_dir/archive")
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -95,6 +118,10 @@ class Settings(BaseSettings):
 
     def secret(self) -> bytes:
         return self._key("secret_key", self.secret_key)
+
+    def token_keys(self) -> list[bytes]:
+        """Every key that verifies tokens, oldest first; the last (the current one) signs."""
+        return [k.get_secret_value().encode() for k in self.previous_secret_keys] + [self.secret()]
 
     def suppression_secret(self) -> bytes:
         return self._key("suppression_key", self.suppression_key)

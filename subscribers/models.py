@@ -60,6 +60,7 @@ class ConsentAction(StrEnum):
     PROFILE = "profile"
     ERASE = "erase"
     UNSUPPRESS = "unsuppress"
+    PAUSE = "pause"  # no mail until a date, from the preferences page
 
 
 class Channel(StrEnum):
@@ -109,6 +110,8 @@ class Subscriber(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     left_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Set from the preferences page: no mail until then; the subscription itself is unchanged.
+    paused_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     subscriptions: Mapped[list[Subscription]] = relationship(
         back_populates="subscriber", cascade="all, delete-orphan"
@@ -181,3 +184,18 @@ class Suppression(Base):
     email_hmac: Mapped[str] = mapped_column(String(64))
     reason: Mapped[str] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class RateEvent(Base):
+    """One counted request or mail, for the web's rate limits and per-address mail caps.
+
+    In the database, not in memory, so the caps hold across restarts and across workers. The
+    bucket names a keyed hash of the address or network, never the address itself.
+    """
+
+    __tablename__ = "rate_event"
+    __table_args__ = (Index("ix_rate_event_bucket_at", "bucket", "occurred_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    bucket: Mapped[str] = mapped_column(String(80))
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)

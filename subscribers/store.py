@@ -25,6 +25,7 @@ from subscribers.models import (
     Channel,
     ConsentAction,
     ConsentEvent,
+    RateEvent,
     Subscriber,
     SubscriberStatus,
     Subscription,
@@ -639,3 +640,63 @@ def bulk_add_active(session: Session, rules: Rules,
     session.execute(insert(Subscription), subscriptions)
     session.execute(insert(ConsentEvent), events)
     return len(rows)
+
+
+# ---------------------------------------------------------------- web
+# Queries for the recipient web pages (mailer.web.public). Same rules as above: session first,
+# never commit.
+
+def find(session: Session, subscriber_id: int) -> Subscriber | None:
+    """The subscriber a token names, or None if there is none (or it was erased): a token page
+    then shows its generic answer instead of an error."""
+    subscriber = session.get(Subscriber, subscriber_id)
+    if subscriber is None or subscriber.status == SubscriberStatus.ERASED:
+        return None
+    return subscriber
+
+
+def topic_by_id(session: Session, topic_id: int) -> Topic | None:
+    return session.get(Topic, topic_id)
+
+
+def ping(session: Session) -> bool:
+    """True when the database answers; for /healthz."""
+    return session.scalar(select(func.count()).select_from(Topic)) is not None
+
+
+def count_events(session: Session, bucket: str, since: datetime) -> int:
+    return session.scalar(select(func.count()).select_from(RateEvent).where(
+        RateEvent.bucket == bucket, RateEvent.occurred_at > since)) or 0
+
+
+def record_event(session: Session, *buckets: str) -> None:
+    now = utcnow()
+    session.add_all(RateEvent(bucket=b, occurred_at=now) for b in buckets)
+    session.flush()
+
+
+def prune_events(session: Session, before: datetime) -> int:
+    """Forget rate events older than the longest window that reads them."""
+    return session.execute(delete(RateEvent).where(RateEvent.occurred_at < before)).rowcount
+
+
+def pause(session: Session, subscriber: Subscriber, ctx: Context,
+          until: datetime | None) -> bool:
+    """No mail until `until` (None resumes). Returns whether anything changed."""
+    if subscriber.status != SubscriberStatus.ACTIVE and until is not None:
+        raise SubscriberError(f"cannot pause while the subscriber is {subscriber.status}")
+    if subscriber.paused_until == until:
+        return False
+    if until is None and subscriber.paused_until is None:
+        return False
+    subscriber.paused_until = until
+    _record(session, subscriber, ConsentAction.PAUSE, ctx,
+            paused_until=until.isoformat() if until else None)
+    session.flush()
+    return True
+
+
+def not_paused(now: datetime | None = None) -> Any:
+    """The condition `segment` needs so a paused subscriber gets no mail until the date."""
+    moment = now or utcnow()
+    return (Subscriber.paused_until.is_(None)) | (Subscriber.paused_until <= moment)

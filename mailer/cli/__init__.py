@@ -14,7 +14,16 @@ import typer
 from rich.markup import escape
 from sqlalchemy.exc import OperationalError
 
-from mailer.cli import bounces_cmd, config_cmd, db, dev_sink, edition, subscribers_cmd, topics
+from mailer.cli import (
+    bounces_cmd,
+    config_cmd,
+    db,
+    dev_sink,
+    edition,
+    subscribers_cmd,
+    topics,
+    web_cmd,
+)
 from mailer.cli.runtime import Runtime, err_console
 from mailer.errors import MailerError
 from subscribers.errors import SubscriberError
@@ -33,6 +42,7 @@ app.add_typer(subscribers_cmd.app, name="subscribers")
 app.add_typer(edition.app, name="edition")
 app.add_typer(bounces_cmd.app, name="bounces")
 app.command("dev-sink")(dev_sink.dev_sink)
+app.command("web")(web_cmd.web)
 
 
 @app.callback()

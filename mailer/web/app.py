@@ -1,0 +1,96 @@
+"""`create_app(settings)`: the FastAPI app with the recipient pages, served by `mailer web`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse
+from starlette.exceptions import HTTPException
+
+from mailer.config import Settings
+from mailer.migrations import require_current
+from mailer.web import public
+from mailer.web.security import SecurityMiddleware
+from subscribers.db import make_engine, session_factory
+
+log = logging.getLogger(__name__)
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent.parent / "templates" / "web"
+_TITLES = {400: "Something in the request is wrong", 403: "Not allowed", 404: "Page not found",
+           405: "That is not possible here", 413: "Request too large",
+           415: "Unsupported form encoding", 429: "Too many requests"}
+
+
+def page_environment() -> jinja2.Environment:
+    # Always on, for every suffix: these pages show what subscribers typed.
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
+                              undefined=jinja2.StrictUndefined, auto_reload=False)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The recipient web app. Refuses to start on a database whose schema is not current."""
+    engine = make_engine(settings.database)
+    require_current(engine)
+    pages = page_environment()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="MSHT bulletin", docs_url=None, redoc_url=None, openapi_url=None,
+                  lifespan=lifespan)
+    app.state.web = public.Web.build(settings, session_factory(engine), pages)
+    app.state.css = (TEMPLATE_DIR / "site.css").read_bytes()
+    app.include_router(public.router)
+
+    async def http_error(request: Request, exc: Exception) -> HTMLResponse:
+        assert isinstance(exc, HTTPException)
+        status = exc.status_code
+        detail = exc.detail if isinstance(exc.detail, str) and status != 404 else (
+            "There is no page at this address. Check the link, or start again from the "
+            "subscribe page.")
+        if status == 405:
+            detail = "This address does not accept that kind of request."
+        response = public.message(request, _TITLES.get(status, "Something went wrong"), detail,
+                                  status=status,
+                                  links=[("Go to the subscribe page", settings.base_url
+                                          + "/subscribe")])
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        return response
+
+    async def invalid_request(request: Request, exc: Exception) -> HTMLResponse:
+        return public.message(request, _TITLES[400],
+                              "The address or the form you sent is not one this site can use.",
+                              status=400)
+
+    async def server_error(request: Request, exc: Exception) -> HTMLResponse:
+        # Logged in full for us; the person sees a plain page, never a traceback.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return HTMLResponse(
+            "<!doctype html><html lang=\"en-GB\"><head><meta charset=\"utf-8\"><title>Sorry, "
+            "something went wrong</title></head><body><main><h1>Sorry, something went wrong"
+            "</h1><p>Please try again in a few minutes. If it keeps happening, write to "
+            f"{jinja2.utils.markupsafe.escape(settings.contact_address)}.</p></main></body>"
+            "</html>", status_code=500)
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(Exception, server_error)
+    https = urlsplit(settings.base_url).scheme == "https"
+    app.add_middleware(SecurityMiddleware, max_body=settings.max_request_bytes, https=https)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """For `uvicorn --factory` (several worker processes): the app from MAILER_* settings."""
+    from mailer.config import load_settings
+
+    return create_app(load_settings())
