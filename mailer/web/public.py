@@ -127,7 +127,7 @@ def render(request: Request, template: str, status: int = 200, *,
     body = w.pages.get_template(template).render(
         base_url=w.settings.base_url, site_name=w.site_name,
         contact_address=w.settings.contact_address, csrf_token=w.csrf.form_token(cookie),
-        **{"errors": {}, **context})
+        **{"errors": {}, "notice": None, **context})
     response = HTMLResponse(body, status_code=status, headers=headers, background=background)
     if fresh:
         response.set_cookie(w.csrf.cookie, cookie, httponly=True, samesite="lax",
@@ -504,7 +504,7 @@ def _preferences_view(w: Web, session: Session, subscriber: Subscriber) -> dict[
     topics = [{"slug": t.slug, "name": t.name} for t in store.list_topics(session)]
     paused = subscriber.paused_until
     return {
-        "email": subscriber.email, "status": str(subscriber.status), "topics": topics,
+        "email": subscriber.email, "state": str(subscriber.status), "topics": topics,
         "active": store.active_topics(session, subscriber.id),
         "selects": [("region", "Where you work", w.rules.regions, subscriber.region),
                     ("role", "Your role", w.rules.roles, subscriber.role)],
@@ -537,8 +537,8 @@ async def preferences_page(request: Request, token: str) -> HTMLResponse:
         return None if subscriber is None else _preferences_view(w, session, subscriber)
 
     view = await w.run(work)
-    if view is None or view["status"] != SubscriberStatus.ACTIVE:
-        return _not_active_page(request, view and view["status"])
+    if view is None or view["state"] != SubscriberStatus.ACTIVE:
+        return _not_active_page(request, view and view["state"])
     return render(request, "preferences.html.j2", title="Your preferences", **view,
                   action=w.url(f"/preferences/{token}"),
                   unsubscribe_url=w.url(f"/u/{w.tokens.unsubscribe(claims.subscriber_id)}"))

@@ -1,0 +1,389 @@
+"""The recipient pages over HTTP, on SQLite and PostgreSQL, with mail to a real SMTP sink."""
+# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as parameters
+
+from __future__ import annotations
+
+import datetime as dt
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import time_machine
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from mailer.web.app import create_app
+from subscribers import store
+from subscribers.models import Channel, SubscriberStatus
+from subscribers.store import Context
+from subscribers.tokens import Tokens
+from tests.smtp_servers import FaultServer
+from tests.web_fixtures import (  # noqa: F401
+    BASE,
+    HEADLESS_UA,
+    client,
+    csrf_of,
+    events_of,
+    fault_server,
+    links_in,
+    mails_to,
+    make_fault_server,
+    make_settings,
+    sink,
+    snapshot,
+    subscribe,
+    subscriber_by_email,
+    text_of,
+    topic_statuses,
+    web_settings,
+)
+
+POLICE = "sam.tester@kent.police.uk"
+ONE_CLICK = "List-Unsubscribe=One-Click"
+
+
+def _confirm_link(sink: FaultServer, rcpt: str) -> str:
+    (msg,) = mails_to(sink, rcpt)
+    return next(u for u in links_in(msg) if "/confirm/" in u)
+
+
+def _active(client: TestClient, sink: FaultServer, email: str = POLICE) -> int:
+    subscribe(client, email)
+    link = _confirm_link(sink, email)
+    page = client.get(link)
+    response = client.post(link, data={"csrf_token": csrf_of(page.text)})
+    assert response.status_code == 200
+    sub = subscriber_by_email(client_engine(client), email)
+    assert sub is not None
+    return sub.id
+
+
+def client_engine(client: TestClient) -> Engine:
+    return client.app.state.web.sessions.kw["bind"]
+
+
+def _unsub_token(client: TestClient, subscriber_id: int, topic: str | None = "newsletter") -> str:
+    web = client.app.state.web
+    with Session(client_engine(client)) as session:
+        topic_id = store.get_topic(session, topic).id if topic else None
+    return web.tokens.unsubscribe(subscriber_id, topic_id)
+
+
+# ---------------------------------------------------------------- subscribe and confirm
+
+def test_double_opt_in_from_a_trusted_domain(client: TestClient, sink: FaultServer,
+                                             engine: Engine) -> None:
+    response = subscribe(client, POLICE)
+    assert response.status_code == 200 and "Check your inbox" in response.text
+    sub = subscriber_by_email(engine, POLICE)
+    assert sub is not None and sub.status == SubscriberStatus.PENDING
+
+    (mail,) = mails_to(sink, POLICE)
+    assert mail["Auto-Submitted"] == "auto-generated"
+    assert mail["List-Unsubscribe"] is None and mail["List-Id"] is None
+    assert mail["Subject"] == "Please confirm your subscription"
+    link = _confirm_link(sink, POLICE)
+    assert link.startswith(f"{BASE}/confirm/") and POLICE not in link
+
+    page = client.get(link)
+    assert page.status_code == 200 and "Confirm subscription" in page.text
+    assert subscriber_by_email(engine, POLICE).status == SubscriberStatus.PENDING
+
+    done = client.post(link, data={"csrf_token": csrf_of(page.text)})
+    assert done.status_code == 200 and "You are subscribed" in done.text
+    assert subscriber_by_email(engine, POLICE).status == SubscriberStatus.ACTIVE
+    again = client.post(link, data={"csrf_token": csrf_of(page.text)})
+    assert again.status_code == 200
+    version = client.app.state.web.settings.consent_version
+    assert events_of(engine, sub.id) == [("subscribe", "web", version),
+                                         ("confirm", "web", version)]
+
+
+def test_an_untrusted_domain_is_told_it_waits_for_approval(client: TestClient, sink: FaultServer,
+                                                           engine: Engine) -> None:
+    subscribe(client, "helper@charity.example.org")
+    (mail,) = mails_to(sink, "helper@charity.example.org")
+    assert "co-ordinator will check" in text_of(mail)
+    link = _confirm_link(sink, "helper@charity.example.org")
+    done = client.post(link, data={"csrf_token": csrf_of(client.get(link).text)})
+    assert "co-ordinator will check your sign-up" in done.text
+    assert (subscriber_by_email(engine, "helper@charity.example.org").status
+            == SubscriberStatus.AWAITING_APPROVAL)
+
+
+def test_confirm_needs_the_csrf_token_and_a_same_site_post(client: TestClient, sink: FaultServer,
+                                                          engine: Engine) -> None:
+    subscribe(client, POLICE)
+    link = _confirm_link(sink, POLICE)
+    token = csrf_of(client.get(link).text)
+    assert client.post(link, data={}).status_code == 403
+    assert client.post(link, data={"csrf_token": "0" * 64}).status_code == 403
+    cross = client.post(link, data={"csrf_token": token}, headers={"Sec-Fetch-Site": "cross-site"})
+    assert cross.status_code == 403
+    evil = client.post(link, data={"csrf_token": token}, headers={"Origin": "https://evil.example"})
+    assert evil.status_code == 403
+    bare = TestClient(client.app, base_url=BASE)  # the token without its cookie
+    assert bare.post(link, data={"csrf_token": token}).status_code == 403
+    assert subscriber_by_email(engine, POLICE).status == SubscriberStatus.PENDING
+
+
+def test_a_scanner_get_of_every_link_in_every_mail_changes_nothing(
+        client: TestClient, sink: FaultServer, engine: Engine) -> None:
+    sid = _active(client, sink)
+    subscribe(client, POLICE)  # active: an "already subscribed" mail (next day, past the cap)
+    with time_machine.travel(dt.datetime.now(dt.UTC) + dt.timedelta(days=2)):
+        subscribe(client, POLICE)
+        client.post("/manage", data={"csrf_token": csrf_of(client.get("/manage").text),
+                                     "email": POLICE})
+    subscribe(client, "other@essex.police.uk")
+    links = [u for m in mails_to(sink, POLICE) + mails_to(sink, "other@essex.police.uk")
+             for u in links_in(m)]
+    links.append(f"{BASE}/u/{_unsub_token(client, sid)}")
+    assert any("/preferences/" in u for u in links) and any("/confirm/" in u for u in links)
+    before = snapshot(engine)
+    scanner = TestClient(client.app, base_url=BASE)
+    for url in links:
+        for method in ("GET", "HEAD"):
+            response = scanner.request(method, url, headers={"User-Agent": HEADLESS_UA})
+            assert response.status_code < 500, url
+            scanner.cookies.clear()
+    assert snapshot(engine) == before
+
+
+# ---------------------------------------------------------------- no enumeration, caps
+
+
+def test_the_answer_is_the_same_whatever_the_address_state(client: TestClient, sink: FaultServer,
+                                                           engine: Engine) -> None:
+    _active(client, sink, "active@kent.police.uk")
+    subscribe(client, "pending@kent.police.uk")
+    sid = _active(client, sink, "left@kent.police.uk")
+    client.post(f"/u/{_unsub_token(client, sid, None)}", data={"List-Unsubscribe": "One-Click"})
+    with Session(engine) as session:
+        bounced = _active(client, sink, "bounced@kent.police.uk")
+        store.mark_bounced(session, store.get(session, bounced), Context(channel=Channel.BOUNCE))
+        session.commit()
+    pages = {email: subscribe(client, email) for email in (
+        "new@kent.police.uk", "active@kent.police.uk", "pending@kent.police.uk",
+        "left@kent.police.uk", "bounced@kent.police.uk")}
+    pages["honeypot"] = subscribe(client, "bot@kent.police.uk", website="http://spam")
+    bodies = {r.text for r in pages.values()}
+    assert len(bodies) == 1 and all(r.status_code == 200 for r in pages.values())
+    assert subscriber_by_email(engine, "bot@kent.police.uk") is None
+    assert mails_to(sink, "bot@kent.police.uk") == []
+
+
+def test_twenty_posts_for_one_address_send_within_the_caps(client: TestClient, sink: FaultServer,
+                                                           engine: Engine) -> None:
+    start = dt.datetime.now(dt.UTC)
+    responses = [subscribe(client, POLICE) for _ in range(20)]
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.text for r in responses}) == 1
+    assert len(mails_to(sink, POLICE)) == 1  # at most one a day
+    for day, expected in ((1, 2), (2, 3), (3, 3), (10, 3)):  # at most three in 30 days
+        with time_machine.travel(start + dt.timedelta(days=day, hours=1)):
+            for _ in range(5):
+                subscribe(client, POLICE)
+        assert len(mails_to(sink, POLICE)) == expected, f"day {day}"
+    with time_machine.travel(start + dt.timedelta(days=31, hours=2)):
+        subscribe(client, POLICE)
+    assert len(mails_to(sink, POLICE)) == 4  # the month has rolled on
+
+
+def test_per_network_caps_on_mail_and_posts(settings, sink: FaultServer, tmp_path: Path) -> None:
+    app = create_app(make_settings(sink, tmp_path, mails_per_network_day=3,
+                                   posts_per_network_hour=8))
+    with TestClient(app, base_url=BASE) as c:
+        for n in range(5):
+            assert subscribe(c, f"person{n}@kent.police.uk").status_code == 200
+        assert sum(len(mails_to(sink, f"person{n}@kent.police.uk")) for n in range(5)) == 3
+        statuses = [subscribe(c, f"more{n}@kent.police.uk").status_code for n in range(4)]
+        assert statuses == [200, 200, 200, 429]
+
+
+# ---------------------------------------------------------------- one-click (RFC 8058)
+
+@pytest.mark.parametrize("encoding", ["urlencoded", "multipart"])
+@pytest.mark.parametrize("cookies", [False, True])
+def test_one_click_as_a_mailbox_provider_sends_it(client: TestClient, sink: FaultServer,
+                                                  engine: Engine, encoding: str,
+                                                  cookies: bool) -> None:
+    sid = _active(client, sink)
+    url = f"/u/{_unsub_token(client, sid)}"
+    provider = TestClient(client.app, base_url=BASE, follow_redirects=False)
+    if cookies:
+        provider.cookies.set("session", "whatever")
+        provider.cookies.set("csrf", "stale")
+    for _ in range(10):
+        if encoding == "urlencoded":
+            response = provider.post(url, content=ONE_CLICK, headers={
+                "Content-Type": "application/x-www-form-urlencoded"})
+        else:
+            response = provider.post(url, files={"List-Unsubscribe": (None, "One-Click")})
+        assert response.status_code == 200
+        assert "You are unsubscribed" in response.text
+    assert set(topic_statuses(engine, sid).values()) == {"unsubscribed"}
+    unsubscribes = [e for e in events_of(engine, sid) if e[0] == "unsubscribe"]
+    assert unsubscribes == [("unsubscribe", "one_click", unsubscribes[0][2])]
+
+
+def test_bad_unsubscribe_tokens_get_one_generic_page_and_change_nothing(
+        client: TestClient, sink: FaultServer, engine: Engine) -> None:
+    sid = _active(client, sink)
+    web = client.app.state.web
+    good = _unsub_token(client, sid)
+    with time_machine.travel(dt.datetime.now(dt.UTC) - dt.timedelta(days=11 * 365)):
+        expired = web.tokens.unsubscribe(sid, 1)
+    bad = [
+        good[:-12] + ("A" if good[-12] != "A" else "B") + good[-11:],  # tampered
+        good[:20],  # truncated
+        web.tokens.confirm(sid), web.tokens.manage(sid),  # cross-purpose
+        expired, Tokens([b"z" * 40]).unsubscribe(sid, 1),  # expired, foreign key
+        web.tokens.unsubscribe(999_999, 1),  # nobody
+        "garbage", "x" * 2000, "%00%0d%0a", "WzFd.a.b.c",
+    ]
+    before = snapshot(engine)
+    bodies = set()
+    for token in bad:
+        for body in ({"content": ONE_CLICK, "headers": {
+                "Content-Type": "application/x-www-form-urlencoded"}},
+                {"files": {"List-Unsubscribe": (None, "One-Click")}}):
+            response = client.post(f"/u/{token}", follow_redirects=False, **body)
+            assert response.status_code == 200, token
+            bodies.add(response.text)
+    assert len(bodies) == 1 and "Unsubscribe" in bodies.pop()
+    assert snapshot(engine) == before
+
+
+def test_unsubscribe_links_work_after_three_years_and_a_key_rotation(
+        settings, sink: FaultServer, tmp_path: Path, engine: Engine) -> None:
+    old_key, new_key = "o" * 40, "n" * 40
+    with TestClient(create_app(make_settings(sink, tmp_path, secret_key=old_key)),
+                    base_url=BASE) as old:
+        sid = _active(old, sink)
+        token = _unsub_token(old, sid)
+    rotated = make_settings(sink, tmp_path, secret_key=new_key, previous_secret_keys=[old_key])
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3 * 365 + 30)
+    with time_machine.travel(later), TestClient(create_app(rotated), base_url=BASE) as new:
+        page = new.get(f"/u/{token}")
+        assert page.status_code == 200 and "Unsubscribe" in page.text
+        assert new.post(f"/u/{token}", data={"scope": "all"}).status_code == 200
+    assert subscriber_by_email(engine, POLICE).status == SubscriberStatus.UNSUBSCRIBED
+
+
+def test_the_unsubscribe_page_offers_topic_or_everything_and_a_way_back(
+        client: TestClient, sink: FaultServer, engine: Engine) -> None:
+    sid = _active(client, sink)
+    url = f"/u/{_unsub_token(client, sid)}"
+    page = client.get(url)
+    assert 'value="topic" checked' in page.text and 'value="all"' in page.text
+    done = client.post(url, data={"scope": "topic"})
+    assert "from Quarterly newsletter" in done.text
+    assert subscriber_by_email(engine, POLICE).status == SubscriberStatus.ACTIVE
+    undo = client.post(f"{url}/undo", data={"csrf_token": csrf_of(done.text)})
+    assert undo.status_code == 200 and "subscribed again" in undo.text
+    assert set(topic_statuses(engine, sid).values()) == {"active"}
+
+    done = client.post(url, data={"scope": "all"})
+    assert subscriber_by_email(engine, POLICE).status == SubscriberStatus.UNSUBSCRIBED
+    assert client.post(f"{url}/undo", data={}).status_code == 403  # undo is a CSRF form
+    client.post(f"{url}/undo", data={"csrf_token": csrf_of(done.text)})
+    assert subscriber_by_email(engine, POLICE).status == SubscriberStatus.ACTIVE
+
+
+# ---------------------------------------------------------------- preferences and manage
+
+def test_manage_answers_the_same_and_mails_only_known_addresses(
+        client: TestClient, sink: FaultServer, engine: Engine) -> None:
+    sid = _active(client, sink)
+    token = csrf_of(client.get("/manage").text)
+    known = client.post("/manage", data={"csrf_token": token, "email": POLICE.upper()})
+    unknown = client.post("/manage", data={"csrf_token": token, "email": "nobody@kent.police.uk"})
+    assert known.status_code == unknown.status_code == 200 and known.text == unknown.text
+    assert mails_to(sink, "nobody@kent.police.uk") == []
+    manage_mail = mails_to(sink, POLICE)[-1]
+    assert manage_mail["Auto-Submitted"] == "auto-generated"
+    prefs = next(u for u in links_in(manage_mail) if "/preferences/" in u)
+
+    before = snapshot(engine)
+    page = client.get(prefs)
+    assert page.status_code == 200 and "Your preferences" in page.text
+    assert snapshot(engine) == before
+    saved = client.post(prefs, data={"csrf_token": csrf_of(page.text), "topics": ["reminders"],
+                                     "region": "essex", "role": "analyst", "pause": "3"})
+    assert saved.status_code == 200 and "preferences are saved" in saved.text
+    sub = subscriber_by_email(engine, POLICE)
+    assert (sub.region, sub.role) == ("essex", "analyst")
+    assert sub.paused_until is not None and sub.paused_until > dt.datetime.now(dt.UTC)
+    with Session(engine) as session:
+        assert store.active_topics(session, sid) == ["reminders"]
+    actions = [e[0] for e in events_of(engine, sid)]
+    assert {"profile", "topic_add", "unsubscribe", "pause"} <= set(actions)
+
+
+def test_bad_input_gets_a_clear_4xx_page_never_a_500(client: TestClient, sink: FaultServer) -> None:
+    bad_email = subscribe(client, "not an address")
+    assert bad_email.status_code == 400 and "There is a problem" in bad_email.text
+    assert 'aria-invalid="true"' in bad_email.text
+    assert subscribe(client, POLICE, topics=["nonsense"]).status_code == 400
+    assert subscribe(client, POLICE, consent="").status_code == 400
+    assert subscribe(client, POLICE, region="atlantis").status_code == 400
+    assert subscribe(client, "x@kent.police.uk", name="<script>alert(1)</script>",
+                     consent="").text.count("<script>alert") == 0
+    for path in ("/confirm/garbage", "/preferences/garbage", "/u/garbage", "/nowhere",
+                 "/archive/nope", "/archive/..%2f..%2fetc%2fpasswd"):
+        response = client.get(path)
+        assert 400 <= response.status_code < 500, path
+        assert "text/html" in response.headers["content-type"]
+    broken = client.post("/subscribe", content=b"--x\r\nbroken", headers={
+        "Content-Type": "multipart/form-data; boundary=x"})
+    assert 400 <= broken.status_code < 500
+    assert client.delete("/subscribe").status_code == 405
+    big = client.post("/subscribe", content=b"a=" + b"x" * 100_000,
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert big.status_code == 413
+
+
+def test_security_headers_and_urls_from_settings_not_host(client: TestClient,
+                                                          sink: FaultServer) -> None:
+    page = client.get("/subscribe", headers={"Host": "evil.example"})
+    h = page.headers
+    assert "frame-ancestors 'none'" in h["content-security-policy"]
+    assert "unsafe-inline" not in h["content-security-policy"]
+    assert "script-src" not in h["content-security-policy"]  # default-src 'none' covers it
+    assert h["x-content-type-options"] == "nosniff"
+    assert h["referrer-policy"] == "no-referrer"
+    assert h["cache-control"] == "no-store"
+    assert "strict-transport-security" not in h  # served over plain http here
+    assert "evil.example" not in page.text and f'action="{BASE}/subscribe"' in page.text
+    assert "<script" not in page.text and "style=" not in page.text
+    subscribe(client, POLICE)
+    assert all(u.startswith(BASE) for u in links_in(mails_to(sink, POLICE)[0])
+               if "/confirm/" in u)
+
+
+def test_hsts_when_the_base_url_is_https(settings, sink: FaultServer, tmp_path: Path) -> None:
+    app = create_app(make_settings(sink, tmp_path, base_url="https://news.example.police.uk"))
+    with TestClient(app, base_url="https://news.example.police.uk") as c:
+        response = c.get("/healthz")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+    assert "max-age=63072000" in response.headers["strict-transport-security"]
+
+
+# ---------------------------------------------------------------- archive
+
+def test_archive_index_page_and_atom_feed(client: TestClient) -> None:
+    index = client.get("/archive")
+    assert index.status_code == 200 and "2020-q3-kent-essex" in index.text
+    page = client.get("/archive/2020-q3-kent-essex")
+    assert page.status_code == 200 and "Operation Aidant" in page.text
+    assert "@@" not in page.text  # no slot marker left unfilled
+    assert "<script" not in page.text.lower()
+    assert "script-src" not in page.headers["content-security-policy"]
+    feed = client.get("/archive.xml")
+    assert feed.headers["content-type"].startswith("application/atom+xml")
+    root = ET.fromstring(feed.content)  # noqa: S314 - our own feed, from the test server
+    ns = {"a": "http://www.w3.org/2005/Atom"}
+    links = [e.find("a:link", ns).get("href") for e in root.findall("a:entry", ns)]
+    assert links == [f"{BASE}/archive/2020-q3-kent-essex"]
