@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import functools
 import html as html_lib
 import logging
 import re
@@ -149,12 +150,14 @@ class Personalised:
 
 # ---- compile: Markdown -> Jinja2 -> MJML -> premailer, once per edition ----
 
+@functools.cache
 def _html_env() -> jinja2.Environment:
     # autoescape=True for every template: select_autoescape() would leave .mjml unescaped.
     return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
+@functools.cache
 def _text_env() -> jinja2.Environment:
     return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=False,  # noqa: S701 - text/plain output
                               undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
@@ -691,7 +694,14 @@ def _qp_piece(text: str, last: bool = False) -> bytes:
     return encoded + b"=\r\n"
 
 
+_QP_LITERAL = re.compile(r"[!-<>-~]([ !-<>-~]{0,73}[!-<>-~])?", re.ASCII)
+
+
 def _qp_value(value: str) -> bytes:
+    # Most values (names, URLs without a query) are already valid QP as they stand: printable
+    # ASCII without "=", short, no trailing space. Skip the encoder for those.
+    if _QP_LITERAL.fullmatch(value):
+        return value.encode("ascii") + b"=\r\n"
     return _qp(value) + b"=\r\n"
 
 
@@ -768,7 +778,10 @@ def build_message(compiled: CompiledEdition, recipient: RecipientLike, urls: Rec
         if _CONTROL.search(values[slot]) or " " in values[slot]:
             raise MessageRefused(f"unusable {slot} URL: {values[slot]!r}")
     text_values = {s: _qp_value(v) for s, v in values.items()}
-    html_values = {s: _qp_value(str(markupsafe.escape(v))) for s, v in values.items()}
+    html_values = {}
+    for slot, value in values.items():
+        escaped = str(markupsafe.escape(value))
+        html_values[slot] = text_values[slot] if escaped == value else _qp_value(escaped)
     date_text = sk.date if date is None else email.utils.format_datetime(date)
     per_recipient = (f"Date: {date_text}\r\nTo: {to_line}\r\nMessage-ID: {message_id}\r\n"
                      f"List-Unsubscribe: {unsub}\r\n").encode("ascii")
@@ -846,6 +859,10 @@ _BARE_OR_LONG = re.compile(rb"\r(?!\n)|(?<!\r)\n|[^\r\n]{999}")
 
 
 def _bad_lines(data: bytes) -> bool:
+    if len(data) < 8192:  # a header block: counting is cheaper than the regex
+        crlf = data.count(b"\r\n")
+        return (data.count(b"\n") != crlf or data.count(b"\r") != crlf
+                or any(len(line) > 998 for line in data.split(b"\r\n")))
     return _BARE_OR_LONG.search(data) is not None
 
 
