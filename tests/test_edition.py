@@ -159,3 +159,60 @@ def test_case_files_report_their_expected_first_problem() -> None:
         # The comment line was removed, so shift the expected line by one.
         assert any(p.startswith(f"ed.md:{int(line) - 1}: ") and fragment in p
                    for p in found), (case.name, found)
+
+
+# ---- the CLI faces: `mailer edition validate | preview` ----
+
+@pytest.fixture
+def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("MAILER_") and not key.startswith("MAILER_TEST_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("MAILER_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.setenv("MAILER_VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("MAILER_SECRET_KEY", "s" * 40)
+    monkeypatch.setenv("MAILER_SUPPRESSION_KEY", "k" * 40)
+    monkeypatch.setenv("MAILER_CONTACT_ADDRESS", "team@news.example.org")
+    return tmp_path / "var"
+
+
+def test_cli_validate_passes_the_sample_and_names_lines_of_a_bad_file(
+        cli_env: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mailer.cli import run
+
+    assert run(["edition", "validate", str(SAMPLE)]) == 0
+    assert "8 sections" in capsys.readouterr().out
+    bad = tmp_path / "bad.md"
+    bad.write_text(GOOD_FRONT + "See [it](#) and <b>x</b>.\n")
+    assert run(["edition", "validate", str(bad)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{bad}:9: placeholder link" in err.replace("\n", "")
+    assert "raw HTML" in err
+
+
+def test_cli_preview_writes_html_text_and_eml_and_sends_with_to(
+        cli_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import email
+    from email import policy
+
+    from mailer.cli import run
+    from mailer.devsink import DevSink
+
+    with DevSink(tmp_path / "sink", port=0) as sink:
+        monkeypatch.setenv("MAILER_SMTP_URL", sink.url)
+        assert run(["edition", "preview", str(SAMPLE), "--to", "me@example.org"]) == 0
+        received = sink.messages()
+        assert len(received) == 1 and received[0].rcpt_to == ("me@example.org",)
+        raw = sink.raw(received[0].key)
+    folder = cli_env / "preview"
+    html = (folder / f"{SAMPLE.stem}.html").read_text()
+    text = (folder / f"{SAMPLE.stem}.txt").read_text()
+    eml = (folder / f"{SAMPLE.stem}.eml").read_bytes()
+    assert "Dear Preview Reader," in html and "Dear Preview Reader," in text
+    assert "@@" not in html and "team@news.example.org" in text
+    msg = email.message_from_bytes(eml, policy=policy.default)
+    assert msg["To"].addresses[0].addr_spec == "me@example.org"
+    assert email.message_from_bytes(raw, policy=policy.default)["Message-ID"] == (
+        msg["Message-ID"])
