@@ -141,3 +141,24 @@ def test_dark_mode_keeps_text_readable(open_page: Any, artifacts: Path) -> None:
     assert background == "rgb(17, 20, 24)"
     low = [m for m in page.evaluate(CONTRAST_JS) if m["ratio"] < 4.5]
     assert not low, low
+
+
+def test_cli_screenshot_writes_375_and_600_px_pngs(
+        browser: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import struct
+
+    from mailer.cli import run
+
+    for key in list(os.environ):
+        if key.startswith("MAILER_") and not key.startswith("MAILER_TEST_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("MAILER_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.setenv("MAILER_VAR_DIR", str(tmp_path / "var"))
+    monkeypatch.setenv("MAILER_SECRET_KEY", "s" * 40)
+    assert run(["edition", "screenshot", str(SAMPLE)]) == 0
+    for width in (375, 600):
+        png = (tmp_path / "var" / "preview" / f"{SAMPLE.stem}-{width}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n"
+        shot_width, shot_height = struct.unpack(">II", png[16:24])
+        assert shot_width == width and shot_height > 2000, "a full page, not one screen"
