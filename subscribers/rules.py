@@ -6,6 +6,7 @@ They come from the settings (`mailer.config.Settings.rules()`), but `subscribers
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 DEFAULT_REGIONS: dict[str, str] = {
@@ -53,6 +54,25 @@ class Rules:
     check_deliverability: bool = False
     trusted_domains: tuple[str, ...] = ("police.uk", "gov.uk", "nhs.net", "nhs.uk")
 
-    def vocabulary(self, name: str) -> dict[str, str]:
+    def __post_init__(self) -> None:
+        # Matching a typed value is per row of an import: build each lookup once.
+        lookups = {
+            name: {slug_of(text): slug for slug, label in vocab.items() for text in (slug, label)}
+            for name, vocab in self._vocabularies().items()
+        }
+        object.__setattr__(self, "_lookups", lookups)
+
+    def _vocabularies(self) -> dict[str, dict[str, str]]:
         return {"region": self.regions, "organisation_type": self.organisation_types,
-                "role": self.roles}[name]
+                "role": self.roles}
+
+    def vocabulary(self, name: str) -> dict[str, str]:
+        return self._vocabularies()[name]
+
+    def match(self, name: str, typed: str) -> str | None:
+        """The slug in vocabulary `name` that `typed` names (by slug or label, any case)."""
+        return self._lookups[name].get(slug_of(typed))  # type: ignore[attr-defined]
+
+
+def slug_of(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.strip().lower()).strip("_")

@@ -19,8 +19,9 @@ from subscribers.rules import Rules
 
 # Stripped from the ends of an address: pasted addresses carry these (GOV.UK Notify does the same).
 _EDGE_JUNK = " \t\r\n\u00a0\u200b\u200c\u200d\u2060\ufeff"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Characters that can make text display as something other than what it is.
-_BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _FORMULA_START = ("=", "+", "@", "\t", "\r", "\0")
 
 MAX_NAME = 100
@@ -67,6 +68,8 @@ def normalise_address(raw: str | None, rules: Rules) -> Address:
 
 def _mixed_scripts(domain: str) -> bool:
     """True when one domain label mixes letters of several scripts (e.g. Latin and Cyrillic)."""
+    if domain.isascii():
+        return False
     for label in domain.split("."):
         scripts = {unicodedata.name(ch, "?").split(" ")[0] for ch in label if ch.isalpha()}
         if len(scripts) > 1:
@@ -84,9 +87,9 @@ def normalise_text(raw: str | None, field: str, limit: int) -> str | None:
     label = field.replace("_", " ")
     if len(text) > limit:
         raise InvalidInput(field, f"the {label} is longer than {limit} characters")
-    if any(unicodedata.category(ch) == "Cc" for ch in text):
+    if _CONTROL.search(text):
         raise InvalidInput(field, f"the {label} contains a control character or line break")
-    if any(ch in _BIDI_CONTROLS for ch in text):
+    if _BIDI.search(text):
         raise InvalidInput(field, f"the {label} contains a text-direction control character")
     if text.startswith(_FORMULA_START):
         raise InvalidInput(field, f"the {label} starts with '{text[0]}' like a spreadsheet formula")
@@ -107,18 +110,12 @@ def vocabulary_value(rules: Rules, field: str, raw: str | None) -> str | None:
     """A slug from the field's vocabulary, matched on slug or label, whatever the case."""
     if raw is None or not raw.strip():
         return None
-    vocabulary = rules.vocabulary(field)
-    wanted = _slug(raw)
-    for slug, label in vocabulary.items():
-        if wanted in (_slug(slug), _slug(label)):
-            return slug
+    slug = rules.match(field, raw)
+    if slug is not None:
+        return slug
     label = field.replace("_", " ")
     raise InvalidInput(field, f"unknown {label} '{raw.strip()[:40]}' "
-                              f"(one of: {', '.join(sorted(vocabulary))})")
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.strip().lower()).strip("_")
+                              f"(one of: {', '.join(sorted(rules.vocabulary(field)))})")
 
 
 def email_hmac(rules: Rules, key: str) -> str:
