@@ -143,20 +143,21 @@ def test_dark_mode_keeps_text_readable(open_page: Any, artifacts: Path) -> None:
     assert not low, low
 
 
-def test_cli_screenshot_writes_375_and_600_px_pngs(
-        browser: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_screenshot_writes_375_and_600_px_pngs(browser: Any, tmp_path: Path) -> None:
+    # `browser` only for its skip-or-fail rule. The command runs in its own process: a second
+    # Playwright sync session cannot start inside this one's event loop.
     import os
     import struct
+    import subprocess
+    import sys
 
-    from mailer.cli import run
-
-    for key in list(os.environ):
-        if key.startswith("MAILER_") and not key.startswith("MAILER_TEST_"):
-            monkeypatch.delenv(key)
-    monkeypatch.setenv("MAILER_CONFIG", str(tmp_path / "absent.toml"))
-    monkeypatch.setenv("MAILER_VAR_DIR", str(tmp_path / "var"))
-    monkeypatch.setenv("MAILER_SECRET_KEY", "s" * 40)
-    assert run(["edition", "screenshot", str(SAMPLE)]) == 0
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MAILER_") or k.startswith("MAILER_TEST_")}
+    env.update(MAILER_CONFIG=str(tmp_path / "absent.toml"), MAILER_VAR_DIR=str(tmp_path / "var"),
+               MAILER_SECRET_KEY="s" * 40)
+    done = subprocess.run([sys.executable, "-m", "mailer", "edition", "screenshot", str(SAMPLE)],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
     for width in (375, 600):
         png = (tmp_path / "var" / "preview" / f"{SAMPLE.stem}-{width}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n"
