@@ -137,10 +137,14 @@ class Csrf:
 
     def problem(self, headers: Any, cookies: dict[str, str], form_value: str | None) -> str | None:
         """Why this form post must be refused, or None if it may proceed."""
-        if headers.get("sec-fetch-site") == "cross-site":
+        # Fetch Metadata first: browsers that send it say exactly where a request came from.
+        site = headers.get("sec-fetch-site")
+        if site is not None and site not in ("same-origin", "none"):
             return "the form was sent from another site"
+        # Our own pages send Referrer-Policy: no-referrer, under which browsers post with
+        # `Origin: null`; so only a named foreign origin is proof of a cross-site post.
         origin = headers.get("origin")
-        if origin is not None and origin != self.origin:
+        if origin not in (None, "null") and origin != self.origin:
             return "the form was sent from another site"
         cookie = cookies.get(self.cookie)
         if not cookie or not form_value:
