@@ -470,11 +470,21 @@ class _Connection:
         rcpt_line = b"RCPT TO:<" + rcpt.encode() + b">\r\n"
         if "PIPELINING" in self.extensions:
             await self._write("mail", mail + rcpt_line + b"DATA\r\n")
-            r_mail = await self._read_reply("mail", self.timeout)
-            r_rcpt = await self._read_reply("rcpt", self.timeout)
-            r_data = await self._read_reply("data", self.timeout)
-            refusal = next(((stage, r) for stage, r in
-                            (("mail", r_mail), ("rcpt", r_rcpt)) if not r.ok), None)
+            replies: list[tuple[str, _Reply]] = []
+            for stage in ("mail", "rcpt", "data"):
+                try:
+                    reply = await self._read_reply(stage, self.timeout)
+                except _Lost:
+                    if replies and not replies[0][1].ok:  # closed after refusing: say why
+                        self.usable = False
+                        return _reply_result(*replies[0])
+                    raise
+                replies.append((stage, reply))
+                if reply.code == 421:  # closing now: the other replies will never come
+                    self.usable = False
+                    return _reply_result(stage, reply)
+            refusal = next(((stage, r) for stage, r in replies[:2] if not r.ok), None)
+            r_data = replies[2][1]
             if refusal is not None:
                 if r_data.code == 354:  # a server that ignored the refusal: end the data empty
                     await self._write("data", b".\r\n")
@@ -491,7 +501,10 @@ class _Connection:
             return await self._after_refusal("data", r_data)
         # From here the final dot may reach the server: a failure is no longer a clean retry.
         await self._write("end", _stuff(data))
-        return _reply_result("end", await self._read_reply("end", self.data_timeout))
+        final = await self._read_reply("end", self.data_timeout)
+        if final.code == 421:
+            self.usable = False
+        return _reply_result("end", final)
 
     async def _after_refusal(self, stage: str, reply: _Reply) -> SendResult:
         result = _reply_result(stage, reply)
