@@ -66,6 +66,15 @@ class Settings(BaseSettings):
     retry_base_seconds: int = Field(60, ge=1)
     retry_cap_seconds: int = Field(1800, ge=1)
     retry_give_up_hours: int = Field(48, ge=1)
+    bounce_address: str = Field(
+        "", description="Envelope sender for list mail; with verp, bounces+REF@ its domain")
+    verp: bool = Field(True, description="Give each delivery its own return path (VERP)")
+    smtp_connections: int = Field(4, ge=1, le=64, description="SMTP sessions per worker")
+    smtp_max_per_connection: int = Field(100, ge=1, description="Messages before reconnecting")
+    smtp_timeout_seconds: float = Field(60.0, gt=0, description="Longest wait for one SMTP step")
+    lease_seconds: int = Field(300, ge=5, description="How long a claimed delivery is held")
+    unknown_resends: int = Field(
+        1, ge=0, description="Resends (same Message-ID) when no reply came after the final dot")
 
     timezone: str = Field("Europe/London", description="The time zone people see")
 

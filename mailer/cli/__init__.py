@@ -20,6 +20,7 @@ from mailer.cli import (
     db,
     dev_sink,
     edition,
+    sending,
     subscribers_cmd,
     topics,
     web_cmd,
@@ -42,6 +43,7 @@ app.add_typer(subscribers_cmd.app, name="subscribers")
 app.add_typer(edition.app, name="edition")
 app.add_typer(bounces_cmd.app, name="bounces")
 app.command("dev-sink")(dev_sink.dev_sink)
+app.command("worker")(sending.worker)
 app.command("web")(web_cmd.web)
 
 

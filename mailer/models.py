@@ -1,0 +1,105 @@
+"""The tables of editions and deliveries (the outbox). Queries on them live in `mailer.outbox`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, CheckConstraint, ForeignKey, Index, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from subscribers.db import Base, UTCDateTime, utcnow
+from subscribers.models import _check_in
+
+
+class EditionKind(StrEnum):
+    NEWSLETTER = "newsletter"
+    REMINDER = "reminder"
+
+
+class EditionStatus(StrEnum):
+    DRAFT = "draft"
+    APPROVED = "approved"
+    SCHEDULED = "scheduled"
+    SENDING = "sending"
+    PAUSED = "paused"  # by a co-ordinator, or halted by the relay (see paused_reason)
+    SENT = "sent"  # every delivery has reached a final state
+    CANCELLED = "cancelled"
+
+
+# A send may start (enqueue) from these; anything else has either gone or been stopped.
+STARTABLE = frozenset({EditionStatus.DRAFT, EditionStatus.APPROVED, EditionStatus.SCHEDULED})
+
+
+class DeliveryStatus(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"  # claimed by a worker, under a lease
+    RETRY = "retry"  # waiting for next_attempt_at
+    SENT = "sent"
+    BOUNCED = "bounced"
+    FAILED = "failed"
+    UNKNOWN = "unknown"  # the relay may or may not have it: no reply after the final dot
+    SKIPPED = "skipped"  # not sent: unsubscribed, suppressed or cancelled before its turn
+
+
+DUE = frozenset({DeliveryStatus.QUEUED, DeliveryStatus.RETRY})
+FINAL = frozenset({DeliveryStatus.SENT, DeliveryStatus.BOUNCED, DeliveryStatus.FAILED,
+                   DeliveryStatus.UNKNOWN, DeliveryStatus.SKIPPED})
+
+
+class Edition(Base):
+    __tablename__ = "edition"
+    __table_args__ = (
+        CheckConstraint(_check_in("status", EditionStatus), name="status"),
+        CheckConstraint(_check_in("kind", EditionKind), name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    slug: Mapped[str] = mapped_column(String(120), unique=True)
+    kind: Mapped[str] = mapped_column(String(20), default=EditionKind.NEWSLETTER)
+    title: Mapped[str] = mapped_column(String(200))
+    subject: Mapped[str] = mapped_column(String(300))
+    topic: Mapped[str] = mapped_column(String(40))
+    regions: Mapped[list[str]] = mapped_column(JSON, default=list)
+    roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    source: Mapped[str] = mapped_column(Text)  # the edition file as written
+    source_sha256: Mapped[str] = mapped_column(String(64))
+    compiled: Mapped[dict[str, Any]] = mapped_column(JSON)  # CompiledEdition.to_dict()
+    status: Mapped[str] = mapped_column(String(20), default=EditionStatus.DRAFT)
+    paused_reason: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    scheduled_for: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    not_after: Mapped[datetime | None] = mapped_column(UTCDateTime())  # too late to be useful
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Delivery(Base):
+    """One row per (edition, subscriber): the outbox, and the record of who got what."""
+
+    __tablename__ = "delivery"
+    __table_args__ = (
+        CheckConstraint(_check_in("status", DeliveryStatus), name="status"),
+        Index("uq_delivery_edition_subscriber", "edition_id", "subscriber_id", unique=True),
+        Index("ix_delivery_due", "status", "next_attempt_at"),
+        Index("ix_delivery_attempted", "last_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    edition_id: Mapped[int] = mapped_column(ForeignKey("edition.id", ondelete="CASCADE"))
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscriber.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(20), default=DeliveryStatus.QUEUED)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # True once a copy may already have reached the person (a reply never came, or a worker
+    # died mid-send) and we sent again: the count a co-ordinator sees as "possible duplicates".
+    ambiguous: Mapped[bool] = mapped_column(Boolean, default=False)
+    queued_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    worker: Mapped[str | None] = mapped_column(String(80))
+    last_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_code: Mapped[int | None] = mapped_column(Integer)
+    last_reply: Mapped[str | None] = mapped_column(String(500))

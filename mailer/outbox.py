@@ -1,0 +1,399 @@
+"""Every query on editions and deliveries: store, enqueue, claim, record, control, progress.
+
+The outbox is the source of truth for who gets what. Enqueue is one set-based
+`INSERT ... SELECT ... ON CONFLICT DO NOTHING` of the edition's segment, in the same transaction
+that moves the edition to `sending`: running it twice (a double click, a scheduler firing twice,
+`send-to-new`) adds only people who have no row yet. Workers claim small batches under a lease
+(`FOR UPDATE SKIP LOCKED` on PostgreSQL; on SQLite one worker per file holds a lock instead) and
+record each result with a guard on the row's state, so a worker whose lease was taken over
+cannot overwrite what its successor recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Select, and_, bindparam, func, literal, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from mailer.config import Settings
+from mailer.edition import load_edition
+from mailer.errors import MailerError
+from mailer.models import (
+    DUE,
+    FINAL,
+    STARTABLE,
+    Delivery,
+    DeliveryStatus,
+    Edition,
+    EditionKind,
+    EditionStatus,
+)
+from mailer.render import compile_edition
+from subscribers import store
+from subscribers.db import utcnow
+from subscribers.models import Subscriber, Topic
+
+
+class EditionConflict(MailerError):
+    """The request does not fit the edition's state (already sent, cancelled, ...)."""
+
+
+# ---------------------------------------------------------------- editions
+
+def store_edition(session: Session, *, slug: str, title: str, subject: str, topic: str,
+                  regions: Sequence[str], roles: Sequence[str], source: str,
+                  compiled: dict[str, Any], actor: str | None,
+                  kind: EditionKind = EditionKind.NEWSLETTER,
+                  not_after: datetime | None = None) -> tuple[Edition, bool]:
+    """Record an edition, or find the one already recorded from the same source.
+
+    Returns (edition, created). The same slug with the same source is the same edition, so
+    sending a file twice never makes a second send. A changed source may replace a draft; once
+    a send has started, a corrected edition needs a new slug.
+    """
+    store.get_topic(session, topic)  # refuses an unknown topic with the list of known ones
+    digest = hashlib.sha256(source.encode()).hexdigest()
+    existing = session.scalar(select(Edition).where(Edition.slug == slug))
+    if existing is not None:
+        if existing.source_sha256 == digest:
+            return existing, False
+        if existing.status not in STARTABLE:
+            raise EditionConflict(
+                f"edition '{slug}' is {existing.status} and its source has changed since",
+                hint="give the corrected edition a new slug (file name), e.g. "
+                     f"'{slug}-corrected'")
+        edition = existing
+    else:
+        edition = Edition(slug=slug, created_by=actor)
+        session.add(edition)
+    edition.kind = kind
+    edition.title, edition.subject, edition.topic = title, subject, topic
+    edition.regions, edition.roles = list(regions), list(roles)
+    edition.source, edition.source_sha256, edition.compiled = source, digest, compiled
+    edition.not_after = not_after
+    session.flush()
+    return edition, existing is None
+
+
+def store_edition_file(session: Session, settings: Settings, path: Path,
+                       actor: str | None) -> tuple[Edition, bool]:
+    """Validate, compile (once) and record the edition in `path`; its slug is the file name."""
+    parsed = load_edition(path)
+    compiled = compile_edition(parsed, settings)
+    meta = parsed.meta
+    return store_edition(session, slug=path.stem, title=meta.title, subject=meta.subject,
+                         topic=meta.topic, regions=meta.audience.regions,
+                         roles=meta.audience.roles, source=path.read_text(encoding="utf-8"),
+                         compiled=compiled.to_dict(), actor=actor)
+
+
+def get_edition(session: Session, ident: str | int) -> Edition:
+    """An edition by id or by slug."""
+    query = select(Edition)
+    if isinstance(ident, int) or str(ident).isdigit():
+        query = query.where(Edition.id == int(ident))
+    else:
+        query = query.where(Edition.slug == ident)
+    edition = session.scalar(query)
+    if edition is None:
+        raise MailerError(f"no edition '{ident}'", hint="`mailer edition list` shows them")
+    return edition
+
+
+def list_editions(session: Session, limit: int = 50) -> Sequence[Edition]:
+    return session.scalars(select(Edition).order_by(Edition.id.desc()).limit(limit)).all()
+
+
+def audience(edition: Edition) -> Select[tuple[int]]:
+    return store.segment([edition.topic], edition.regions, edition.roles)
+
+
+def audience_breakdown(session: Session, edition: Edition) -> dict[str, dict[str, int]]:
+    """Who a send would reach, by region and by role: what a dry run prints."""
+    ids = audience(edition).subquery()
+    out: dict[str, dict[str, int]] = {}
+    for label, column in (("region", Subscriber.region), ("role", Subscriber.role)):
+        rows = session.execute(select(column, func.count()).join(ids, ids.c.id == Subscriber.id)
+                               .group_by(column).order_by(func.count().desc())).all()
+        out[label] = {value or "(not given)": n for value, n in rows}
+    return out
+
+
+def _insert(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Delivery)
+
+
+def enqueue(session: Session, edition: Edition, *, now: datetime | None = None) -> int:
+    """Queue one delivery per person in the edition's audience who has none yet; start the send.
+
+    One `INSERT ... SELECT`, so memory stays flat however large the list. Returns how many rows
+    were added (0 when run again: the unique key absorbs repeats).
+    """
+    if edition.status not in STARTABLE and edition.status != EditionStatus.SENDING:
+        raise EditionConflict(f"edition '{edition.slug}' is {edition.status}; it cannot be sent",
+                              hint="`mailer edition resume` continues a paused send")
+    now = now or utcnow()
+    ids = audience(edition).subquery()
+    rows = select(literal(edition.id), ids.c.id, literal(DeliveryStatus.QUEUED.value),
+                  literal(0), literal(False), literal(now), literal(now)).select_from(ids)
+    stmt = _insert(session).from_select(
+        ["edition_id", "subscriber_id", "status", "attempts", "ambiguous", "queued_at",
+         "next_attempt_at"], rows.where(literal(True))).on_conflict_do_nothing()
+    added = session.execute(stmt).rowcount or 0
+    if edition.status != EditionStatus.SENDING:
+        edition.status = EditionStatus.SENDING
+        edition.started_at = edition.started_at or now
+        edition.finished_at = None
+    session.flush()
+    return added
+
+
+def set_status(session: Session, edition: Edition, status: EditionStatus,
+               reason: str | None = None) -> bool:
+    """Pause, resume or cancel; guarded, idempotent. Returns whether anything changed."""
+    allowed = {
+        EditionStatus.PAUSED: {EditionStatus.SENDING},
+        EditionStatus.SENDING: {EditionStatus.PAUSED},
+        EditionStatus.CANCELLED: {*STARTABLE, EditionStatus.SENDING, EditionStatus.PAUSED},
+    }[status]
+    if edition.status == status:
+        return False
+    if edition.status not in allowed:
+        raise EditionConflict(f"edition '{edition.slug}' is {edition.status}; cannot make it "
+                              f"{status}")
+    edition.status = status
+    edition.paused_reason = reason if status == EditionStatus.PAUSED else None
+    if status == EditionStatus.CANCELLED:
+        session.execute(update(Delivery).where(Delivery.edition_id == edition.id,
+                                               Delivery.status.in_(list(DUE)))
+                        .values(status=DeliveryStatus.SKIPPED, last_reply="cancelled"))
+        edition.finished_at = utcnow()
+    session.flush()
+    return True
+
+
+def halt(session: Session, edition_id: int, reason: str) -> None:
+    """Stop a send because our side is broken (the relay refused us): pause it with the reason."""
+    session.execute(update(Edition).where(Edition.id == edition_id,
+                                          Edition.status == EditionStatus.SENDING)
+                    .values(status=EditionStatus.PAUSED, paused_reason=reason[:500]))
+
+
+def requeue_failed(session: Session, edition: Edition, include_unknown: bool = False) -> int:
+    """Give failed (and optionally unknown) deliveries another go; the send resumes."""
+    statuses = [DeliveryStatus.FAILED] + ([DeliveryStatus.UNKNOWN] if include_unknown else [])
+    moved = session.execute(
+        update(Delivery).where(Delivery.edition_id == edition.id,
+                               Delivery.status.in_(statuses))
+        .values(status=DeliveryStatus.QUEUED, next_attempt_at=utcnow(), attempts=0)).rowcount
+    if moved and edition.status in (EditionStatus.SENT, EditionStatus.PAUSED):
+        edition.status = EditionStatus.SENDING
+        edition.finished_at = None
+    session.flush()
+    return moved or 0
+
+
+def forget_subscriber(session: Session, subscriber_id: int) -> None:
+    """Part of an erase: relay replies can quote the address, so they go too."""
+    session.execute(update(Delivery).where(Delivery.subscriber_id == subscriber_id)
+                    .values(last_reply=None))
+
+
+# ---------------------------------------------------------------- claim and record
+
+@dataclass(frozen=True)
+class Claim:
+    delivery_id: int
+    edition_id: int
+    subscriber_id: int
+    email: str
+    name: str | None
+    attempts: int  # including this one
+    ambiguous: bool  # a copy may already have arrived (the previous holder died mid-send)
+    queued_at: datetime
+
+
+def release_orphans(session: Session, now: datetime | None = None) -> int:
+    """Make every claimed delivery claimable now. Only for SQLite, where the worker holds the
+    file lock and so knows that no other worker is alive to own them."""
+    return session.execute(update(Delivery).where(Delivery.status == DeliveryStatus.SENDING)
+                           .values(lease_until=(now or utcnow()) - timedelta(seconds=1))
+                           ).rowcount or 0
+
+
+def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
+              now: datetime | None = None) -> list[Claim]:
+    """Take up to `limit` deliveries that are due, under a lease; commit straight after.
+
+    Due means queued or retrying with its time come, or claimed by a worker whose lease ran
+    out (it died mid-send: those are resent, marked ambiguous). Each row is re-checked here,
+    at send time: one whose subscriber has left the topic or been suppressed, or whose
+    reminder is past its "not after" time, is closed as skipped instead of sent.
+    """
+    now = now or utcnow()
+    due = (
+        select(Delivery.id)
+        .join(Edition, Edition.id == Delivery.edition_id)
+        .where(Edition.status == EditionStatus.SENDING,
+               or_(and_(Delivery.status.in_(list(DUE)), Delivery.next_attempt_at <= now),
+                   and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now)))
+        .order_by(Delivery.id).limit(limit)
+        .with_for_update(skip_locked=True, of=Delivery)
+    )
+    ids = list(session.scalars(due))
+    if not ids:
+        return []
+    rows = session.execute(
+        select(Delivery.id, Delivery.edition_id, Delivery.subscriber_id, Delivery.status,
+               Delivery.attempts, Delivery.ambiguous, Delivery.queued_at, Edition.topic,
+               Edition.not_after, Subscriber.email, Subscriber.name)
+        .join(Edition, Edition.id == Delivery.edition_id)
+        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+        .where(Delivery.id.in_(ids)).order_by(Delivery.id)).all()
+    sendable: set[tuple[int, str]] = set()
+    for topic in {r.topic for r in rows}:
+        members = [r.subscriber_id for r in rows if r.topic == topic]
+        sendable.update((sid, topic) for sid in session.scalars(
+            store.segment([topic]).where(Subscriber.id.in_(members))))
+    claims, skipped, late = [], [], []
+    for r in rows:
+        if r.not_after is not None and r.not_after < now:
+            late.append(r.id)
+        elif (r.subscriber_id, r.topic) not in sendable:
+            skipped.append(r.id)
+        else:
+            orphan = r.status == DeliveryStatus.SENDING
+            claims.append(Claim(r.id, r.edition_id, r.subscriber_id, r.email or "", r.name,
+                                r.attempts + 1, r.ambiguous or orphan, r.queued_at))
+    if claims:
+        session.execute(
+            update(Delivery.__table__).where(Delivery.id == bindparam("b_id")).values(
+                status=DeliveryStatus.SENDING, worker=worker, lease_until=now + lease,
+                attempts=bindparam("b_attempts"), ambiguous=bindparam("b_ambiguous"),
+                last_attempt_at=now),
+            [{"b_id": c.delivery_id, "b_attempts": c.attempts, "b_ambiguous": c.ambiguous}
+             for c in claims])
+    for ids_, reason, status in (
+            (skipped, "not sent: unsubscribed or suppressed before its turn",
+             DeliveryStatus.SKIPPED),
+            (late, "not sent: too late, past the edition's 'not after' time",
+             DeliveryStatus.FAILED)):
+        if ids_:
+            session.execute(update(Delivery).where(Delivery.id.in_(ids_))
+                            .values(status=status, last_reply=reason, lease_until=None))
+    return claims
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a worker learned about one claimed delivery."""
+
+    delivery_id: int
+    status: DeliveryStatus
+    code: int | None = None
+    reply: str = ""
+    next_attempt_at: datetime | None = None
+    ambiguous: bool = False
+
+
+def record(session: Session, worker: str, results: Sequence[Result],
+           now: datetime | None = None) -> int:
+    """Write results; only rows this worker still holds change. Returns how many did."""
+    if not results:
+        return 0
+    now = now or utcnow()
+    table = Delivery.__table__
+    stmt = (update(table)
+            .where(table.c.id == bindparam("b_id"), table.c.status == DeliveryStatus.SENDING,
+                   table.c.worker == worker)
+            .values(status=bindparam("b_status"), last_code=bindparam("b_code"),
+                    last_reply=bindparam("b_reply"), next_attempt_at=bindparam("b_next"),
+                    sent_at=bindparam("b_sent"), ambiguous=bindparam("b_ambiguous"),
+                    lease_until=None))
+    params = [{"b_id": r.delivery_id, "b_status": r.status, "b_code": r.code,
+               "b_reply": r.reply[:500], "b_next": r.next_attempt_at or now,
+               "b_sent": now if r.status == DeliveryStatus.SENT else None,
+               "b_ambiguous": r.ambiguous} for r in results]
+    return session.execute(stmt, params).rowcount or 0
+
+
+def finish_done(session: Session, now: datetime | None = None) -> list[int]:
+    """Mark sending editions whose every delivery is final as sent; returns their ids."""
+    open_rows = (select(Delivery.id).where(Delivery.edition_id == Edition.id,
+                                           Delivery.status.not_in(list(FINAL))).exists())
+    done = list(session.scalars(select(Edition.id).where(Edition.status == EditionStatus.SENDING,
+                                                         ~open_rows)))
+    if done:
+        session.execute(update(Edition).where(Edition.id.in_(done))
+                        .values(status=EditionStatus.SENT, finished_at=now or utcnow()))
+    return done
+
+
+def next_due_at(session: Session) -> datetime | None:
+    """When the next delivery of a sending edition falls due (None if nothing waits)."""
+    return session.scalar(
+        select(func.min(Delivery.next_attempt_at)).join(Edition)
+        .where(Edition.status == EditionStatus.SENDING, Delivery.status.in_(list(DUE))))
+
+
+def attempts_since(session: Session, since: datetime) -> int:
+    """Submissions started since `since`, over every edition: what the relay's limits count."""
+    return session.scalar(select(func.count()).select_from(Delivery)
+                          .where(Delivery.last_attempt_at >= since)) or 0
+
+
+def oldest_attempt_since(session: Session, since: datetime) -> datetime | None:
+    return session.scalar(select(func.min(Delivery.last_attempt_at))
+                          .where(Delivery.last_attempt_at >= since))
+
+
+# ---------------------------------------------------------------- progress
+
+@dataclass
+class Progress:
+    edition_id: int
+    slug: str
+    status: str
+    paused_reason: str | None
+    counts: dict[str, int]
+    ambiguous: int
+    total: int
+
+    @property
+    def remaining(self) -> int:
+        return sum(self.counts.get(s, 0) for s in (DeliveryStatus.QUEUED, DeliveryStatus.RETRY,
+                                                    DeliveryStatus.SENDING))
+
+
+def progress(session: Session, edition: Edition) -> Progress:
+    counts = dict(session.execute(
+        select(Delivery.status, func.count()).where(Delivery.edition_id == edition.id)
+        .group_by(Delivery.status)).all())
+    ambiguous = session.scalar(select(func.count()).select_from(Delivery).where(
+        Delivery.edition_id == edition.id, Delivery.ambiguous.is_(True))) or 0
+    return Progress(edition.id, edition.slug, edition.status, edition.paused_reason,
+                    {s.value: counts.get(s.value, 0) for s in DeliveryStatus}, ambiguous,
+                    sum(counts.values()))
+
+
+def deliveries_for(session: Session, subscriber_id: int) -> list[dict[str, Any]]:
+    """A person's delivery history, for their subject-access export and the console."""
+    rows = session.execute(
+        select(Edition.slug, Edition.subject, Delivery.status, Delivery.sent_at,
+               Delivery.attempts, Delivery.last_code)
+        .join(Edition).where(Delivery.subscriber_id == subscriber_id).order_by(Delivery.id))
+    return [{"edition": slug, "subject": subject, "status": status,
+             "sent_at": sent.isoformat() if sent else None, "attempts": attempts, "code": code}
+            for slug, subject, status, sent, attempts, code in rows]
+
+
+def topic_id(session: Session, slug: str) -> int:
+    return session.scalar(select(Topic.id).where(Topic.slug == slug)) or 0

@@ -1,0 +1,350 @@
+"""The send loop: claim due deliveries, personalise, rate-limit, send, record each result.
+
+One asyncio loop drives several reused SMTP sessions (`mailer.smtp.SmtpPool`); database work
+runs on one helper thread so that commits never stall the sessions. Each result is written in
+the first commit after its reply arrives: results that arrive together share a commit.
+
+The crash window, honestly: a message whose reply has arrived but whose result is not yet
+committed, or whose final dot was sent but no reply read, is in the relay and still `sending`
+here. If the worker dies, that row's lease runs out, and it is sent again with the same
+Message-ID and marked `ambiguous`: at most the messages in flight at the crash (never more than
+`2 x smtp_connections`) can arrive twice, and `status` counts them. A reply that never comes
+after the final dot ends as `unknown` after `unknown_resends` resends, also counted.
+
+Rate limits are derived from the outbox (submissions started in the last minute and the last
+24 hours), so they hold across restarts and across workers.
+
+On SQLite one worker per database file is allowed (a lock file beside it); PostgreSQL workers
+share the outbox through `FOR UPDATE SKIP LOCKED`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from filelock import FileLock, Timeout
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from mailer import outbox, reference
+from mailer.config import Settings
+from mailer.errors import MailerError
+from mailer.links import Links
+from mailer.models import DeliveryStatus, Edition
+from mailer.render import CompiledEdition, MessageRefused, Recipient, build_message
+from mailer.smtp import Outcome, SendResult, SmtpPool
+from subscribers import store
+from subscribers.db import session_scope, utcnow
+from subscribers.models import Channel, Subscriber
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class WorkerBusy(MailerError):
+    """Another worker already sends from this SQLite database."""
+
+
+@dataclass
+class Summary:
+    """What one run of the worker did, for `--drain` and the tests."""
+
+    sent: int = 0
+    retry: int = 0
+    bounced: int = 0
+    failed: int = 0
+    unknown: int = 0
+    halted: list[str] = field(default_factory=list)
+
+    def add(self, status: DeliveryStatus) -> None:
+        name = status.value
+        if hasattr(self, name):
+            setattr(self, name, getattr(self, name) + 1)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How results become delivery states (settings, so tests can shorten them)."""
+
+    retry_base: float
+    retry_cap: float
+    give_up: timedelta
+    unknown_resends: int
+    throttle_pause: float = 60.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Policy:
+        return cls(retry_base=settings.retry_base_seconds, retry_cap=settings.retry_cap_seconds,
+                   give_up=timedelta(hours=settings.retry_give_up_hours),
+                   unknown_resends=settings.unknown_resends)
+
+    def backoff(self, attempts: int) -> timedelta:
+        """Exponential backoff with full jitter: uniform(0, min(cap, base * 2^(n-1)))."""
+        ceiling = min(self.retry_cap, self.retry_base * 2 ** max(0, attempts - 1))
+        return timedelta(seconds=random.uniform(0, ceiling))  # noqa: S311 (not security)
+
+    def decide(self, claim: outbox.Claim, result: SendResult, now: datetime,
+               not_after: datetime | None) -> outbox.Result:
+        reply = f"{result.code or ''} {result.enhanced or ''} {result.reply}".strip()
+        status = {Outcome.SENT: DeliveryStatus.SENT, Outcome.BOUNCED: DeliveryStatus.BOUNCED,
+                  Outcome.FAILED: DeliveryStatus.FAILED}.get(result.outcome)
+        if status is not None:
+            return outbox.Result(claim.delivery_id, status, result.code, reply,
+                                 ambiguous=claim.ambiguous)
+        ambiguous = claim.ambiguous
+        if result.outcome is Outcome.UNKNOWN:
+            # Sent, perhaps: resend (same Message-ID) a bounded number of times, and say so.
+            if claim.ambiguous and claim.attempts > self.unknown_resends:
+                return outbox.Result(claim.delivery_id, DeliveryStatus.UNKNOWN, result.code,
+                                     reply, ambiguous=True)
+            ambiguous = True
+        too_late = not_after is not None and now >= not_after
+        if too_late or now - claim.queued_at >= self.give_up:
+            why = "the date has passed" if too_late else f"gave up after {claim.attempts} tries"
+            final = DeliveryStatus.UNKNOWN if ambiguous else DeliveryStatus.FAILED
+            return outbox.Result(claim.delivery_id, final, result.code, f"{reply} ({why})",
+                                 ambiguous=ambiguous)
+        wait = self.backoff(claim.attempts)
+        if result.throttled:
+            wait = max(wait, timedelta(seconds=self.throttle_pause))
+        return outbox.Result(claim.delivery_id, DeliveryStatus.RETRY, result.code, reply,
+                             next_attempt_at=now + wait, ambiguous=ambiguous)
+
+
+@dataclass
+class _EditionPlan:
+    edition_id: int
+    slug: str
+    topic_id: int
+    kind: str
+    not_after: datetime | None
+    compiled: CompiledEdition
+
+
+def sqlite_lock_path(url: str) -> Path | None:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or \
+            parsed.database == ":memory:":
+        return None
+    return Path(parsed.database + ".worker.lock")
+
+
+class Worker:
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], *,
+                 name: str | None = None, batch: int = 50, poll: float = 1.0,
+                 policy: Policy | None = None, smtp_timeout: float | None = None,
+                 data_timeout: float | None = None,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.batch = batch
+        self.poll = poll
+        self.policy = policy or Policy.from_settings(settings)
+        self.smtp_timeout = smtp_timeout or settings.smtp_timeout_seconds
+        self.data_timeout = data_timeout
+        self.clock = clock
+        self.lease = timedelta(seconds=settings.lease_seconds)
+        self.links = Links(settings)
+        self.secret = settings.secret()
+        self.domain = settings.from_address.rpartition("@")[2] or "localhost"
+        self.plans: dict[int, _EditionPlan] = {}
+        self.summary = Summary()
+        self.stopping = asyncio.Event()
+        self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mailer-db")
+        self._throttled_until: datetime | None = None
+        self._halted: set[int] = set()
+        self._lock: FileLock | None = None
+
+    # ---- database, always on the one helper thread
+
+    async def _db_call(self, work: Callable[[Session], T]) -> T:
+        def unit() -> T:
+            with session_scope(self.sessions) as session:
+                return work(session)
+        return await asyncio.get_running_loop().run_in_executor(self._db, unit)
+
+    def _acquire(self) -> None:
+        path = sqlite_lock_path(self.settings.database)
+        if path is None:
+            return
+        self._lock = FileLock(str(path))
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise WorkerBusy(
+                "another worker is already sending from this SQLite database",
+                hint="run one worker per SQLite file; use PostgreSQL for several") from None
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    # ---- the loop
+
+    async def run(self, drain: bool = False) -> Summary:
+        """Send until stopped (SIGTERM/SIGINT), or with `drain` until nothing is due."""
+        self._acquire()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            # Outside the main thread there are no signal handlers: the caller stops us.
+            with contextlib.suppress(RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            if self._lock is not None:  # we hold the file: nothing else owns a claimed row
+                await self._db_call(outbox.release_orphans)
+            await self._loop(drain)
+        finally:
+            self._release()
+            self._db.shutdown(wait=True)
+        return self.summary
+
+    async def _loop(self, drain: bool) -> None:
+        s = self.settings
+        inflight: set[asyncio.Task[tuple[outbox.Claim, SendResult]]] = set()
+        # Claimed rows wait for a free session inside the pool; claiming half a batch at a
+        # time keeps claim transactions few without letting the in-flight set grow large.
+        capacity = max(2 * s.smtp_connections, self.batch)
+        async with SmtpPool(s.smtp_url.get_secret_value(), size=s.smtp_connections,
+                            max_per_connection=s.smtp_max_per_connection,
+                            timeout=self.smtp_timeout, data_timeout=self.data_timeout) as pool:
+            while True:
+                wanted = 0 if self.stopping.is_set() else capacity - len(inflight)
+                if inflight and wanted < capacity // 2:
+                    wanted = 0
+                claims: list[outbox.Claim] = []
+                if wanted > 0:
+                    allowed = await self._allowance()
+                    if allowed > 0:
+                        claims = await self._db_call(
+                            lambda session, n=min(wanted, allowed, self.batch):
+                            self._claim(session, n))
+                for claim in claims:
+                    inflight.add(asyncio.create_task(self._send(pool, claim)))
+                if not inflight:
+                    if self.stopping.is_set():
+                        return
+                    await self._db_call(outbox.finish_done)
+                    if drain and not await self._due_soon():
+                        return
+                    await self._idle()
+                    continue
+                done, inflight = await asyncio.wait(
+                    inflight, timeout=None if claims or wanted <= 0 else self.poll,
+                    return_when=asyncio.FIRST_COMPLETED)
+                if done:
+                    await self._record([t.result() for t in done])
+
+    async def _idle(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), timeout=self.poll)
+
+    async def _due_soon(self) -> bool:
+        """Is anything due now, or held back only by the rate limit or a throttle?"""
+        when = await self._db_call(outbox.next_due_at)
+        return when is not None and when <= self.clock() + timedelta(seconds=self.poll)
+
+    async def _allowance(self) -> int:
+        now = self.clock()
+        if self._throttled_until and now < self._throttled_until:
+            return 0
+        per_minute, per_day = self.settings.rate_per_minute, self.settings.rate_per_day
+        if not per_minute and not per_day:
+            return self.batch
+
+        def count(session: Session) -> int:
+            allowed = self.batch
+            if per_minute:
+                allowed = min(allowed, per_minute - outbox.attempts_since(
+                    session, now - timedelta(minutes=1)))
+            if per_day and allowed > 0:
+                allowed = min(allowed, per_day - outbox.attempts_since(
+                    session, now - timedelta(days=1)))
+            return allowed
+        return max(0, await self._db_call(count))
+
+    def _claim(self, session: Session, n: int) -> list[outbox.Claim]:
+        claims = outbox.claim_due(session, self.name, n, self.lease, now=self.clock())
+        for claim in claims:
+            if claim.edition_id not in self.plans:
+                edition = session.get(Edition, claim.edition_id)
+                assert edition is not None
+                self.plans[claim.edition_id] = _EditionPlan(
+                    edition.id, edition.slug, outbox.topic_id(session, edition.topic),
+                    edition.kind, edition.not_after, CompiledEdition.from_dict(edition.compiled))
+        return claims
+
+    def _envelope_from(self, claim: outbox.Claim) -> str:
+        bounce = self.settings.bounce_address or self.settings.from_address
+        if self.settings.verp and self.settings.bounce_address:
+            return reference.return_path(self.secret, claim.edition_id, claim.subscriber_id,
+                                         bounce)
+        return bounce
+
+    async def _send(self, pool: SmtpPool, claim: outbox.Claim) -> tuple[outbox.Claim, SendResult]:
+        plan = self.plans[claim.edition_id]
+        try:
+            raw = build_message(
+                plan.compiled, Recipient(claim.email, claim.name),
+                self.links.recipient(claim.subscriber_id, plan.topic_id, plan.slug),
+                message_id=reference.message_id(self.secret, claim.edition_id,
+                                                claim.subscriber_id, self.domain))
+        except MessageRefused as exc:
+            return claim, SendResult(Outcome.FAILED, None, None, f"not sent: {exc}", "build")
+        return claim, await pool.send(self._envelope_from(claim), claim.email, raw)
+
+    async def _record(self, done: list[tuple[outbox.Claim, SendResult]]) -> None:
+        now = self.clock()
+        results, bounced, halts = [], [], {}
+        for claim, result in done:
+            if result.outcome is Outcome.HALT:
+                halts[claim.edition_id] = (f"halted: the relay refused us ({result.code or ''} "
+                                           f"{result.enhanced or ''} {result.reply})".strip())
+                # Our side is broken, not this person's address: back in the queue, untouched.
+                results.append(outbox.Result(claim.delivery_id, DeliveryStatus.QUEUED,
+                                             result.code, result.reply,
+                                             ambiguous=claim.ambiguous))
+                continue
+            if result.throttled:
+                self._throttled_until = now + timedelta(seconds=self.policy.throttle_pause)
+            decided = self.policy.decide(claim, result, now,
+                                         self.plans[claim.edition_id].not_after)
+            results.append(decided)
+            self.summary.add(decided.status)
+            if decided.status == DeliveryStatus.BOUNCED:
+                bounced.append((claim.subscriber_id, decided.reply))
+
+        def write(session: Session) -> None:
+            outbox.record(session, self.name, results, now=now)
+            for subscriber_id, reply in bounced:
+                subscriber = session.get(Subscriber, subscriber_id)
+                if subscriber is not None:  # erased meanwhile: nothing left to mark
+                    store.mark_bounced(session, subscriber, store.Context(
+                        channel=Channel.BOUNCE, detail={"smtp": reply[:200]}))
+            for edition_id, reason in halts.items():
+                outbox.halt(session, edition_id, reason)
+        await self._db_call(write)
+        for edition_id, reason in halts.items():
+            if edition_id not in self._halted:
+                self._halted.add(edition_id)
+                self.summary.halted.append(reason)
+                log.error("edition %s %s", edition_id, reason)
+
+
+def run_worker(settings: Settings, sessions: sessionmaker[Session], *, drain: bool = False,
+               **kwargs: Any) -> Summary:
+    """Run a worker in this thread until it stops (the CLI's `mailer worker`)."""
+    return asyncio.run(Worker(settings, sessions, **kwargs).run(drain=drain))
