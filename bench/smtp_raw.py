@@ -108,8 +108,8 @@ def start_sink(kind: str) -> tuple[subprocess.Popen[bytes], int]:
         cmd = [smtp_sink_path() or "smtp-sink", "-u", "nobody", "-c", "-h", "sink.local",
                "-m", "1024", f"127.0.0.1:{port}", "1024"]
     # smtp-sink -c writes a counter per message: an unread pipe would fill and stall it.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if kind == "aiosmtpd" else subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    out = subprocess.PIPE if kind == "aiosmtpd" else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL)
     wait_listening(port)
     return proc, port
 

@@ -1,6 +1,6 @@
 """mailer.smtp over real SMTP on loopback, against the fault-injecting relay in smtp_servers."""
 # The fixtures are imported by name, as pytest needs, and then appear as test arguments.
-# ruff: noqa: F811
+# ruff: noqa: F811, RUF100
 
 from __future__ import annotations
 
