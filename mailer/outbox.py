@@ -128,7 +128,7 @@ def audience_breakdown(session: Session, edition: Edition) -> dict[str, dict[str
 
 def _insert(session: Session) -> Any:
     dialect = session.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Delivery)
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Delivery.__table__)
 
 
 def enqueue(session: Session, edition: Edition, *, now: datetime | None = None) -> int:
@@ -147,7 +147,14 @@ def enqueue(session: Session, edition: Edition, *, now: datetime | None = None) 
     stmt = _insert(session).from_select(
         ["edition_id", "subscriber_id", "status", "attempts", "ambiguous", "queued_at",
          "next_attempt_at"], rows.where(literal(True))).on_conflict_do_nothing()
-    added = session.execute(stmt).rowcount or 0
+    # rowcount of INSERT ... SELECT is not reported by every driver (psycopg gives -1 here):
+    # the edition's row count before and after is, and costs one index scan each.
+    def rows() -> int:
+        return session.scalar(select(func.count()).select_from(Delivery)
+                              .where(Delivery.edition_id == edition.id)) or 0
+    before = rows()
+    session.execute(stmt)
+    added = rows() - before
     if edition.status != EditionStatus.SENDING:
         edition.status = EditionStatus.SENDING
         edition.started_at = edition.started_at or now

@@ -5,7 +5,7 @@ checks every page in a second context; it needs `npm install --prefix var/axe ax
 The outbox (issue 4) does not exist yet, so the "test send of the sample edition" is built with
 mailer.render and sent with mailer.smtp.deliver_once directly.
 """
-# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as parameters
+
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The recipient pages over HTTP, on SQLite and PostgreSQL, with mail to a real SMTP sink."""
-# ruff: noqa: F811 - pytest fixtures are imported by name and then requested as parameters
+
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def make_settings(sink: FaultServer, tmp_path: Path, **overrides: Any) -> Settin
 
 
 @pytest.fixture
-def sink(fault_server: FaultServer) -> FaultServer:  # noqa: F811
+def sink(fault_server: FaultServer) -> FaultServer:
     return fault_server
 
 

@@ -1,0 +1,304 @@
+"""The outbox and the worker over real SMTP on loopback, on SQLite and PostgreSQL.
+
+Every recipient of every edition gets one row and ends in exactly one known state; nobody
+gets two copies unless their row says it may have happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from mailer import outbox
+from mailer.config import Settings
+from mailer.models import FINAL, Delivery, DeliveryStatus, Edition, EditionStatus
+from mailer.worker import Policy, Worker, WorkerBusy, sqlite_lock_path
+from subscribers import store
+from subscribers.db import session_factory
+from subscribers.models import Channel, SubscriberStatus
+from subscribers.rules import Rules
+from tests.smtp_servers import FaultServer, RandomFaults, make_fault_server  # noqa: F401
+
+SAMPLE = Path(__file__).resolve().parent.parent / "editions" / "2020-q3-kent-essex.md"
+FAST = Policy(retry_base=0.01, retry_cap=0.05, give_up=timedelta(hours=1), unknown_resends=1,
+              throttle_pause=0.05)
+
+
+@pytest.fixture
+def sessions(engine) -> sessionmaker[Session]:
+    return session_factory(engine)
+
+
+def _people(sessions: sessionmaker[Session], rules: Rules, emails: list[str]) -> None:
+    ctx = store.Context(channel=Channel.IMPORT, lawful_basis="public_task")
+    with sessions() as s:
+        topics = store.topics_by_slug(s, ["newsletter"])
+        profiles = [(store.profile_from(rules, email=e, name=f"Reader {i}", region="kent"),
+                     topics) for i, e in enumerate(emails)]
+        store.bulk_add_active(s, rules, profiles, ctx)
+        s.commit()
+
+
+def _edition(sessions: sessionmaker[Session], settings: Settings, enqueue: bool = True) -> int:
+    with sessions() as s:
+        edition, _ = outbox.store_edition_file(s, settings, SAMPLE, "tester")
+        if enqueue:
+            outbox.enqueue(s, edition)
+        s.commit()
+        return edition.id
+
+
+def _settings(settings: Settings, server: FaultServer, **kw: object) -> Settings:
+    return settings.model_copy(update={"smtp_url": type(settings.smtp_url)(server.url()),
+                                       "rate_per_minute": 0, "rate_per_day": 0, **kw})
+
+
+def _drain(settings: Settings, sessions: sessionmaker[Session], **kw: object) -> Worker:
+    worker = Worker(settings, sessions, policy=kw.pop("policy", FAST), poll=0.05, **kw)
+    asyncio.run(worker.run(drain=True))
+    return worker
+
+
+def _statuses(sessions: sessionmaker[Session], edition_id: int) -> dict[str, int]:
+    with sessions() as s:
+        return dict(s.execute(select(Delivery.status, func.count())
+                              .where(Delivery.edition_id == edition_id)
+                              .group_by(Delivery.status)).all())
+
+
+def test_enqueue_is_one_set_and_a_second_enqueue_adds_nobody(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules) -> None:
+    _people(sessions, rules, [f"r{i}@kent.police.uk" for i in range(40)])
+    with sessions() as s:
+        edition, created = outbox.store_edition_file(s, settings, SAMPLE, "a")
+        again, created_again = outbox.store_edition_file(s, settings, SAMPLE, "b")
+        assert created and not created_again and again.id == edition.id
+        assert outbox.enqueue(s, edition) == 40
+        assert edition.status == EditionStatus.SENDING
+        assert outbox.enqueue(s, edition) == 0
+        s.commit()
+    _people(sessions, rules, ["late@kent.police.uk"])
+    with sessions() as s:
+        assert outbox.enqueue(s, outbox.get_edition(s, "2020-q3-kent-essex")) == 1
+        assert s.scalar(select(func.count()).select_from(Delivery)) == 41
+
+
+def test_every_recipient_gets_one_personal_copy(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules,
+        make_fault_server: Callable[..., FaultServer]) -> None:
+    server = make_fault_server()
+    emails = [f"reader{i}@kent.police.uk" for i in range(60)]
+    _people(sessions, rules, emails)
+    edition_id = _edition(sessions, settings)
+    worker = _drain(_settings(settings, server, smtp_connections=3), sessions)
+
+    assert worker.summary.sent == 60
+    assert _statuses(sessions, edition_id) == {"sent": 60}
+    assert all(server.handler.copies(e) == 1 for e in emails)
+    message = email.message_from_bytes(server.handler.messages(emails[7])[0],
+                                        policy=email.policy.default)
+    assert message["To"].endswith("<reader7@kent.police.uk>")
+    assert message["List-Unsubscribe"].startswith(f"<{settings.base_url}/u/")
+    assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert "Reader 7" in message.get_body(("plain",)).get_content()
+    with sessions() as s:
+        assert s.get(Edition, edition_id).status == EditionStatus.SENT
+
+
+def test_a_thousand_recipients_through_faults_each_end_in_one_final_state(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules,
+        make_fault_server: Callable[..., FaultServer]) -> None:
+    schedule = RandomFaults(seed=20261201)
+    server = make_fault_server(schedule=schedule, stall_seconds=0.6, keywords=False)
+    emails = [f"responder{i}@kent.police.uk" for i in range(1000)]
+    _people(sessions, rules, emails)
+    edition_id = _edition(sessions, settings)
+    _drain(_settings(settings, server, smtp_connections=8), sessions, data_timeout=0.3)
+
+    with sessions() as s:
+        rows = s.execute(select(Delivery.status, Delivery.ambiguous, Delivery.subscriber_id)
+                         .where(Delivery.edition_id == edition_id)).all()
+        addresses = dict(s.execute(select(store.Subscriber.id, store.Subscriber.email)).all())
+    assert len(rows) == 1000
+    assert {r.status for r in rows} <= {s.value for s in FINAL}
+    counts = _statuses(sessions, edition_id)
+    assert sum(counts.get(k, 0) for k in ("sent", "bounced", "failed", "unknown")) == 1000
+    planned = {e: schedule.planned(e) for e in emails}
+    assert counts.get("bounced", 0) == sum(
+        1 for p in planned.values() if p in ("gone", "no-such-user", "relay-denied"))
+    duplicates = [r for r in rows if server.handler.copies(addresses[r.subscriber_id]) > 1]
+    assert duplicates, "the schedule includes drops after the final dot: expect resends"
+    assert all(r.ambiguous for r in duplicates)  # every second copy is on the record
+    never = [r for r in rows if r.status == "sent"
+             and server.handler.copies(addresses[r.subscriber_id]) == 0]
+    assert never == []
+    with sessions() as s:  # bounced at SMTP time: the subscriber is marked and suppressed
+        bounced = [addresses[r.subscriber_id] for r in rows if r.status == "bounced"]
+        assert all(store.get_by_email(s, rules, e).status == SubscriberStatus.BOUNCED
+                   for e in bounced[:5])
+
+
+def test_unsubscribing_between_enqueue_and_send_means_no_message(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules,
+        make_fault_server: Callable[..., FaultServer]) -> None:
+    server = make_fault_server()
+    _people(sessions, rules, ["stay@kent.police.uk", "leave@kent.police.uk"])
+    edition_id = _edition(sessions, settings)
+    with sessions() as s:
+        store.unsubscribe(s, store.get_by_email(s, rules, "leave@kent.police.uk"),
+                          store.Context(channel=Channel.ONE_CLICK))
+        s.commit()
+    _drain(_settings(settings, server), sessions)
+    assert server.handler.copies("leave@kent.police.uk") == 0
+    assert server.handler.copies("stay@kent.police.uk") == 1
+    assert _statuses(sessions, edition_id) == {"sent": 1, "skipped": 1}
+
+
+def test_a_policy_refusal_halts_the_send_and_leaves_subscribers_alone(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules,
+        make_fault_server: Callable[..., FaultServer]) -> None:
+    server = make_fault_server(mail_reply="550 5.7.515 Access denied, sending domain fails DMARC")
+    _people(sessions, rules, [f"p{i}@kent.police.uk" for i in range(20)])
+    edition_id = _edition(sessions, settings)
+    worker = _drain(_settings(settings, server, smtp_connections=2), sessions)
+    assert worker.summary.halted and "5.7.515" in worker.summary.halted[0]
+    with sessions() as s:
+        edition = s.get(Edition, edition_id)
+        assert edition.status == EditionStatus.PAUSED and "5.7.515" in edition.paused_reason
+        assert store.counts(s).by_status == {"active": 20}
+    assert set(_statuses(sessions, edition_id)) == {"queued"}
+    assert server.handler.accepted() == 0
+
+
+def test_the_rate_limit_holds_in_every_minute(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules,
+        make_fault_server: Callable[..., FaultServer]) -> None:
+    server = make_fault_server()
+    _people(sessions, rules, [f"rl{i}@kent.police.uk" for i in range(25)])
+    edition_id = _edition(sessions, settings)
+    start = datetime.now(UTC)
+    ticks = iter(range(1_000_000))
+
+    def clock() -> datetime:  # every look at the clock moves it on two seconds
+        return start + timedelta(seconds=2 * next(ticks))
+
+    _drain(_settings(settings, server, rate_per_minute=7), sessions, clock=clock)
+    with sessions() as s:
+        times = sorted(s.scalars(select(Delivery.last_attempt_at)
+                                 .where(Delivery.edition_id == edition_id)))
+    assert len(times) == 25 and server.handler.accepted() == 25
+    for i, t in enumerate(times):
+        in_window = [u for u in times[i:] if u < t + timedelta(minutes=1)]
+        assert len(in_window) <= 7
+
+
+def test_one_worker_per_sqlite_file(settings: Settings, sessions: sessionmaker[Session],
+                                    backend: str) -> None:
+    if backend != "sqlite":
+        pytest.skip("PostgreSQL workers share the outbox")
+    lock = sqlite_lock_path(settings.database)
+    assert lock is not None
+    from filelock import FileLock
+
+    with FileLock(str(lock)), pytest.raises(WorkerBusy, match="another worker"):
+        asyncio.run(Worker(settings, sessions).run(drain=True))
+
+
+def _worker_process(settings: Settings, server: FaultServer, tmp_path: Path,
+                    name: str) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    env.update(MAILER_DATABASE_URL=settings.database, MAILER_VAR_DIR=str(settings.var_dir),
+               MAILER_SECRET_KEY="s" * 40, MAILER_SUPPRESSION_KEY="k" * 40,
+               MAILER_SMTP_URL=server.url(), MAILER_RATE_PER_MINUTE="0",
+               MAILER_RATE_PER_DAY="0", MAILER_LEASE_SECONDS="5",
+               MAILER_CONFIG=str(tmp_path / "none.toml"), MAILER_SMTP_CONNECTIONS="4")
+    return subprocess.Popen([sys.executable, "-m", "mailer", "worker", "--drain",
+                             "--name", name], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def test_kill_nine_mid_send_loses_nobody_and_duplicates_only_what_was_in_flight(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules, tmp_path: Path,
+        make_fault_server: Callable[..., FaultServer], backend: str) -> None:
+    server = make_fault_server()
+    emails = [f"k{i}@kent.police.uk" for i in range(5000)]
+    _people(sessions, rules, emails)
+    edition_id = _edition(sessions, settings)
+    rnd = random.Random(9)
+    in_flight_at_kills = 0
+    for kill in range(10):
+        proc = _worker_process(settings, server, tmp_path, f"w{kill}")
+        goal = server.handler.accepted() + rnd.randint(50, 400)
+        server.handler.wait_until(lambda h, g=goal: h.accepted() >= g, timeout=60)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        with sessions() as s:
+            in_flight_at_kills += s.scalar(select(func.count()).select_from(Delivery).where(
+                Delivery.status == DeliveryStatus.SENDING)) or 0
+            if backend == "postgresql":  # no lock file tells the next worker they are orphans
+                s.execute(update(Delivery).where(Delivery.status == DeliveryStatus.SENDING)
+                          .values(lease_until=datetime.now(UTC) - timedelta(seconds=1)))
+                s.commit()
+    final = _worker_process(settings, server, tmp_path, "final")
+    assert final.wait(timeout=180) == 0, final.stderr.read() if final.stderr else ""
+
+    assert _statuses(sessions, edition_id) == {"sent": 5000}
+    copies = [server.handler.copies(e) for e in emails]
+    assert min(copies) == 1  # everyone received it
+    extra = sum(c - 1 for c in copies)
+    assert extra <= in_flight_at_kills
+    with sessions() as s:
+        ambiguous = s.scalar(select(func.count()).select_from(Delivery)
+                             .where(Delivery.ambiguous.is_(True)))
+    assert extra <= (ambiguous or 0) <= in_flight_at_kills
+
+
+@pytest.mark.postgres
+def test_two_workers_on_postgresql_claim_disjoint_rows(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules, tmp_path: Path,
+        make_fault_server: Callable[..., FaultServer], backend: str) -> None:
+    if backend != "postgresql":
+        pytest.skip("SKIP LOCKED is a PostgreSQL matter: SQLite allows one worker")
+    server = make_fault_server()
+    emails = [f"two{i}@essex.police.uk" for i in range(1500)]
+    _people(sessions, rules, emails)
+    edition_id = _edition(sessions, settings)
+    procs = [_worker_process(settings, server, tmp_path, name) for name in ("alpha", "beta")]
+    for proc in procs:
+        assert proc.wait(timeout=180) == 0, proc.stderr.read() if proc.stderr else ""
+    assert [server.handler.copies(e) for e in emails] == [1] * 1500
+    with sessions() as s:
+        by_worker = dict(s.execute(select(Delivery.worker, func.count())
+                                   .where(Delivery.edition_id == edition_id)
+                                   .group_by(Delivery.worker)).all())
+    assert set(by_worker) == {"alpha", "beta"} and sum(by_worker.values()) == 1500
+    assert _statuses(sessions, edition_id) == {"sent": 1500}
+
+
+def test_sigterm_finishes_in_flight_messages_and_releases_nothing_half_done(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules, tmp_path: Path,
+        make_fault_server: Callable[..., FaultServer]) -> None:
+    server = make_fault_server()
+    emails = [f"t{i}@kent.police.uk" for i in range(3000)]
+    _people(sessions, rules, emails)
+    edition_id = _edition(sessions, settings)
+    proc = _worker_process(settings, server, tmp_path, "term")
+    server.handler.wait_until(lambda h: h.accepted() >= 200, timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    counts = _statuses(sessions, edition_id)
+    assert "sending" not in counts  # nothing left claimed: every in-flight result recorded
+    assert counts["sent"] == server.handler.accepted() < 3000
