@@ -19,6 +19,10 @@ ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 
 def metadata() -> MetaData:
     """Every table of the system; importing the model modules registers them on `Base`."""
+    import mailer.accounts
+    import mailer.audit
+    import mailer.bounce_policy
+    import mailer.events
     import mailer.models  # noqa: F401
     import subscribers.models  # noqa: F401
     from subscribers.db import Base

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, CheckConstraint, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    Date,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from subscribers.db import Base, UTCDateTime, utcnow
@@ -74,6 +84,16 @@ class Edition(Base):
     not_after: Mapped[datetime | None] = mapped_column(UTCDateTime())  # too late to be useful
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    public: Mapped[bool] = mapped_column(Boolean, default=True)  # shown in /archive
+    # Four eyes (the console): who asked for approval, and who (someone else) gave it.
+    approval_requested_by: Mapped[str | None] = mapped_column(String(100))
+    approval_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    approved_by: Mapped[str | None] = mapped_column(String(100))
+    approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    scheduled_by: Mapped[str | None] = mapped_column(String(100))
+    # A reminder is for one occurrence of one calendar event.
+    event_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    occurrence: Mapped[date | None] = mapped_column(Date)
 
 
 class Delivery(Base):

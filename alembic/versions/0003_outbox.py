@@ -2,7 +2,7 @@
 
 Revision ID: 0003
 Revises: 0002 (web)
-Create Date: 2026-12-01 10:24:47.827491
+Create Date: 2026-12-01 10:34:30.812688
 """
 
 from collections.abc import Sequence
@@ -41,6 +41,16 @@ def upgrade() -> None:
         sa.Column("not_after", subscribers.db.UTCDateTime(timezone=True), nullable=True),
         sa.Column("started_at", subscribers.db.UTCDateTime(timezone=True), nullable=True),
         sa.Column("finished_at", subscribers.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("public", sa.Boolean(), nullable=False),
+        sa.Column("approval_requested_by", sa.String(length=100), nullable=True),
+        sa.Column(
+            "approval_requested_at", subscribers.db.UTCDateTime(timezone=True), nullable=True
+        ),
+        sa.Column("approved_by", sa.String(length=100), nullable=True),
+        sa.Column("approved_at", subscribers.db.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("scheduled_by", sa.String(length=100), nullable=True),
+        sa.Column("event_id", sa.Integer(), nullable=True),
+        sa.Column("occurrence", sa.Date(), nullable=True),
         sa.CheckConstraint("kind IN ('newsletter', 'reminder')", name=op.f("ck_edition_kind")),
         sa.CheckConstraint(
             "status IN ('draft', 'approved', 'scheduled', 'sending', 'paused', 'sent', 'cancelled')",
@@ -49,6 +59,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_edition")),
         sa.UniqueConstraint("slug", name=op.f("uq_edition_slug")),
     )
+    with op.batch_alter_table("edition", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_edition_event_id"), ["event_id"], unique=False)
+
     op.create_table(
         "delivery",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -101,5 +114,8 @@ def downgrade() -> None:
         batch_op.drop_index("ix_delivery_attempted")
 
     op.drop_table("delivery")
+    with op.batch_alter_table("edition", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_edition_event_id"))
+
     op.drop_table("edition")
     # ### end Alembic commands ###

@@ -1,0 +1,1 @@
+"""Co-ordinator accounts and API tokens (tables and queries)."""

@@ -1,0 +1,1 @@
+"""The events calendar: dates of interest and their reminder plans (tables and queries)."""
