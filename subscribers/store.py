@@ -449,6 +449,7 @@ def segment(topics: Sequence[str], regions: Sequence[str] = (),
         .where(Topic.slug.in_(list(topics)),
                Subscription.status == SubscriptionStatus.ACTIVE,
                Subscriber.status.in_(list(SENDABLE)),
+               not_paused(),
                ~exists().where(Suppression.email_hmac == Subscriber.email_hmac))
     )
     if regions:
@@ -700,6 +701,6 @@ def pause(session: Session, subscriber: Subscriber, ctx: Context,
 
 
 def not_paused(now: datetime | None = None) -> Any:
-    """The condition `segment` needs so a paused subscriber gets no mail until the date."""
+    """A paused subscriber gets no mail until the date (part of `segment`)."""
     moment = now or utcnow()
     return (Subscriber.paused_until.is_(None)) | (Subscriber.paused_until <= moment)

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
+from mailer import outbox
 from mailer.cli.runtime import Runtime, console
 from subscribers import importer, store
 from subscribers.models import Channel, SubscriberStatus
@@ -286,5 +287,6 @@ def erase(ctx: typer.Context, subscriber: str = typer.Argument(..., help="Addres
         label = f"{found.id} ({found.email})"
         if not yes and not typer.confirm(f"Erase subscriber {label}? This cannot be undone"):
             raise typer.Abort()
+        outbox.forget_subscriber(session, found.id)
         store.erase(session, found, _cli_context(rt))
     console.print(f"erased subscriber {escape(label)}")

@@ -30,6 +30,7 @@ from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 
 from mailer.config import Settings
+from mailer.links import tokens_for
 from mailer.web.archive import Archive
 from mailer.web.mail import Mailer, Outgoing
 from mailer.web.security import CSRF_FIELD, Csrf, bucket, network_of
@@ -39,7 +40,7 @@ from subscribers.errors import InvalidInput, SubscriberError
 from subscribers.models import Channel, Subscriber, SubscriberStatus
 from subscribers.rules import Rules
 from subscribers.store import Context, SubscribeOutcome
-from subscribers.tokens import InvalidToken, Lifetimes, Purpose, Tokens
+from subscribers.tokens import InvalidToken, Purpose, Tokens
 from subscribers.validation import is_trusted_domain
 
 T = TypeVar("T")
@@ -73,13 +74,10 @@ class Web:
     def build(cls, settings: Settings, sessions: sessionmaker[Session],
               pages: jinja2.Environment) -> Web:
         secret = settings.secret()
-        lifetimes = Lifetimes(confirm=settings.confirm_link_days * 86400,
-                              unsubscribe=settings.unsubscribe_link_years * 365 * 86400,
-                              manage=settings.manage_link_days * 86400)
         sqlite = settings.database.startswith("sqlite")
         return cls(settings=settings, rules=settings.rules(), sessions=sessions,
                    serial=threading.Lock() if sqlite else contextlib.nullcontext(),
-                   tokens=Tokens(settings.token_keys(), lifetimes),
+                   tokens=tokens_for(settings),
                    csrf=Csrf(secret, settings.base_url), mailer=Mailer(settings), pages=pages,
                    archive=Archive(settings), rate_key=settings.suppression_secret())
 
