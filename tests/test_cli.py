@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -141,3 +142,18 @@ def test_a_new_database_is_refused_until_upgraded_in_a_real_process(tmp_path: Pa
                             cwd=tmp_path, check=False)
     assert status.returncode == 0 and "up to date" in status.stdout
     assert (tmp_path / "var" / "mailer.db").exists()
+
+
+def test_usage_errors_and_aborts_are_one_clear_message(
+        settings: Settings, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = mailer(capsys, "subscribers", "add")
+    assert code == 2 and "Missing argument" in err and "internal error" not in err
+    code, _, err = mailer(capsys, "no-such-command")
+    assert code == 2 and "No such command" in err
+    assert mailer(capsys, "subscribers", "add", "jo@kent.police.uk", "--lawful-basis",
+                  "public_task")[0] == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
+    code, _, err = mailer(capsys, "subscribers", "erase", "1")
+    assert code == 130 and "nothing was changed" in err
+    assert json.loads(mailer(capsys, "subscribers", "show", "1", "--json")[1])["profile"]["email"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 from rich.markup import escape
 from sqlalchemy.exc import OperationalError
@@ -64,12 +63,15 @@ def run(argv: list[str] | None = None) -> int:
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="mailer", standalone_mode=False)
-    except click.exceptions.Abort:
-        _error("aborted")
+    except typer.Abort:
+        _error("aborted: nothing was changed")
         return 130
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
+    except typer.TyperException as exc:  # usage errors: typer's own (vendored) click
+        show = getattr(exc, "show", None)
+        if show is None:
+            raise
+        show()
+        return int(getattr(exc, "exit_code", 2))
     except MailerError as exc:
         _error(str(exc), exc.hint)
         return 1
