@@ -404,3 +404,141 @@ def deliveries_for(session: Session, subscriber_id: int) -> list[dict[str, Any]]
 
 def topic_id(session: Session, slug: str) -> int:
     return session.scalar(select(Topic.id).where(Topic.slug == slug)) or 0
+
+
+# ---------------------------------------------------------------- four eyes and schedule
+# The console's path to a send: draft -> approval requested -> approved (by someone else) ->
+# scheduled or sent now. Each step refuses unless the edition is in the state it expects, so a
+# double click or two co-ordinators at once cannot skip a step or repeat one.
+
+class ApprovalRefused(EditionConflict):
+    """The approver is the author or the person who asked for approval (four eyes)."""
+
+
+SLUG_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def check_slug(slug: str) -> str:
+    slug = slug.strip().lower()
+    if not slug or len(slug) > 120 or not set(slug) <= SLUG_CHARS or slug[0] in "-_":
+        raise MailerError(f"'{slug[:40]}' cannot name an edition",
+                          hint="use lower-case letters, digits and '-', e.g. 2026-q1-kent-essex")
+    return slug
+
+
+def store_edition_source(session: Session, settings: Settings, slug: str, source: str,
+                         actor: str | None) -> tuple[Edition, bool]:
+    """Validate, compile and record edition text (an upload or an edit in the console).
+
+    Returns (edition, changed). A changed source withdraws any approval request, approval and
+    schedule: what was approved is exactly the text that goes out, never a later edit.
+    Raises `EditionError` (each problem with its line) for text that does not validate.
+    """
+    from mailer.edition import parse_edition
+
+    slug = check_slug(slug)
+    parsed = parse_edition(source, where=f"{slug}.md")
+    compiled = compile_edition(parsed, settings)
+    meta = parsed.meta
+    before = session.scalar(select(Edition.source_sha256).where(Edition.slug == slug))
+    edition, _created = store_edition(
+        session, slug=slug, title=meta.title, subject=meta.subject, topic=meta.topic,
+        regions=meta.audience.regions, roles=meta.audience.roles, source=source,
+        compiled=compiled.to_dict(), actor=actor)
+    changed = before != edition.source_sha256
+    if changed and before is not None:
+        edition.approval_requested_by = edition.approval_requested_at = None
+        edition.approved_by = edition.approved_at = None
+        edition.scheduled_by = edition.scheduled_for = None
+        edition.status = EditionStatus.DRAFT
+        session.flush()
+    return edition, changed
+
+
+def request_approval(session: Session, edition: Edition, actor: str,
+                     now: datetime | None = None) -> bool:
+    """Ask for a second person's approval. Idempotent; returns whether anything changed."""
+    if edition.status != EditionStatus.DRAFT:
+        raise EditionConflict(f"edition '{edition.slug}' is {edition.status}; only a draft "
+                              "can be put forward for approval")
+    if edition.approval_requested_by:
+        return False
+    edition.approval_requested_by = actor
+    edition.approval_requested_at = now or utcnow()
+    session.flush()
+    return True
+
+
+def approve(session: Session, edition: Edition, approver: str,
+            now: datetime | None = None) -> bool:
+    """Approve an edition someone else wrote and put forward; returns whether it changed."""
+    if edition.status == EditionStatus.APPROVED and edition.approved_by == approver:
+        return False
+    if edition.status != EditionStatus.DRAFT:
+        raise EditionConflict(f"edition '{edition.slug}' is {edition.status}; it cannot be "
+                              "approved now")
+    if not edition.approval_requested_by:
+        raise EditionConflict(f"nobody has asked for edition '{edition.slug}' to be approved",
+                              hint="its author asks for approval first")
+    if approver in {edition.approval_requested_by, edition.created_by}:
+        raise ApprovalRefused(
+            "you wrote or put forward this edition, so you cannot approve it",
+            hint="another co-ordinator must approve it: that is the point of a second pair "
+                 "of eyes")
+    edition.approved_by, edition.approved_at = approver, now or utcnow()
+    edition.status = EditionStatus.APPROVED
+    session.flush()
+    return True
+
+
+def _require_approved(edition: Edition) -> None:
+    if edition.status not in (EditionStatus.APPROVED, EditionStatus.SCHEDULED) \
+            or not edition.approved_by:
+        raise EditionConflict(f"edition '{edition.slug}' is {edition.status}; only an approved "
+                              "edition can be scheduled or sent",
+                              hint="ask for approval, and have another co-ordinator approve it")
+
+
+def schedule(session: Session, edition: Edition, actor: str, when: datetime,
+             now: datetime | None = None) -> None:
+    """Set when an approved edition goes out; the scheduler (mailer.schedule) fires it."""
+    _require_approved(edition)
+    now = now or utcnow()
+    if when.tzinfo is None:
+        raise MailerError("a send time needs its time zone")
+    if when <= now:
+        raise MailerError("that time has passed: choose a time in the future, or send now")
+    if edition.not_after is not None and when >= edition.not_after:
+        raise MailerError("that is after the edition's 'not after' time")
+    edition.scheduled_for, edition.scheduled_by = when, actor
+    edition.status = EditionStatus.SCHEDULED
+    session.flush()
+
+
+def send_approved(session: Session, edition: Edition, actor: str,
+                  now: datetime | None = None) -> int:
+    """Start sending an approved (or scheduled) edition now; returns deliveries queued."""
+    _require_approved(edition)
+    now = now or utcnow()
+    edition.scheduled_by, edition.scheduled_for = actor, now
+    return enqueue(session, edition, now=now)
+
+
+def upcoming_editions(session: Session, limit: int = 10) -> Sequence[Edition]:
+    """Editions waiting to go: scheduled (soonest first), then approved, then put forward."""
+    waiting = [EditionStatus.SCHEDULED, EditionStatus.APPROVED, EditionStatus.DRAFT]
+    rows = session.scalars(select(Edition).where(Edition.status.in_(waiting))
+                           .order_by(Edition.scheduled_for, Edition.id.desc())
+                           .limit(limit * 3)).all()
+    order = {s: i for i, s in enumerate(waiting)}
+    return sorted(rows, key=lambda e: order[EditionStatus(e.status)])[:limit]
+
+
+def recent_sends(session: Session, limit: int = 10) -> list[Progress]:
+    """The latest sends that have started, with their delivery figures."""
+    started = [EditionStatus.SENDING, EditionStatus.PAUSED, EditionStatus.SENT,
+               EditionStatus.CANCELLED]
+    rows = session.scalars(select(Edition).where(Edition.status.in_(started),
+                                                 Edition.started_at.is_not(None))
+                           .order_by(Edition.started_at.desc()).limit(limit)).all()
+    return [progress(session, e) for e in rows]
