@@ -76,6 +76,35 @@ class Settings(BaseSettings):
     unknown_resends: int = Field(
         1, ge=0, description="Resends (same Message-ID) when no reply came after the final dot")
 
+    # ---- bounces and complaints (issue 8): the policy `mailer.bounce_policy` applies
+    bounce_hard_threshold: int = Field(
+        1, ge=1, description="Hard bounces (dead address: 5.1.x, 5.2.1, 5.4.4) that suppress")
+    bounce_soft_threshold: int = Field(
+        3, ge=1, description="Soft bounces (one counted a day) that disable an address ...")
+    bounce_soft_min_sends: int = Field(2, ge=1, description="... across at least this many sends")
+    bounce_soft_window_days: int = Field(90, ge=1, description="... within this many days")
+    bounce_count_delays: bool = Field(
+        False, description="Count 'delayed' notices as soft bounces (the mail may still arrive)")
+    bounce_policy_rejections_suppress: bool = Field(
+        False, description="Treat 5.7.x policy rejections as hard bounces; off because they "
+                           "usually mean our own SPF/DKIM/DMARC is broken (an alert instead)")
+    bounce_domain_alert_ratio: float = Field(
+        0.5, gt=0, le=1, description="When more than this share of one send's recipients at a "
+                                     "domain bounce, alert instead of disabling them")
+    bounce_domain_alert_min_recipients: int = Field(
+        5, ge=1, description="Smallest number of a send's recipients at a domain to alert on")
+    bounce_hold_minutes: int = Field(
+        60, ge=0, description="How long a bounce waits before it is acted on, so a burst from "
+                              "one domain is seen whole and raises one alert")
+    bounce_match_by_address: bool = Field(
+        False, description="Act on bounces without our signed reference by matching the "
+                           "address; off because anyone can forge such a bounce")
+    bounce_raw_retention_days: int = Field(
+        90, ge=1, description="Days each inbound message is kept raw")
+    bounce_record_retention_days: int = Field(
+        400, ge=1, description="Days the decisions and bounce events are kept (at least the "
+                               "soft window)")
+
     timezone: str = Field("Europe/London", description="The time zone people see")
 
     # ---- web (issue 5)

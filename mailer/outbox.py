@@ -406,6 +406,53 @@ def topic_id(session: Session, slug: str) -> int:
     return session.scalar(select(Topic.id).where(Topic.slug == slug)) or 0
 
 
+# ---------------------------------------------------------------- bounces after the fact
+# Used by `mailer.bounce_policy`: a bounce or complaint that arrives after the relay accepted
+# the message.
+
+def delivery_of(session: Session, edition_id: int, subscriber_id: int) -> Delivery | None:
+    """The delivery a signed reference names, or None (a restored database, a deleted edition)."""
+    return session.scalar(select(Delivery).where(Delivery.edition_id == edition_id,
+                                                 Delivery.subscriber_id == subscriber_id))
+
+
+def latest_delivery_to(session: Session, subscriber_id: int) -> Delivery | None:
+    """The last delivery handed to the relay for this person: for a bounce without a reference."""
+    return session.scalar(
+        select(Delivery).where(Delivery.subscriber_id == subscriber_id,
+                               Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.UNKNOWN,
+                                                    DeliveryStatus.BOUNCED]))
+        .order_by(Delivery.id.desc()).limit(1))
+
+
+def note_bounce(session: Session, delivery_id: int, reply: str, *, bounced: bool,
+                code: int | None = None) -> bool:
+    """Record a later report on a delivery: its reply text, and `bounced` when the message did
+    not arrive after all. Only deliveries the relay took (sent, unknown, bounced) change: a row
+    still queued or sending is the worker's, and a resend would overwrite this anyway."""
+    values: dict[str, Any] = {"last_reply": reply[:500]}
+    if bounced:
+        values["status"] = DeliveryStatus.BOUNCED
+    if code is not None:
+        values["last_code"] = code
+    return bool(session.execute(
+        update(Delivery).where(Delivery.id == delivery_id,
+                               Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.UNKNOWN,
+                                                    DeliveryStatus.BOUNCED]))
+        .values(**values)).rowcount)
+
+
+def recipients_at_domain(session: Session, edition_id: int, domain: str) -> int:
+    """How many people at `domain` one send went (or is going) to: the denominator of the
+    domain alert. Skipped rows were never sent, so they do not count."""
+    escaped = domain.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return session.scalar(
+        select(func.count()).select_from(Delivery)
+        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+        .where(Delivery.edition_id == edition_id, Delivery.status != DeliveryStatus.SKIPPED,
+               func.lower(Subscriber.email_key).like(f"%@{escaped}", escape="\\"))) or 0
+
+
 # ---------------------------------------------------------------- four eyes and schedule
 # The console's path to a send: draft -> approval requested -> approved (by someone else) ->
 # scheduled or sent now. Each step refuses unless the edition is in the state it expects, so a
