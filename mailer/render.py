@@ -97,6 +97,9 @@ class CompiledEdition:
     title: str = ""
     source: str = ""
     compiled_at: str = ""  # ISO 8601, aware; also the Date header (when it was finalised)
+    # Files sent with every copy (a reminder's .ics): {"filename", "content_type", "data"
+    # (base64)}. Added for the scheduler (issue 6); empty for editions.
+    attachments: list[dict[str, str]] = field(default_factory=list)
     _skeleton: _Skeleton | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,7 +113,8 @@ class CompiledEdition:
 
     def skeleton(self) -> _Skeleton:
         if self._skeleton is None:
-            self._skeleton = _Skeleton.build(self)
+            self._skeleton = (_Skeleton.build(self) if not self.attachments
+                              else _mixed_skeleton(self))
         return self._skeleton
 
 
@@ -901,3 +905,94 @@ def build_reference_message(compiled: CompiledEdition, recipient: RecipientLike,
     msg.set_content(page.text, cte="quoted-printable")
     msg.add_alternative(page.html, subtype="html", cte="quoted-printable")
     return msg.as_bytes()
+
+
+# ---- list emails from templates/emails (reminders; issue 6) ----
+
+EMAIL_TEMPLATE_DIR = TEMPLATE_DIR.parent / "emails"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str  # ASCII, no quotes: it goes into a header as is
+    content_type: str  # e.g. "text/calendar; method=PUBLISH"
+    data: bytes
+
+
+@functools.cache
+def _email_env(autoescape: bool) -> jinja2.Environment:
+    # The emails' own templates first, then the edition partials (footer) they share.
+    loader = jinja2.ChoiceLoader([jinja2.FileSystemLoader(EMAIL_TEMPLATE_DIR),
+                                  jinja2.FileSystemLoader(TEMPLATE_DIR)])
+    return jinja2.Environment(loader=loader, autoescape=autoescape,  # noqa: S701 - text part
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+def compile_list_email(template: str, context: dict[str, Any], settings: Settings, *,
+                       subject: str, title: str, preheader: str | None = None,
+                       attachments: Sequence[Attachment] = (),
+                       now: dt.datetime | None = None) -> CompiledEdition:
+    """A list message other than an edition (a reminder), through the same MJML, premailer,
+    slots, unsubscribe headers and skeleton as editions: `<template>.mjml.j2` and
+    `<template>.txt.j2` under templates/emails/. Context values are escaped in the HTML."""
+    _check_header_text(subject, "subject", template)
+    for item in attachments:
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", item.filename):
+            raise EditionError(f"attachment name {item.filename!r} is not a plain file name",
+                               template)
+    markers = _markers()
+    why = (f"You are getting this email because you asked {settings.from_name} for "
+           f"reminders of dates of interest to first responders in Kent and Essex.")
+    full = {"lang": "en-GB", "subject": subject, "preheader": preheader, "title": title,
+            "from_name": settings.from_name, "contact_address": settings.contact_address,
+            "why": why, "slots": markers, **context}
+    where = f"{EMAIL_TEMPLATE_DIR / template}.mjml.j2 (rendered)"
+    html = inline_css(mjml_to_html(
+        _email_env(True).get_template(f"{template}.mjml.j2").render(full), where))
+    text = _email_env(False).get_template(f"{template}.txt.j2").render(
+        {**full, "why_wrapped": wrap(why),
+         "sender": wrap(f"Sent by {settings.from_name}. "
+                        f"Write to us at {settings.contact_address}.")})
+    text = re.sub(r"\n{3,}", "\n\n", text).strip("\n") + "\n"
+    import base64
+
+    compiled = CompiledEdition(
+        html=html.rstrip("\n") + "\n", text=text, subject=subject, preheader=preheader,
+        from_name=settings.from_name, from_address=settings.from_address,
+        list_id=settings.list_id, markers=markers, title=title, source=template,
+        compiled_at=(now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds"),
+        attachments=[{"filename": a.filename, "content_type": a.content_type,
+                      "data": base64.b64encode(a.data).decode("ascii")} for a in attachments])
+    compiled.warnings = preflight(compiled)
+    return compiled
+
+
+def _mixed_skeleton(compiled: CompiledEdition) -> _Skeleton:
+    """The edition skeleton wrapped in multipart/mixed with the attachments after it.
+
+    The alternative part stays byte for byte what editions send; only the static header
+    block and the tail change, so per-recipient cost is the same.
+    """
+    sk = _Skeleton.build(compiled)
+    inner = re.search(rb'Content-Type: multipart/alternative; boundary="([^"]+)"\r\n\r\n',
+                      sk.mid)
+    assert inner is not None
+    outer = f"==_{secrets.token_hex(12)}_=="
+    opened = (f'Content-Type: multipart/mixed; boundary="{outer}"\r\n\r\n--{outer}\r\n'
+              .encode("ascii") + inner[0])
+    parts = []
+    for item in compiled.attachments:
+        body = item["data"]
+        lines = "\r\n".join(body[i:i + 76] for i in range(0, len(body), 76))
+        parts.append(f"--{outer}\r\nContent-Type: {item['content_type']}; "
+                     f'name="{item["filename"]}"\r\nContent-Disposition: attachment; '
+                     f'filename="{item["filename"]}"\r\nContent-Transfer-Encoding: base64\r\n'
+                     f"\r\n{lines}\r\n")
+    tail = sk.tail + "".join(parts).encode("ascii") + f"--{outer}--\r\n".encode("ascii")
+    mixed = _Skeleton(head=sk.head, mid=sk.mid.replace(inner[0], opened, 1),
+                      between=sk.between, tail=tail, text=sk.text, html=sk.html,
+                      header_names=sk.header_names, date=sk.date)
+    if _bad_lines(mixed.mid + mixed.tail):
+        raise EditionError("an attachment makes a bare CR/LF or an over-long line",
+                           compiled.source)
+    return mixed
