@@ -495,7 +495,7 @@ def _judge_soft(session: Session, policy: BouncePolicy, event: BounceEvent,
               BounceEvent.id != event.id)
     count = 1 + (session.scalar(select(func.count()).select_from(BounceEvent)
                                 .where(*window)) or 0)
-    sends = set(session.scalars(select(distinct(BounceEvent.edition_id)).where(*window)))
+    sends = set(session.scalars(select(BounceEvent.edition_id).where(*window).distinct()))
     sends.add(event.edition_id)
     sends.discard(None)
     days = policy.soft_window.days

@@ -1,20 +1,28 @@
-"""`mailer bounces`: receive and read bounces, complaints and auto-replies.
+"""`mailer bounces`: receive and read bounces, complaints and auto-replies, and act on them.
 
-For now every command prints what was decided about each message. Recording it (delivery rows,
-subscriber state, suppression) will hang off `_handle`, the one seam every transport goes
-through.
+`serve` and `fetch` go through `_handle`, the one seam every transport goes through: each
+message is kept and the policy applied (`mailer.bounce_policy`). `parse` only shows what a saved
+message is and records nothing; `list` shows alerts and recent messages, `resolve` closes an
+alert, `purge` applies the retention period.
 """
 
 from __future__ import annotations
 
+import getpass
+import logging
+import threading
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 
+from mailer import bounce_policy
+from mailer.bounce_policy import BouncePolicy, Decision
 from mailer.bounces import Kind, Verdict, classify_inbound
 from mailer.cli.runtime import Runtime, console
 from mailer.inbound import InboundMessage, Receiver, open_source
+
+log = logging.getLogger(__name__)
 
 app = typer.Typer(help="Receive, parse and list bounces and complaints.", no_args_is_help=True)
 
@@ -38,11 +46,33 @@ def show(verdict: Verdict, origin: str) -> None:
         console.print(f"  [dim]note: {escape(note)}[/]")
 
 
-def _handle(message: InboundMessage, secret: bytes) -> Verdict:
-    """Classify one inbound message and act on it. The store update goes here, later."""
-    verdict = classify_inbound(message.raw, secret, message.rcpt_tos)
-    show(verdict, message.origin)
-    return verdict
+_DECISION_COLOURS = {Decision.SUPPRESSED: "red", Decision.DISABLED: "red",
+                     Decision.COMPLAINT: "magenta", Decision.HELD: "bold yellow",
+                     Decision.ERROR: "bold red", Decision.UNMATCHED: "yellow"}
+
+
+def _handle(message: InboundMessage, rt: Runtime, policy: BouncePolicy) -> Verdict:
+    """Classify one inbound message, keep it and apply the policy, in one transaction.
+
+    A database failure raises, so the receiver answers 451 and the MTA keeps the bounce."""
+    with rt.session() as session:
+        outcome = bounce_policy.receive(session, policy, message, rt.settings.secret(),
+                                        rules=rt.settings.rules())
+    show(outcome.verdict, message.origin)
+    colour = _DECISION_COLOURS.get(outcome.decision, "dim")
+    console.print(f"  decision:  [{colour}]{outcome.decision}[/] ({escape(outcome.summary())})"
+                  f" [dim]#{outcome.inbound_id}[/]")
+    return outcome.verdict
+
+
+def _settle(rt: Runtime, policy: BouncePolicy) -> int:
+    with rt.session() as session:
+        done = bounce_policy.settle(session, policy)
+    for item in done:
+        colour = _DECISION_COLOURS.get(item.decision, "dim")
+        console.print(f"settled bounce {item.event_id} (subscriber {item.subscriber_id}): "
+                      f"[{colour}]{item.decision}[/] ({escape(item.detail)})")
+    return len(done)
 
 
 @app.command()
@@ -63,18 +93,38 @@ def serve(ctx: typer.Context,
           host: str = typer.Option("127.0.0.1", help="Address to listen on"),
           port: int = typer.Option(8024, help="Port to listen on"),
           lmtp: bool = typer.Option(True, "--lmtp/--smtp",
-                                    help="Speak LMTP (for an MTA's transport) or SMTP")) -> None:
-    """Receive bounces from the MTA and show each. Example: `mailer bounces serve --port 8024`.
+                                    help="Speak LMTP (for an MTA's transport) or SMTP"),
+          settle_every: float = typer.Option(60.0, min=0.1,
+                                             help="Seconds between settling held bounces"),
+          ) -> None:
+    """Receive bounces from the MTA, keep each and apply the bounce policy.
+
+    Example: `mailer bounces serve --port 8024`.
 
     Point Postfix at it with, for the bounce address, `transport_maps` entry
     `bounces@news.example.police.uk lmtp:inet:127.0.0.1:8024` (and `recipient_delimiter = +`).
     """
     rt: Runtime = ctx.obj
-    secret = rt.settings.secret()
-    receiver = Receiver(lambda message: _handle(message, secret), host, port, lmtp=lmtp)
-    console.print(f"[green]listening[/] for {'LMTP' if lmtp else 'SMTP'} on {host}:{port}"
-                  " (Ctrl-C stops)")
-    receiver.serve_forever()
+    policy = BouncePolicy.from_settings(rt.settings)
+    rt.sessions()  # check the schema once, before any message is accepted
+    receiver = Receiver(lambda message: _handle(message, rt, policy), host, port, lmtp=lmtp)
+    receiver.start()
+    console.print(f"[green]listening[/] for {'LMTP' if lmtp else 'SMTP'} on {host}:"
+                  f"{receiver.port} (Ctrl-C stops); held bounces are settled every "
+                  f"{settle_every:g} s")
+    stop = threading.Event()
+    try:
+        # Bounces wait out the hold period before they are acted on: settle them even when no
+        # new message arrives to do it.
+        while not stop.wait(settle_every):
+            try:
+                _settle(rt, policy)
+            except Exception:  # the database away for a moment: try again next time
+                log.exception("could not settle held bounces")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        receiver.stop()
 
 
 @app.command()
@@ -82,15 +132,90 @@ def fetch(ctx: typer.Context,
           source: str = typer.Argument(..., help="maildir:PATH, mbox:PATH or imaps://user@host/"),
           password: str | None = typer.Option(None, envvar="MAILER_IMAP_PASSWORD",
                                               hidden=True)) -> None:
-    """Read a bounce mailbox and show each message; nothing is moved or deleted.
+    """Read a bounce mailbox, keep each message and apply the bounce policy.
 
-    Example: `mailer bounces fetch imaps://bounces@mail.example.police.uk/INBOX` (password in
-    MAILER_IMAP_PASSWORD), or `mailer bounces fetch maildir:/var/mail/bounces`.
+    Nothing in the mailbox is moved or deleted; a message read before is recognised and not
+    counted again. Example: `mailer bounces fetch imaps://bounces@mail.example.police.uk/INBOX`
+    (password in MAILER_IMAP_PASSWORD), or `mailer bounces fetch maildir:/var/mail/bounces`.
     """
     rt: Runtime = ctx.obj
-    secret = rt.settings.secret()
+    policy = BouncePolicy.from_settings(rt.settings)
     count = 0
     for message in open_source(source, password):
-        _handle(message, secret)
+        _handle(message, rt, policy)
         count += 1
-    console.print(f"{count} message(s) read")
+    settled = _settle(rt, policy)
+    console.print(f"{count} message(s) read" + (f", {settled} held bounce(s) settled"
+                                                 if settled else ""))
+
+
+@app.command("list")
+def list_(ctx: typer.Context,
+          limit: int = typer.Option(20, min=1, help="How many recent messages"),
+          subscriber: int | None = typer.Option(None, help="Only those about this subscriber"),
+          bounces_only: bool = typer.Option(False, "--bounces-only",
+                                            help="Leave out auto-replies and unknown mail"),
+          ) -> None:
+    """Open alerts, then recent inbound messages with what was decided about each.
+
+    Example: `mailer bounces list --limit 50`.
+    """
+    rt: Runtime = ctx.obj
+    kinds = ("hard", "soft", "complaint") if bounces_only else ()
+    with rt.session() as session:
+        alerts = bounce_policy.open_alerts(session)
+        rows = bounce_policy.recent(session, limit, subscriber_id=subscriber, kinds=kinds)
+        events = bounce_policy.events_for(session, subscriber) if subscriber else []
+    if alerts:
+        console.print(f"[bold red]{len(alerts)} open alert(s)[/] "
+                      "(`mailer bounces resolve ID --apply` or `--dismiss`):")
+        for a in alerts:
+            console.print(f"  alert {a.id} [{a.kind}] edition {a.edition_id}, {escape(a.domain)}"
+                          f": {escape(a.detail)}")
+    else:
+        console.print("no open alerts")
+    if not rows:
+        console.print("no inbound messages")
+    for r in rows:
+        colour = _DECISION_COLOURS.get(Decision(r.decision), "dim")
+        who = (f"edition {r.edition_id}, subscriber {r.subscriber_id}"
+               if r.subscriber_id is not None else "not identified")
+        console.print(f"#{r.id} {r.received_at:%Y-%m-%d %H:%M} {r.kind}"
+                      f"{' ' + r.status if r.status else ''} [{colour}]{r.decision}[/] {who}"
+                      f"{'' if r.raw_kept else ' [dim](raw purged)[/]'}")
+        console.print(f"    {escape(r.detail)}")
+    for e in events:
+        console.print(f"bounce {e.id} {e.occurred_at:%Y-%m-%d %H:%M} {e.kind} "
+                      f"{e.status or ''} edition {e.edition_id}: {e.action}"
+                      f"{' (counted)' if e.counted else ''}")
+
+
+@app.command()
+def resolve(ctx: typer.Context, alert: int = typer.Argument(..., help="The alert's id"),
+            apply: bool = typer.Option(..., "--apply/--dismiss",
+                                       help="--apply: the bounces are real, act on them; "
+                                            "--dismiss: leave those subscribers alone"),
+            actor: str = typer.Option(None, help="Who resolves it (default: your login)"),
+            ) -> None:
+    """Close a bounce alert. Example: `mailer bounces resolve 3 --dismiss`."""
+    rt: Runtime = ctx.obj
+    policy = BouncePolicy.from_settings(rt.settings)
+    with rt.session() as session:
+        changed = bounce_policy.resolve_alert(session, policy, alert, actor or getpass.getuser(),
+                                              apply=apply)
+    console.print(f"alert {alert} {'applied' if apply else 'dismissed'}; "
+                  f"{changed} subscriber(s) marked bounced")
+
+
+@app.command()
+def purge(ctx: typer.Context) -> None:
+    """Apply the retention periods (bounce_raw_retention_days, bounce_record_retention_days).
+
+    Run it daily, e.g. from cron: `mailer bounces purge`.
+    """
+    rt: Runtime = ctx.obj
+    policy = BouncePolicy.from_settings(rt.settings)
+    with rt.session() as session:
+        done = bounce_policy.purge(session, policy)
+    console.print(f"raw messages cleared: {done.raw_cleared}; records deleted: "
+                  f"{done.records_deleted}; resolved alerts deleted: {done.alerts_deleted}")

@@ -1,0 +1,493 @@
+"""The bounce policy on SQLite and PostgreSQL: what each inbound message does to the delivery,
+the subscriber and the alerts, and what is kept of it.
+
+Bounces here are real DSN and ARF messages (composed by `dsn` and `arf`, also used by the end
+to end test) handed to `bounce_policy.receive` as the LMTP receiver hands them over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import mailbox
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from mailer import bounce_policy, outbox
+from mailer.bounce_policy import (
+    BounceAlert,
+    BounceEvent,
+    BouncePolicy,
+    Decision,
+    InboundRecord,
+)
+from mailer.config import Settings
+from mailer.inbound import InboundMessage
+from mailer.models import Delivery, DeliveryStatus
+from mailer.reference import message_id, return_path
+from subscribers import store
+from subscribers.models import Channel, ConsentAction, SubscriberStatus
+from subscribers.rules import Rules
+
+BOUNCE_ADDRESS = "bounces@news.example.police.uk"
+_serial = itertools.count(1)
+
+
+# ---- real bounce and complaint messages ----
+
+def dsn(recipient: str, status: str, *, to: str = BOUNCE_ADDRESS, action: str = "failed",
+        original_message_id: str | None = None, reporter: str = "mx.force.example",
+        diagnostic: str | None = None) -> bytes:
+    """An RFC 3464 DSN as Postfix writes one, for one recipient, with the original's headers."""
+    n = next(_serial)
+    boundary = f"=_dsn_{n}"
+    code = "550" if status.startswith("5") else "452"
+    diag = diagnostic or f"smtp; {code} {status} <{recipient}>: mailbox problem"
+    original = (f"Message-ID: {original_message_id}\r\n" if original_message_id else "") + (
+        f"To: <{recipient}>\r\nSubject: MSHT newsletter\r\n")
+    return (
+        f"From: MAILER-DAEMON@{reporter} (Mail Delivery System)\r\n"
+        f"To: {to}\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        f"Message-ID: <dsn.{n}.{datetime.now(UTC).timestamp()}@{reporter}>\r\n"
+        "Auto-Submitted: auto-replied\r\n"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
+        "\r\n"
+        f"--{boundary}\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+        f"Your message to <{recipient}> could not be delivered.\r\n\r\n"
+        f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
+        f"Reporting-MTA: dns; {reporter}\r\n\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\nOriginal-Recipient: rfc822;{recipient}\r\n"
+        f"Action: {action}\r\nStatus: {status}\r\nDiagnostic-Code: {diag}\r\n\r\n"
+        f"--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n{original}\r\n"
+        f"--{boundary}--\r\n").encode()
+
+
+def arf(recipient: str, original_message_id: str, *, to: str = BOUNCE_ADDRESS) -> bytes:
+    """An RFC 5965 abuse report from a feedback loop, with the original message."""
+    n = next(_serial)
+    boundary = f"=_arf_{n}"
+    return (
+        "From: feedback@fbl.mail.example\r\n"
+        f"To: {to}\r\n"
+        "Subject: FW: MSHT newsletter\r\n"
+        f"Message-ID: <arf.{n}@fbl.mail.example>\r\n"
+        "MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=feedback-report; boundary="{boundary}"\r\n'
+        "\r\n"
+        f"--{boundary}\r\nContent-Type: text/plain\r\n\r\nThis is an abuse report.\r\n\r\n"
+        f"--{boundary}\r\nContent-Type: message/feedback-report\r\n\r\n"
+        "Feedback-Type: abuse\r\nUser-Agent: ExampleFBL/1.0\r\nVersion: 1\r\n"
+        f"Original-Rcpt-To: <{recipient}>\r\n\r\n"
+        f"--{boundary}\r\nContent-Type: message/rfc822\r\n\r\n"
+        f"Message-ID: {original_message_id}\r\nTo: <{recipient}>\r\nSubject: MSHT newsletter\r\n"
+        "\r\nThe newsletter.\r\n"
+        f"--{boundary}--\r\n").encode()
+
+
+VACATION = (b"From: someone@kent.police.uk\r\nTo: bounces@news.example.police.uk\r\n"
+            b"Subject: Out of office\r\nAuto-Submitted: auto-replied\r\n"
+            b"Message-ID: <ooo.1@kent.police.uk>\r\n\r\nI am on leave until Monday.\r\n")
+
+
+# ---- a small world: people, editions, sent deliveries ----
+
+@dataclasses.dataclass
+class World:
+    session: Session
+    settings: Settings
+    rules: Rules
+    policy: BouncePolicy
+
+    @property
+    def secret(self) -> bytes:
+        return self.settings.secret()
+
+    def people(self, emails: Sequence[str]) -> dict[str, int]:
+        ctx = store.Context(channel=Channel.IMPORT, lawful_basis="public_task")
+        topics = store.topics_by_slug(self.session, ["newsletter"])
+        profiles = [(store.profile_from(self.rules, email=e, region="kent"), topics)
+                    for e in emails]
+        store.bulk_add_active(self.session, self.rules, profiles, ctx)
+        return {e: store.get_by_email(self.session, self.rules, e).id for e in emails}
+
+    def send(self, slug: str) -> int:
+        """An edition to everyone, every delivery accepted by the relay."""
+        edition, _ = outbox.store_edition(
+            self.session, slug=slug, title=slug, subject=slug, topic="newsletter",
+            regions=["kent"], roles=[], source=slug, compiled={}, actor="tester")
+        outbox.enqueue(self.session, edition)
+        self.session.execute(update(Delivery).where(Delivery.edition_id == edition.id)
+                             .values(status=DeliveryStatus.SENT, last_code=250,
+                                     last_reply="250 2.0.0 queued"))
+        self.session.flush()
+        return edition.id
+
+    def verp(self, edition_id: int, subscriber_id: int) -> str:
+        return return_path(self.secret, edition_id, subscriber_id, BOUNCE_ADDRESS)
+
+    def bounce(self, edition_id: int, subscriber_id: int, email: str, status: str, *,
+               now: datetime | None = None, **kw: object) -> bounce_policy.Outcome:
+        verp = self.verp(edition_id, subscriber_id)
+        raw = dsn(email, status, to=verp, **kw)  # type: ignore[arg-type]
+        return self.receive(raw, (verp,), now=now)
+
+    def receive(self, raw: bytes, rcpt_tos: tuple[str, ...] = (BOUNCE_ADDRESS,), *,
+                now: datetime | None = None,
+                policy: BouncePolicy | None = None) -> bounce_policy.Outcome:
+        return bounce_policy.receive(
+            self.session, policy or self.policy,
+            InboundMessage(raw=raw, origin="lmtp from 127.0.0.1", mail_from="",
+                           rcpt_tos=rcpt_tos), self.secret, rules=self.rules, now=now)
+
+    def subscriber(self, subscriber_id: int) -> store.Subscriber:
+        self.session.expire_all()
+        return store.get(self.session, subscriber_id)
+
+    def delivery(self, edition_id: int, subscriber_id: int) -> Delivery:
+        self.session.expire_all()
+        found = outbox.delivery_of(self.session, edition_id, subscriber_id)
+        assert found is not None
+        return found
+
+    def suppressed(self, email: str) -> bool:
+        return store.is_suppressed(self.session, self.rules, email.lower())
+
+
+@pytest.fixture
+def world(session: Session, settings: Settings, rules: Rules) -> World:
+    policy = dataclasses.replace(BouncePolicy.from_settings(settings), hold=timedelta(0))
+    return World(session, settings, rules, policy)
+
+
+T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+
+
+# ---- the policy as shipped ----
+
+def test_the_settings_give_the_policy_of_the_issue(settings: Settings) -> None:
+    policy = BouncePolicy.from_settings(settings)
+    assert (policy.hard_threshold, policy.soft_threshold, policy.soft_min_sends) == (1, 3, 2)
+    assert policy.soft_window == timedelta(days=90)
+    assert policy.domain_alert_ratio == 0.5 and not policy.policy_rejections_suppress
+    assert policy.raw_retention == timedelta(days=90) and policy.hold == timedelta(minutes=60)
+
+
+def test_a_record_retention_shorter_than_the_soft_window_is_refused(settings: Settings) -> None:
+    from mailer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="soft_window"):
+        BouncePolicy.from_settings(settings.model_copy(
+            update={"bounce_record_retention_days": 30}))
+
+
+# ---- hard bounces ----
+
+def test_a_hard_bounce_suppresses_at_once_and_every_record_shows_it(world: World) -> None:
+    ids = world.people(["gone@kent.police.uk", "stays@kent.police.uk"])
+    edition = world.send("spring")
+    sid = ids["gone@kent.police.uk"]
+    outcome = world.bounce(edition, sid, "gone@kent.police.uk", "5.1.1")
+
+    assert outcome.decision is Decision.SUPPRESSED and not outcome.duplicate
+    assert world.subscriber(sid).status == SubscriberStatus.BOUNCED
+    assert world.suppressed("gone@kent.police.uk")
+    assert world.subscriber(ids["stays@kent.police.uk"]).status == SubscriberStatus.ACTIVE
+    delivery = world.delivery(edition, sid)
+    assert delivery.status == DeliveryStatus.BOUNCED and delivery.last_code == 550
+    assert "5.1.1" in (delivery.last_reply or "")
+    last = store.consent_history(world.session, sid)[-1]
+    assert (last.action, last.channel) == (ConsentAction.BOUNCE, Channel.BOUNCE)
+    assert last.detail["edition_id"] == edition and last.detail["status"] == "5.1.1"
+    (event,) = bounce_policy.events_for(world.session, sid)
+    assert (event.kind, event.action, event.delivery_id) == ("hard", "suppressed", delivery.id)
+    record = world.session.get(InboundRecord, outcome.inbound_id)
+    assert record.decision == "suppressed" and record.reference_source == "envelope"
+    assert bounce_policy.raw_message(world.session, outcome.inbound_id) == record.raw
+    assert record.raw is not None and b"5.1.1" in record.raw
+
+
+def test_the_same_bounce_read_twice_counts_once(world: World) -> None:
+    ids = world.people(["twice@kent.police.uk"])
+    edition = world.send("spring")
+    verp = world.verp(edition, ids["twice@kent.police.uk"])
+    raw = dsn("twice@kent.police.uk", "4.4.7", to=verp)
+    first = world.receive(raw, (verp,))
+    again = world.receive(raw, (verp,))
+    assert again.duplicate and again.inbound_id == first.inbound_id
+    assert world.session.scalar(select(func.count()).select_from(InboundRecord)) == 1
+    assert len(bounce_policy.events_for(world.session, ids["twice@kent.police.uk"])) == 1
+
+
+def test_an_expired_delivery_is_soft_a_dead_domain_is_hard(world: World) -> None:
+    ids = world.people(["slow@kent.police.uk", "nodomain@kent.police.uk"])
+    edition = world.send("spring")
+    assert world.bounce(edition, ids["slow@kent.police.uk"], "slow@kent.police.uk",
+                        "5.4.7").decision is Decision.COUNTED
+    assert world.bounce(edition, ids["nodomain@kent.police.uk"], "nodomain@kent.police.uk",
+                        "5.4.4").decision is Decision.SUPPRESSED
+
+
+# ---- soft bounces ----
+
+def test_soft_bounces_disable_after_three_across_two_sends_counted_once_a_day(
+        world: World) -> None:
+    ids = world.people(["full@kent.police.uk"])
+    sid, address = ids["full@kent.police.uk"], "full@kent.police.uk"
+    first, second = world.send("spring"), world.send("summer")
+
+    assert world.bounce(first, sid, address, "4.2.2", now=T0).decision is Decision.COUNTED
+    later_that_day = world.bounce(first, sid, address, "4.2.2", now=T0 + timedelta(hours=3))
+    assert later_that_day.decision is Decision.NOT_COUNTED
+    assert world.bounce(first, sid, address, "5.2.2",
+                        now=T0 + timedelta(days=1)).decision is Decision.COUNTED
+    third = world.bounce(first, sid, address, "4.2.2", now=T0 + timedelta(days=2))
+    assert third.decision is Decision.COUNTED and "1 of 2 sends" in third.detail
+    assert world.subscriber(sid).status == SubscriberStatus.ACTIVE  # one send is not enough
+    assert world.subscriber(sid).bounce_score == 3.0
+
+    fourth = world.bounce(second, sid, address, "4.2.2", now=T0 + timedelta(days=30))
+    assert fourth.decision is Decision.DISABLED
+    assert world.subscriber(sid).status == SubscriberStatus.BOUNCED
+    assert world.suppressed(address)
+
+
+def test_soft_bounces_older_than_the_window_are_forgotten(world: World) -> None:
+    ids = world.people(["leave@kent.police.uk"])
+    sid, address = ids["leave@kent.police.uk"], "leave@kent.police.uk"
+    first, second = world.send("spring"), world.send("autumn")
+    world.bounce(first, sid, address, "4.2.2", now=T0)
+    world.bounce(first, sid, address, "4.2.2", now=T0 + timedelta(days=1))
+    late = world.bounce(second, sid, address, "4.2.2", now=T0 + timedelta(days=120))
+    assert late.decision is Decision.COUNTED and "soft bounce 1 of 3" in late.detail
+    assert world.subscriber(sid).status == SubscriberStatus.ACTIVE
+
+
+def test_a_delay_notice_is_recorded_and_not_counted(world: World) -> None:
+    ids = world.people(["delayed@kent.police.uk"])
+    edition = world.send("spring")
+    sid = ids["delayed@kent.police.uk"]
+    outcome = world.bounce(edition, sid, "delayed@kent.police.uk", "4.4.1", action="delayed")
+    assert outcome.decision is Decision.NOT_COUNTED and "delay" in outcome.detail
+    delivery = world.delivery(edition, sid)
+    assert delivery.status == DeliveryStatus.SENT and "delay" in (delivery.last_reply or "")
+
+
+# ---- complaints, policy rejections, auto-replies, unknowns ----
+
+def test_a_complaint_unsubscribes_and_suppresses_at_once(world: World) -> None:
+    ids = world.people(["angry@kent.police.uk"])
+    edition = world.send("spring")
+    sid = ids["angry@kent.police.uk"]
+    # Feedback loops send to the address of the original's Return-Path: no VERP token in the
+    # envelope here, so the Message-ID of the original is what names the delivery.
+    mid = message_id(world.secret, edition, sid, "example.org")
+    outcome = world.receive(arf("angry@kent.police.uk", mid))
+    assert outcome.decision is Decision.COMPLAINT
+    assert world.subscriber(sid).status == SubscriberStatus.COMPLAINED
+    assert store.active_topics(world.session, sid) == []
+    assert world.suppressed("angry@kent.police.uk")
+    assert store.consent_history(world.session, sid)[-1].action == ConsentAction.COMPLAINT
+    assert world.delivery(edition, sid).status == DeliveryStatus.SENT  # it did arrive
+
+
+def test_a_policy_rejection_alerts_and_leaves_the_subscriber_alone(world: World) -> None:
+    ids = world.people(["dmarc@kent.police.uk"])
+    edition = world.send("spring")
+    sid = ids["dmarc@kent.police.uk"]
+    outcome = world.bounce(edition, sid, "dmarc@kent.police.uk", "5.7.26")
+    assert outcome.decision is Decision.NOT_COUNTED and "authentication" in outcome.detail
+    assert world.subscriber(sid).status == SubscriberStatus.ACTIVE
+    assert not world.suppressed("dmarc@kent.police.uk")
+    (alert,) = bounce_policy.open_alerts(world.session)
+    assert (alert.kind, alert.domain, alert.edition_id) == ("policy", "kent.police.uk", edition)
+    assert "DMARC" in alert.detail
+    assert world.delivery(edition, sid).status == DeliveryStatus.BOUNCED
+
+
+def test_policy_rejections_suppress_when_the_setting_says_so(world: World) -> None:
+    ids = world.people(["group@kent.police.uk"])
+    edition = world.send("spring")
+    strict = dataclasses.replace(world.policy, policy_rejections_suppress=True)
+    verp = world.verp(edition, ids["group@kent.police.uk"])
+    outcome = world.receive(dsn("group@kent.police.uk", "5.7.1", to=verp), (verp,),
+                            policy=strict)
+    assert outcome.decision is Decision.SUPPRESSED
+
+
+def test_auto_replies_and_unreadable_mail_are_kept_and_change_nothing(world: World) -> None:
+    ids = world.people(["ooo@kent.police.uk"])
+    world.send("spring")
+    ignored = world.receive(VACATION)
+    junk = world.receive(b"\x00\xff not a message at all")
+    assert ignored.decision is Decision.IGNORED and "auto-reply" in ignored.detail
+    assert junk.decision is Decision.UNKNOWN and "kept for review" in junk.detail
+    assert world.subscriber(ids["ooo@kent.police.uk"]).status == SubscriberStatus.ACTIVE
+    assert world.session.scalar(select(func.count()).select_from(InboundRecord)) == 2
+    assert world.session.scalar(select(func.count()).select_from(BounceEvent)) == 0
+    assert bounce_policy.raw_message(world.session, junk.inbound_id) == (
+        b"\x00\xff not a message at all")
+
+
+def test_a_bounce_without_our_reference_is_kept_but_not_trusted(world: World) -> None:
+    ids = world.people(["victim@kent.police.uk"])
+    world.send("spring")
+    forged = world.receive(dsn("victim@kent.police.uk", "5.1.1"))
+    assert forged.decision is Decision.UNMATCHED and "reference" in forged.detail
+    assert world.subscriber(ids["victim@kent.police.uk"]).status == SubscriberStatus.ACTIVE
+
+    trusting = dataclasses.replace(world.policy, match_by_address=True)
+    matched = world.receive(dsn("victim@kent.police.uk", "5.1.1"), policy=trusting)
+    assert matched.decision is Decision.SUPPRESSED
+
+
+def test_a_reference_to_no_delivery_is_unmatched(world: World) -> None:
+    world.people(["someone@kent.police.uk"])
+    verp = return_path(world.secret, 999, 999, BOUNCE_ADDRESS)
+    outcome = world.receive(dsn("someone@kent.police.uk", "5.1.1", to=verp), (verp,))
+    assert outcome.decision is Decision.UNMATCHED and "no such delivery" in outcome.detail
+
+
+def test_a_message_the_policy_fails_on_is_kept_with_the_reason(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = world.people(["bug@kent.police.uk"])
+    edition = world.send("spring")
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated bug in the policy")
+
+    monkeypatch.setattr(bounce_policy, "_decide", broken)
+    outcome = world.bounce(edition, ids["bug@kent.police.uk"], "bug@kent.police.uk", "5.1.1")
+    assert outcome.decision is Decision.ERROR and "simulated bug" in outcome.detail
+    world.session.commit()  # the message survives the failed savepoint
+    record = world.session.get(InboundRecord, outcome.inbound_id)
+    assert record.decision == "error" and record.raw
+    assert world.subscriber(ids["bug@kent.police.uk"]).status == SubscriberStatus.ACTIVE
+
+
+# ---- the domain alert ----
+
+def _force(world: World, n: int = 6) -> dict[str, int]:
+    return world.people([f"officer{i}@essex.police.uk" for i in range(n)]
+                        + ["other@kent.police.uk"])
+
+
+def test_most_of_a_domain_bouncing_raises_an_alert_instead_of_disabling_it(
+        world: World) -> None:
+    ids = _force(world)
+    edition = world.send("spring")
+    policy = dataclasses.replace(world.policy, hold=timedelta(minutes=60))
+    world.policy = policy
+    for i in range(4):  # 4 of 6 at essex.police.uk: the force's mail system, not its officers
+        address = f"officer{i}@essex.police.uk"
+        assert world.bounce(edition, ids[address], address, "5.1.1",
+                            now=T0 + timedelta(minutes=i)).decision is Decision.PENDING
+    world.bounce(edition, ids["other@kent.police.uk"], "other@kent.police.uk", "5.1.1", now=T0)
+    assert bounce_policy.settle(world.session, policy, now=T0 + timedelta(minutes=30)) == []
+
+    settled = bounce_policy.settle(world.session, policy, now=T0 + timedelta(minutes=65))
+    decisions = {s.subscriber_id: s.decision for s in settled}
+    assert decisions == {**{ids[f"officer{i}@essex.police.uk"]: Decision.HELD for i in range(4)},
+                         ids["other@kent.police.uk"]: Decision.SUPPRESSED}
+    assert all(world.subscriber(ids[f"officer{i}@essex.police.uk"]).status == "active"
+               for i in range(6))
+    (alert,) = bounce_policy.open_alerts(world.session)
+    assert (alert.kind, alert.domain, alert.recipients, alert.bounced) == (
+        "domain", "essex.police.uk", 6, 4)
+
+    # A co-ordinator checked with the force: the addresses really are gone.
+    changed = bounce_policy.resolve_alert(world.session, policy, alert.id, "coordinator",
+                                          apply=True, now=T0 + timedelta(hours=2))
+    assert changed == 4
+    assert [world.subscriber(ids[f"officer{i}@essex.police.uk"]).status for i in range(6)] == [
+        "bounced"] * 4 + ["active"] * 2
+    assert bounce_policy.open_alerts(world.session) == []
+
+
+def test_a_dismissed_alert_keeps_later_bounces_of_that_send_held(world: World) -> None:
+    ids = _force(world)
+    edition = world.send("spring")
+    for i in range(4):
+        address = f"officer{i}@essex.police.uk"
+        world.bounce(edition, ids[address], address, "4.4.7")  # hold 0: settled at once
+    (alert,) = bounce_policy.open_alerts(world.session)
+    # With no hold the first bounces are acted on before the burst is visible; the third
+    # crosses the line (3 of 6 is not more than half, 4 of 6 is).
+    statuses = [e.action for i in range(4) for e in bounce_policy.events_for(
+        world.session, ids[f"officer{i}@essex.police.uk"])]
+    assert statuses == ["counted", "counted", "counted", "held"]
+    bounce_policy.resolve_alert(world.session, world.policy, alert.id, "coordinator",
+                                apply=False)
+    late = world.bounce(edition, ids["officer5@essex.police.uk"], "officer5@essex.police.uk",
+                        "5.1.1")
+    assert late.decision is Decision.HELD and "dismissed" in late.detail
+    assert world.subscriber(ids["officer5@essex.police.uk"]).status == "active"
+
+
+def test_a_small_domain_is_never_an_alert(world: World) -> None:
+    ids = world.people(["solo@tiny.example.org"])
+    edition = world.send("spring")
+    outcome = world.bounce(edition, ids["solo@tiny.example.org"], "solo@tiny.example.org",
+                           "5.1.1")
+    assert outcome.decision is Decision.SUPPRESSED
+    assert world.session.scalar(select(func.count()).select_from(BounceAlert)) == 0
+
+
+# ---- retention ----
+
+def test_purge_drops_raw_after_the_retention_and_records_later(world: World) -> None:
+    ids = world.people(["old@kent.police.uk"])
+    edition = world.send("spring")
+    outcome = world.bounce(edition, ids["old@kent.police.uk"], "old@kent.police.uk", "4.2.2",
+                           now=T0)
+    policy = world.policy
+    nothing = bounce_policy.purge(world.session, policy, now=T0 + timedelta(days=89))
+    assert nothing.raw_cleared == 0
+    done = bounce_policy.purge(world.session, policy, now=T0 + timedelta(days=91))
+    assert (done.raw_cleared, done.records_deleted) == (1, 0)
+    world.session.expire_all()
+    record = world.session.get(InboundRecord, outcome.inbound_id)
+    assert record.raw is None and record.raw_purged_at is not None
+    assert record.decision == "counted"  # what was decided outlives the raw message
+    gone = bounce_policy.purge(world.session, policy, now=T0 + timedelta(days=401))
+    assert gone.records_deleted == 1
+    assert bounce_policy.events_for(world.session, ids["old@kent.police.uk"]) == []
+
+
+# ---- the command line ----
+
+def test_fetch_records_then_list_shows_and_purge_runs(
+        world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailer.cli import run
+
+    ids = world.people(["cli@kent.police.uk", "ooo@kent.police.uk"])
+    edition = world.send("spring")
+    world.session.commit()
+    sid = ids["cli@kent.police.uk"]
+    box = mailbox.Maildir(tmp_path / "md", create=True)
+    box.add(dsn("cli@kent.police.uk", "5.1.1", to=world.verp(edition, sid)))
+    box.add(VACATION)
+    # The CLI's default hold is 60 minutes: say 0 so the fetch acts at once.
+    monkeypatch.setenv("MAILER_BOUNCE_HOLD_MINUTES", "0")
+    assert run(["bounces", "fetch", f"maildir:{tmp_path / 'md'}"]) == 0
+    out = capsys.readouterr().out
+    assert "suppressed" in out and "ignored" in out and "2 message(s) read" in out
+    assert run(["bounces", "fetch", f"maildir:{tmp_path / 'md'}"]) == 0
+    assert "already received" in capsys.readouterr().out
+    assert run(["bounces", "list", "--subscriber", str(sid)]) == 0
+    listed = capsys.readouterr().out
+    assert "no open alerts" in listed and "hard 5.1.1 suppressed" in listed
+    assert f"edition {edition}, subscriber {sid}" in listed
+    assert run(["bounces", "purge"]) == 0
+    assert "raw messages cleared: 0" in capsys.readouterr().out
+    assert run(["bounces", "resolve", "12345", "--dismiss"]) == 1
+    assert "no bounce alert 12345" in capsys.readouterr().err
+    world.session.expire_all()
+    assert world.subscriber(sid).status == SubscriberStatus.BOUNCED
