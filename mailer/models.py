@@ -103,7 +103,8 @@ class Delivery(Base):
     __table_args__ = (
         CheckConstraint(_check_in("status", DeliveryStatus), name="status"),
         Index("uq_delivery_edition_subscriber", "edition_id", "subscriber_id", unique=True),
-        Index("ix_delivery_due", "status", "next_attempt_at"),
+        Index("ix_delivery_due", "edition_id", "status", "next_attempt_at"),
+        Index("ix_delivery_lease", "edition_id", "status", "lease_until"),
         Index("ix_delivery_attempted", "last_attempt_at"),
     )
 

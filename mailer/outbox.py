@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, and_, bindparam, func, literal, or_, select, update
+from sqlalchemy import Select, bindparam, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -246,16 +246,23 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
     reminder is past its "not after" time, is closed as skipped instead of sent.
     """
     now = now or utcnow()
-    due = (
-        select(Delivery.id)
-        .join(Edition, Edition.id == Delivery.edition_id)
-        .where(Edition.status == EditionStatus.SENDING,
-               or_(and_(Delivery.status.in_(list(DUE)), Delivery.next_attempt_at <= now),
-                   and_(Delivery.status == DeliveryStatus.SENDING, Delivery.lease_until < now)))
-        .order_by(Delivery.id).limit(limit)
-        .with_for_update(skip_locked=True, of=Delivery)
-    )
-    ids = list(session.scalars(due))
+    # One index range per (sending edition, state), read in index order and cut at `limit`:
+    # the claim costs the same with ten rows queued or a million.
+    editions = list(session.scalars(select(Edition.id).where(
+        Edition.status == EditionStatus.SENDING).order_by(Edition.id)))
+    ids: list[int] = []
+    for edition_id in editions:
+        for status, column in ((DeliveryStatus.RETRY, Delivery.next_attempt_at),
+                               (DeliveryStatus.QUEUED, Delivery.next_attempt_at),
+                               (DeliveryStatus.SENDING, Delivery.lease_until)):
+            if len(ids) >= limit:
+                break
+            ids.extend(session.scalars(
+                select(Delivery.id)
+                .where(Delivery.edition_id == edition_id, Delivery.status == status,
+                       column < now if status == DeliveryStatus.SENDING else column <= now)
+                .order_by(column).limit(limit - len(ids))
+                .with_for_update(skip_locked=True)))
     if not ids:
         return []
     rows = session.execute(
@@ -268,8 +275,7 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
     sendable: set[tuple[int, str]] = set()
     for topic in {r.topic for r in rows}:
         members = [r.subscriber_id for r in rows if r.topic == topic]
-        sendable.update((sid, topic) for sid in session.scalars(
-            store.segment([topic]).where(Subscriber.id.in_(members))))
+        sendable.update((sid, topic) for sid in store.sendable_among(session, members, topic))
     claims, skipped, late = [], [], []
     for r in rows:
         if r.not_after is not None and r.not_after < now:

@@ -461,8 +461,20 @@ def segment(topics: Sequence[str], regions: Sequence[str] = (),
 
 def is_sendable(session: Session, subscriber_id: int, topic_slug: str) -> bool:
     """The send-time re-check: still active, still on the topic, not suppressed."""
-    query = segment([topic_slug]).where(Subscriber.id == subscriber_id)
-    return session.scalar(select(exists(query))) or False
+    return subscriber_id in sendable_among(session, [subscriber_id], topic_slug)
+
+
+def sendable_among(session: Session, ids: Sequence[int], topic_slug: str) -> set[int]:
+    """Which of these subscribers may still be sent `topic_slug` now: the segment's rules,
+    driven by the ids (primary-key lookups) rather than by the topic's whole membership."""
+    on_topic = exists().where(Subscription.subscriber_id == Subscriber.id,
+                              Subscription.status == SubscriptionStatus.ACTIVE,
+                              Subscription.topic_id == select(Topic.id).where(
+                                  Topic.slug == topic_slug).scalar_subquery())
+    return set(session.scalars(
+        select(Subscriber.id).where(
+            Subscriber.id.in_(list(ids)), Subscriber.status.in_(list(SENDABLE)), not_paused(),
+            on_topic, ~exists().where(Suppression.email_hmac == Subscriber.email_hmac))))
 
 
 def segment_count(session: Session, topics: Sequence[str], regions: Sequence[str] = (),

@@ -144,8 +144,12 @@ def rules(settings: Settings) -> Rules:
 
 # ---- Browser: Debian's chromium, never a downloaded one ----
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
+    """A headless Chromium, per test module: Playwright's sync API keeps an event loop running
+    in this thread while it is open, which makes every `asyncio.run()` fail (the worker, the
+    SMTP client), so it must not outlive the module that asked for it. Inside such a module,
+    run asyncio code on another thread."""
     if not Path(CHROMIUM).exists():
         _require_or_skip(f"no chromium at {CHROMIUM} (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
