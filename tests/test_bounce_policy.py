@@ -42,14 +42,17 @@ _serial = itertools.count(1)
 
 def dsn(recipient: str, status: str, *, to: str = BOUNCE_ADDRESS, action: str = "failed",
         original_message_id: str | None = None, reporter: str = "mx.force.example",
-        diagnostic: str | None = None) -> bytes:
-    """An RFC 3464 DSN as Postfix writes one, for one recipient, with the original's headers."""
+        diagnostic: str | None = None, original_headers: str | None = None) -> bytes:
+    """An RFC 3464 DSN as Postfix writes one, for one recipient, with the original's headers
+    (`original_headers` as sent, or a minimal block naming `original_message_id`)."""
     n = next(_serial)
     boundary = f"=_dsn_{n}"
     code = "550" if status.startswith("5") else "452"
     diag = diagnostic or f"smtp; {code} {status} <{recipient}>: mailbox problem"
     original = (f"Message-ID: {original_message_id}\r\n" if original_message_id else "") + (
         f"To: <{recipient}>\r\nSubject: MSHT newsletter\r\n")
+    if original_headers is not None:
+        original = original_headers.rstrip("\r\n") + "\r\n"
     return (
         f"From: MAILER-DAEMON@{reporter} (Mail Delivery System)\r\n"
         f"To: {to}\r\n"
@@ -69,7 +72,8 @@ def dsn(recipient: str, status: str, *, to: str = BOUNCE_ADDRESS, action: str = 
         f"--{boundary}--\r\n").encode()
 
 
-def arf(recipient: str, original_message_id: str, *, to: str = BOUNCE_ADDRESS) -> bytes:
+def arf(recipient: str, original_message_id: str, *, to: str = BOUNCE_ADDRESS,
+        original_headers: str | None = None) -> bytes:
     """An RFC 5965 abuse report from a feedback loop, with the original message."""
     n = next(_serial)
     boundary = f"=_arf_{n}"
@@ -86,8 +90,10 @@ def arf(recipient: str, original_message_id: str, *, to: str = BOUNCE_ADDRESS) -
         "Feedback-Type: abuse\r\nUser-Agent: ExampleFBL/1.0\r\nVersion: 1\r\n"
         f"Original-Rcpt-To: <{recipient}>\r\n\r\n"
         f"--{boundary}\r\nContent-Type: message/rfc822\r\n\r\n"
-        f"Message-ID: {original_message_id}\r\nTo: <{recipient}>\r\nSubject: MSHT newsletter\r\n"
-        "\r\nThe newsletter.\r\n"
+        + (original_headers.rstrip("\r\n") + "\r\n" if original_headers is not None else
+           f"Message-ID: {original_message_id}\r\nTo: <{recipient}>\r\n"
+           "Subject: MSHT newsletter\r\n")
+        + "\r\nThe newsletter.\r\n"
         f"--{boundary}--\r\n").encode()
 
 
