@@ -19,6 +19,7 @@ from mailer.cli import (
     db,
     dev_sink,
     edition,
+    schedule_cmd,
     sending,
     subscribers_cmd,
     topics,
@@ -44,6 +45,11 @@ app.add_typer(bounces_cmd.app, name="bounces")
 app.command("dev-sink")(dev_sink.dev_sink)
 app.command("worker")(sending.worker)
 app.command("web")(web_cmd.web)
+app.add_typer(schedule_cmd.events_app, name="events")
+app.add_typer(schedule_cmd.schedule_app, name="schedule")
+app.command("scheduler")(schedule_cmd.scheduler)
+app.command("run")(schedule_cmd.run)
+app.command("demo")(schedule_cmd.demo)
 
 
 @app.callback()

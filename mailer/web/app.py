@@ -16,8 +16,7 @@ from starlette.exceptions import HTTPException
 
 from mailer.config import Settings
 from mailer.migrations import require_current
-from mailer.web import public
-from mailer.web.security import SecurityMiddleware
+from mailer.web import admin, public
 from subscribers.db import make_engine, session_factory
 
 log = logging.getLogger(__name__)
@@ -33,8 +32,11 @@ def page_environment() -> jinja2.Environment:
                               undefined=jinja2.StrictUndefined, auto_reload=False)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The recipient web app. Refuses to start on a database whose schema is not current."""
+def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
+    """The recipient web app. Refuses to start on a database whose schema is not current.
+
+    `dev_inbox` (a dev sink's Maildir) adds /dev/inbox: `mailer demo` only, never production.
+    """
     engine = make_engine(settings.database)
     require_current(engine)
     pages = page_environment()
@@ -49,6 +51,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.web = public.Web.build(settings, session_factory(engine), pages)
     app.state.css = (TEMPLATE_DIR / "site.css").read_bytes()
     app.include_router(public.router)
+    admin.install(app, settings)  # the co-ordinator console and /api/v1
+    if dev_inbox is not None:
+        from mailer.web import devinbox
+
+        app.include_router(devinbox.router(dev_inbox))
 
     async def http_error(request: Request, exc: Exception) -> HTMLResponse:
         assert isinstance(exc, HTTPException)
@@ -85,7 +92,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(Exception, server_error)
     https = urlsplit(settings.base_url).scheme == "https"
-    app.add_middleware(SecurityMiddleware, max_body=settings.max_request_bytes, https=https)
+    app.add_middleware(admin.BodyLimits, max_body=settings.max_request_bytes, https=https)
     return app
 
 
