@@ -275,21 +275,24 @@ def receive(session: Session, policy: BouncePolicy, message: InboundMessage, sec
     raw = bytes(message.raw or b"")
     digest = hashlib.sha256(raw).hexdigest()
     existing = session.scalar(select(InboundRecord).where(InboundRecord.sha256 == digest))
-    if existing is not None:
-        verdict = classify_inbound(raw, secret, message.rcpt_tos)
+    verdict = classify_inbound(raw, secret, message.rcpt_tos)
+    if existing is not None and existing.decision != Decision.ERROR:
         return Outcome(existing.id, verdict, Decision(existing.decision),
                        existing.decision_detail or "", duplicate=True)
-    verdict = classify_inbound(raw, secret, message.rcpt_tos)
     ref = verdict.reference
-    record = InboundRecord(
-        received_at=now, origin=message.origin[:300],
-        mail_from=None if message.mail_from is None else message.mail_from[:320],
-        rcpt_tos=[r[:320] for r in message.rcpt_tos], size=len(raw), sha256=digest, raw=raw,
-        kind=verdict.kind.value, reason=verdict.reason, detector=verdict.detector[:20],
-        status=verdict.status, edition_id=ref.edition_id if ref else None,
-        subscriber_id=ref.subscriber_id if ref else None,
-        reference_source=ref.source[:60] if ref else None,
-        decision=Decision.UNKNOWN, decision_detail=None)
+    # A message that failed before is processed again when it comes again (the MTA's retry,
+    # the next fetch), in its old row: once the fault is fixed it is acted on.
+    record = existing or InboundRecord(received_at=now, sha256=digest, raw=raw)
+    record.origin = message.origin[:300]
+    record.mail_from = None if message.mail_from is None else message.mail_from[:320]
+    record.rcpt_tos = [r[:320] for r in message.rcpt_tos]
+    record.size = len(raw)
+    record.kind, record.reason = verdict.kind.value, verdict.reason
+    record.detector, record.status = verdict.detector[:20], verdict.status
+    record.edition_id = ref.edition_id if ref else None
+    record.subscriber_id = ref.subscriber_id if ref else None
+    record.reference_source = ref.source[:60] if ref else None
+    record.decision, record.decision_detail = Decision.UNKNOWN, None
     session.add(record)
     session.flush()
     try:

@@ -376,6 +376,12 @@ def test_a_message_the_policy_fails_on_is_kept_with_the_reason(
     assert record.decision == "error" and record.raw
     assert world.subscriber(ids["bug@kent.police.uk"]).status == SubscriberStatus.ACTIVE
 
+    monkeypatch.undo()  # the bug fixed: the same message, when it comes again, is acted on
+    again = world.receive(record.raw, (world.verp(edition, ids["bug@kent.police.uk"]),))
+    assert again.inbound_id == outcome.inbound_id and again.decision is Decision.SUPPRESSED
+    assert world.subscriber(ids["bug@kent.police.uk"]).status == SubscriberStatus.BOUNCED
+    assert world.session.scalar(select(func.count()).select_from(InboundRecord)) == 1
+
 
 # ---- the domain alert ----
 
