@@ -16,6 +16,8 @@ from rich.table import Table
 
 from mailer import outbox
 from mailer.cli.runtime import Runtime, console
+from mailer.spreadsheet import EXPORT_FIELDS
+from mailer.spreadsheet import csv_cell as _cell
 from subscribers import importer, store
 from subscribers.models import Channel, SubscriberStatus
 
@@ -191,20 +193,6 @@ def _print_report(report: importer.ImportReport, apply: bool) -> None:
         console.print(f"[green]imported {report.new} subscriber(s)[/]")
     elif not apply:
         console.print("dry run: nothing was written; run again with --apply to import")
-
-
-EXPORT_FIELDS = ["id", "email", "name", "organisation", "organisation_type", "role", "region",
-                 "status", "lawful_basis", "source", "created_at", "confirmed_at", "left_at",
-                 "topics"]
-_FORMULA = ("=", "+", "-", "@", "\t", "\r", "\0")
-
-
-def _cell(value: Any) -> str:
-    """A CSV cell that a spreadsheet shows as text, never runs as a formula (OWASP/ASVS)."""
-    if value is None:
-        return ""
-    text = "|".join(value) if isinstance(value, list) else str(value)
-    return "'" + text if text.startswith(_FORMULA) else text
 
 
 @app.command()
