@@ -10,10 +10,15 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import os
 import queue
 import shutil
 import smtplib
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +27,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from pydantic import SecretStr
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session as DbSession
 from sqlalchemy.orm import sessionmaker
 
@@ -33,6 +38,7 @@ from mailer.cli.runtime import Runtime
 from mailer.config import Settings
 from mailer.inbound import InboundMessage, Receiver
 from mailer.models import Delivery, DeliveryStatus
+from mailer.reference import return_path
 from mailer.worker import Worker
 from subscribers import store
 from subscribers.db import session_factory
@@ -272,3 +278,48 @@ def test_without_verp_the_original_message_id_names_the_delivery(
     finally:
         controller.stop()
         mta.stop()
+
+
+def test_the_serve_command_receives_over_lmtp_and_records_the_bounce(
+        settings: Settings, sessions: sessionmaker[DbSession], rules: Rules,
+        tmp_path: Path) -> None:
+    ids = _people(sessions, rules, ["gone.away@kent.police.uk"])
+    sid = ids["gone.away@kent.police.uk"]
+    with sessions() as s:
+        edition, _ = outbox.store_edition(
+            s, slug="serve", title="t", subject="t", topic="newsletter", regions=["kent"],
+            roles=[], source="serve", compiled={}, actor="tester")
+        outbox.enqueue(s, edition)
+        s.execute(update(Delivery).values(status=DeliveryStatus.SENT))
+        s.commit()
+        edition_id = edition.id
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    env.update(MAILER_DATABASE_URL=settings.database, MAILER_VAR_DIR=str(settings.var_dir),
+               MAILER_SECRET_KEY="s" * 40, MAILER_SUPPRESSION_KEY="k" * 40,
+               MAILER_CONFIG=str(tmp_path / "none.toml"), MAILER_BOUNCE_HOLD_MINUTES="0")
+    proc = subprocess.Popen([sys.executable, "-m", "mailer", "bounces", "serve", "--port",
+                             str(port), "--settle-every", "0.2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        verp = return_path(settings.secret(), edition_id, sid, BOUNCE_ADDRESS)
+        raw = dsn("gone.away@kent.police.uk", "5.1.1", to=verp)
+        deadline = time.monotonic() + WAIT
+        while True:  # until the command listens (bounded); then deliver as Postfix would
+            try:
+                with smtplib.LMTP("127.0.0.1", port, timeout=WAIT) as lmtp:
+                    lmtp.sendmail("", [verp], raw)
+                break
+            except ConnectionRefusedError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "bounces serve never listened"
+                time.sleep(0.05)
+        with sessions() as s:  # the 250 came after the commit
+            assert store.get(s, sid).status == SubscriberStatus.BOUNCED
+            record = s.scalar(select(InboundRecord))
+            assert record is not None and record.decision == "suppressed"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=WAIT)
