@@ -83,8 +83,8 @@ def events_add(
                      description=description, link=link, topic=topic, weekend=weekend)
     with rt.session() as session:
         event, _ = events.add_event(session, spec)
-        planned = events.plan_reminders(session)
-        slug = event.slug
+        events.plan_reminders(session)
+        slug, planned = event.slug, len(events.reminders_for(session, event.id))
     console.print(f"added event '{escape(slug)}'; {planned} reminder(s) planned")
 
 
