@@ -23,6 +23,7 @@ from mailer.cli import (
     sending,
     subscribers_cmd,
     topics,
+    users_cmd,
     web_cmd,
 )
 from mailer.cli.runtime import Runtime, err_console
@@ -42,6 +43,7 @@ app.add_typer(topics.app, name="topics")
 app.add_typer(subscribers_cmd.app, name="subscribers")
 app.add_typer(edition.app, name="edition")
 app.add_typer(bounces_cmd.app, name="bounces")
+app.add_typer(users_cmd.app, name="users")
 app.command("dev-sink")(dev_sink.dev_sink)
 app.command("worker")(sending.worker)
 app.command("web")(web_cmd.web)
