@@ -16,8 +16,7 @@ from starlette.exceptions import HTTPException
 
 from mailer.config import Settings
 from mailer.migrations import require_current
-from mailer.web import public
-from mailer.web.security import SecurityMiddleware
+from mailer.web import admin, public
 from subscribers.db import make_engine, session_factory
 
 log = logging.getLogger(__name__)
@@ -52,6 +51,7 @@ def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
     app.state.web = public.Web.build(settings, session_factory(engine), pages)
     app.state.css = (TEMPLATE_DIR / "site.css").read_bytes()
     app.include_router(public.router)
+    admin.install(app, settings)  # the co-ordinator console and /api/v1
     if dev_inbox is not None:
         from mailer.web import devinbox
 
@@ -92,7 +92,7 @@ def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(Exception, server_error)
     https = urlsplit(settings.base_url).scheme == "https"
-    app.add_middleware(SecurityMiddleware, max_body=settings.max_request_bytes, https=https)
+    app.add_middleware(admin.BodyLimits, max_body=settings.max_request_bytes, https=https)
     return app
 
 
