@@ -718,8 +718,10 @@ def purge(session: Session, policy: BouncePolicy, *, now: datetime | None = None
 def forget_subscriber(session: Session, subscriber_id: int) -> int:
     """For an erasure: the raw messages about a person contain their address. Returns how many
     were cleared; the decisions stay, as the consent trail does."""
+    # The reason and the diagnostic can quote the address too ("550 <jo@...>: unknown").
+    session.execute(update(BounceEvent).where(BounceEvent.subscriber_id == subscriber_id)
+                    .values(diagnostic=None).execution_options(synchronize_session=False))
     return session.execute(
-        update(InboundRecord).where(InboundRecord.subscriber_id == subscriber_id,
-                                    InboundRecord.raw.is_not(None))
-        .values(raw=None, raw_purged_at=utcnow())
+        update(InboundRecord).where(InboundRecord.subscriber_id == subscriber_id)
+        .values(raw=None, raw_purged_at=utcnow(), reason="(erased)")
         .execution_options(synchronize_session=False)).rowcount or 0

@@ -36,6 +36,23 @@ def _require_or_skip(reason: str) -> None:
     pytest.skip(reason)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_stray_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test reads the developer's MAILER_* settings or writes the checkout's var/: whatever a
+    test does not set itself points at a temporary directory."""
+    saved = {k: v for k, v in os.environ.items()
+             if k.startswith("MAILER_") and not k.startswith("MAILER_TEST_")}
+    for key in saved:
+        del os.environ[key]
+    base = tmp_path_factory.mktemp("default-var")
+    os.environ["MAILER_VAR_DIR"] = str(base / "var")
+    os.environ["MAILER_CONFIG"] = str(base / "absent.toml")
+    yield
+    for key in ("MAILER_VAR_DIR", "MAILER_CONFIG"):
+        os.environ.pop(key, None)
+    os.environ.update(saved)
+
+
 # ---- PostgreSQL: one migrated template per test session, one clone per test ----
 
 def _pg_admin() -> Engine:

@@ -413,8 +413,9 @@ def test_bounces_parse_prints_the_verdict(capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.mark.usefixtures("cli_env")
-def test_bounces_fetch_reads_a_maildir(tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_bounces_fetch_reads_a_maildir(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       settings: object) -> None:
+    # `settings` points the command at a migrated database of this test's own.
     from mailer.cli import run
 
     box = mailbox.Maildir(tmp_path / "md", create=True)

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
-from mailer import outbox
+from mailer import privacy
 from mailer.cli.runtime import Runtime, console
 from mailer.spreadsheet import EXPORT_FIELDS
 from mailer.spreadsheet import csv_cell as _cell
@@ -118,7 +118,7 @@ def show(ctx: typer.Context, subscriber: str = typer.Argument(..., help="Address
     rt: Runtime = ctx.obj
     with rt.session() as session:
         found = store.resolve(session, rt.settings.rules(), subscriber)
-        export = store.subject_access(session, found)
+        export = privacy.subject_access(session, found)
     if as_json:
         sys.stdout.write(json.dumps(export, indent=2, ensure_ascii=False) + "\n")
         return
@@ -275,6 +275,5 @@ def erase(ctx: typer.Context, subscriber: str = typer.Argument(..., help="Addres
         label = f"{found.id} ({found.email})"
         if not yes and not typer.confirm(f"Erase subscriber {label}? This cannot be undone"):
             raise typer.Abort()
-        outbox.forget_subscriber(session, found.id)
-        store.erase(session, found, _cli_context(rt))
+        privacy.erase(session, found, _cli_context(rt))
     console.print(f"erased subscriber {escape(label)}")
