@@ -64,13 +64,13 @@ def router(directory: Path) -> APIRouter:
     @routes.get("/dev/inbox/{key}", include_in_schema=False)
     async def show(request: Request, key: str) -> HTMLResponse:
         message = _parsed(sink, key)
-        headers = [(name, str(message[name])) for name in
+        fields = [(name, str(message[name])) for name in
                    ("From", "To", "Subject", "Date", "Message-ID", "List-Id",
                     "List-Unsubscribe", "List-Unsubscribe-Post") if message[name]]
         attachments = [(part.get_filename() or "(unnamed)", part.get_content_type())
                        for part in message.iter_attachments()]
         return public.render(request, "dev/message.html.j2", title=str(message["Subject"]),
-                             key=key, headers=headers, text=_part(message, "plain"),
+                             key=key, fields=fields, text=_part(message, "plain"),
                              attachments=attachments,
                              has_html=bool(message.get_body(("html",))))
 

@@ -1,0 +1,178 @@
+"""`mailer demo`, the README's first command: from a fresh directory to the edition in every
+demo subscriber's dev inbox, and the web app answering with a dev inbox whose mails can be
+opened and followed to the real pages. The dev inbox exists only in the demo."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import mailbox
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, func, select
+
+from mailer.config import Settings
+from mailer.devsink import DevSink
+from mailer.models import Delivery, Edition
+from mailer.web.app import create_app
+from subscribers import store
+from subscribers.models import Subscriber
+
+SUBJECT = "MSHT newsletter, issue 2: Kent & Essex, summer 2020"
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    env["MAILER_CONFIG"] = str(tmp_path / "absent.toml")
+    return env
+
+
+def _wait(condition: Any, timeout: float) -> bool:
+    gate = threading.Event()
+    deadline = datetime.now(UTC) + timedelta(seconds=timeout)
+    while datetime.now(UTC) < deadline:
+        if condition():
+            return True
+        gate.wait(0.05)
+    return bool(condition())
+
+
+def test_demo_no_serve_from_a_fresh_directory_delivers_to_every_demo_subscriber(
+        tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "mailer", "demo", "--no-serve"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr
+    out = " ".join(done.stdout.split())
+    assert "sent 200 of 200" in out and "the dev inbox holds 200 copies" in out
+    assert "next reminders" in out and ("BST" in out or "GMT" in out)
+
+    demo = tmp_path / "var" / "demo"
+    box = mailbox.Maildir(demo / "inbox", create=False)
+    received = [email.message_from_bytes(box.get_bytes(k), policy=email.policy.default)
+                for k in sorted(box.keys())]
+    engine = create_engine(f"sqlite:///{demo / 'mailer.db'}")
+    try:
+        with engine.connect() as conn:
+            addresses = set(conn.scalars(select(Subscriber.email)))
+            sent = conn.scalar(select(func.count()).select_from(Delivery)
+                               .where(Delivery.status == "sent"))
+    finally:
+        engine.dispose()
+    assert len(addresses) == 200 and sent == 200
+    to = [m["To"].addresses[0].addr_spec for m in received]
+    assert len(to) == 200 and set(to) == addresses  # each demo subscriber once
+    assert {m["Subject"] for m in received} == {SUBJECT}
+    assert all(a.rpartition("@")[2].endswith(".example") for a in addresses)
+    assert all(m["List-Unsubscribe"].startswith("<http://127.0.0.1:8000/u/") for m in received)
+
+
+def test_the_dev_inbox_exists_only_in_demo_mode(settings: Settings, tmp_path: Path) -> None:
+    with TestClient(create_app(settings), base_url=settings.base_url) as client:
+        assert client.get("/dev/inbox").status_code == 404
+    with DevSink(tmp_path / "inbox", port=0) as sink:
+        with smtplib.SMTP(sink.host, sink.port) as smtp:
+            smtp.sendmail("a@example.org", ["b@example.org"],
+                          b"Subject: Hello\r\nContent-Type: text/html\r\n\r\n"
+                          b"<p onclick=\"x()\">hi</p><script>alert(1)</script>\r\n")
+        (message,) = sink.messages()
+    app = create_app(settings, dev_inbox=tmp_path / "inbox")
+    with TestClient(app, base_url=settings.base_url) as client:
+        listing = client.get("/dev/inbox")
+        assert listing.status_code == 200 and "Hello" in listing.text
+        shown = client.get(f"/dev/inbox/{message.key}")
+        assert shown.status_code == 200 and "b@example.org" in shown.text
+        assert "<script>alert(1)" not in shown.text  # the raw HTML is never in our page
+        html = client.get(f"/dev/inbox/{message.key}/html")
+        csp = html.headers["content-security-policy"]
+        assert csp.startswith("sandbox ") and "allow-scripts" not in csp
+        assert "script-src" not in csp and "default-src 'none'" in csp
+        assert client.get("/dev/inbox/..%2f..%2fetc%2fpasswd").status_code == 404
+        assert client.get("/dev/inbox/nope/html").status_code == 404
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def served_demo(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mailer", "demo", "--port", str(port)],
+                            cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+    threading.Thread(target=read, daemon=True).start()
+
+    def answering() -> bool:
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as response:  # noqa: S310
+                return response.status == 200
+        except OSError:
+            return proc.poll() is not None  # stop waiting if it died
+    try:
+        assert _wait(answering, 240) and proc.poll() is None, "".join(lines)
+        assert f"{base}/dev/inbox" in "".join(lines)  # it prints the URLs to open
+        yield base, tmp_path / "var" / "demo"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.browser
+def test_open_the_dev_inbox_open_the_edition_and_follow_its_unsubscribe_link(
+        browser: Any, served_demo: tuple[str, Path]) -> None:
+    base, demo = served_demo
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    try:
+        page.goto(f"{base}/dev/inbox")
+        assert page.locator("table.inbox tbody tr").count() == 200
+        page.get_by_role("link", name=SUBJECT).first.click()
+        to = page.locator("dd[data-header='To']").inner_text()
+        address = to.rpartition("<")[2].rstrip(">")
+        assert address.endswith(".example")
+        page.get_by_role("link", name="Open the HTML version, as a reader sees it").click()
+        assert page.locator("h1").first.inner_text().startswith("Modern Slavery")
+        page.get_by_role("link", name="Unsubscribe").first.click()
+        assert page.url.startswith(f"{base}/u/")
+        page.get_by_role("button", name="Unsubscribe").click()
+        assert page.locator("h1").inner_text() == "You are unsubscribed"
+    finally:
+        context.close()
+    engine = create_engine(f"sqlite:///{demo / 'mailer.db'}")
+    try:
+        with engine.connect() as conn:
+            subscriber_id = conn.scalar(select(Subscriber.id).where(Subscriber.email == address))
+            newsletter = conn.scalar(store.segment(["newsletter"])
+                                     .where(Subscriber.id == subscriber_id))
+            editions = conn.scalar(select(func.count()).select_from(Edition))
+    finally:
+        engine.dispose()
+    assert subscriber_id is not None and newsletter is None  # no more newsletters for them
+    assert editions == 1
