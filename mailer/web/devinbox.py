@@ -65,7 +65,7 @@ def router(directory: Path) -> APIRouter:
     async def show(request: Request, key: str) -> HTMLResponse:
         message = _parsed(sink, key)
         fields = [(name, str(message[name])) for name in
-                   ("From", "To", "Subject", "Date", "Message-ID", "List-Id",
+                   ("From", "To", "Delivered-To", "Subject", "Date", "Message-ID", "List-Id",
                     "List-Unsubscribe", "List-Unsubscribe-Post") if message[name]]
         attachments = [(part.get_filename() or "(unnamed)", part.get_content_type())
                        for part in message.iter_attachments()]
