@@ -1,0 +1,176 @@
+"""The console end to end in headless Chromium under uvicorn, mail to a real SMTP sink, the real
+worker: upload, preview at phone width, test send, request approval, refused self-approval,
+a second co-ordinator approves and sends, the send completes, and the audit log shows it all
+with both names. A second test runs axe-core over every console page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import expect
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from mailer import audit
+from mailer.config import Settings
+from mailer.models import Edition, EditionStatus
+from mailer.worker import Worker
+from subscribers.db import session_factory
+from tests.smtp_servers import FaultServer
+from tests.test_admin_routes import PASSWORD, make_user, people
+from tests.test_web_e2e import AXE, _axe, served  # noqa: F401
+from tests.web_fixtures import SAMPLE, fault_server, make_fault_server, sink  # noqa: F401
+
+pytestmark = pytest.mark.browser
+READERS = [("r1@kent.police.uk", "kent"), ("r2@essex.police.uk", "essex"),
+           ("r3@kent.police.uk", "kent")]
+
+
+def _sign_in(page: Any, base: str, login: str) -> None:
+    page.goto(f"{base}/admin")
+    expect(page.get_by_role("heading", name="Sign in to the console")).to_be_visible()
+    page.get_by_label("Login").fill(login)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
+
+
+def test_upload_approve_by_another_and_send_in_chromium(
+        browser: Any, served: Settings, sink: FaultServer, engine: Engine,
+        artifacts: Path) -> None:
+    base = served.base_url
+    make_user(engine, "alice", name="Alice Author", email="alice@kent.police.uk")
+    make_user(engine, "bob", name="Bob Approver", email="bob@essex.police.uk")
+    people(engine, served, READERS)
+
+    first = browser.new_context(user_agent="e2e alice")
+    page = first.new_page()
+    try:
+        _sign_in(page, base, "alice")
+        page.get_by_role("link", name="Editions").click()
+        page.get_by_role("link", name="Upload an edition").click()
+        page.get_by_label("Edition file (.md)").set_input_files(str(SAMPLE))
+        page.get_by_role("button", name="Save and preview").click()
+        expect(page.get_by_text("Saved. Check the preview below.")).to_be_visible()
+        edition_url = page.url.split("?")[0]
+        eid = int(edition_url.rsplit("/", 1)[1])
+        expect(page.locator("pre.plain")).to_contain_text("Modern Slavery")
+
+        # The phone frame is 375 px wide and the email fits it without sideways scrolling.
+        frame = page.frame_locator("iframe.phone")
+        expect(frame.locator("body")).to_contain_text("Modern Slavery")
+        box = page.locator("iframe.phone").bounding_box()
+        assert box is not None and 370 <= box["width"] <= 385
+        widths = page.frames[-1].evaluate(
+            "() => [document.documentElement.scrollWidth, window.innerWidth]")
+        assert widths[0] <= widths[1] + 1, widths
+        page.screenshot(path=str(artifacts / "admin-edition-preview.png"), full_page=True)
+
+        page.get_by_role("button", name="Send a test to alice@kent.police.uk").click()
+        expect(page.get_by_text("A test copy was sent to alice@kent.police.uk.")).to_be_visible()
+        assert sink.handler.wait_until(lambda h: h.copies("alice@kent.police.uk") >= 1,
+                                       timeout=15)
+
+        page.get_by_role("button", name="Request approval").click()
+        expect(page.get_by_text("Approval requested: another")).to_be_visible()
+        page.get_by_role("button", name="Approve").click()  # the author tries: refused
+        expect(page.get_by_role("heading", name="You cannot approve this edition")
+               ).to_be_visible()
+    finally:
+        first.close()
+    with Session(engine) as session:
+        assert session.get(Edition, eid).status == EditionStatus.DRAFT
+
+    second = browser.new_context(user_agent="e2e bob")
+    page = second.new_page()
+    try:
+        _sign_in(page, base, "bob")
+        page.goto(edition_url)
+        page.get_by_role("button", name="Approve").click()
+        expect(page.get_by_text("Approved. It can now be scheduled or sent.")).to_be_visible()
+        page.get_by_label("Send it to everyone in its audience now").check()
+        page.get_by_role("button", name="Send now").click()
+        expect(page.get_by_text("Sending: 3 message(s) queued.")).to_be_visible()
+
+        sessions = session_factory(engine)
+        fast = served.model_copy(update={"rate_per_minute": 0, "rate_per_day": 0})
+        # Playwright's sync API owns this thread's event loop: the worker gets a thread.
+        worker = threading.Thread(target=lambda: asyncio.run(
+            Worker(fast, sessions, poll=0.05).run(drain=True)))
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive()
+
+        page.goto(f"{edition_url}/progress")
+        expect(page.locator("#count-sent")).to_have_text("3")
+        expect(page.locator("#count-queued")).to_have_text("0")
+        page.get_by_role("link", name="Audit log").click()
+        rows = page.locator("table.audit tbody tr")
+        text = " | ".join(rows.all_inner_texts())
+        page.screenshot(path=str(artifacts / "admin-audit.png"), full_page=True)
+    finally:
+        second.close()
+
+    for email, _region in READERS:
+        assert sink.handler.copies(email) == 1
+    with Session(engine) as session:
+        edition = session.get(Edition, eid)
+        assert edition.status == EditionStatus.SENT
+        assert (edition.created_by, edition.approval_requested_by, edition.approved_by,
+                edition.scheduled_by) == ("alice", "alice", "bob", "bob")
+        trail = [(e.actor, e.action) for e in session.scalars(
+            select(audit.AuditEntry).order_by(audit.AuditEntry.id))]
+    assert trail == [("alice", "login.ok"), ("alice", "edition.save"),
+                     ("alice", "edition.test_send"), ("alice", "edition.request_approval"),
+                     ("bob", "login.ok"), ("bob", "edition.approve"), ("bob", "edition.send")]
+    for name, action in (("Alice Author", "edition.save"), ("Alice Author", "edition.test_send"),
+                         ("Alice Author", "edition.request_approval"),
+                         ("Bob Approver", "edition.approve"), ("Bob Approver", "edition.send")):
+        assert any(name in row and action in row for row in text.split(" | ")), (name, action)
+
+
+def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: FaultServer,
+                                       engine: Engine) -> None:
+    if not AXE.exists():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"axe-core missing at {AXE}")
+        pytest.skip("axe-core not installed (npm install --prefix var/axe axe-core@4)")
+    base = served.base_url
+    make_user(engine, "root", role="admin", regions=(), name="Ada Admin",
+              email="ada@kent.police.uk")
+    (sid, *_rest) = people(engine, served, READERS)
+    context = browser.new_context(bypass_csp=True)  # only so axe itself can be injected
+    page = context.new_page()
+    problems: list[str] = []
+    try:
+        page.goto(f"{base}/admin/login")
+        problems += _axe(page)
+        page.get_by_role("button", name="Sign in").click()  # empty: the error state
+        problems += _axe(page)
+        _sign_in(page, base, "root")
+        page.goto(f"{base}/admin/editions/new")
+        page.get_by_label("Edition file (.md)").set_input_files(str(SAMPLE))
+        page.get_by_role("button", name="Save and preview").click()
+        eid = int(page.url.split("?")[0].rsplit("/", 1)[1])
+        for path in ("/admin", "/admin/subscribers", f"/admin/subscribers/{sid}",
+                     "/admin/subscribers/new", f"/admin/subscribers/{sid}/erase",
+                     "/admin/import", "/admin/editions", "/admin/editions/new",
+                     f"/admin/editions/{eid}", f"/admin/editions/{eid}/edit",
+                     f"/admin/editions/{eid}/progress", "/admin/events", "/admin/audit",
+                     "/admin/users", "/admin/subscribers/999999"):
+            page.goto(base + path)
+            problems += _axe(page)
+        page.goto(f"{base}/admin/editions/new")
+        page.get_by_label("Or paste the source").fill("---\ntitle: x\n---\n")
+        page.get_by_role("button", name="Save and preview").click()
+        expect(page.get_by_role("heading", name="There is a problem")).to_be_visible()
+        problems += _axe(page)
+    finally:
+        context.close()
+    assert problems == []
