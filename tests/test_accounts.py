@@ -1,0 +1,168 @@
+"""Accounts, sign-in and the audit log against real databases: argon2id, lockout, TOTP
+(RFC 6238 test vectors), sessions, API tokens, four-eyes approval and append-only audit."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from mailer import accounts, audit, outbox
+from mailer.accounts import AccountError, LoginOutcome
+from mailer.config import Settings
+from subscribers.db import session_factory
+from tests.test_admin_routes import PASSWORD, app_client, login, make_user, sample_edition  # noqa
+from tests.web_fixtures import fault_server, make_fault_server, sink, web_settings  # noqa: F401
+
+RFC_SECRET = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"  # "12345678901234567890", RFC 6238 App. B
+
+
+@pytest.mark.parametrize(("unix", "code"), [(59, "287082"), (1111111109, "081804"),
+                                            (1234567890, "005924"), (2000000000, "279037")])
+def test_totp_matches_the_rfc_6238_test_vectors(unix: int, code: str) -> None:
+    # RFC 6238's 8-digit SHA-1 values, truncated to the 6 digits authenticator apps show.
+    now = datetime.fromtimestamp(unix, UTC)
+    assert accounts.totp_code(RFC_SECRET, accounts.totp_step(now)) == code
+
+
+def test_a_totp_code_works_once_and_only_near_its_time() -> None:
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    code = accounts.totp_code(RFC_SECRET, accounts.totp_step(now))
+    step = accounts.totp_match(RFC_SECRET, code, now, None)
+    assert step == accounts.totp_step(now)
+    assert accounts.totp_match(RFC_SECRET, code, now, step) is None  # replayed
+    assert accounts.totp_match(RFC_SECRET, code, now + timedelta(minutes=5), None) is None
+    assert accounts.totp_match(RFC_SECRET, "12345", now, None) is None
+
+
+def test_passwords_are_argon2id_and_weak_ones_are_refused(session: Session) -> None:
+    user = accounts.add_user(session, login="Jo", display_name="Jo  Smith", role="coordinator",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    assert user.login == "jo" and user.display_name == "Jo Smith"
+    assert user.password_hash.startswith("$argon2id$")
+    with pytest.raises(AccountError, match="too short"):
+        accounts.add_user(session, login="al", display_name="Al", role="viewer",
+                          password="short", regions=["kent"], known_regions=["kent"])
+    with pytest.raises(AccountError, match="needs at least one region"):
+        accounts.add_user(session, login="al", display_name="Al", role="coordinator",
+                          password=PASSWORD, regions=[], known_regions=["kent"])
+    with pytest.raises(AccountError, match="already"):
+        accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
+                          password=PASSWORD, regions=["kent"], known_regions=["kent"])
+
+
+def test_five_wrong_passwords_lock_the_account_even_against_the_right_one(
+        session: Session) -> None:
+    accounts.add_user(session, login="jo", display_name="Jo", role="viewer", password=PASSWORD,
+                      regions=["kent"], known_regions=["kent"])
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    outcomes = [accounts.authenticate(session, "jo", "wrong password!", now=now).outcome
+                for _ in range(5)]
+    assert outcomes == [LoginOutcome.BAD] * 4 + [LoginOutcome.LOCKED]
+    assert accounts.authenticate(session, "jo", PASSWORD, now=now).outcome == LoginOutcome.LOCKED
+    later = now + accounts.LOCK_FOR + timedelta(seconds=1)
+    assert accounts.authenticate(session, "jo", PASSWORD, now=later).outcome == LoginOutcome.OK
+    assert accounts.authenticate(session, "nobody", PASSWORD).outcome == LoginOutcome.BAD
+
+
+def test_totp_is_required_once_enabled(session: Session) -> None:
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    secret = accounts.enable_totp(session, user)
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    assert accounts.authenticate(session, "jo", PASSWORD, now=now).outcome == \
+        LoginOutcome.NEED_CODE
+    code = accounts.totp_code(secret, accounts.totp_step(now))
+    assert accounts.authenticate(session, "jo", PASSWORD, code, now=now).outcome == \
+        LoginOutcome.OK
+    assert accounts.authenticate(session, "jo", PASSWORD, code, now=now).outcome == \
+        LoginOutcome.BAD  # the same code again
+
+
+def test_disabling_ends_sessions_and_revokes_tokens(session: Session) -> None:
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="coordinator",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    cookie = accounts.start_session(session, user, "10.0.0.1")
+    _row, token = accounts.create_token(session, user, name="script")
+    assert accounts.session_user(session, cookie) is user
+    assert accounts.token_actor(session, token) is not None
+    with pytest.raises(AccountError, match="more rights"):
+        accounts.create_token(session, user, name="x", role="admin")
+    accounts.disable_user(session, user)
+    assert accounts.session_user(session, cookie) is None
+    assert accounts.token_actor(session, token) is None
+    assert accounts.authenticate(session, "jo", PASSWORD).outcome == LoginOutcome.DISABLED
+
+
+def test_an_idle_session_expires(session: Session) -> None:
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    cookie = accounts.start_session(session, user, None, now=now)
+    assert accounts.session_user(session, cookie, now=now + timedelta(minutes=30)) is user
+    assert accounts.session_user(session, cookie, now=now + timedelta(hours=3)) is None
+
+
+def test_the_audit_log_refuses_update_and_delete_in_the_database(engine: Engine) -> None:
+    with session_factory(engine)() as session:
+        audit.record(session, actor="jo", action="login.ok", ip="10.0.0.1")
+        session.commit()
+    for statement in ("UPDATE audit_entry SET actor = 'someone else'", "DELETE FROM audit_entry"):
+        with engine.connect() as conn, pytest.raises(DBAPIError, match="append-only"):
+            conn.execute(text(statement))
+    with session_factory(engine)() as session, pytest.raises(DBAPIError):
+        session.execute(update(audit.AuditEntry).values(action="x"))
+    with Session(engine) as session:
+        total, rows = audit.entries(session)
+        assert total == 1 and rows[0].actor == "jo"
+
+
+def test_the_author_cannot_approve_and_an_edit_withdraws_approval(
+        engine: Engine, settings: Settings) -> None:
+    eid = sample_edition(engine, settings, author="alice")
+    with session_factory(engine)() as session:
+        edition = outbox.get_edition(session, eid)
+        with pytest.raises(outbox.EditionConflict, match="asked"):
+            outbox.approve(session, edition, "bob")
+        outbox.request_approval(session, edition, "alice")
+        with pytest.raises(outbox.ApprovalRefused):
+            outbox.approve(session, edition, "alice")
+        with pytest.raises(outbox.EditionConflict, match="only an approved"):
+            outbox.send_approved(session, edition, "alice")
+        assert outbox.approve(session, edition, "bob")
+        when = datetime.now(UTC) + timedelta(days=1)
+        outbox.schedule(session, edition, "bob", when)
+        assert (edition.status, edition.scheduled_by) == ("scheduled", "bob")
+        changed_source = edition.source.replace("Feedback and suggestions",
+                                                "Feedback or suggestions")
+        _edition, changed = outbox.store_edition_source(session, settings, edition.slug,
+                                                        changed_source, "alice")
+        assert changed
+        assert (edition.status, edition.approved_by, edition.scheduled_for) == \
+            ("draft", None, None)
+
+
+def test_every_sign_in_attempt_is_audited_with_its_address(app_client: TestClient,
+                                                       engine: Engine) -> None:
+    make_user(engine, "jo")
+    for _ in range(3):
+        assert login(app_client, "jo", "wrong password!").status_code == 401
+    assert login(app_client, "jo").status_code == 303
+    with Session(engine) as session:
+        _total, rows = audit.entries(session)
+        assert [r.action for r in reversed(rows)] == ["login.bad"] * 3 + ["login.ok"]
+        assert all(r.ip for r in rows)
+
+
+def test_the_session_cookie_is_httponly_lax_and_expiring(app_client: TestClient,
+                                                         engine: Engine) -> None:
+    make_user(engine, "jo")
+    cookie = login(app_client, "jo").headers["set-cookie"]
+    assert re.search(r"HttpOnly", cookie) and re.search(r"SameSite=lax", cookie, re.I)
+    assert "Max-Age=28800" in cookie
+    assert "Secure" not in cookie  # http://testserver; https base URLs get Secure and __Host-
