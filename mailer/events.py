@@ -512,8 +512,8 @@ def load_ics(path: Path) -> list[EventSpec]:
             trigger = alarm.get("TRIGGER")
             if trigger is not None and isinstance(trigger.dt, timedelta) and trigger.dt <= \
                     timedelta(0):
-                offsets.append(max(0, -trigger.dt.days if trigger.dt.seconds == 0
-                                   else -trigger.dt.days - 1))
+                # before the (all-day) start, in whole days, rounded up: -PT12H is the day before
+                offsets.append(-(trigger.dt // timedelta(days=1)))
         url = component.get("URL")
         spec = EventSpec(name=summary, starts_on=on, ends_on=until, yearly=yearly,
                          description=str(component.get("DESCRIPTION") or ""),

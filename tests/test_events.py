@@ -195,6 +195,11 @@ DTSTAMP:20260101T000000Z\r
 SUMMARY:Operation Aidant week\r
 DTSTART;VALUE=DATE:20270315\r
 DTEND;VALUE=DATE:20270322\r
+BEGIN:VALARM\r
+ACTION:DISPLAY\r
+DESCRIPTION:soon\r
+TRIGGER:-PT12H\r
+END:VALARM\r
 END:VEVENT\r
 END:VCALENDAR\r
 """
@@ -207,8 +212,8 @@ def test_icalendar_import(tmp_path: Path) -> None:
     assert (first.name, first.starts_on, first.yearly, first.offsets, first.link) == (
         "Anti-Slavery Day", date(2010, 10, 18), True, [7], "https://example.org/asd")
     assert first.ends_on is None  # a one-day all-day event
-    assert (second.starts_on, second.ends_on, second.yearly) == (
-        date(2027, 3, 15), date(2027, 3, 21), False)
+    assert (second.starts_on, second.ends_on, second.yearly, second.offsets) == (
+        date(2027, 3, 15), date(2027, 3, 21), False, [1])  # 12 hours before: the day before
 
 
 @pytest.mark.parametrize(("content", "message"), [
