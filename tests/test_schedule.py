@@ -363,6 +363,10 @@ def test_the_clock_wakes_at_the_due_time_and_a_second_scheduler_stands_by(
                                 heartbeat_seconds=0.05, standby_seconds=0.05)
     t1, stop1 = _start(first)
     assert first.leading.wait(10)
+    job = first._aps.get_job("catch-up")  # type: ignore[attr-defined]
+    # not APScheduler's defaults: a 1 s grace would drop a wake-up that came late
+    assert job.misfire_grace_time == schedule.MISFIRE_GRACE_SECONDS and job.coalesce
+    assert str(first._aps.timezone) == "Europe/London"  # type: ignore[attr-defined]
     t2, stop2 = _start(second)
     try:
         assert wait_for(lambda: any("standby" in r.message for r in caplog.records), 10)
