@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     retry_base_seconds: int = Field(60, ge=1)
     retry_cap_seconds: int = Field(1800, ge=1)
     retry_give_up_hours: int = Field(48, ge=1)
+    require_approval: bool = Field(
+        True, description="An edition needs a second co-ordinator's approval before it is sent")
     bounce_address: str = Field(
         "", description="Envelope sender for list mail; with verp, bounces+REF@ its domain")
     verp: bool = Field(True, description="Give each delivery its own return path (VERP)")

@@ -544,6 +544,23 @@ def approve(session: Session, edition: Edition, approver: str,
     return True
 
 
+def eta_text(settings: Settings, remaining: int) -> str:
+    """How long the rate limits make the rest of a send take (no limit: as fast as the relay)."""
+    if remaining <= 0:
+        return "done"
+    minutes = []
+    if settings.rate_per_minute:
+        minutes.append(remaining / settings.rate_per_minute)
+    if settings.rate_per_day:
+        minutes.append((remaining // settings.rate_per_day) * 24 * 60)
+    if not minutes:
+        return "no rate limit: as fast as the relay accepts"
+    total = timedelta(minutes=max(minutes))
+    hours, rest = divmod(int(total.total_seconds()), 3600)
+    return f"about {hours} h {rest // 60} min at the configured rate limits" if hours else \
+        f"about {max(1, rest // 60)} min at the configured rate limits"
+
+
 def _require_approved(edition: Edition) -> None:
     if edition.status not in (EditionStatus.APPROVED, EditionStatus.SCHEDULED) \
             or not edition.approved_by:

@@ -157,3 +157,22 @@ def test_usage_errors_and_aborts_are_one_clear_message(
     code, _, err = mailer(capsys, "subscribers", "erase", "1")
     assert code == 130 and "nothing was changed" in err
     assert json.loads(mailer(capsys, "subscribers", "show", "1", "--json")[1])["profile"]["email"]
+
+
+SAMPLE = Path(__file__).resolve().parent.parent / "editions" / "2020-q3-kent-essex.md"
+
+
+def test_sending_from_the_command_line_needs_a_second_persons_approval(
+        settings: Settings, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert mailer(capsys, "subscribers", "add", "jo@kent.police.uk", "--lawful-basis",
+                  "public_task", "--region", "kent")[0] == 0
+    code, out, _ = mailer(capsys, "edition", "send", str(SAMPLE))
+    assert code == 0 and "1 recipient(s)" in out and "dry run" in out
+    code, _, err = mailer(capsys, "edition", "send", str(SAMPLE), "--confirm")
+    assert code == 1 and "only an approved edition" in err and "another co-ordinator" in err
+    monkeypatch.setenv("MAILER_REQUIRE_APPROVAL", "false")  # one person runs everything
+    code, out, _ = mailer(capsys, "edition", "send", str(SAMPLE), "--confirm")
+    assert code == 0 and "queued 1 message(s)" in out
+    code, out, _ = mailer(capsys, "edition", "send", str(SAMPLE), "--confirm")
+    assert code == 0 and "queued 0 message(s)" in out  # the same edition again: nobody twice

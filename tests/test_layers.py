@@ -54,3 +54,10 @@ def test_the_leaves_touch_no_database() -> None:
 def test_nothing_below_the_top_layer_imports_it() -> None:
     lower = [m for m in MODULES if not m.startswith(TOP)]
     assert _offenders(lower, TOP) == []
+
+
+def test_the_web_does_not_reach_into_the_cli() -> None:
+    """The CLI starts the web app (`mailer web`, `run`, `demo`); the web never needs the CLI:
+    what both use belongs in the library."""
+    web = [m for m in MODULES if m.startswith("mailer.web")]
+    assert _offenders(web, ("mailer.cli",)) == []

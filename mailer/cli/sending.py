@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import typer
@@ -39,23 +38,6 @@ def _edition(rt: Runtime, session, ident: str) -> Edition:  # type: ignore[no-un
     return outbox.get_edition(session, ident)
 
 
-def eta_text(settings: Settings, remaining: int) -> str:
-    """How long the rate limits make the rest of a send take (no limit: as fast as the relay)."""
-    if remaining <= 0:
-        return "done"
-    minutes = []
-    if settings.rate_per_minute:
-        minutes.append(remaining / settings.rate_per_minute)
-    if settings.rate_per_day:
-        minutes.append((remaining // settings.rate_per_day) * 24 * 60)
-    if not minutes:
-        return "no rate limit: as fast as the relay accepts"
-    total = timedelta(minutes=max(minutes))
-    hours, rest = divmod(int(total.total_seconds()), 3600)
-    return f"about {hours} h {rest // 60} min at the configured rate limits" if hours else \
-        f"about {max(1, rest // 60)} min at the configured rate limits"
-
-
 @edition_app.command()
 def send(ctx: typer.Context,
          edition: str = typer.Argument(..., help="An edition file (.md), id or slug"),
@@ -76,12 +58,16 @@ def send(ctx: typer.Context,
             for value, n in counts.items():
                 table.add_row(value, str(n))
             console.print(table)
+        eta = outbox.eta_text(rt.settings, total)
         console.print(f"edition {found.id} '{escape(found.slug)}' ({found.status}): "
-                      f"{total} recipient(s) in its audience; {eta_text(rt.settings, total)}")
+                      f"{total} recipient(s) in its audience; {eta}")
         if not confirm:
             console.print("dry run: nothing was sent; add --confirm to queue it for sending")
             return
-        added = outbox.enqueue(session, found)
+        if rt.settings.require_approval:
+            added = outbox.send_approved(session, found, _operator())
+        else:
+            added = outbox.enqueue(session, found)
         slug = found.slug
     console.print(f"[green]queued {added} message(s)[/] for '{escape(slug)}'; "
                   "`mailer worker` sends them, `mailer edition status` follows them")
@@ -107,7 +93,7 @@ def _status_table(p: outbox.Progress, settings: Settings) -> Table:
                  "skipped"):
         table.add_row(name, str(p.counts[name]))
     table.add_row("possible duplicates", str(p.ambiguous))
-    table.add_row("ETA", eta_text(settings, p.remaining))
+    table.add_row("ETA", outbox.eta_text(settings, p.remaining))
     return table
 
 

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
-from mailer import accounts, audit, events, outbox
+from mailer import accounts, audit, events, outbox, privacy
 from mailer.accounts import Actor, Permission
 from mailer.config import Settings
 from mailer.edition import EditionErrors
@@ -394,9 +394,7 @@ async def dashboard(request: Request) -> HTMLResponse:
 
 
 def _eta(settings: Settings, remaining: int) -> str:
-    from mailer.cli.sending import eta_text
-
-    return eta_text(settings, remaining)
+    return outbox.eta_text(settings, remaining)
 
 
 # ---------------------------------------------------------------- subscribers
@@ -547,7 +545,7 @@ async def subscriber_view(request: Request, sid: int) -> HTMLResponse:
 
     def work(session: Session) -> dict[str, Any]:
         subscriber = _scoped_subscriber(session, actor, sid)
-        return {"s": store.subject_access(session, subscriber),
+        return {"s": privacy.subject_access(session, subscriber),
                 "deliveries": outbox.deliveries_for(session, sid)}
 
     view = await w.run(work)
@@ -634,7 +632,7 @@ async def subscriber_erase_confirm(request: Request, sid: int) -> HTMLResponse:
     actor = await _actor(request, Permission.SUBSCRIBERS_ERASE)
 
     def work(session: Session) -> dict[str, Any]:
-        return store.subject_access(session, _scoped_subscriber(session, actor, sid))["profile"]
+        return privacy.subject_access(session, _scoped_subscriber(session, actor, sid))["profile"]
 
     profile = await public.web(request).run(work)
     return _page(request, actor, "erase.html.j2", title="Erase a subscriber", sid=sid,
@@ -647,7 +645,7 @@ async def subscriber_erase(request: Request, sid: int) -> Response:
         if _text(form, "confirm") != "erase":
             raise InvalidInput("confirm", "type the word erase to confirm")
         outbox.forget_subscriber(session, sid)
-        store.erase(session, subscriber, _ctx(actor, request))
+        privacy.erase(session, subscriber, _ctx(actor, request))
         _record(session, actor, request, "subscriber.erase", f"subscriber:{sid}")
         return f"Subscriber {sid} was erased."
 
