@@ -200,8 +200,13 @@ def run_demo(console: Console, *, directory: Path = DEMO_DIR, serve: bool = True
         console.print(f"demo database: {escape(settings.database)}")
         sessions = prepare(settings, count)
         with session_scope(sessions) as session:
-            edition, _ = outbox.store_edition_file(session, settings, SAMPLE_EDITION, "demo")
-            queued = outbox.enqueue(session, edition)
+            # The four-eyes path a real send takes: one co-ordinator writes and asks, another
+            # approves; the edition's record shows both.
+            edition, _ = outbox.store_edition_file(session, settings, SAMPLE_EDITION,
+                                                   "demo.author")
+            outbox.request_approval(session, edition, "demo.author")
+            outbox.approve(session, edition, "demo.approver")
+            queued = outbox.send_approved(session, edition, "demo.approver")
             edition_id, slug, subject = edition.id, edition.slug, edition.subject
         console.print(f"{count} demo subscribers; edition '{escape(slug)}' queued for "
                       f"{queued} of them")

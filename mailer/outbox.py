@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import Select, bindparam, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -569,17 +570,48 @@ def _require_approved(edition: Edition) -> None:
                               hint="ask for approval, and have another co-ordinator approve it")
 
 
+class ScheduleError(MailerError):
+    """A schedule request that cannot be met (bad or unsafe time, wrong edition state)."""
+
+
+LONDON = ZoneInfo("Europe/London")  # the time people mean, whatever the server's zone
+
+
+def uk_time(at: datetime) -> str:
+    return at.astimezone(LONDON).strftime("%a %d %b %Y %H:%M %Z")
+
+
+def utc_time(at: datetime) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%MZ")
+
+
+def check_send_at(at: datetime, *, now: datetime | None = None,
+                  what: str = "the send time") -> datetime:
+    """A send time people may choose: aware, in the future, and not 01:00-02:59 UK time, which
+    the clock changes skip (March) or repeat (October). Returned in UTC."""
+    if at.tzinfo is None:
+        raise ScheduleError(f"{what} needs its time zone")
+    local = at.astimezone(LONDON)
+    if 1 <= local.hour <= 2:
+        raise ScheduleError(f"{what}: {local:%H:%M} UK time is between 01:00 and 02:59, which "
+                            "the clock change skips or repeats", hint="choose 03:00 or later")
+    if at <= (now or utcnow()):
+        raise ScheduleError(f"{what}: {uk_time(at)} has already passed")
+    return at.astimezone(UTC)
+
+
 def schedule(session: Session, edition: Edition, actor: str, when: datetime,
-             now: datetime | None = None) -> None:
-    """Set when an approved edition goes out; the scheduler (mailer.schedule) fires it."""
-    _require_approved(edition)
-    now = now or utcnow()
-    if when.tzinfo is None:
-        raise MailerError("a send time needs its time zone")
-    if when <= now:
-        raise MailerError("that time has passed: choose a time in the future, or send now")
+             now: datetime | None = None, *, require_approval: bool = True) -> None:
+    """Set when an edition goes out; the scheduler (mailer.schedule) fires it. Every face
+    schedules through here, so the approval rule and the time rules hold for all of them."""
+    if require_approval:
+        _require_approved(edition)
+    elif edition.status not in STARTABLE:
+        raise ScheduleError(f"edition '{edition.slug}' is {edition.status}; it cannot be "
+                            "scheduled", hint="only a draft or approved edition can be")
+    when = check_send_at(when, now=now)
     if edition.not_after is not None and when >= edition.not_after:
-        raise MailerError("that is after the edition's 'not after' time")
+        raise ScheduleError("that is after the edition's 'not after' time")
     edition.scheduled_for, edition.scheduled_by = when, actor
     edition.status = EditionStatus.SCHEDULED
     session.flush()

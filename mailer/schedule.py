@@ -40,22 +40,18 @@ from mailer.config import Settings
 from mailer.errors import MailerError
 from mailer.events import Event, Reminder, ReminderStatus
 from mailer.models import Edition, EditionKind, EditionStatus
+from mailer.outbox import LONDON, ScheduleError, check_send_at, uk_time, utc_time
 from mailer.render import Attachment, compile_list_email
 from subscribers.db import normalise_url, session_scope, utcnow
 
 log = logging.getLogger(__name__)
 
-LONDON = ZoneInfo("Europe/London")
 CATCH_UP_SECONDS = 300  # the catch-up pass runs at least this often
 MISFIRE_GRACE_SECONDS = 6 * 3600  # a late wake-up still runs (the tables decide what is due)
 QUARTER_MONTHS = (1, 4, 7, 10)  # the newsletter's usual send date: first Monday of these
 NUDGE_DAYS = 21  # three weeks before it, nothing approved -> tell the co-ordinators
 SCHEDULABLE = frozenset({EditionStatus.DRAFT, EditionStatus.APPROVED, EditionStatus.SCHEDULED})
 ADVISORY_KEY = (0x4D534854, 6)  # "MSHT", issue 6: the two-int advisory lock key
-
-
-class ScheduleError(MailerError):
-    """A schedule request that cannot be met (bad or unsafe time, wrong edition state)."""
 
 
 # ---------------------------------------------------------------- times people type
@@ -75,52 +71,29 @@ def parse_at(value: str, *, now: datetime | None = None, zone: ZoneInfo = LONDON
                             hint="UK time is assumed; add +00:00 or Z for UTC") from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=zone)
-    return check_send_at(parsed.astimezone(UTC), now=now, zone=zone, what=f'{what} "{value}"')
-
-
-def check_send_at(at: datetime, *, now: datetime | None = None, zone: ZoneInfo = LONDON,
-                  what: str = "the send time") -> datetime:
-    local = at.astimezone(zone)
-    if 1 <= local.hour <= 2:
-        raise ScheduleError(f"{what}: {local:%H:%M} UK time is between 01:00 and 02:59, which "
-                            "the clock change skips or repeats", hint="choose 03:00 or later")
-    if at <= (now or utcnow()):
-        raise ScheduleError(f"{what}: {uk_time(at)} has already passed")
-    return at.astimezone(UTC)
-
-
-def uk_time(at: datetime) -> str:
-    return at.astimezone(LONDON).strftime("%a %d %b %Y %H:%M %Z")
-
-
-def utc_time(at: datetime) -> str:
-    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%MZ")
+    return check_send_at(parsed.astimezone(UTC), now=now, what=f'{what} "{value}"')
 
 
 # ---------------------------------------------------------------- editions
 
 def schedule_edition(session: Session, edition: Edition, at: datetime, actor: str | None,
-                     *, now: datetime | None = None) -> Edition:
-    """Send `edition` at `at` (UTC, checked). Rescheduling a scheduled one moves it."""
-    check_send_at(at, now=now)
-    if edition.status not in SCHEDULABLE:
-        raise ScheduleError(f"edition '{edition.slug}' is {edition.status}; it cannot be "
-                            "scheduled", hint="only a draft or approved edition can be")
-    edition.status = EditionStatus.SCHEDULED
-    edition.scheduled_for = at
-    edition.scheduled_by = actor
-    session.flush()
+                     *, now: datetime | None = None, require_approval: bool = True) -> Edition:
+    """Send `edition` at `at` (checked: not past, not in the clock-change hours). Rescheduling
+    a scheduled one moves it. Needs an approved edition unless approval is not required."""
+    outbox.schedule(session, edition, actor or "cli", at, now=now,
+                    require_approval=require_approval)
     log.info("edition %s '%s' scheduled for %s (%s) by %s", edition.id, edition.slug,
              uk_time(at), utc_time(at), actor)
     return edition
 
 
 def reschedule_edition(session: Session, edition: Edition, at: datetime, actor: str | None,
-                       *, now: datetime | None = None) -> Edition:
+                       *, now: datetime | None = None, require_approval: bool = True) -> Edition:
     if edition.status != EditionStatus.SCHEDULED:
         raise ScheduleError(f"edition '{edition.slug}' is {edition.status}, not scheduled",
                             hint="use `mailer edition schedule` for a first time")
-    return schedule_edition(session, edition, at, actor, now=now)
+    return schedule_edition(session, edition, at, actor, now=now,
+                            require_approval=require_approval)
 
 
 def unschedule_edition(session: Session, edition: Edition) -> bool:

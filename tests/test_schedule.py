@@ -247,6 +247,8 @@ def test_reminder_mail_has_the_ics_and_the_unsubscribe_headers(
 def _scheduled(sessions: sessionmaker[Session], settings: Settings, at: datetime) -> int:
     with sessions() as s:
         edition, _ = outbox.store_edition_file(s, settings, SAMPLE, "tester")
+        outbox.request_approval(s, edition, "tester")
+        outbox.approve(s, edition, "second.pair.of.eyes")
         schedule.schedule_edition(s, edition, at, "tester", now=at - timedelta(days=1))
         s.commit()
         return edition.id
@@ -294,6 +296,9 @@ def test_schedule_unschedule_and_reschedule_from_the_command_line(
 
     day = (utcnow().astimezone(LONDON) + timedelta(days=40)).date()
     at = f"{day.isoformat()} 09:00"
+    code, _, err = mailer("edition", "schedule", str(SAMPLE), "--at", at)
+    assert code == 1 and "only an approved edition" in err  # the scheduler must not bypass it
+    monkeypatch.setenv("MAILER_REQUIRE_APPROVAL", "false")
     code, out, _ = mailer("edition", "schedule", str(SAMPLE), "--at", at)
     local = datetime.combine(day, datetime.min.time().replace(hour=9), tzinfo=LONDON)
     assert code == 0 and schedule.uk_time(local) in out and schedule.utc_time(local) in out

@@ -203,7 +203,8 @@ def edition_schedule(ctx: typer.Context,
     when = schedule.parse_at(at)
     with rt.session() as session:
         edition = schedule.schedule_edition(session, _target(rt, session, target), when,
-                                            _operator())
+                                            _operator(),
+                                            require_approval=rt.settings.require_approval)
     _say_scheduled(edition)
 
 
@@ -218,7 +219,8 @@ def edition_reschedule(ctx: typer.Context,
     when = schedule.parse_at(at)
     with rt.session() as session:
         edition = schedule.reschedule_edition(session, outbox.get_edition(session, target), when,
-                                              _operator())
+                                              _operator(),
+                                              require_approval=rt.settings.require_approval)
     _say_scheduled(edition)
 
 
