@@ -68,6 +68,7 @@ def populate(url: str, var: Path, n: int, small: int) -> None:
                                             region="essex" if i < small else "kent"), topics)
                         for i in range(start, min(n, start + 5000))]
             store.bulk_add_active(s, rules, profiles, ctx)
+        store.refresh_statistics(s)  # as the importer does after a large import
         s.commit()
     engine.dispose()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Select, bindparam, func, literal, select, update
+from sqlalchemy import Select, bindparam, func, literal, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -156,6 +156,10 @@ def enqueue(session: Session, edition: Edition, *, now: datetime | None = None) 
     before = rows()
     session.execute(stmt)
     added = rows() - before
+    if added >= 1000 and session.get_bind().dialect.name == "postgresql":
+        # The claims that follow read index ranges that the planner only picks once it
+        # knows the table grew; autovacuum would tell it minutes later.
+        session.execute(text("ANALYZE delivery"))
     if edition.status != EditionStatus.SENDING:
         edition.status = EditionStatus.SENDING
         edition.started_at = edition.started_at or now

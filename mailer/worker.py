@@ -8,7 +8,8 @@ The crash window, honestly: a message whose reply has arrived but whose result i
 committed, or whose final dot was sent but no reply read, is in the relay and still `sending`
 here. If the worker dies, that row's lease runs out, and it is sent again with the same
 Message-ID and marked `ambiguous`: at most the messages in flight at the crash (never more than
-`2 x smtp_connections`) can arrive twice, and `status` counts them. A reply that never comes
+the worker's capacity, max(2 x smtp_connections, batch)) can arrive twice, and `status` counts
+them. A reply that never comes
 after the final dot ends as `unknown` after `unknown_resends` resends, also counted.
 
 Rate limits are derived from the outbox (submissions started in the last minute and the last
@@ -143,7 +144,7 @@ def sqlite_lock_path(url: str) -> Path | None:
 
 class Worker:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], *,
-                 name: str | None = None, batch: int = 50, poll: float = 1.0,
+                 name: str | None = None, batch: int = 100, poll: float = 1.0,
                  policy: Policy | None = None, smtp_timeout: float | None = None,
                  data_timeout: float | None = None,
                  clock: Callable[[], datetime] = utcnow) -> None:
@@ -215,38 +216,88 @@ class Worker:
     async def _loop(self, drain: bool) -> None:
         s = self.settings
         inflight: set[asyncio.Task[tuple[outbox.Claim, SendResult]]] = set()
+        done: list[tuple[outbox.Claim, SendResult]] = []
+        room = asyncio.Event()  # a send finished: the loop may claim more
+        wake = asyncio.Event()  # a result waits: the recorder has work
+        idle = asyncio.Event()  # the recorder has written everything it was given
+        closing = False
+
+        def finished(task: asyncio.Task[tuple[outbox.Claim, SendResult]]) -> None:
+            inflight.discard(task)
+            if not task.cancelled():
+                done.append(task.result())
+                idle.clear()
+                wake.set()
+            room.set()
+
+        async def recorder() -> None:
+            # Writes what arrived during its previous write in one commit: where commits are
+            # slow (PostgreSQL) results share them, and sends never wait for the database.
+            while True:
+                if done:
+                    batch = done[:]
+                    del done[:]
+                    await self._record(batch)
+                    continue
+                if closing:
+                    return
+                idle.set()
+                wake.clear()
+                await wake.wait()
+
         # Claimed rows wait for a free session inside the pool; claiming half a batch at a
         # time keeps claim transactions few without letting the in-flight set grow large.
         capacity = max(2 * s.smtp_connections, self.batch)
-        async with SmtpPool(s.smtp_url.get_secret_value(), size=s.smtp_connections,
-                            max_per_connection=s.smtp_max_per_connection,
-                            timeout=self.smtp_timeout, data_timeout=self.data_timeout) as pool:
-            while True:
-                wanted = 0 if self.stopping.is_set() else capacity - len(inflight)
-                if inflight and wanted < capacity // 2:
-                    wanted = 0
-                claims: list[outbox.Claim] = []
-                if wanted > 0:
-                    allowed = await self._allowance()
-                    if allowed > 0:
-                        claims = await self._db_call(
-                            lambda session, n=min(wanted, allowed, self.batch):
-                            self._claim(session, n))
-                for claim in claims:
-                    inflight.add(asyncio.create_task(self._send(pool, claim)))
-                if not inflight:
-                    if self.stopping.is_set():
-                        return
-                    await self._db_call(outbox.finish_done)
-                    if drain and not await self._due_soon():
-                        return
-                    await self._idle()
-                    continue
-                done, inflight = await asyncio.wait(
-                    inflight, timeout=None if claims or wanted <= 0 else self.poll,
-                    return_when=asyncio.FIRST_COMPLETED)
-                if done:
-                    await self._record([t.result() for t in done])
+        writer = asyncio.create_task(recorder())
+        try:
+            async with SmtpPool(s.smtp_url.get_secret_value(), size=s.smtp_connections,
+                                max_per_connection=s.smtp_max_per_connection,
+                                timeout=self.smtp_timeout,
+                                data_timeout=self.data_timeout) as pool:
+                while True:
+                    if writer.done():  # the database failed: stop sending what we can't record
+                        writer.result()
+                    wanted = 0 if self.stopping.is_set() else capacity - len(inflight)
+                    if inflight and wanted < capacity // 2:
+                        wanted = 0
+                    claims: list[outbox.Claim] = []
+                    if wanted > 0:
+                        allowed = await self._allowance()
+                        if allowed > 0:
+                            claims = await self._db_call(
+                                lambda session, n=min(wanted, allowed, self.batch):
+                                self._claim(session, n))
+                    for claim in claims:
+                        task = asyncio.create_task(self._send(pool, claim))
+                        inflight.add(task)
+                        task.add_done_callback(finished)
+                    if not inflight:
+                        await self._settled(writer, idle)
+                        if self.stopping.is_set():
+                            return
+                        await self._db_call(outbox.finish_done)
+                        if drain and not await self._due_soon():
+                            return
+                        await self._idle()
+                        continue
+                    if not claims:
+                        room.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(room.wait(),
+                                                   timeout=None if wanted <= 0 else self.poll)
+        finally:
+            closing = True
+            wake.set()
+            await writer
+
+    @staticmethod
+    async def _settled(writer: asyncio.Task[None], idle: asyncio.Event) -> None:
+        """Wait until every result handed to the recorder is written (or it failed)."""
+        waiter = asyncio.ensure_future(idle.wait())
+        await asyncio.wait({waiter, writer}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if writer.done():
+            writer.result()
 
     async def _idle(self) -> None:
         with contextlib.suppress(TimeoutError):

@@ -156,6 +156,8 @@ def import_file(sessions: sessionmaker[Session], rules: Rules, path: Path, optio
         _run(session, rules, io.StringIO(text, newline=""), options, report, apply, progress,
              total_lines)
         if apply and report.ok:
+            if report.new >= 1000:
+                store.refresh_statistics(session)
             session.commit()
             report.applied = True
         else:

@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Select, delete, exists, func, insert, select, update
+from sqlalchemy import Select, delete, exists, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from subscribers.db import utcnow
@@ -621,6 +621,14 @@ def existing_by_key(session: Session, keys: Sequence[str]) -> dict[str, str]:
 def suppressed_among(session: Session, digests: Sequence[str]) -> set[str]:
     return set(session.scalars(
         select(Suppression.email_hmac).where(Suppression.email_hmac.in_(list(digests)))))
+
+
+def refresh_statistics(session: Session) -> None:
+    """After a bulk load: PostgreSQL plans from statistics that autovacuum refreshes only
+    later, and with none, per-row lookups (the worker's send-time re-check) become scans."""
+    if session.get_bind().dialect.name == "postgresql":
+        for table in (Subscriber.__table__, Subscription.__table__, ConsentEvent.__table__):
+            session.execute(text(f"ANALYZE {table.name}"))
 
 
 def bulk_add_active(session: Session, rules: Rules,
