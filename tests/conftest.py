@@ -24,6 +24,10 @@ from mailer.config import Settings
 from subscribers.db import make_engine, normalise_url, session_factory
 from subscribers.rules import Rules
 
+# Command output is read by the tests: wide enough that no path or message wraps. Set before
+# any test module imports the CLI, because rich reads it when its consoles are created.
+os.environ["COLUMNS"] = "250"
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 POSTGRES_URL = os.environ.get("MAILER_TEST_POSTGRES_URL", "")
 CHROMIUM = os.environ.get("MAILER_TEST_CHROMIUM", "/usr/bin/chromium")

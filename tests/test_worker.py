@@ -205,10 +205,9 @@ def test_the_rate_limit_holds_in_every_minute(
         assert len(in_window) <= 7
 
 
+@pytest.mark.parametrize("backend", ["sqlite"])  # PostgreSQL workers share the outbox
 def test_one_worker_per_sqlite_file(settings: Settings, sessions: sessionmaker[Session],
                                     backend: str) -> None:
-    if backend != "sqlite":
-        pytest.skip("PostgreSQL workers share the outbox")
     lock = sqlite_lock_path(settings.database)
     assert lock is not None
     from filelock import FileLock
@@ -266,12 +265,11 @@ def test_kill_nine_mid_send_loses_nobody_and_duplicates_only_what_was_in_flight(
     assert extra <= (ambiguous or 0) <= in_flight_at_kills
 
 
-@pytest.mark.postgres
+# SKIP LOCKED is a PostgreSQL matter: SQLite allows one worker.
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_two_workers_on_postgresql_claim_disjoint_rows(
         sessions: sessionmaker[Session], settings: Settings, rules: Rules, tmp_path: Path,
         make_fault_server: Callable[..., FaultServer], backend: str) -> None:
-    if backend != "postgresql":
-        pytest.skip("SKIP LOCKED is a PostgreSQL matter: SQLite allows one worker")
     server = make_fault_server()
     emails = [f"two{i}@essex.police.uk" for i in range(1500)]
     _people(sessions, rules, emails)
