@@ -40,7 +40,7 @@ from subscribers.errors import InvalidInput, SubscriberError
 from subscribers.models import Channel, Subscriber, SubscriberStatus
 from subscribers.rules import Rules
 from subscribers.store import Context, SubscribeOutcome
-from subscribers.tokens import InvalidToken, Purpose, Tokens
+from subscribers.tokens import Claims, InvalidToken, Purpose, Tokens
 from subscribers.validation import is_trusted_domain
 
 T = TypeVar("T")
@@ -247,10 +247,9 @@ def _check_inbox(request: Request, background: BackgroundTask | None = None) -> 
 @router.post("/subscribe")
 async def subscribe_post(request: Request) -> HTMLResponse:
     w = web(request)
-    form = await read_form(request)
-    refused = csrf_refusal(request, form)
-    if refused:
-        return refused
+    form = await checked_form(request)
+    if isinstance(form, HTMLResponse):
+        return form
     topics = await _topics(w)
     values = {name: text(form, name).strip() for name in FIELDS}
     values["topics"] = [v for v in form.getlist("topics") if isinstance(v, str)][:10]
@@ -336,6 +335,25 @@ def _bad_link(request: Request, exc: InvalidToken, again: str = "/subscribe",
     return message(request, "This link does not work", first,
                    links=[(again_text, web(request).url(again))], status=400)
 
+async def checked_form(request: Request) -> FormData | HTMLResponse:
+    """The posted form once it passes the CSRF check, or the page that refuses it."""
+    form = await read_form(request)
+    return csrf_refusal(request, form) or form
+
+
+async def _link_form(request: Request, purpose: Purpose, token: str, again: str = "/subscribe",
+                     again_text: str = "Subscribe again"
+                     ) -> tuple[FormData, Claims] | HTMLResponse:
+    """A form posted from a link's page: CSRF-checked, with the link's claims."""
+    form = await checked_form(request)
+    if isinstance(form, HTMLResponse):
+        return form
+    try:
+        return form, web(request).tokens.read(purpose, token)
+    except InvalidToken as exc:
+        return _bad_link(request, exc, again, again_text)
+
+
 
 @router.get("/confirm/{token}")
 async def confirm_page(request: Request, token: str) -> HTMLResponse:
@@ -351,14 +369,10 @@ async def confirm_page(request: Request, token: str) -> HTMLResponse:
 @router.post("/confirm/{token}")
 async def confirm_post(request: Request, token: str) -> HTMLResponse:
     w = web(request)
-    form = await read_form(request)
-    refused = csrf_refusal(request, form)
-    if refused:
-        return refused
-    try:
-        claims = w.tokens.read(Purpose.CONFIRM, token)
-    except InvalidToken as exc:
-        return _bad_link(request, exc)
+    checked = await _link_form(request, Purpose.CONFIRM, token)
+    if isinstance(checked, HTMLResponse):
+        return checked
+    _form, claims = checked
     ctx = w.ctx(request)
 
     def work(session: Session) -> str | None:
@@ -456,14 +470,10 @@ async def unsubscribe_undo(request: Request, token: str) -> HTMLResponse:
     proves ownership as a confirmation mail would; a full re-subscribe is only offered for a
     day after leaving, and a bounced or complained address never comes back this way."""
     w = web(request)
-    form = await read_form(request)
-    refused = csrf_refusal(request, form)
-    if refused:
-        return refused
-    try:
-        claims = w.tokens.read(Purpose.UNSUBSCRIBE, token)
-    except InvalidToken as exc:
-        return _bad_link(request, exc)
+    checked = await _link_form(request, Purpose.UNSUBSCRIBE, token)
+    if isinstance(checked, HTMLResponse):
+        return checked
+    _form, claims = checked
     ctx = w.ctx(request)
 
     def work(session: Session) -> str:
@@ -552,14 +562,10 @@ async def preferences_page(request: Request, token: str) -> HTMLResponse:
 @router.post("/preferences/{token}")
 async def preferences_post(request: Request, token: str) -> HTMLResponse:
     w = web(request)
-    form = await read_form(request)
-    refused = csrf_refusal(request, form)
-    if refused:
-        return refused
-    try:
-        claims = w.tokens.read(Purpose.MANAGE, token)
-    except InvalidToken as exc:
-        return _bad_link(request, exc, "/manage", "Get a new link by email")
+    checked = await _link_form(request, Purpose.MANAGE, token, "/manage", "Get a new link by email")
+    if isinstance(checked, HTMLResponse):
+        return checked
+    form, claims = checked
     wanted = {v for v in form.getlist("topics") if isinstance(v, str)}
     pause = text(form, "pause") or "keep"
     if pause not in ("keep", "0", "1", "3", "6", "12"):
@@ -610,10 +616,9 @@ async def manage_form(request: Request) -> HTMLResponse:
 @router.post("/manage")
 async def manage_post(request: Request) -> HTMLResponse:
     w = web(request)
-    form = await read_form(request)
-    refused = csrf_refusal(request, form)
-    if refused:
-        return refused
+    form = await checked_form(request)
+    if isinstance(form, HTMLResponse):
+        return form
     typed = text(form, "email").strip()
     network = network_of(request.client.host if request.client else None)
 
