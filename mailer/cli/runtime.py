@@ -18,6 +18,16 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
+def operator() -> str:
+    """Who is at the keyboard, for the consent and audit records of a command."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "cli"
+
+
 @dataclass
 class Runtime:
     """Built once per command from the settings; opens the database only when asked."""

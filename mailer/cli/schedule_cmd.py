@@ -8,7 +8,6 @@ UTC.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from datetime import date
 from pathlib import Path
@@ -19,7 +18,7 @@ from rich.table import Table
 
 from mailer import events, outbox, schedule
 from mailer.cli.edition import app as edition_app
-from mailer.cli.runtime import Runtime, console
+from mailer.cli.runtime import Runtime, console, operator
 from mailer.events import EventError, EventSpec
 from mailer.models import Edition
 
@@ -29,8 +28,6 @@ schedule_app = typer.Typer(help="What goes out when: scheduled editions and remi
                            no_args_is_help=True)
 
 
-def _operator() -> str:
-    return os.environ.get("MAILER_OPERATOR") or os.environ.get("USER") or "cli"
 
 
 def _logging() -> None:
@@ -176,7 +173,7 @@ def _target(rt: Runtime, session: object, target: str) -> Edition:
         if not path.is_file():
             raise schedule.ScheduleError(f"no edition file {target}")
         edition, _ = outbox.store_edition_file(session, rt.settings, path,  # type: ignore[arg-type]
-                                               _operator())
+                                               operator())
         return edition
     return outbox.get_edition(session, target)  # type: ignore[arg-type]
 
@@ -203,7 +200,7 @@ def edition_schedule(ctx: typer.Context,
     when = schedule.parse_at(at)
     with rt.session() as session:
         edition = schedule.schedule_edition(session, _target(rt, session, target), when,
-                                            _operator(),
+                                            operator(),
                                             require_approval=rt.settings.require_approval)
     _say_scheduled(edition)
 
@@ -219,7 +216,7 @@ def edition_reschedule(ctx: typer.Context,
     when = schedule.parse_at(at)
     with rt.session() as session:
         edition = schedule.reschedule_edition(session, outbox.get_edition(session, target), when,
-                                              _operator(),
+                                              operator(),
                                               require_approval=rt.settings.require_approval)
     _say_scheduled(edition)
 

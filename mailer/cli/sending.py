@@ -15,25 +15,16 @@ from rich.table import Table
 
 from mailer import outbox
 from mailer.cli.edition import app as edition_app
-from mailer.cli.runtime import Runtime, console
+from mailer.cli.runtime import Runtime, console, operator
 from mailer.config import Settings
 from mailer.models import Edition, EditionStatus
 from mailer.worker import Worker
 
 
-def _operator() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "cli"
-
-
 def _edition(rt: Runtime, session, ident: str) -> Edition:  # type: ignore[no-untyped-def]
     path = Path(ident)
     if path.suffix == ".md" and path.exists():
-        edition, _ = outbox.store_edition_file(session, rt.settings, path, _operator())
+        edition, _ = outbox.store_edition_file(session, rt.settings, path, operator())
         return edition
     return outbox.get_edition(session, ident)
 
@@ -65,7 +56,7 @@ def send(ctx: typer.Context,
             console.print("dry run: nothing was sent; add --confirm to queue it for sending")
             return
         if rt.settings.require_approval:
-            added = outbox.send_approved(session, found, _operator())
+            added = outbox.send_approved(session, found, operator())
         else:
             added = outbox.enqueue(session, found)
         slug = found.slug
@@ -130,7 +121,7 @@ def _control(ctx: typer.Context, edition: str, target: EditionStatus, done: str)
     with rt.session() as session:
         found = outbox.get_edition(session, edition)
         changed = outbox.set_status(session, found, target,
-                                    reason=f"paused by {_operator()}" if target ==
+                                    reason=f"paused by {operator()}" if target ==
                                     EditionStatus.PAUSED else None)
     console.print(done if changed else f"nothing to do: it is already {target}")
 

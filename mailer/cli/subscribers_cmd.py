@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from mailer import privacy
-from mailer.cli.runtime import Runtime, console
+from mailer.cli.runtime import Runtime, console, operator
 from mailer.spreadsheet import EXPORT_FIELDS
 from mailer.spreadsheet import csv_cell as _cell
 from subscribers import importer, store
@@ -36,16 +36,9 @@ class ExportFormat(StrEnum):
 
 
 def _cli_context(rt: Runtime, **kw: Any) -> store.Context:
-    return store.Context(channel=Channel.CLI, actor=kw.pop("actor", None) or _operator(), **kw)
+    return store.Context(channel=Channel.CLI, actor=kw.pop("actor", None) or operator(), **kw)
 
 
-def _operator() -> str:
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "cli"
 
 
 TopicsOpt = typer.Option("newsletter", "--topics", help="Comma-separated topic slugs")
@@ -155,7 +148,7 @@ def import_(
     """
     rt: Runtime = ctx.obj
     options = importer.Options(lawful_basis=lawful_basis, default_topics=_split(topics),
-                               source=source, actor=_operator(), encoding=encoding)
+                               source=source, actor=operator(), encoding=encoding)
     progress = Progress(TextColumn("checking" if not apply else "importing"), BarColumn(),
                         TaskProgressColumn(), console=console, transient=True,
                         disable=file.stat().st_size < 500_000)

@@ -3,7 +3,6 @@ API tokens (token, tokens, revoke). Every change is written to the audit log as 
 
 from __future__ import annotations
 
-import getpass
 import sys
 
 import typer
@@ -12,16 +11,11 @@ from rich.table import Table
 
 from mailer import accounts, audit
 from mailer.accounts import Role
-from mailer.cli.runtime import Runtime, console
+from mailer.cli.runtime import Runtime, console, operator
 
 app = typer.Typer(help="Console users and API tokens.", no_args_is_help=True)
 
 
-def _operator() -> str:
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):
-        return "cli"
 
 
 def _password(stdin: bool) -> str:
@@ -32,8 +26,8 @@ def _password(stdin: bool) -> str:
 
 
 def _audit(session, action: str, login: str, **detail: object) -> None:  # type: ignore[no-untyped-def]
-    audit.record(session, actor=_operator(), via="cli", action=action, target=f"user:{login}",
-                 detail=detail or None)
+    audit.record(session, actor=f"cli:{operator()}", via="cli", action=action,
+                 target=f"user:{login}", detail=detail or None)
 
 
 @app.command()
@@ -163,6 +157,6 @@ def revoke(ctx: typer.Context, prefix: str) -> None:
     with rt.session() as session:
         changed = accounts.revoke_token(session, prefix)
         if changed:
-            audit.record(session, actor=_operator(), via="cli", action="token.revoke",
+            audit.record(session, actor=f"cli:{operator()}", via="cli", action="token.revoke",
                          target=f"token:{prefix}")
     console.print("revoked" if changed else "already revoked")
