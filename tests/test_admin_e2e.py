@@ -112,6 +112,8 @@ def test_upload_approve_by_another_and_send_in_chromium(
         expect(page.locator("#count-queued")).to_have_text("0")
         page.get_by_role("link", name="Audit log").click()
         rows = page.locator("table.audit tbody tr")
+        # all_inner_texts() does not wait: wait for the audit page's seven rows first.
+        expect(rows).to_have_count(7)
         text = " | ".join(rows.all_inner_texts())
         page.screenshot(path=str(artifacts / "admin-audit.png"), full_page=True)
     finally:
