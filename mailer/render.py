@@ -41,6 +41,7 @@ import mjml
 from markdown_it.token import Token
 from premailer import Premailer
 
+from mailer import signing
 from mailer.config import Settings
 from mailer.edition import CONTACT_HREF, Edition, Section, Table, markdown
 from mailer.errors import EditionError, PermanentDeliveryError
@@ -873,11 +874,13 @@ def _bad_lines(data: bytes) -> bool:
 # ---- DKIM ----
 
 def dkim_sign(raw: bytes, key: DkimKey, *, sign: Callable[..., bytes] | None = None) -> bytes:
-    """Prepend an rsa-sha256 DKIM-Signature whose h= covers (and over-signs) both
-    unsubscribe headers; dkimpy's default list leaves List-Unsubscribe-Post out."""
-    import dkim  # dkimpy; imported here so the common no-DKIM path does not pay for it
+    """Prepend an rsa-sha256 relaxed/relaxed DKIM-Signature whose h= covers (and over-signs)
+    both unsubscribe headers; dkimpy's default list leaves List-Unsubscribe-Post out.
 
-    signer = sign or dkim.sign
+    `mailer.signing.sign` signs (~1 ms; dkimpy's pure-Python RSA took ~7); `sign=dkim.sign`
+    takes the same arguments, for comparison.
+    """
+    signer = sign or signing.sign
     signature = signer(raw, key.selector.encode(), key.domain.encode(), key.private_key_pem,
                        include_headers=list(DKIM_HEADERS),
                        canonicalize=(b"relaxed", b"relaxed"))
