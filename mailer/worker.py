@@ -145,6 +145,7 @@ def sqlite_lock_path(url: str) -> Path | None:
 class Worker:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], *,
                  name: str | None = None, batch: int = 100, poll: float = 1.0,
+                 linger: float = 0.05,
                  policy: Policy | None = None, smtp_timeout: float | None = None,
                  data_timeout: float | None = None,
                  clock: Callable[[], datetime] = utcnow) -> None:
@@ -153,6 +154,7 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.batch = batch
         self.poll = poll
+        self.linger = linger
         self.policy = policy or Policy.from_settings(settings)
         self.smtp_timeout = smtp_timeout or settings.smtp_timeout_seconds
         self.data_timeout = data_timeout
@@ -217,10 +219,18 @@ class Worker:
         s = self.settings
         inflight: set[asyncio.Task[tuple[outbox.Claim, SendResult]]] = set()
         done: list[tuple[outbox.Claim, SendResult]] = []
-        room = asyncio.Event()  # a send finished: the loop may claim more
+        recording = 0  # results taken by the recorder and not yet committed
+        room = asyncio.Event()  # a send finished or a result was written: the loop may claim
         wake = asyncio.Event()  # a result waits: the recorder has work
+        full = asyncio.Event()  # enough results wait to be worth a commit now
         idle = asyncio.Event()  # the recorder has written everything it was given
         closing = False
+        # Claimed rows wait for a free session inside the pool; claiming half a batch at a
+        # time keeps claim transactions few without letting the in-flight set grow large.
+        # Results not yet committed count against the capacity, so the rows this worker holds
+        # as `sending` (what a crash could duplicate) never exceed it.
+        capacity = max(2 * s.smtp_connections, self.batch)
+        commit_at = max(1, capacity // 4)
 
         def finished(task: asyncio.Task[tuple[outbox.Claim, SendResult]]) -> None:
             inflight.discard(task)
@@ -228,16 +238,28 @@ class Worker:
                 done.append(task.result())
                 idle.clear()
                 wake.set()
+                if len(done) >= commit_at:
+                    full.set()
             room.set()
 
         async def recorder() -> None:
-            # Writes what arrived during its previous write in one commit: where commits are
-            # slow (PostgreSQL) results share them, and sends never wait for the database.
+            # One commit per `commit_at` results, or per `linger` seconds when they come
+            # slowly: a commit costs far more than a row, and sends never wait for it.
+            nonlocal recording
             while True:
                 if done:
+                    if len(done) < commit_at and not closing and inflight:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(full.wait(), timeout=self.linger)
                     batch = done[:]
                     del done[:]
-                    await self._record(batch)
+                    full.clear()
+                    recording = len(batch)
+                    try:
+                        await self._record(batch)
+                    finally:
+                        recording = 0
+                        room.set()
                     continue
                 if closing:
                     return
@@ -245,9 +267,6 @@ class Worker:
                 wake.clear()
                 await wake.wait()
 
-        # Claimed rows wait for a free session inside the pool; claiming half a batch at a
-        # time keeps claim transactions few without letting the in-flight set grow large.
-        capacity = max(2 * s.smtp_connections, self.batch)
         writer = asyncio.create_task(recorder())
         try:
             async with SmtpPool(s.smtp_url.get_secret_value(), size=s.smtp_connections,
@@ -257,8 +276,9 @@ class Worker:
                 while True:
                     if writer.done():  # the database failed: stop sending what we can't record
                         writer.result()
-                    wanted = 0 if self.stopping.is_set() else capacity - len(inflight)
-                    if inflight and wanted < capacity // 2:
+                    held = len(inflight) + len(done) + recording
+                    wanted = 0 if self.stopping.is_set() else capacity - held
+                    if held and wanted < capacity // 2:
                         wanted = 0
                     claims: list[outbox.Claim] = []
                     if wanted > 0:
@@ -288,6 +308,7 @@ class Worker:
         finally:
             closing = True
             wake.set()
+            full.set()
             await writer
 
     @staticmethod

@@ -471,10 +471,16 @@ def sendable_among(session: Session, ids: Sequence[int], topic_slug: str) -> set
                               Subscription.status == SubscriptionStatus.ACTIVE,
                               Subscription.topic_id == select(Topic.id).where(
                                   Topic.slug == topic_slug).scalar_subquery())
-    return set(session.scalars(
-        select(Subscriber.id).where(
-            Subscriber.id.in_(list(ids)), Subscriber.status.in_(list(SENDABLE)), not_paused(),
-            on_topic, ~exists().where(Suppression.email_hmac == Subscriber.email_hmac))))
+    # Status and pause are checked here, not in SQL: with either in the WHERE clause SQLite
+    # (no statistics) walks the status index over every active subscriber (5 ms for 100 ids
+    # at 20k, growing with the list) instead of making 100 primary-key lookups.
+    now = utcnow()
+    rows = session.execute(
+        select(Subscriber.id, Subscriber.status, Subscriber.paused_until).where(
+            Subscriber.id.in_(list(ids)), on_topic,
+            ~exists().where(Suppression.email_hmac == Subscriber.email_hmac)))
+    return {r.id for r in rows if r.status in SENDABLE
+            and (r.paused_until is None or r.paused_until <= now)}
 
 
 def segment_count(session: Session, topics: Sequence[str], regions: Sequence[str] = (),

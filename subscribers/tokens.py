@@ -17,11 +17,31 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadSignature, SignatureExpired, Signer, URLSafeTimedSerializer
+from itsdangerous.encoding import base64_encode
 
 DAY = 24 * 3600
 # Longer than any token we issue, so a pathological URL is refused before any HMAC work.
 MAX_TOKEN_LENGTH = 400
+
+
+class _Serializer(URLSafeTimedSerializer):
+    """itsdangerous's URL-safe timed serializer without two costs that buy nothing for our
+    payloads, a list of one or two ids: trying zlib on a dozen digits, and a new Signer per
+    token. The worker makes two tokens a message, so they were a tenth of its CPU. Reading is
+    unchanged (it still accepts compressed payloads), and where zlib would not have shortened
+    the payload (every id below a hundred billion) the tokens are the same bytes."""
+
+    def dump_payload(self, obj: object) -> bytes:
+        text = self.serializer.dumps(obj, **self.serializer_kwargs)
+        return base64_encode(text.encode("utf-8") if isinstance(text, str) else text)
+
+    def make_signer(self, salt: str | bytes | None = None) -> Signer:
+        cache = self.__dict__.setdefault("_signers", {})
+        key = self.salt if salt is None else salt
+        if key not in cache:  # a Signer holds only keys and salt: sharing one is safe
+            cache[key] = super().make_signer(salt)
+        return cache[key]
 
 
 class Purpose(StrEnum):
@@ -77,7 +97,7 @@ class Tokens:
             raise ValueError("signing keys must be at least 32 bytes")
         self.lifetimes = lifetimes or Lifetimes()
         self._serializers = {
-            purpose: URLSafeTimedSerializer(
+            purpose: _Serializer(
                 list(keys), salt=f"msht-mailer/{purpose.value}",
                 signer_kwargs={"digest_method": hashlib.sha256})
             for purpose in Purpose
