@@ -274,4 +274,4 @@ def _check_batch(session: Session, rules: Rules,
             new.append((profile, topics))
     report.new += len(new)
     if write:
-        store.bulk_add_active(session, rules, new, ctx)
+        store.bulk_add_active(session, rules, new, ctx, digests)

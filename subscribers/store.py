@@ -8,13 +8,24 @@ the caller owns the transaction, so a web request or an import is all or nothing
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Select, delete, exists, func, insert, select, text, update
+from sqlalchemy import (
+    Integer,
+    Select,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from subscribers.db import utcnow
@@ -638,38 +649,70 @@ def refresh_statistics(session: Session) -> None:
 
 
 def bulk_add_active(session: Session, rules: Rules,
-                    profiles: Sequence[tuple[Profile, Sequence[Topic]]], ctx: Context) -> int:
+                    profiles: Sequence[tuple[Profile, Sequence[Topic]]], ctx: Context,
+                    digests: Mapping[str, str] | None = None) -> int:
     """Insert many new active subscribers at once (an import), with their topics and consent
-    events. The caller has already excluded existing, departed and suppressed addresses."""
+    events. The caller has already excluded existing, departed and suppressed addresses.
+
+    `digests` (key -> `email_hmac`) saves recomputing hashes the caller already has.
+    """
+    for start in range(0, len(profiles), _BULK_CHUNK):
+        _bulk_add_chunk(session, rules, profiles[start:start + _BULK_CHUNK], ctx, digests)
+    return len(profiles)
+
+
+# Bounds each IN list (SQLite allows 32,766 parameters) and the rows held at once.
+_BULK_CHUNK = 2000
+
+
+def _bulk_add_chunk(session: Session, rules: Rules,
+                    profiles: Sequence[tuple[Profile, Sequence[Topic]]], ctx: Context,
+                    digests: Mapping[str, str] | None) -> None:
     if not profiles:
-        return 0
+        return
     now = utcnow()
     source = (ctx.detail or {}).get("source") or ctx.channel
-    rows = [{
-        "email": p.email, "email_key": p.key, "email_hmac": email_hmac(rules, p.key),
+    sub = Subscriber.__table__
+    session.execute(insert(sub), [{
+        "email": p.email, "email_key": p.key,
+        "email_hmac": digests[p.key] if digests else email_hmac(rules, p.key),
         "name": p.name, "organisation": p.organisation, "organisation_type": p.organisation_type,
         "role": p.role, "region": p.region, "status": SubscriberStatus.ACTIVE,
         "lawful_basis": ctx.lawful_basis, "source": source, "bounce_score": 0.0,
         "created_at": now, "updated_at": now, "confirmed_at": now,
-    } for p, _ in profiles]
-    # A plain executemany on the table, then one SELECT for the ids: RETURNING (and the ORM's
-    # bulk layer) cost several times more than the database does here.
-    session.execute(insert(Subscriber.__table__), rows)
-    ids = dict(session.execute(select(Subscriber.email_key, Subscriber.id).where(
-        Subscriber.email_key.in_([p.key for p, _ in profiles]))).all())
-    subscriptions, events = [], []
+    } for p, _ in profiles])
+    # The subscriptions and consent events differ only by topic, so each is one INSERT ...
+    # SELECT over the new rows (found by their unique key) per topic or topic list: the database
+    # writes those rows, instead of SQLAlchemy binding and converting every value of every row,
+    # which was most of an import's time. No ids travel back to Python.
+    by_topic: dict[int, list[str]] = {}
+    by_topics: dict[tuple[str, ...], list[str]] = {}
     for profile, topics in profiles:
-        sid = ids[profile.key]
-        subscriptions.extend({"subscriber_id": sid, "topic_id": t.id, "status": "active",
-                              "created_at": now, "updated_at": now} for t in topics)
-        events.append({"subscriber_id": sid, "action": ConsentAction.IMPORT,
-                       "channel": ctx.channel, "lawful_basis": ctx.lawful_basis,
-                       "consent_version": ctx.consent_version, "actor": ctx.actor,
-                       "detail": {**(ctx.detail or {}), "topics": [t.slug for t in topics]},
-                       "occurred_at": now})
-    session.execute(insert(Subscription.__table__), subscriptions)
-    session.execute(insert(ConsentEvent.__table__), events)
-    return len(rows)
+        unique = {t.id: t.slug for t in topics}
+        for topic_id in unique:
+            by_topic.setdefault(topic_id, []).append(profile.key)
+        by_topics.setdefault(tuple(unique.values()), []).append(profile.key)
+    subscription, event = Subscription.__table__, ConsentEvent.__table__
+    for topic_id, keys in by_topic.items():
+        session.execute(insert(subscription).from_select(
+            ["subscriber_id", "topic_id", "status", "created_at", "updated_at"],
+            select(sub.c.id, literal(topic_id, Integer()),
+                   literal(SubscriptionStatus.ACTIVE.value, subscription.c.status.type),
+                   literal(now, subscription.c.created_at.type),
+                   literal(now, subscription.c.updated_at.type))
+            .where(sub.c.email_key.in_(keys))))
+    for slugs, keys in by_topics.items():
+        session.execute(insert(event).from_select(
+            ["subscriber_id", "action", "channel", "lawful_basis", "consent_version", "actor",
+             "detail", "occurred_at"],
+            select(sub.c.id, literal(ConsentAction.IMPORT.value, event.c.action.type),
+                   literal(str(ctx.channel), event.c.channel.type),
+                   literal(ctx.lawful_basis, event.c.lawful_basis.type),
+                   literal(ctx.consent_version, event.c.consent_version.type),
+                   literal(ctx.actor, event.c.actor.type),
+                   literal({**(ctx.detail or {}), "topics": list(slugs)}, event.c.detail.type),
+                   literal(now, event.c.occurred_at.type))
+            .where(sub.c.email_key.in_(keys)).order_by(sub.c.id)))
 
 
 # ---------------------------------------------------------------- web

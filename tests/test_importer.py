@@ -201,3 +201,40 @@ def test_unknown_columns_are_ignored_with_a_warning_and_quoting_errors_name_the_
                                         'x"y,z\n')
     report = importer.import_file(sessions, rules, tmp_path / "quote.csv", OPTIONS)
     assert not report.ok and report.errors[0].line == 3
+
+
+def test_a_topic_named_twice_in_a_row_is_subscribed_once(
+        tmp_path: Path, sessions: sessionmaker[Session], rules: Rules) -> None:
+    rows = [["twice@kent.police.uk", "", "", "", "", "", "newsletter|reminders|Newsletter"]]
+    report = importer.import_file(sessions, rules, _write(tmp_path / "twice.csv", rows), OPTIONS,
+                                  apply=True)
+    assert report.applied and report.new == 1
+    with sessions() as s:
+        twice = store.get_by_email(s, rules, "twice@kent.police.uk")
+        assert store.active_topics(s, twice.id) == ["newsletter", "reminders"]
+        [event] = store.consent_history(s, twice.id)
+        assert event.detail["topics"] == ["newsletter", "reminders"]
+
+
+def test_bulk_add_gives_each_subscriber_their_own_topics_and_event_across_chunks(
+        sessions: sessionmaker[Session], rules: Rules, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "_BULK_CHUNK", 3)
+    ctx = store.Context(channel=Channel.IMPORT, actor="coord.kent", lawful_basis="public_task",
+                        detail={"source": "x.csv"})
+    with sessions() as s:
+        newsletter, reminders = store.topics_by_slug(s, ["newsletter", "reminders"])
+        choices = [[newsletter], [reminders], [reminders, newsletter]]
+        wanted = {f"reader{i}@kent.police.uk": choices[i % 3] for i in range(8)}
+        profiles = [(store.profile_from(rules, email=e), t) for e, t in wanted.items()]
+        assert store.bulk_add_active(s, rules, profiles, ctx) == 8
+        s.commit()
+    with sessions() as s:
+        for email, topics in wanted.items():
+            subscriber = store.get_by_email(s, rules, email)
+            assert subscriber.status == "active" and subscriber.source == "x.csv"
+            assert store.active_topics(s, subscriber.id) == sorted(t.slug for t in topics)
+            [event] = store.consent_history(s, subscriber.id)
+            assert (event.action, event.channel, event.actor, event.lawful_basis) == (
+                "import", "import", "coord.kent", "public_task")
+            assert event.detail == {"source": "x.csv", "topics": [t.slug for t in topics]}
+            assert event.occurred_at == subscriber.created_at
