@@ -651,8 +651,18 @@ def _fold(name: str, value: str) -> str:
 
 # ---- the fast build: a pre-encoded skeleton ----
 
+_LEADING_DOT = re.compile(rb"(^|\r\n)\.")
+
+
 def _qp(text: str) -> bytes:
-    return body_encode(text.encode("utf-8").decode("latin-1"), 76, "\r\n").encode("ascii")
+    """Quoted-printable in lines of at most 76, none of which starts with a dot.
+
+    A leading dot is written `=2E` (the same character once decoded), so SMTP's dot-stuffing
+    has nothing to do: it was a copy of the whole message each time. Each piece and value
+    starts a line (they are joined by soft breaks), so this holds for the joined message.
+    """
+    encoded = body_encode(text.encode("utf-8").decode("latin-1"), 74, "\r\n").encode("ascii")
+    return _LEADING_DOT.sub(rb"\1=2E", encoded) if b"." in encoded else encoded
 
 
 @dataclass
@@ -699,7 +709,7 @@ def _qp_piece(text: str, last: bool = False) -> bytes:
     return encoded + b"=\r\n"
 
 
-_QP_LITERAL = re.compile(r"[!-<>-~]([ !-<>-~]{0,73}[!-<>-~])?", re.ASCII)
+_QP_LITERAL = re.compile(r"[!-\-/-<>-~]([ !-<>-~]{0,73}[!-<>-~])?", re.ASCII)  # not "." first
 
 
 def _qp_value(value: str) -> bytes:

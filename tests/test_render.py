@@ -361,6 +361,22 @@ def test_round_trip_check_accepts_a_good_message(compiled: CompiledEdition,
     check_round_trip(raw, parse(raw).keys(), "a@example.org")
 
 
+def test_no_line_starts_with_a_dot_so_smtp_has_nothing_to_stuff(conf: Settings,
+                                                                 tmp_path: Path) -> None:
+    # A leading dot is written =2E: SMTP would otherwise copy the message to double it.
+    dotted = tmp_path / "dots.md"
+    dotted.write_text(SAMPLE.read_text() + "\n.NET teams: read this.\n\n" + "word " * 14
+                      + ".starts the next wrapped line\n", encoding="utf-8")
+    compiled = compile_edition(load_edition(dotted), conf)
+    raw = build_message(compiled, Recipient("d@example.org", ".Dot"), urls_for(3),
+                        message_id=mid(conf))
+    assert not raw.startswith(b".") and b"\r\n." not in raw
+    text, html = bodies(raw)
+    assert ".NET teams: read this." in text and ".NET teams: read this." in html
+    assert ".Dot" in text  # the name slot, at the start of a QP line
+    assert max(len(x) for x in raw.split(b"\r\n\r\n", 1)[1].split(b"\r\n")) <= 76
+
+
 # ---- the fast path equals the EmailMessage build ----
 
 @pytest.mark.parametrize("recipient", [
