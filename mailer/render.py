@@ -712,11 +712,18 @@ def _qp_piece(text: str, last: bool = False) -> bytes:
 _QP_LITERAL = re.compile(r"[!-\-/-<>-~]([ !-<>-~]{0,73}[!-<>-~])?", re.ASCII)  # not "." first
 
 
+_QP_SAFE_RUN = re.compile(r"[!-<>-~]+", re.ASCII)
+
+
 def _qp_value(value: str) -> bytes:
     # Most values (names, URLs without a query) are already valid QP as they stand: printable
     # ASCII without "=", short, no trailing space. Skip the encoder for those.
     if _QP_LITERAL.fullmatch(value):
         return value.encode("ascii") + b"=\r\n"
+    if _QP_SAFE_RUN.fullmatch(value):  # a long signed URL: soft breaks every 75 characters
+        lines = [value[i:i + 75] for i in range(0, len(value), 75)]
+        if not any(line.startswith(".") for line in lines):
+            return "=\r\n".join(lines).encode("ascii") + b"=\r\n"
     return _qp(value) + b"=\r\n"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import email
 import json
+import quopri
 import re
 import subprocess
 from email import policy
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import dkim
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailer.config import Settings
 from mailer.edition import load_edition, parse_edition
@@ -462,3 +465,18 @@ def test_dkim_fails_after_an_unsubscribe_header_is_changed_or_duplicated(
     changed = tamper(raw)  # type: ignore[operator]
     assert changed != raw
     assert not verify(changed, record)
+
+
+@given(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=300)
+       | st.from_regex(r"https://news\.example\.org/u/[A-Za-z0-9._-]{0,250}", fullmatch=True))
+@settings(max_examples=300, deadline=None)
+def test_a_slot_value_decodes_to_itself_in_short_lines_none_starting_with_a_dot(
+        value: str) -> None:
+    # Values sit between soft breaks, so each starts a line; signed URLs take the fast path.
+    from mailer.render import _qp_value
+
+    encoded = _qp_value(value)
+    assert encoded.endswith(b"=\r\n")
+    lines = encoded.split(b"\r\n")
+    assert all(len(line) <= 76 and not line.startswith(b".") for line in lines)
+    assert quopri.decodestring(encoded.replace(b"\r\n", b"\n")).decode("utf-8") == value
