@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import hmac
 import re
@@ -88,8 +89,13 @@ SESSION_IDLE = timedelta(hours=1)
 TOTP_STEP = 30
 
 HASHER = PasswordHasher()
-# Verified when the login is unknown, so that the answer takes as long as for a real account.
-_DUMMY_HASH = HASHER.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified when the login is unknown, so that the answer takes as long as for a real
+    account. Made on first use: hashing at import cost every CLI command a quarter second."""
+    return HASHER.hash(secrets.token_urlsafe(16))
 
 
 class User(Base):
@@ -354,7 +360,7 @@ def authenticate(session: Session, login: str, password: str, code: str = "",
     user = session.scalar(select(User).where(User.login == login.strip().lower()[:60]))
     if user is None:
         with contextlib.suppress(VerificationError):
-            HASHER.verify(_DUMMY_HASH, password[:MAX_PASSWORD])
+            HASHER.verify(_dummy_hash(), password[:MAX_PASSWORD])
         return LoginResult(LoginOutcome.BAD)
     if user.locked_until is not None and user.locked_until > now:
         return LoginResult(LoginOutcome.LOCKED, user)

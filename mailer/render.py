@@ -37,9 +37,7 @@ from urllib.parse import urlsplit
 
 import jinja2
 import markupsafe
-import mjml
 from markdown_it.token import Token
-from premailer import Premailer
 
 from mailer import signing
 from mailer.config import Settings
@@ -431,6 +429,8 @@ def mjml_to_html(source: str, where: str = "<template>") -> str:
     it gives none we find the first unbalanced tag or unquoted attribute ourselves.
     """
     try:
+        import mjml  # here: the worker and the CLI load this module, and only compiling needs it
+
         return mjml.mjml2html(source)
     except ValueError as exc:
         message = str(exc)
@@ -468,6 +468,8 @@ def _locate_mjml_error(source: str) -> int | None:
 
 def inline_css(html: str) -> str:
     """premailer with the media queries and their !important intact and the doctype kept."""
+    from premailer import Premailer  # ~150 ms to import (cssutils): only compiling needs it
+
     doctype = re.match(r"\s*(<!doctype[^>]*>)", html, re.IGNORECASE)
     out = Premailer(html, allow_network=False, strip_important=False, keep_style_tags=False,
                     remove_classes=False, disable_validation=True,
