@@ -467,12 +467,13 @@ def test_dkim_fails_after_an_unsubscribe_header_is_changed_or_duplicated(
     assert not verify(changed, record)
 
 
-@given(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=300)
+@given(st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=300)
        | st.from_regex(r"https://news\.example\.org/u/[A-Za-z0-9._-]{0,250}", fullmatch=True))
 @settings(max_examples=300, deadline=None)
 def test_a_slot_value_decodes_to_itself_in_short_lines_none_starting_with_a_dot(
         value: str) -> None:
     # Values sit between soft breaks, so each starts a line; signed URLs take the fast path.
+    # (Control characters never get here: build_message refuses them first.)
     from mailer.render import _qp_value
 
     encoded = _qp_value(value)
