@@ -374,6 +374,7 @@ def test_no_line_starts_with_a_dot_so_smtp_has_nothing_to_stuff(conf: Settings,
     raw = build_message(compiled, Recipient("d@example.org", ".Dot"), urls_for(3),
                         message_id=mid(conf))
     assert not raw.startswith(b".") and b"\r\n." not in raw
+    assert raw.count(b"\n") == raw.count(b"\r\n") == raw.count(b"\r")  # the worker relies on it
     text, html = bodies(raw)
     assert ".NET teams: read this." in text and ".NET teams: read this." in html
     assert ".Dot" in text  # the name slot, at the start of a QP line

@@ -41,12 +41,14 @@ MakeServer = Callable[..., FaultServer]
 
 
 def send_all(url: str, rcpts: list[str], *, size: int = 1, max_per_connection: int = 100,
-             timeout: float = 5.0, data: bytes = MESSAGE) -> tuple[list[SendResult], int]:
+             timeout: float = 5.0, data: bytes = MESSAGE,
+             crlf_checked: bool = False) -> tuple[list[SendResult], int]:
     """Send one message to each recipient concurrently; the results and sessions opened."""
     async def run() -> tuple[list[SendResult], int]:
         async with SmtpPool(url, size=size, max_per_connection=max_per_connection,
                             timeout=timeout) as pool:
-            results = await asyncio.gather(*(pool.send(FROM, r, data) for r in rcpts))
+            results = await asyncio.gather(*(pool.send(FROM, r, data, crlf_checked=crlf_checked)
+                                             for r in rcpts))
             return list(results), pool.connections_opened
     return asyncio.run(run())
 
@@ -189,8 +191,11 @@ def test_each_reply_is_classified_per_recipient(
     assert server.handler.copies(rcpt) == (1 if outcome is Outcome.SENT else 0)
 
 
-def test_the_message_arrives_byte_for_byte_after_dot_stuffing(fault_server: FaultServer) -> None:
-    [result], _ = send_all(fault_server.url(), ["ok@example.org"])
+@pytest.mark.parametrize("crlf_checked", [False, True])
+def test_the_message_arrives_byte_for_byte_after_dot_stuffing(fault_server: FaultServer,
+                                                              crlf_checked: bool) -> None:
+    # A caller that vouches for its line ends still has its dots stuffed.
+    [result], _ = send_all(fault_server.url(), ["ok@example.org"], crlf_checked=crlf_checked)
     assert result.outcome is Outcome.SENT
     assert fault_server.handler.messages("ok@example.org") == [MESSAGE]
     assert fault_server.handler.envelopes() == [(FROM, "ok@example.org")]
