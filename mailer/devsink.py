@@ -9,6 +9,7 @@ It accepts everything, from anyone, and must only listen on loopback.
 from __future__ import annotations
 
 import email.utils
+import functools
 import mailbox
 import threading
 from collections.abc import Callable
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+if TYPE_CHECKING:
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import SMTP, Envelope, Session
 
 SINK_HOSTNAME = "devsink.localhost"  # given explicitly: aiosmtpd's default getfqdn() is slow
 
@@ -51,12 +53,19 @@ class _Handler:
         return f"250 2.0.0 OK stored as {key}"
 
 
-class _Controller(Controller):
-    def _trigger_server(self) -> None:
-        # With port 0 the OS picks one: learn it before aiosmtpd's start-up probe connects.
-        assert self.server is not None
-        self.port = self.server.sockets[0].getsockname()[1]
-        super()._trigger_server()
+@functools.cache
+def _controller_class() -> type[Controller]:
+    # aiosmtpd costs ~120 ms to import, and every CLI command imports this module.
+    from aiosmtpd.controller import Controller
+
+    class _Controller(Controller):
+        def _trigger_server(self) -> None:
+            # With port 0 the OS picks one: learn it before aiosmtpd's start-up probe connects.
+            assert self.server is not None
+            self.port = self.server.sockets[0].getsockname()[1]
+            super()._trigger_server()
+
+    return _Controller
 
 
 class DevSink:
@@ -73,7 +82,7 @@ class DevSink:
         self.on_message = on_message
         self._lock = threading.Lock()
         self._maildir: mailbox.Maildir | None = None
-        self._controller: _Controller | None = None
+        self._controller: Controller | None = None
 
     def _box(self) -> mailbox.Maildir:
         if self._maildir is None:
@@ -87,8 +96,8 @@ class DevSink:
         if self._controller is not None:
             raise RuntimeError("the dev sink is already running")
         self._box()
-        controller = _Controller(_Handler(self), hostname=self.host, port=self.port,
-                                 server_hostname=SINK_HOSTNAME)
+        controller = _controller_class()(_Handler(self), hostname=self.host, port=self.port,
+                                         server_hostname=SINK_HOSTNAME)
         controller.start()
         self.port = controller.port
         self._controller = controller
