@@ -1,15 +1,18 @@
 """The send loop: claim due deliveries, personalise, rate-limit, send, record each result.
 
 One asyncio loop drives several reused SMTP sessions (`mailer.smtp.SmtpPool`); database work
-runs on one helper thread so that commits never stall the sessions. Each result is written in
-the first commit after its reply arrives: results that arrive together share a commit.
+runs on one helper thread so that commits never stall the sessions. Results are committed in
+groups: a quarter of the capacity (50 by default), or whatever has arrived 50 ms after the
+first of them, so a commit is shared by many messages without holding any result for long.
 
 The crash window, honestly: a message whose reply has arrived but whose result is not yet
 committed, or whose final dot was sent but no reply read, is in the relay and still `sending`
 here. If the worker dies, that row's lease runs out, and it is sent again with the same
 Message-ID and marked `ambiguous`: at most the messages in flight at the crash (never more than
-the worker's capacity, max(2 x smtp_connections, batch)) can arrive twice, and `status` counts
-them. A reply that never comes
+the worker's capacity, max(2 x smtp_connections, batch), since results not yet committed
+count against it) can arrive twice, and `status` counts them. Most of those rows were only
+claimed, not sent: what can truly arrive twice is what was on a session or awaiting its commit,
+at most smtp_connections plus a quarter of the capacity. A reply that never comes
 after the final dot ends as `unknown` after `unknown_resends` resends, also counted.
 
 Rate limits are derived from the outbox (submissions started in the last minute and the last
@@ -144,7 +147,7 @@ def sqlite_lock_path(url: str) -> Path | None:
 
 class Worker:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], *,
-                 name: str | None = None, batch: int = 100, poll: float = 1.0,
+                 name: str | None = None, batch: int = 200, poll: float = 1.0,
                  linger: float = 0.05,
                  policy: Policy | None = None, smtp_timeout: float | None = None,
                  data_timeout: float | None = None,
@@ -238,7 +241,7 @@ class Worker:
                 done.append(task.result())
                 idle.clear()
                 wake.set()
-                if len(done) >= commit_at:
+                if len(done) >= commit_at or not inflight:  # or nothing more is coming
                     full.set()
             room.set()
 

@@ -118,6 +118,35 @@ def test_every_recipient_gets_one_personal_copy(
         assert s.get(Edition, edition_id).status == EditionStatus.SENT
 
 
+def test_results_share_commits_and_the_rows_held_never_exceed_the_capacity(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules,
+        make_fault_server: Callable[..., FaultServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A commit costs far more than a row: 600 results must not take 600 commits. Every
+    # commit is also a moment to count what this worker holds as `sending`.
+    server = make_fault_server()
+    emails = [f"batch{i}@kent.police.uk" for i in range(600)]
+    _people(sessions, rules, emails)
+    edition_id = _edition(sessions, settings)
+    written: list[int] = []
+    held: list[int] = []
+    real_record = outbox.record
+
+    def counting(session: Session, worker: str, results: object, now: object = None) -> int:
+        held.append(session.scalar(select(func.count()).select_from(Delivery).where(
+            Delivery.status == DeliveryStatus.SENDING)) or 0)
+        written.append(len(results))  # type: ignore[arg-type]
+        return real_record(session, worker, results, now)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(outbox, "record", counting)
+    # A long linger: commits come from the count (a quarter of the capacity), whatever the speed.
+    worker = _drain(_settings(settings, server, smtp_connections=4), sessions, batch=80,
+                    linger=30.0)
+    assert worker.summary.sent == 600 and sum(written) == 600
+    assert len(written) <= 600 // 15, written  # 20 results a commit, not one
+    assert max(held) <= 80  # capacity = max(2 x 4 connections, batch)
+    assert _statuses(sessions, edition_id) == {"sent": 600}
+
+
 def test_a_thousand_recipients_through_faults_each_end_in_one_final_state(
         sessions: sessionmaker[Session], settings: Settings, rules: Rules,
         make_fault_server: Callable[..., FaultServer]) -> None:
