@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/send.py                       # SQLite (+ PostgreSQL if configured)
     .venv/bin/python bench/send.py --n 20000 --scale     # also enqueue 10k/100k/1M on PostgreSQL
+    .venv/bin/python bench/send.py --scale-only          # just that
 
 For each backend and 1, 4 and 16 SMTP connections it queues N recipients of the sample edition
 and runs `mailer worker --drain` in a child process against Debian's `smtp-sink` (the fast C
@@ -209,7 +210,20 @@ def main() -> None:
     parser.add_argument("--postgres", default=os.environ.get("MAILER_TEST_POSTGRES_URL", ""))
     parser.add_argument("--mailmerge-n", type=int, default=300)
     parser.add_argument("--scale", action="store_true")
+    parser.add_argument("--scale-only", action="store_true",
+                        help="only the enqueue/RSS growth on PostgreSQL (needs --postgres)")
     args = parser.parse_args()
+    if args.scale_only:
+        if not args.postgres:
+            parser.error("--scale-only needs --postgres or MAILER_TEST_POSTGRES_URL")
+        sink, port = smtp_raw.start_sink("smtp-sink" if smtp_raw.smtp_sink_path() else "aiosmtpd")
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                scale(args.postgres, Path(tmp), port)
+        finally:
+            sink.terminate()
+            sink.wait()
+        return
     conns_list = [int(c) for c in args.conns.split(",")]
     print(f"{os.cpu_count()} CPUs; load average "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; python {sys.version.split()[0]}")

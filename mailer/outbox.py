@@ -158,8 +158,11 @@ def enqueue(session: Session, edition: Edition, *, now: datetime | None = None) 
     added = rows() - before
     if added >= 1000 and session.get_bind().dialect.name == "postgresql":
         # The claims that follow read index ranges that the planner only picks once it
-        # knows the table grew; autovacuum would tell it minutes later.
+        # knows the table grew; autovacuum would tell it minutes later. The send-time
+        # re-check reads the subscriber tables: without statistics (rows loaded outside an
+        # import) PostgreSQL walked the whole topic for each claim, 733 ms instead of 0.6 ms.
         session.execute(text("ANALYZE delivery"))
+        store.refresh_statistics(session)
     if edition.status != EditionStatus.SENDING:
         edition.status = EditionStatus.SENDING
         edition.started_at = edition.started_at or now
