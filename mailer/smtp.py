@@ -330,21 +330,28 @@ class _Connection:
 
     # -- low level --
 
-    async def _read_reply(self, stage: str, timeout: float) -> _Reply:
+    async def _read_reply(self, stage: str, timeout: float | None) -> _Reply:
+        """One reply, within `timeout`; None when the caller holds a deadline around it."""
+        if timeout is None:
+            return await self._read_lines(stage)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._read_lines(stage)
+        except TimeoutError as exc:
+            raise _Lost(stage, f"{_describe(exc)} waiting for the reply") from None
+
+    async def _read_lines(self, stage: str) -> _Reply:
         assert self._reader is not None
         lines: list[bytes] = []
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    line = await self._reader.readline()
-                    if not line.endswith(b"\n"):
-                        raise _Lost(stage, "connection closed by the server")
-                    lines.append(line.rstrip(b"\r\n"))
-                    if len(line) < 4 or line[3:4] != b"-":
-                        break
-        except _Lost:
-            raise
-        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError) as exc:
+            while True:
+                line = await self._reader.readline()
+                if not line.endswith(b"\n"):
+                    raise _Lost(stage, "connection closed by the server")
+                lines.append(line.rstrip(b"\r\n"))
+                if len(line) < 4 or line[3:4] != b"-":
+                    break
+        except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
             raise _Lost(stage, f"{_describe(exc)} waiting for the reply") from None
         last = lines[-1]
         if len(last) < 3 or not last[:3].isdigit():
@@ -478,18 +485,25 @@ class _Connection:
         if "PIPELINING" in self.extensions:
             await self._write("mail", mail + rcpt_line + b"DATA\r\n")
             replies: list[tuple[str, _Reply]] = []
-            for stage in ("mail", "rcpt", "data"):
-                try:
-                    reply = await self._read_reply(stage, self.timeout)
-                except _Lost:
-                    if replies and not replies[0][1].ok:  # closed after refusing: say why
-                        self.usable = False
-                        return _reply_result(*replies[0])
-                    raise
-                replies.append((stage, reply))
-                if reply.code == 421:  # closing now: the other replies will never come
+            stage = "mail"
+            try:
+                # One deadline for the three pipelined replies, which arrive together: a
+                # timer each was a tenth of the client's CPU.
+                async with asyncio.timeout(self.timeout):
+                    for stage in ("mail", "rcpt", "data"):
+                        replies.append((stage, await self._read_reply(stage, None)))
+                        if replies[-1][1].code == 421:  # closing: no other reply will come
+                            break
+            except (_Lost, TimeoutError) as exc:
+                if replies and not replies[0][1].ok:  # closed after refusing: say why
                     self.usable = False
-                    return _reply_result(stage, reply)
+                    return _reply_result(*replies[0])
+                if isinstance(exc, TimeoutError):
+                    raise _Lost(stage, f"{_describe(exc)} waiting for the reply") from None
+                raise
+            if replies[-1][1].code == 421:
+                self.usable = False
+                return _reply_result(*replies[-1])
             refusal = next(((stage, r) for stage, r in replies[:2] if not r.ok), None)
             r_data = replies[2][1]
             if refusal is not None:
