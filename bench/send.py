@@ -5,7 +5,8 @@
     .venv/bin/python bench/send.py --scale-only          # just that
 
 For each backend and 1, 4 and 16 SMTP connections it queues N recipients of the sample edition
-and runs `mailer worker --drain` in a child process against Debian's `smtp-sink` (the fast C
+and runs `mailer worker --drain` in a child process (on PostgreSQL also two processes sharing
+the outbox, the 16 connections split between them) against Debian's `smtp-sink` (the fast C
 sink from the postfix package) and aiosmtpd, printing messages/s, the worker's CPU and peak
 RSS. Beside it, on the same sink: the bare pipelined asyncio client pushing pre-built messages
 (the ceiling, from bench/smtp_raw.py) and the `mailmerge` tool from PyPI (installed into a
@@ -101,23 +102,29 @@ def enqueue(url: str, var: Path, slug: str, regions: list[str] | None = None
 
 
 def run_worker(url: str, var: Path, port: int, conns: int,
-               stop_after: float | None = None) -> dict[str, float]:
+               stop_after: float | None = None, processes: int = 1) -> dict[str, float]:
+    """`mailer worker --drain` in `processes` child processes at once (PostgreSQL for more
+    than one); CPU is theirs together, peak RSS the largest of them."""
     env = _env(url, var, port, conns)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "mailer", "worker", "--drain"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    procs = [subprocess.Popen([sys.executable, "-m", "mailer", "worker", "--drain",
+                               "--name", f"bench-{i}"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(processes)]
     if stop_after is not None:
         try:
-            proc.wait(timeout=stop_after)
+            procs[0].wait(timeout=stop_after)
         except subprocess.TimeoutExpired:
-            proc.terminate()  # SIGTERM: it finishes what is in flight and exits
-    out, err = proc.communicate(timeout=900)
+            for proc in procs:
+                proc.terminate()  # SIGTERM: it finishes what is in flight and exits
+    sent = 0
+    for proc in procs:
+        out, err = proc.communicate(timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"worker failed: {err.strip()[-500:]}")
+        sent += int(out.split("sent ", 1)[1].split(",", 1)[0])
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed: {err.strip()[-500:]}")
-    sent = int(out.split("sent ", 1)[1].split(",", 1)[0])
     return {"sent": sent, "seconds": seconds,
             "cpu": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
             "rss_mb": after.ru_maxrss / 1024}
@@ -210,6 +217,8 @@ def main() -> None:
     parser.add_argument("--postgres", default=os.environ.get("MAILER_TEST_POSTGRES_URL", ""))
     parser.add_argument("--mailmerge-n", type=int, default=300)
     parser.add_argument("--scale", action="store_true")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="also run this many worker processes at once on PostgreSQL")
     parser.add_argument("--scale-only", action="store_true",
                         help="only the enqueue/RSS growth on PostgreSQL (needs --postgres)")
     args = parser.parse_args()
@@ -254,6 +263,16 @@ def main() -> None:
                             r = run_worker(url, work, port, conns)
                             print(f"{backend:<11}{sink_name:<10}{conns:>6}{r['sent']:>8,}"
                                   f"{r['sent'] / r['seconds']:>9,.0f}"
+                                  f"{100 * r['cpu'] / r['seconds']:>10.0f} %"
+                                  f"{r['rss_mb']:>7.0f} MB{enq:>11.2f}")
+                        if backend == "postgresql" and args.workers > 1 and not small:
+                            conns = max(conns_list)
+                            _, enq = enqueue(url, work, f"{sink_name}-x{args.workers}")
+                            r = run_worker(url, work, port, conns // args.workers,
+                                           processes=args.workers)
+                            print(f"{backend:<11}{sink_name:<10}"
+                                  f"{f'{args.workers}x{conns // args.workers}':>6}"
+                                  f"{r['sent']:>8,}{r['sent'] / r['seconds']:>9,.0f}"
                                   f"{100 * r['cpu'] / r['seconds']:>10.0f} %"
                                   f"{r['rss_mb']:>7.0f} MB{enq:>11.2f}")
                     finally:
