@@ -234,6 +234,7 @@ class Claim:
     attempts: int  # including this one
     ambiguous: bool  # a copy may already have arrived (the previous holder died mid-send)
     queued_at: datetime
+    lease_until: datetime | None = None  # after this another worker may take the row over
 
 
 def release_orphans(session: Session, now: datetime | None = None) -> int:
@@ -313,7 +314,8 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
         else:
             orphan = r.status == DeliveryStatus.SENDING
             claims.append(Claim(r.id, r.edition_id, r.subscriber_id, r.email or "", r.name,
-                                r.attempts + 1, r.ambiguous or orphan, r.queued_at))
+                                r.attempts + 1, r.ambiguous or orphan, r.queued_at,
+                                now + lease))
     if claims:
         session.execute(_MARK_CLAIMED, {"ids": [c.delivery_id for c in claims],
                                         "worker": worker, "lease": now + lease, "now": now})

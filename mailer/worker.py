@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+_LEASE_LAPSED = SendResult(Outcome.RETRY, None, None,
+                           "not sent: its lease ran out while it waited for a session", "lease")
+
+
 class WorkerBusy(MailerError):
     """Another worker already sends from this SQLite database."""
 
@@ -163,6 +167,9 @@ class Worker:
         self.data_timeout = data_timeout
         self.clock = clock
         self.lease = timedelta(seconds=settings.lease_seconds)
+        # Time a transaction may still need once started: a row is not begun later than this
+        # before its lease ends.
+        self.margin = min(self.lease / 2, timedelta(seconds=2 * self.smtp_timeout))
         self.links = Links(settings)
         self.secret = settings.secret()
         self.domain = settings.from_address.rpartition("@")[2] or "localhost"
@@ -370,6 +377,10 @@ class Worker:
         return bounce
 
     async def _send(self, pool: SmtpPool, claim: outbox.Claim) -> tuple[outbox.Claim, SendResult]:
+        # A row that waited for a session until its lease nearly ran out may already be
+        # another worker's: sending it now could deliver it twice. Hand it back instead.
+        if claim.lease_until is not None and self.clock() >= claim.lease_until - self.margin:
+            return claim, _LEASE_LAPSED
         plan = self.plans[claim.edition_id]
         try:
             raw = build_message(
@@ -387,6 +398,10 @@ class Worker:
         now = self.clock()
         results, bounced, halts = [], [], {}
         for claim, result in done:
+            if result is _LEASE_LAPSED:  # never sent: back in the queue for any worker
+                results.append(outbox.Result(claim.delivery_id, DeliveryStatus.QUEUED, None,
+                                             result.reply, ambiguous=claim.ambiguous))
+                continue
             if result.outcome is Outcome.HALT:
                 halts[claim.edition_id] = (f"halted: the relay refused us ({result.code or ''} "
                                            f"{result.enhanced or ''} {result.reply})".strip())

@@ -357,7 +357,7 @@ def test_the_clock_wakes_at_the_due_time_and_a_second_scheduler_stands_by(
     with sessions() as s:
         outbox.store_edition_file(s, settings, SAMPLE, "tester")  # compiled before the clock
         s.commit()
-    at = utcnow() + timedelta(seconds=5)  # later than the start pass, even on a busy machine
+    at = utcnow() + timedelta(seconds=10)  # later than the start pass, even on a busy machine
     if 1 <= at.astimezone(LONDON).hour <= 2:
         pytest.skip("the run falls in the refused 01:00-02:59 window")
     edition_id = _scheduled(sessions, settings, at)
@@ -366,6 +366,8 @@ def test_the_clock_wakes_at_the_due_time_and_a_second_scheduler_stands_by(
                                heartbeat_seconds=0.05, standby_seconds=0.05)
     second = schedule.Scheduler(settings, sessions, catch_up_seconds=3600,
                                 heartbeat_seconds=0.05, standby_seconds=0.05)
+    passed_at: list[datetime] = []
+    first.on_pass = lambda _report: passed_at.append(utcnow())
     t1, stop1 = _start(first)
     assert first.leading.wait(10)
     job = first._aps.get_job("catch-up")  # type: ignore[attr-defined]
@@ -377,7 +379,8 @@ def test_the_clock_wakes_at_the_due_time_and_a_second_scheduler_stands_by(
         assert wait_for(lambda: any("standby" in r.message for r in caplog.records), 10)
         assert not second.leading.is_set()
         assert wait_for(lambda: _deliveries(sessions, edition_id) == PEOPLE, 20)
-        assert first.passes >= 2  # the start pass, then the wake-up at the due time
+        assert passed_at[0] < at, "the start pass came after the due time: no wake-up tested"
+        assert first.passes >= 2 and passed_at[1] >= at  # the wake-up, at the due time
         stop1.set()
         t1.join(10)
         assert second.leading.wait(10)  # the standby takes over when the leader stops

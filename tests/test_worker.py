@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from mailer import outbox
 from mailer.config import Settings
 from mailer.models import FINAL, Delivery, DeliveryStatus, Edition, EditionStatus
+from mailer.smtp import SmtpPool
 from mailer.worker import Policy, Worker, WorkerBusy, sqlite_lock_path
 from subscribers import store
 from subscribers.db import session_factory
@@ -145,6 +146,38 @@ def test_results_share_commits_and_the_rows_held_never_exceed_the_capacity(
     assert len(written) <= 600 // 15, written  # 20 results a commit, not one
     assert max(held) <= 80  # capacity = max(2 x 4 connections, batch)
     assert _statuses(sessions, edition_id) == {"sent": 600}
+
+
+def test_a_row_whose_lease_ran_out_while_it_waited_is_handed_back_not_sent(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules,
+        make_fault_server: Callable[..., FaultServer]) -> None:
+    # Another worker may hold it by now (two workers on PostgreSQL each sent one such row
+    # when a loaded machine kept claimed rows waiting past a 5 s lease).
+    server = make_fault_server()
+    emails = [f"lapse{i}@kent.police.uk" for i in range(3)]
+    _people(sessions, rules, emails)
+    edition_id = _edition(sessions, settings)
+    conf = _settings(settings, server, lease_seconds=60)
+    late = [datetime.now(UTC)]
+    worker = Worker(conf, sessions, name="slow", clock=lambda: late[0])
+    with sessions() as s:
+        claims = worker._claim(s, 10)
+        s.commit()
+    assert len(claims) == 3
+    late[0] += timedelta(seconds=59)  # a second of lease left, less than a transaction needs
+
+    async def send_all() -> list[tuple[outbox.Claim, object]]:
+        async with SmtpPool(server.url(), size=1) as pool:
+            return [await worker._send(pool, claim) for claim in claims]
+    done = asyncio.run(send_all())
+    asyncio.run(worker._record(done))  # type: ignore[arg-type]
+    worker._db.shutdown()
+    assert server.handler.accepted() == 0
+    with sessions() as s:
+        rows = s.execute(select(Delivery.status, Delivery.worker, Delivery.lease_until)
+                         .where(Delivery.edition_id == edition_id)).all()
+    assert {r.status for r in rows} == {DeliveryStatus.QUEUED} and {r.lease_until for r in rows} \
+        == {None}
 
 
 def test_a_thousand_recipients_through_faults_each_end_in_one_final_state(
