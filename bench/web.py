@@ -1,13 +1,16 @@
 """Benchmark the web app: one-click unsubscribe POSTs/s and subscribe POSTs/s, p50/p99 latency.
 
 The app runs under uvicorn (its own processes); the load generator is a separate process with a
-minimal keep-alive HTTP/1.1 client on loopback, so the measurement is not the client's cost.
+minimal keep-alive HTTP/1.1 client on loopback (an asyncio Protocol, no HTTP library), so the
+measurement is not the client's cost. Each phase prints the CPU seconds the server's processes,
+the generator and the whole machine spent, because on a 2-core machine shared with other work a
+low rate may mean the server was starved rather than slow.
 
-    .venv/bin/python bench/web.py --backend sqlite
+    .venv/bin/python bench/web.py --backend sqlite --runs 3
     MAILER_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/test \
-        .venv/bin/python bench/web.py --backend postgresql
+        .venv/bin/python bench/web.py --backend postgresql --runs 3
 
-Each one-click POST unsubscribes a different subscriber (a real write: status, subscriptions,
+Each one-click POST unsubscribes a different subscriber (a real write: subscription status and a
 consent event), with the body a mailbox provider sends. Each subscribe POST is a new address
 (a real sign-up: subscriber, subscription, consent event, rate events, and a confirmation mail
 handed to an SMTP port that refuses, after the response).
@@ -19,6 +22,7 @@ import argparse
 import asyncio
 import multiprocessing
 import os
+import queue
 import re
 import socket
 import statistics
@@ -27,11 +31,21 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+_TICK = os.sysconf("SC_CLK_TCK")
+_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+
+
+def _importable(name: str) -> bool:
+    """Whether uvicorn's "auto" choice will find this module (httptools, uvloop)."""
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def _free_port() -> int:
@@ -42,61 +56,143 @@ def _free_port() -> int:
 
 # ---------------------------------------------------------------- load generator (own process)
 
-async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                   raw: bytes) -> tuple[int, bytes]:
-    writer.write(raw)
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head[9:12])
-    match = re.search(rb"(?i)content-length: *(\d+)", head)
-    body = await reader.readexactly(int(match[1])) if match else b""
-    return status, head + body
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection, one request in flight. Responses are read by Content-Length,
+    which every response of this app has (none is chunked)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[bytes] | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 or self.waiter is None:
+            return
+        match = _LENGTH.search(self.buffer, 0, end + 2)
+        total = end + 4 + (int(match[1]) if match else 0)
+        if len(self.buffer) >= total:
+            response = bytes(self.buffer[:total])
+            del self.buffer[:total]
+            waiter, self.waiter = self.waiter, None
+            waiter.set_result(response)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc or ConnectionError("the server closed the connection"))
+
+    def request(self, raw: bytes) -> asyncio.Future[bytes]:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(raw)
+        return self.waiter
+
+
+@dataclass
+class Result:
+    elapsed: float
+    latencies: list[float]
+    statuses: dict[int, int]
+    cpu: float  # the generator's own CPU seconds
 
 
 async def _run_load(port: int, requests: list[bytes], concurrency: int,
-                    prime: bytes | None) -> tuple[float, list[float], dict[int, int]]:
-    queue = list(reversed(requests))
+                    prime: bytes | None) -> Result:
+    loop = asyncio.get_running_loop()
+    pending = list(reversed(requests))
     latencies: list[float] = []
     statuses: dict[int, int] = {}
+    connections = [(await loop.create_connection(_Connection, "127.0.0.1", port))[1]
+                   for _ in range(concurrency)]
 
-    async def worker() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    async def worker(conn: _Connection) -> None:
         cookie = token = b""
         if prime is not None:  # a browser-like client: fetch the form's cookie and token first
-            _, page = await _request(reader, writer, prime)
-            cookie = re.search(rb"(?i)set-cookie: *(csrf=[^;]+)", page)[1]
-            token = re.search(rb'name="csrf_token" value="([^"]+)"', page)[1]
-        while queue:
-            raw = queue.pop()
-            raw = raw.replace(b"XXCOOKIEXX", cookie).replace(b"XXTOKENXX", token)
-            if prime is not None:  # the body length changed with the token
+            page = await conn.request(prime)
+            cookie = re.search(rb"(?i)set-cookie: *(csrf=[^;]+)", page)[1]  # type: ignore[index]
+            token = re.search(rb'name="csrf_token" value="([^"]+)"', page)[1]  # type: ignore[index]
+        clock = time.perf_counter
+        while pending:
+            raw = pending.pop()
+            if prime is not None:  # the body length changes with the token
                 head, _, body = raw.partition(b"\r\n\r\n")
-                head = re.sub(rb"Content-Length: \d+", b"Content-Length: %d" % len(body), head)
+                body = body.replace(b"XXTOKENXX", token)
+                head = head.replace(b"XXCOOKIEXX", cookie).replace(
+                    b"XXLENGTHXX", b"%d" % len(body))
                 raw = head + b"\r\n\r\n" + body
-            started = time.perf_counter()
-            status, _ = await _request(reader, writer, raw)
-            latencies.append(time.perf_counter() - started)
+            started = clock()
+            response = await conn.request(raw)
+            latencies.append(clock() - started)
+            status = int(response[9:12])
             statuses[status] = statuses.get(status, 0) + 1
-        writer.close()
+        assert conn.transport is not None
+        conn.transport.close()
 
+    cpu = time.process_time()
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.perf_counter() - started, latencies, statuses
+    await asyncio.gather(*(worker(c) for c in connections))
+    return Result(time.perf_counter() - started, latencies, statuses, time.process_time() - cpu)
 
 
 def _generator(port: int, requests: list[bytes], concurrency: int, prime: bytes | None,
                out: multiprocessing.Queue) -> None:
-    out.put(asyncio.run(_run_load(port, requests, concurrency, prime)))
+    try:
+        import uvloop  # the client's own overhead, kept as small as the server's
+    except ImportError:
+        out.put(asyncio.run(_run_load(port, requests, concurrency, prime)))
+    else:
+        out.put(uvloop.run(_run_load(port, requests, concurrency, prime)))
 
 
 def _load(port: int, requests: list[bytes], concurrency: int,
-          prime: bytes | None = None) -> tuple[float, list[float], dict[int, int]]:
+          prime: bytes | None = None) -> Result:
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue = ctx.Queue()
     proc = ctx.Process(target=_generator, args=(port, requests, concurrency, prime, out))
     proc.start()
-    result = out.get()
+    while True:  # a generator that died (a bug, a refused connection) must not hang us
+        try:
+            result = out.get(timeout=1)
+            break
+        except queue.Empty:
+            if not proc.is_alive():
+                raise SystemExit(f"the load generator died (exit code {proc.exitcode})") from None
     proc.join()
     return result
+
+
+# ---------------------------------------------------------------- CPU accounting (Linux /proc)
+
+def _tree_cpu(root: int) -> float:
+    """CPU seconds used so far by `root` and its live descendants (uvicorn's workers)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / _TICK
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in tree} - tree
+        grew = bool(more)
+        tree |= more
+    return sum(times.get(pid, 0.0) for pid in tree)
+
+
+def _machine_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values) - idle) / _TICK, sum(values) / _TICK
 
 
 # ---------------------------------------------------------------- setup
@@ -162,22 +258,48 @@ def _seed(url: str, env: dict[str, str], count: int) -> list[str]:
     return [f"/u/{tokens.unsubscribe(i, topic_id)}" for i in ids]
 
 
-def _post(path: str, body: bytes, content_type: str, extra: str = "") -> bytes:
+def _post(path: str, body: bytes, content_type: str, extra: str = "",
+          length: str | None = None) -> bytes:
     return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n{extra}\r\n").encode() + body
+            f"Content-Length: {length or len(body)}\r\n{extra}\r\n").encode() + body
 
 
-def _report(name: str, elapsed: float, latencies: list[float], statuses: dict[int, int]) -> None:
-    lat = sorted(latencies)
-    p50 = statistics.median(lat) * 1000
-    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
-    print(f"  {name:<12} {len(lat) / elapsed:8.0f} req/s   p50 {p50:6.1f} ms   "
-          f"p99 {p99:6.1f} ms   statuses {statuses}")
+@dataclass
+class Phase:
+    rate: float
+    p50: float
+    p99: float
 
 
-def run(backend: str, requests: int, concurrency: int, workers: int) -> None:
-    if backend == "sqlite":
-        workers = 1  # one writer: a second process would only wait on SQLite's file lock
+def _measure(name: str, server: int, port: int, requests: list[bytes], concurrency: int,
+             prime: bytes | None = None) -> Phase:
+    server_cpu, (busy, total) = _tree_cpu(server), _machine_busy()
+    result = _load(port, requests, concurrency, prime)
+    server_cpu = _tree_cpu(server) - server_cpu
+    busy2, total2 = _machine_busy()
+    lat = sorted(result.latencies)
+    phase = Phase(len(lat) / result.elapsed, statistics.median(lat) * 1000,
+                  lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000)
+    cores = (total2 - total) / result.elapsed  # every core's seconds per second of wall time
+    print(f"  {name:<10} {phase.rate:6.0f} req/s  p50 {phase.p50:6.1f} ms  p99 {phase.p99:6.1f} ms"
+          f"  | CPU ms/req: server {server_cpu / len(lat) * 1000:4.2f}, generator "
+          f"{result.cpu / len(lat) * 1000:4.2f}; machine busy "
+          f"{(busy2 - busy) / (total2 - total) * 100:3.0f}% of {cores:.0f} cores"
+          f"  {result.statuses}", flush=True)
+    return phase
+
+
+def _summary(name: str, phases: list[Phase]) -> None:
+    if len(phases) < 2:
+        return
+    rates = [p.rate for p in phases]
+    best = max(phases, key=lambda p: p.rate)
+    print(f"  {name:<10} best {best.rate:.0f} req/s (p50 {best.p50:.1f} ms, p99 {best.p99:.1f} "
+          f"ms), median {statistics.median(rates):.0f} req/s over {len(phases)} runs")
+
+
+def run(backend: str, requests: int, concurrency: int, workers: int, runs: int,
+        http: str = "auto", loop: str = "auto") -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         url, pg_name = _database(backend, tmp)
@@ -189,29 +311,47 @@ def run(backend: str, requests: int, concurrency: int, workers: int) -> None:
                "MAILER_POSTS_PER_NETWORK_HOUR": "100000000",
                "MAILER_MAILS_PER_NETWORK_DAY": "100000000"}
         try:
-            paths = _seed(url, env, requests)
+            paths = _seed(url, env, requests * runs)
+            # The refused confirmation mails log a warning each: kept out of the report.
+            log = (tmp / "server.log").open("wb")
             server = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "mailer.web.app:app_from_environment",
                  "--factory", "--host", "127.0.0.1", "--port", str(port), "--workers",
-                 str(workers), "--log-level", "error", "--no-access-log"],
-                cwd=ROOT, env={**os.environ, **env})
+                 str(workers), "--log-level", "warning", "--no-access-log", "--http", http,
+                 "--loop", loop],
+                cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=log)
             try:
                 _wait_ready(port)
-                print(f"{backend}: {workers} uvicorn workers, {concurrency} connections, "
-                      f"{requests} requests each")
-                one_click = [_post(p, b"List-Unsubscribe=One-Click",
-                                   "application/x-www-form-urlencoded") for p in paths]
-                _report("one-click", *_load(port, one_click, concurrency))
-                signups = [_post("/subscribe", urlencode({
-                    "csrf_token": "XXTOKENXX", "email": f"new{n}@essex.police.uk",
-                    "name": "Bench", "topics": "newsletter", "consent": "2026-12",
-                    "region": "essex"}).encode(), "application/x-www-form-urlencoded",
-                    "Cookie: XXCOOKIEXX\r\n") for n in range(requests)]
+                if http == "auto":
+                    http = "httptools" if _importable("httptools") else "h11"
+                if loop == "auto":
+                    loop = "uvloop" if _importable("uvloop") else "asyncio"
+                print(f"{backend}: {workers} uvicorn worker(s) ({http}, {loop}), {concurrency} "
+                      f"connections, {requests} requests a phase; load average "
+                      f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+                clicks: list[Phase] = []
+                signups: list[Phase] = []
                 prime = b"GET /subscribe HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-                _report("subscribe", *_load(port, signups, concurrency, prime))
+                for run_no in range(runs):
+                    one_click = [_post(p, b"List-Unsubscribe=One-Click",
+                                       "application/x-www-form-urlencoded")
+                                 for p in paths[run_no * requests:(run_no + 1) * requests]]
+                    clicks.append(_measure("one-click", server.pid, port, one_click, concurrency))
+                    forms = [_post("/subscribe", urlencode({
+                        "csrf_token": "XXTOKENXX", "email": f"new{run_no}x{n}@essex.police.uk",
+                        "name": "Bench", "topics": "newsletter", "consent": "2026-12",
+                        "region": "essex"}).encode(), "application/x-www-form-urlencoded",
+                        "Cookie: XXCOOKIEXX\r\n", "XXLENGTHXX") for n in range(requests)]
+                    signups.append(_measure("subscribe", server.pid, port, forms, concurrency,
+                                            prime))
+                _summary("one-click", clicks)
+                _summary("subscribe", signups)
+                print(f"  load average after: "
+                      f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
             finally:
                 server.terminate()
                 server.wait(20)
+                log.close()
         finally:
             _drop(pg_name)
 
@@ -233,12 +373,21 @@ def _wait_ready(port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="both")
-    parser.add_argument("--requests", type=int, default=3000)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=3000, help="requests in each phase")
+    parser.add_argument("--concurrency", type=int, default=16, help="keep-alive connections")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="uvicorn worker processes (default: 1 on SQLite, 2 on PostgreSQL)")
+    parser.add_argument("--runs", type=int, default=1,
+                        help="repeat both phases N times and print best and median (the machine "
+                             "is shared, so one figure is noisy)")
+    parser.add_argument("--http", choices=["auto", "h11", "httptools"], default="auto",
+                        help="uvicorn's HTTP parser (auto: httptools when installed)")
+    parser.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                        help="uvicorn's event loop (auto: uvloop when installed)")
     args = parser.parse_args()
     for backend in (["sqlite", "postgresql"] if args.backend == "both" else [args.backend]):
-        run(backend, args.requests, args.concurrency, args.workers)
+        workers = args.workers or (1 if backend == "sqlite" else 2)
+        run(backend, args.requests, args.concurrency, workers, args.runs, args.http, args.loop)
 
 
 if __name__ == "__main__":
