@@ -4,18 +4,23 @@
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import pytest
 import time_machine
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from mailer.web.app import create_app
 from subscribers import store
-from subscribers.models import Channel, SubscriberStatus
+from subscribers.db import session_factory, session_scope
+from subscribers.models import Channel, ConsentEvent, Subscriber, SubscriberStatus
+from subscribers.rules import Rules
 from subscribers.store import Context
 from subscribers.tokens import Tokens
 from tests.smtp_servers import FaultServer
@@ -41,6 +46,7 @@ from tests.web_fixtures import (  # noqa: F401
 
 POLICE = "sam.tester@kent.police.uk"
 ONE_CLICK = "List-Unsubscribe=One-Click"
+ADDED = Context(channel=Channel.ADMIN, actor="coordinator", lawful_basis="legitimate_interests")
 
 
 def _confirm_link(sink: FaultServer, rcpt: str) -> str:
@@ -254,6 +260,117 @@ def test_bad_unsubscribe_tokens_get_one_generic_page_and_change_nothing(
             bodies.add(response.text)
     assert len(bodies) == 1 and "Unsubscribe" in bodies.pop()
     assert snapshot(engine) == before
+
+
+def test_one_click_answers_are_constant_and_set_no_cookie(client: TestClient,
+                                                         sink: FaultServer) -> None:
+    provider = TestClient(client.app, base_url=BASE, follow_redirects=False)
+    answers = [provider.post(f"/u/{_unsub_token(client, _active(client, sink, email))}",
+                             content=ONE_CLICK,
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+               for email in (POLICE, "alex.other@essex.police.uk")]
+    first, second = answers
+    assert first.status_code == second.status_code == 200
+    assert first.content == second.content and "You are unsubscribed" in first.text
+    assert "set-cookie" not in first.headers and "csrf" not in first.text
+    assert "/preferences/" not in first.text  # nothing in it would let anyone act as them
+    assert first.headers["cache-control"] == "no-store"
+    assert "frame-ancestors 'none'" in first.headers["content-security-policy"]
+    assert first.headers["referrer-policy"] == "no-referrer"
+
+
+def _unsubscribed_state(engine: Engine, sid: int) -> tuple[Any, ...]:
+    """What an unsubscribe leaves, without ids and times, to compare two subscribers."""
+    with Session(engine) as session:
+        sub = session.get(Subscriber, sid)
+        assert sub is not None
+        events = session.execute(select(
+            ConsentEvent.action, ConsentEvent.channel, ConsentEvent.topic,
+            ConsentEvent.consent_version, ConsentEvent.lawful_basis, ConsentEvent.ip,
+            ConsentEvent.user_agent, ConsentEvent.actor, ConsentEvent.detail)
+            .where(ConsentEvent.subscriber_id == sid, ConsentEvent.action == "unsubscribe")
+            .order_by(ConsentEvent.id)).all()
+        return (sub.status, sub.left_at is None, sorted(topic_statuses(engine, sid).values()),
+                [tuple(e) for e in events])
+
+
+@pytest.mark.parametrize("scope", ["topic", "everything"])
+def test_the_one_click_write_is_the_orm_unsubscribe(engine: Engine, rules: Rules,
+                                                    scope: str) -> None:
+    """`store.unsubscribe_ids` (the one-click path's three statements) leaves exactly what
+    `store.unsubscribe` does, consent event included, and changes nothing the second time."""
+    ctx = Context(channel=Channel.ONE_CLICK, ip="192.0.2.7", user_agent="Provider/1.0 " * 40,
+                  consent_version="2026-12")
+    with session_scope(session_factory(engine)) as session:
+        topics = list(store.list_topics(session))
+        topic = store.get_topic(session, "newsletter")
+        orm_id, core_id = (store.add_active(session, rules, store.profile_from(
+            rules, email=f"reader{n}@kent.police.uk"), topics, ADDED).id
+            for n in (1, 2))
+    for _ in range(2):
+        with session_scope(session_factory(engine)) as session:
+            store.unsubscribe(session, store.get(session, orm_id), ctx,
+                              topic=topic if scope == "topic" else None)
+        with session_scope(session_factory(engine)) as session:
+            done = store.unsubscribe_ids(session, core_id,
+                                         topic.id if scope == "topic" else None, ctx)
+        assert done is not None
+        assert done.topic_name == (topic.name if scope == "topic" else None)
+        assert _unsubscribed_state(engine, core_id) == _unsubscribed_state(engine, orm_id)
+    assert not done.changed
+    assert len(_unsubscribed_state(engine, core_id)[3]) == 1
+
+
+def test_the_one_click_write_for_the_erased_the_unknown_and_a_gone_topic(
+        engine: Engine, rules: Rules) -> None:
+    ctx = Context(channel=Channel.ONE_CLICK)
+    factory = session_factory(engine)
+    with session_scope(factory) as session:
+        topics = list(store.list_topics(session))
+        kept, erased = (store.add_active(session, rules, store.profile_from(
+            rules, email=f"reader{n}@kent.police.uk"), topics, ADDED).id
+            for n in (1, 2))
+        store.erase(session, store.get(session, erased), ADDED)
+    before = snapshot(engine)
+    with session_scope(factory) as session:
+        assert store.unsubscribe_ids(session, 999_999, None, ctx) is None
+        assert store.unsubscribe_ids(session, 999_999, topics[0].id, ctx) is None
+        assert store.unsubscribe_ids(session, erased, None, ctx) is None
+        assert store.unsubscribe_ids(session, erased, topics[0].id, ctx) is None
+    assert snapshot(engine) == before
+    with session_scope(factory) as session:  # a topic that no longer exists: leave everything
+        assert store.unsubscribe_ids(session, kept, 999_999, ctx) == store.Unsubscribed(True, None)
+    assert _unsubscribed_state(engine, kept)[:3] == (
+        "unsubscribed", False, ["unsubscribed"] * len(topics))
+
+
+def test_racing_one_click_posts_change_once(engine: Engine, rules: Rules) -> None:
+    """The second of two simultaneous posts waits for the first's lock, then finds nothing to
+    change: one change, one consent event, on SQLite and on PostgreSQL."""
+    ctx = Context(channel=Channel.ONE_CLICK)
+    factory = session_factory(engine)
+    with session_scope(factory) as session:
+        topic = store.get_topic(session, "newsletter")
+        sid = store.add_active(session, rules, store.profile_from(
+            rules, email="reader@kent.police.uk"), [topic], ADDED).id
+    first = factory()
+    done = store.unsubscribe_ids(first, sid, topic.id, ctx)
+    assert done is not None and done.changed
+    second: list[store.Unsubscribed | None] = []
+
+    def post_again() -> None:
+        with session_scope(factory) as session:
+            second.append(store.unsubscribe_ids(session, sid, topic.id, ctx))
+
+    thread = threading.Thread(target=post_again)
+    thread.start()
+    time.sleep(0.3)
+    assert thread.is_alive()  # waiting on the first's row (PostgreSQL) or write (SQLite) lock
+    first.commit()
+    first.close()
+    thread.join(15)
+    assert second == [store.Unsubscribed(False, topic.name)]
+    assert len(_unsubscribed_state(engine, sid)[3]) == 1
 
 
 def test_unsubscribe_links_work_after_three_years_and_a_key_rotation(

@@ -21,6 +21,7 @@ from subscribers.db import make_engine, session_factory
 
 log = logging.getLogger(__name__)
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent.parent / "templates" / "web"
+PG_DB_THREADS = 8
 _TITLES = {400: "Something in the request is wrong", 403: "Not allowed", 404: "Page not found",
            405: "That is not possible here", 413: "Request too large",
            415: "Unsupported form encoding", 429: "Too many requests"}
@@ -37,19 +38,27 @@ def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
 
     `dev_inbox` (a dev sink's Maildir) adds /dev/inbox: `mailer demo` only, never production.
     """
-    engine = make_engine(settings.database)
+    # SQLite: one database thread (see `public.Web.executor`); PostgreSQL: a thread for each
+    # pooled connection, so a request never waits on the pool while a thread is idle.
+    sqlite = settings.database.startswith("sqlite")
+    db_threads = 1 if sqlite else PG_DB_THREADS
+    engine = (make_engine(settings.database) if sqlite
+              else make_engine(settings.database, pool_size=db_threads))
     require_current(engine)
     pages = page_environment()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
+        web.close()
         engine.dispose()
 
     app = FastAPI(title="MSHT bulletin", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
-    app.state.web = public.Web.build(settings, session_factory(engine), pages)
+    web = app.state.web = public.Web.build(settings, session_factory(engine), pages, db_threads)
     app.state.css = (TEMPLATE_DIR / "site.css").read_bytes()
+    for path, endpoint, methods in public.FAST_ROUTES:  # ahead of the routers: first match
+        app.add_route(path, endpoint, methods=methods, include_in_schema=False)
     app.include_router(public.router)
     admin.install(app, settings)  # the co-ordinator console and /api/v1
     if dev_inbox is not None:
