@@ -277,6 +277,9 @@ class _Refused(Exception):
         self.reply = reply
 
 
+NOT_STARTED = "not-started"  # the stage of a send that never began (see SmtpPool.send)
+
+
 def _local_result(stage: str, detail: str, outcome: Outcome) -> SendResult:
     return SendResult(outcome, None, None, detail, stage)
 
@@ -633,12 +636,14 @@ class SmtpPool:
         return conn
 
     async def send(self, mail_from: str, rcpt: str, data: bytes, *,
-                   crlf_checked: bool = False) -> SendResult:
+                   crlf_checked: bool = False, start_by: float | None = None) -> SendResult:
         """Submit `data` from envelope sender `mail_from` to the one recipient `rcpt`.
 
         `crlf_checked`: the caller has proved that `data` has CRLF line ends only (the
         worker's messages from `mailer.render.build_message` have), so the scan for bare
-        LFs is skipped; anything else is normalised here."""
+        LFs is skipped; anything else is normalised here.
+        `start_by` (the event loop's clock): when no session is free before then, nothing is
+        sent and the result has stage "not-started" (the caller's claim on it has lapsed)."""
         if self._closed:
             raise RuntimeError("the SMTP pool is closed")
         if _FORBIDDEN_IN_ADDRESS.search(mail_from) or _FORBIDDEN_IN_ADDRESS.search(rcpt):
@@ -646,6 +651,10 @@ class SmtpPool:
                                  "character or angle bracket", Outcome.FAILED)
         slots = self._slots()
         conn = await slots.get()
+        if start_by is not None and asyncio.get_running_loop().time() > start_by:
+            slots.put_nowait(conn)
+            return _local_result(NOT_STARTED, "not sent: no session was free in time",
+                                 Outcome.RETRY)
         try:
             for _attempt in range(2):
                 reused = conn is not None and conn.usable

@@ -48,7 +48,7 @@ from mailer.errors import MailerError
 from mailer.links import Links
 from mailer.models import DeliveryStatus, Edition
 from mailer.render import CompiledEdition, MessageRefused, Recipient, build_message
-from mailer.smtp import Outcome, SendResult, SmtpPool
+from mailer.smtp import NOT_STARTED, Outcome, SendResult, SmtpPool
 from subscribers import store
 from subscribers.db import session_scope, utcnow
 from subscribers.models import Channel, Subscriber
@@ -377,10 +377,14 @@ class Worker:
         return bounce
 
     async def _send(self, pool: SmtpPool, claim: outbox.Claim) -> tuple[outbox.Claim, SendResult]:
-        # A row that waited for a session until its lease nearly ran out may already be
-        # another worker's: sending it now could deliver it twice. Hand it back instead.
-        if claim.lease_until is not None and self.clock() >= claim.lease_until - self.margin:
-            return claim, _LEASE_LAPSED
+        # A row that waits for a session until its lease nearly runs out may already be
+        # another worker's: sending it then could deliver it twice. It is handed back.
+        start_by = None
+        if claim.lease_until is not None:
+            left = (claim.lease_until - self.margin - self.clock()).total_seconds()
+            if left <= 0:
+                return claim, _LEASE_LAPSED
+            start_by = asyncio.get_running_loop().time() + left
         plan = self.plans[claim.edition_id]
         try:
             raw = build_message(
@@ -391,8 +395,9 @@ class Worker:
         except MessageRefused as exc:
             return claim, SendResult(Outcome.FAILED, None, None, f"not sent: {exc}", "build")
         # build_message writes CRLF only (checked per edition and per header block).
-        return claim, await pool.send(self._envelope_from(claim), claim.email, raw,
-                                      crlf_checked=True)
+        result = await pool.send(self._envelope_from(claim), claim.email, raw,
+                                 crlf_checked=True, start_by=start_by)
+        return claim, _LEASE_LAPSED if result.stage == NOT_STARTED else result
 
     async def _record(self, done: list[tuple[outbox.Claim, SendResult]]) -> None:
         now = self.clock()

@@ -443,3 +443,18 @@ def test_deliver_once_works_inside_a_running_event_loop(fault_server: FaultServe
 def test_deliver_once_rejects_a_bad_url_with_config_error() -> None:
     with pytest.raises(ConfigError):
         deliver_once("smtp://:25", FROM, "ok@example.org", MESSAGE)
+
+
+def test_a_send_that_cannot_start_by_its_deadline_sends_nothing(fault_server: FaultServer) -> None:
+    # The worker's claim on a row lapses at a deadline: past it the row may be another's.
+    from mailer.smtp import NOT_STARTED
+
+    async def run() -> list[SendResult]:
+        async with SmtpPool(fault_server.url(), size=1) as pool:
+            now = asyncio.get_running_loop().time()
+            return [await pool.send(FROM, "late@example.org", MESSAGE, start_by=now - 1),
+                    await pool.send(FROM, "ok@example.org", MESSAGE, start_by=now + 60)]
+    late, ok = asyncio.run(run())
+    assert (late.stage, late.outcome, ok.outcome) == (NOT_STARTED, Outcome.RETRY, Outcome.SENT)
+    assert fault_server.handler.copies("late@example.org") == 0
+    assert fault_server.handler.copies("ok@example.org") == 1
