@@ -17,6 +17,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from mailer.web.app import create_app
+from mailer.web.public import SqliteTurns
 from subscribers import store
 from subscribers.db import session_factory, session_scope
 from subscribers.models import Channel, ConsentEvent, Subscriber, SubscriberStatus
@@ -371,6 +372,29 @@ def test_racing_one_click_posts_change_once(engine: Engine, rules: Rules) -> Non
     thread.join(15)
     assert second == [store.Unsubscribed(False, topic.name)]
     assert len(_unsubscribed_state(engine, sid)[3]) == 1
+
+
+def test_sqlite_turns_keep_web_processes_apart(tmp_path: Path) -> None:
+    """Each uvicorn worker opens the lock file itself; two openings exclude each other as two
+    processes would (flock locks belong to the open file, not the process)."""
+    assert SqliteTurns.for_url("postgresql://postgres@127.0.0.1/test") is None
+    assert SqliteTurns.for_url("sqlite://") is None
+    url = f"sqlite:///{tmp_path / 'mailer.db'}"
+    first, second = SqliteTurns.for_url(url), SqliteTurns.for_url(url)
+    assert first is not None and second is not None
+    order: list[str] = []
+
+    def other_worker() -> None:
+        with second:
+            order.append("second")
+
+    with first:
+        thread = threading.Thread(target=other_worker)
+        thread.start()
+        time.sleep(0.2)
+        order.append("first")
+    thread.join(5)
+    assert order == ["first", "second"]
 
 
 def test_unsubscribe_links_work_after_three_years_and_a_key_rotation(

@@ -14,15 +14,20 @@ Rules every route keeps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import fcntl
+import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -71,6 +76,7 @@ class Web:
     # thread takes turns far faster. PostgreSQL gets as many as the engine's pool holds.
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="db"))
+    turns: AbstractContextManager[Any] = field(default_factory=contextlib.nullcontext)
 
     @classmethod
     def build(cls, settings: Settings, sessions: sessionmaker[Session],
@@ -78,6 +84,7 @@ class Web:
         secret = settings.secret()
         return cls(settings=settings, rules=settings.rules(), sessions=sessions,
                    executor=ThreadPoolExecutor(db_threads, thread_name_prefix="db"),
+                   turns=SqliteTurns.for_url(settings.database) or contextlib.nullcontext(),
                    tokens=tokens_for(settings),
                    csrf=Csrf(secret, settings.base_url), mailer=Mailer(settings), pages=pages,
                    archive=Archive(settings), rate_key=settings.suppression_secret())
@@ -96,7 +103,7 @@ class Web:
         capacity limiter to be a large share of it. Once a unit has started it always runs to
         the end and commits, even if the request is abandoned."""
         def unit() -> T:
-            with session_scope(self.sessions) as session:
+            with self.turns, session_scope(self.sessions) as session:
                 return work(session)
         return asyncio.wrap_future(self.executor.submit(unit))
 
@@ -120,6 +127,47 @@ class Web:
             store.record_event(session, bucket(self.rate_key, kind, key),
                                bucket(self.rate_key, "netmail", network))
         return ok
+
+
+class SqliteTurns:
+    """One unit of database work at a time across every web process on one SQLite file (uvicorn
+    --workers), by an exclusive flock on a file beside it.
+
+    SQLite serialises the writes by itself, but a process waiting for them polls in sleeps of up
+    to 100 ms, and the read-then-write units (mail caps, sign-ups, exactly one consent event per
+    change) are only atomic if no other unit runs between their read and their write. In one
+    process the single database thread gives both; this extends it to several. A waiting
+    process is woken by the kernel the moment the lock is free. Other programs on the database
+    (the sending worker, the CLI) do not take it and are still kept apart by busy_timeout alone.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    @classmethod
+    def for_url(cls, url: str) -> SqliteTurns | None:
+        """The turns for a SQLite file URL; None for PostgreSQL or an in-memory database."""
+        parsed = make_url(url)
+        if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+            return None
+        return cls(f"{parsed.database}-web.lock")
+
+    # Opened for each unit (only ever from the one database thread) and closed after it, which
+    # also drops the lock: a few microseconds, and no descriptor outlives an app.
+    def __enter__(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def __exit__(self, *_exc: object) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def web(request: Request) -> Web:
