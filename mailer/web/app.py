@@ -21,7 +21,9 @@ from subscribers.db import make_engine, session_factory
 
 log = logging.getLogger(__name__)
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent.parent / "templates" / "web"
-PG_DB_THREADS = 8
+# Per worker process. bench/web.py, two workers on 2 cores: 4 threads gave 450-680 one-click
+# POSTs/s, 2 gave 410-450, and 8 gave 290-475 with a third of the machine idle.
+PG_DB_THREADS = 4
 _TITLES = {400: "Something in the request is wrong", 403: "Not allowed", 404: "Page not found",
            405: "That is not possible here", 413: "Request too large",
            415: "Unsupported form encoding", 429: "Too many requests"}
