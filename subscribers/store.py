@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import (
     ARRAY,
     Connection,
+    Insert,
     Integer,
     Select,
     Update,
@@ -33,6 +34,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from subscribers.db import utcnow
 from subscribers.errors import AddressSuppressed, InvalidInput, NotFound, SubscriberError
@@ -405,12 +407,12 @@ class Unsubscribed:
 def unsubscribe_ids(session: Session, subscriber_id: int, topic_id: int | None,
                     ctx: Context) -> Unsubscribed | None:
     """`unsubscribe` for a caller holding only the ids an unsubscribe token names: the same rules
-    and the same consent event, in three Core statements instead of the ORM's load, lazy load,
-    unit of work and flush (the one-click path answers mailbox providers by the hundred a
-    second). None when there is no such subscriber, or it was erased. A `topic_id` that names no
-    topic (since deleted) leaves everything, as `unsubscribe(topic=None)` would.
+    and the same consent event, in two or three prebuilt Core statements instead of the ORM's
+    load, lazy load, unit of work and flush (the one-click path answers mailbox providers by the
+    hundred a second). None when there is no such subscriber, or it was erased. A `topic_id`
+    that names no topic (since deleted) leaves everything, as `unsubscribe(topic=None)` would.
 
-    Each change is a guarded UPDATE issued before anything is read, so the row lock
+    Each change is a guarded UPDATE issued before anything else is read, so the row lock
     (PostgreSQL) or the write lock (SQLite, which then waits out busy_timeout instead of failing
     to upgrade a read snapshot) is held first: two posts racing for one address change it once
     and record one event. Do not use it on a session holding that subscriber's ORM objects,
@@ -421,14 +423,15 @@ def unsubscribe_ids(session: Session, subscriber_id: int, topic_id: int | None,
     ids = {"sid": subscriber_id, "tid": topic_id}
     status = None
     if topic_id is not None:
-        changed = conn.execute(q.leave_topic, ids).rowcount == 1
+        left_topic = conn.execute(q.leave_topic, ids).first()
+        if left_topic is not None:  # its guard saw the subscriber there and not erased
+            _insert_unsubscribe_event(conn, subscriber_id, ctx, left_topic.slug)
+            return Unsubscribed(True, left_topic.name)
         row = conn.execute(q.status_and_topic, ids).first()
         if row is None or row.status == SubscriberStatus.ERASED:
             return None
         if row.slug is not None:
-            if changed:
-                _insert_unsubscribe_event(conn, subscriber_id, ctx, row.slug)
-            return Unsubscribed(changed, row.name)
+            return Unsubscribed(False, row.name)
         status = row.status  # the topic is gone: leave everything, under the lock already held
     changed = conn.execute(q.leave, {**ids, "now": utcnow()}).rowcount == 1
     if changed:
@@ -443,7 +446,8 @@ def unsubscribe_ids(session: Session, subscriber_id: int, topic_id: int | None,
 
 
 class _UnsubscribeStatements(NamedTuple):
-    leave_topic: Update
+    leave_topic: ReturningUpdate[Any]
+    event: Insert
     status_and_topic: Select[Any]
     leave: Update
     leave_topics: Update
@@ -459,9 +463,14 @@ def _unsubscribe_statements() -> _UnsubscribeStatements:
     unsubscribed = SubscriptionStatus.UNSUBSCRIBED.value
     not_erased = exists().where(sub.c.id == sid, sub.c.status != SubscriberStatus.ERASED.value)
     return _UnsubscribeStatements(
+        # RETURNING the topic saves the first, usual, post a SELECT (SQLite has it since 3.35).
         leave_topic=update(subs).where(subs.c.subscriber_id == sid, subs.c.topic_id == tid,
                                        subs.c.status != unsubscribed, not_erased)
-        .values(status=unsubscribed),
+        .values(status=unsubscribed)
+        .returning(*(select(column).where(topics.c.id == tid).scalar_subquery().label(column.key)
+                     for column in (topics.c.slug, topics.c.name))),
+        # inline: no RETURNING of the new id, which nothing reads.
+        event=insert(ConsentEvent.__table__).inline(),
         status_and_topic=select(sub.c.status, topics.c.slug, topics.c.name).select_from(sub)
         .outerjoin(topics, topics.c.id == tid).where(sub.c.id == sid),
         leave=update(sub).where(sub.c.id == sid, sub.c.status.not_in([s.value for s in LEFT]))
@@ -474,7 +483,7 @@ def _unsubscribe_statements() -> _UnsubscribeStatements:
 def _insert_unsubscribe_event(conn: Connection, subscriber_id: int, ctx: Context,
                               topic: str | None) -> None:
     # The row `_record` would add, as one INSERT without the unit of work.
-    conn.execute(insert(ConsentEvent.__table__), {
+    conn.execute(_unsubscribe_statements().event, {
         "subscriber_id": subscriber_id, "action": ConsentAction.UNSUBSCRIBE.value,
         "channel": ctx.channel.value, "topic": topic, "consent_version": ctx.consent_version,
         "lawful_basis": ctx.lawful_basis, "ip": ctx.ip,

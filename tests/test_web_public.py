@@ -298,7 +298,7 @@ def _unsubscribed_state(engine: Engine, sid: int) -> tuple[Any, ...]:
 @pytest.mark.parametrize("scope", ["topic", "everything"])
 def test_the_one_click_write_is_the_orm_unsubscribe(engine: Engine, rules: Rules,
                                                     scope: str) -> None:
-    """`store.unsubscribe_ids` (the one-click path's three statements) leaves exactly what
+    """`store.unsubscribe_ids` (the one-click path's few statements) leaves exactly what
     `store.unsubscribe` does, consent event included, and changes nothing the second time."""
     ctx = Context(channel=Channel.ONE_CLICK, ip="192.0.2.7", user_agent="Provider/1.0 " * 40,
                   consent_version="2026-12")
