@@ -57,10 +57,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-_LEASE_LAPSED = SendResult(Outcome.RETRY, None, None,
-                           "not sent: its lease ran out while it waited for a session", "lease")
-
-
 class WorkerBusy(MailerError):
     """Another worker already sends from this SQLite database."""
 
@@ -378,13 +374,12 @@ class Worker:
 
     async def _send(self, pool: SmtpPool, claim: outbox.Claim) -> tuple[outbox.Claim, SendResult]:
         # A row that waits for a session until its lease nearly runs out may already be
-        # another worker's: sending it then could deliver it twice. It is handed back.
+        # another worker's: sending it then could deliver it twice. The pool starts it only
+        # while there is time left (else NOT_STARTED), and `_record` hands it back.
         start_by = None
         if claim.lease_until is not None:
-            left = (claim.lease_until - self.margin - self.clock()).total_seconds()
-            if left <= 0:
-                return claim, _LEASE_LAPSED
-            start_by = asyncio.get_running_loop().time() + left
+            start_by = asyncio.get_running_loop().time() + (
+                claim.lease_until - self.margin - self.clock()).total_seconds()
         plan = self.plans[claim.edition_id]
         try:
             raw = build_message(
@@ -395,15 +390,14 @@ class Worker:
         except MessageRefused as exc:
             return claim, SendResult(Outcome.FAILED, None, None, f"not sent: {exc}", "build")
         # build_message writes CRLF only (checked per edition and per header block).
-        result = await pool.send(self._envelope_from(claim), claim.email, raw,
-                                 crlf_checked=True, start_by=start_by)
-        return claim, _LEASE_LAPSED if result.stage == NOT_STARTED else result
+        return claim, await pool.send(self._envelope_from(claim), claim.email, raw,
+                                      crlf_checked=True, start_by=start_by)
 
     async def _record(self, done: list[tuple[outbox.Claim, SendResult]]) -> None:
         now = self.clock()
         results, bounced, halts = [], [], {}
         for claim, result in done:
-            if result is _LEASE_LAPSED:  # never sent: back in the queue for any worker
+            if result.stage == NOT_STARTED:  # never sent: back in the queue for any worker
                 results.append(outbox.Result(claim.delivery_id, DeliveryStatus.QUEUED, None,
                                              result.reply, ambiguous=claim.ambiguous))
                 continue
