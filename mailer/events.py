@@ -336,10 +336,18 @@ def plan_reminders(session: Session, now: datetime | None = None,
             occurrence = occurrence_in(event, year)
             if occurrence is None:
                 continue
+            times = {offset: reminder_times(event, occurrence, offset) for offset in event.offsets}
+            # Two offsets the weekend rule moves onto the same morning (2 and 1 days before a
+            # Sunday: both the Friday) would mail every reader twice: the nearer one goes.
+            nearest: dict[datetime, int] = {}
+            for offset, (send_at, _) in times.items():
+                nearest[send_at] = min(offset, nearest.get(send_at, offset))
             for offset in event.offsets:
                 if (occurrence, offset) in have:
                     continue
-                send_at, not_after = reminder_times(event, occurrence, offset)
+                send_at, not_after = times[offset]
+                if nearest[send_at] != offset:
+                    continue
                 if send_at < event.created_at or send_at > end:
                     continue
                 session.add(Reminder(event_id=event.id, occurrence=occurrence,
@@ -443,6 +451,8 @@ def load_yaml(path: Path) -> list[EventSpec]:
         data = data["events"]
     if not isinstance(data, list):
         raise EventError(f"{path}: expected a list of events (or 'events:' with a list)")
+    if not data:
+        raise EventError(f"{path}: has no events")
     specs = []
     for number, item in enumerate(data, 1):
         where = f"{path}: event {number}"

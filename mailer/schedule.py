@@ -67,11 +67,29 @@ def parse_at(value: str, *, now: datetime | None = None, zone: ZoneInfo = LONDON
     try:
         parsed = datetime.fromisoformat(raw)
     except ValueError:
+        parsed = None
+    if parsed is None or len(raw) <= 10:  # a bare date would silently mean midnight
         raise ScheduleError(f'{what} "{value}": not a date and time like "2027-01-11 09:00"',
-                            hint="UK time is assumed; add +00:00 or Z for UTC") from None
+                            hint="UK time is assumed; add +00:00 or Z for UTC")
     if parsed.tzinfo is None:
+        # Checked as typed: converted first, a time the spring change skips (01:30 on its
+        # day) would be reported an hour on, as a time the person never wrote.
+        if 1 <= parsed.hour <= 2:
+            raise ScheduleError(
+                f'{what} "{value}": {parsed:%H:%M} UK time is between 01:00 and 02:59, which '
+                f"the clock change skips or repeats{_change_on(parsed.date(), zone)}",
+                hint="choose 03:00 or later")
         parsed = parsed.replace(tzinfo=zone)
     return check_send_at(parsed.astimezone(UTC), now=now, what=f'{what} "{value}"')
+
+
+def _change_on(day: date, zone: ZoneInfo) -> str:
+    """' (on Sunday 28 March 2027 the clocks go forward)' when `day` has a clock change."""
+    before = datetime.combine(day, time(0), tzinfo=zone).utcoffset()
+    after = datetime.combine(day, time(23, 59), tzinfo=zone).utcoffset()
+    if before is None or after is None or before == after:
+        return ""
+    return f" (on {_day_text(day)} the clocks go {'forward' if after > before else 'back'})"
 
 
 # ---------------------------------------------------------------- editions
@@ -238,6 +256,7 @@ class CatchUp:
     missed: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     queued: int = 0  # deliveries added
+    told: list[str] = field(default_factory=list)  # new notices: mail them after the commit
 
 
 def catch_up(session: Session, settings: Settings, now: datetime | None = None) -> CatchUp:
@@ -274,9 +293,10 @@ def catch_up(session: Session, settings: Settings, now: datetime | None = None) 
             note = (f"missed: due {uk_time(reminder.send_at)}, and too late after "
                     f"{uk_time(reminder.not_after)}; not sent")
             if events.take_reminder(session, reminder, ReminderStatus.MISSED, now, note):
-                events.notify(session, f"missed-reminder-{reminder.id}", "missed-reminder",
-                              f"reminder for {label} was {note}", due_at=reminder.send_at,
-                              now=now)
+                told = f"reminder for {label} was {note}"
+                if events.notify(session, f"missed-reminder-{reminder.id}", "missed-reminder",
+                                 told, due_at=reminder.send_at, now=now):
+                    report.told.append(told)
                 log.warning("co-ordinators: reminder for %s was %s", label, note)
                 report.missed.append(label)
             continue
@@ -297,7 +317,86 @@ def catch_up(session: Session, settings: Settings, now: datetime | None = None) 
     message = check_quarter(session, now)
     if message:
         report.notices.append(message)
+        report.told.append(message)
     return report
+
+
+# ---------------------------------------------------------------- telling the co-ordinators
+
+def coordinator_addresses(session: Session, settings: Settings) -> list[str]:
+    """Who is told: every enabled admin and co-ordinator account with an email address, or,
+    when there is none, the contact address (the co-ordinators' shared mailbox)."""
+    from mailer.accounts import Role, User
+
+    found: dict[str, str] = {}
+    for address in session.scalars(select(User.email).where(
+            User.disabled.is_(False), User.role.in_([Role.ADMIN, Role.COORDINATOR]),
+            User.email.is_not(None)).order_by(User.id)):
+        if address and address.strip():
+            found.setdefault(address.strip().lower(), address.strip())
+    return list(found.values()) or [settings.contact_address]
+
+
+def notice_mail(settings: Settings, to: str, notices: list[str], now: datetime) -> bytes:
+    """One plain-text mail with this pass's notices: automatic (RFC 3834), not list mail."""
+    from email.headerregistry import Address
+    from email.message import EmailMessage
+    from email.utils import format_datetime, make_msgid
+
+    from mailer.render import POLICY
+
+    first = notices[0]
+    subject = (f"Scheduling: {first[:1].upper()}{first[1:]}" if len(notices) == 1
+               else f"Scheduling: {len(notices)} things need a co-ordinator")
+    if len(subject) > 150:
+        subject = subject[:147] + "..."
+    lines = [f"The scheduler of {settings.from_name} needs a co-ordinator to know this "
+             f"({uk_time(now)}):", ""]
+    lines += [f"* {notice[:1].upper()}{notice[1:]}." for notice in notices]
+    lines += ["", "A reminder that missed its time is never sent late. `mailer schedule list` "
+                  "shows what is due and what was missed.",
+              f"Editions are approved in the console: {settings.base_url}/admin/editions", ""]
+    msg = EmailMessage()
+    msg["From"] = Address(settings.from_name, addr_spec=settings.from_address)
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = format_datetime(now)
+    msg["Message-ID"] = make_msgid(domain=settings.from_address.rpartition("@")[2] or None)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg["X-Auto-Response-Suppress"] = "All"
+    msg.set_content("\n".join(lines))
+    return msg.as_bytes(policy=POLICY)
+
+
+def tell_coordinators(settings: Settings, sessions: sessionmaker[Session],
+                      notices: list[str], now: datetime | None = None) -> int:
+    """Mail new notices (a missed reminder, no edition approved in time) to the co-ordinators,
+    once, after the pass that found them has committed. Best effort: a relay that refuses is
+    logged, and the notice stays in `mailer schedule list`. Returns how many were accepted."""
+    if not notices:
+        return 0
+    from mailer.smtp import Outcome, deliver_once
+
+    now = now or utcnow()
+    with session_scope(sessions) as session:
+        addresses = coordinator_addresses(session, settings)
+    accepted = 0
+    for to in addresses:
+        try:
+            result = deliver_once(settings.smtp_url.get_secret_value(), settings.from_address,
+                                  to, notice_mail(settings, to, notices, now),
+                                  timeout=settings.smtp_timeout_seconds)
+        except Exception:  # bad config or a bug: the pass itself has done its work
+            log.exception("scheduler: could not mail the co-ordinators (%s)", to)
+            continue
+        if result.outcome == Outcome.SENT:
+            accepted += 1
+        else:
+            log.warning("scheduler: the notice to %s was not accepted: %s %s", to,
+                        result.code, result.reply)
+    log.info("scheduler: %s notice(s) mailed to %s of %s co-ordinator address(es)",
+             len(notices), accepted, len(addresses))
+    return accepted
 
 
 def next_wake(session: Session) -> datetime | None:
@@ -390,6 +489,9 @@ class PgLeaderLock:
     over. `check` asks the server whether this very connection still holds it; any failure
     counts as lost, and the scheduler stops at once (fencing). Not through PgBouncer in
     transaction mode, which breaks session locks.
+
+    The heartbeat (the scheduler's thread) and the fencing check (APScheduler's) share the
+    connection, and a SQLAlchemy Connection is not safe across threads: a mutex serialises it.
     """
 
     def __init__(self, url: str) -> None:
@@ -402,8 +504,13 @@ class PgLeaderLock:
                           "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
                           "keepalives_count": 2})
         self._conn = None
+        self._mutex = threading.RLock()
 
     def acquire(self) -> bool:
+        with self._mutex:
+            return self._acquire()
+
+    def _acquire(self) -> bool:
         conn = self._engine.connect()
         try:
             got = conn.execute(text("SELECT pg_try_advisory_lock(:a, :b)"),
@@ -418,6 +525,10 @@ class PgLeaderLock:
         return False
 
     def check(self) -> bool:
+        with self._mutex:
+            return self._check()
+
+    def _check(self) -> bool:
         conn = self._conn
         if conn is None:
             return False
@@ -439,6 +550,10 @@ class PgLeaderLock:
             self._conn = None
 
     def release(self) -> None:
+        with self._mutex:
+            self._release()
+
+    def _release(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(DBAPIError):
                 self._conn.execute(text("SELECT pg_advisory_unlock(:a, :b)"),
@@ -551,6 +666,10 @@ class Scheduler:
         self.passes += 1
         if wake is not None and wake > now:
             self._wake_at(wake)
+        try:
+            tell_coordinators(self.settings, self.sessions, report.told, now)
+        except Exception:  # the notices stay listed; the pass's own work is committed
+            log.exception("scheduler: could not tell the co-ordinators")
         if self.on_pass is not None:
             self.on_pass(report)
 

@@ -76,6 +76,19 @@ def test_a_reminder_due_on_a_weekend_goes_on_the_friday_before() -> None:
     assert events.reminder_times(kept, day, 1)[0] == _utc(2026, 10, 17, 8, 0)
 
 
+def test_two_reminders_the_weekend_rule_puts_on_one_morning_go_once(session: Session) -> None:
+    session.execute(delete(Event))
+    now = _utc(2027, 9, 1, 12, 0)
+    # Sunday 10 October 2027: 2 days before is Friday, 1 day before is Saturday -> Friday too
+    event, _ = events.add_event(session, EventSpec(name="Vigil", starts_on=date(2027, 10, 10),
+                                                   offsets=[7, 2, 1]), now=now)
+    assert events.plan_reminders(session, now) == 2
+    rows = events.reminders_for(session, event.id)
+    assert [(r.offset_days, r.send_at) for r in rows] == [
+        (7, _utc(2027, 10, 1, 8, 0)), (1, _utc(2027, 10, 8, 8, 0))]  # the nearer one stays
+    assert events.plan_reminders(session, now) == 0
+
+
 def test_an_on_the_day_reminder_may_go_until_the_day_ends() -> None:
     event = _event(offsets=[0])
     send_at, not_after = events.reminder_times(event, date(2026, 12, 2), 0)
@@ -162,6 +175,7 @@ def test_yaml_import(tmp_path: Path, session: Session) -> None:
     ("- name: A\n  date: 2027-10-18\n  offsets: [-3]\n", "-3 is not a whole number of days"),
     ("- name: A\n  date: 2027-10-18\n  colour: red\n", "unknown field"),
     ("name: A\n", "expected a list of events"),
+    ("events: []\n", "has no events"),
 ])
 def test_a_bad_yaml_file_is_refused_naming_where_and_why(tmp_path: Path, content: str,
                                                          message: str) -> None:
@@ -252,6 +266,11 @@ def test_events_from_the_command_line(settings: Settings, capsys: pytest.Capture
     # a week before is the Monday before; the day before is a Sunday: the Friday instead
     days = [(monday - timedelta(days=d)).strftime("%a %d %b %Y 08:30") for d in (7, 3)]
     assert code == 0 and all(d in out for d in days) and "planned" in out
+    far = today + timedelta(days=events.PLAN_HORIZON_DAYS + 60)
+    code, out, _ = mailer("events", "add", "Far day", "--date", far.isoformat())
+    assert code == 0 and f"0 reminder(s) planned (next date {far:%d %b %Y}:" in out
+    code, out, _ = mailer("events", "add", "Gone day", "--date", "2020-01-06")
+    assert code == 0 and "0 reminder(s) planned (its date has passed)" in out
     code, _, err = mailer("events", "add", "Night", "--date", "2099-01-01", "--at", "01:30")
     assert code == 1 and "between 01:00 and 02:59" in " ".join(err.split())
     assert err.count("error:") == 1 and "Traceback" not in err

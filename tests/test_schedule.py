@@ -30,7 +30,7 @@ from mailer.devsink import DevSink
 from mailer.events import Event, EventSpec, Reminder, ReminderStatus, ScheduleNotice
 from mailer.models import Delivery, Edition, EditionKind, EditionStatus
 from mailer.schedule import LONDON, ScheduleError
-from mailer.worker import Worker
+from mailer.worker import Summary, Worker
 from subscribers import store
 from subscribers.db import session_factory, utcnow
 from subscribers.models import Channel
@@ -119,11 +119,26 @@ def test_at_is_uk_time_unless_an_offset_is_given(typed: str, expected: datetime)
     ("2026-11-30 09:00", "has already passed"),
     ("next Monday", "not a date and time"),
     ("2027-02-30 09:00", "not a date and time"),
+    ("2027-01-11", "not a date and time"),  # a bare date would mean midnight
 ])
 def test_unsafe_or_past_or_malformed_times_are_refused(typed: str, problem: str) -> None:
     with pytest.raises(ScheduleError, match=problem) as info:
         schedule.parse_at(typed, now=_utc(2026, 12, 1))
     assert typed in str(info.value)
+
+
+@pytest.mark.parametrize(("typed", "said"), [
+    # the hour as typed, not as converted (01:30 on 28 March 2027 does not exist: 02:30 BST)
+    ("2027-03-28 01:30", "01:30 UK time is between 01:00 and 02:59, which the clock change "
+                         "skips or repeats (on Sunday 28 March 2027 the clocks go forward)"),
+    ("2027-10-31 01:30", "(on Sunday 31 October 2027 the clocks go back)"),
+    ("2027-06-01 02:45", "02:45 UK time is between 01:00 and 02:59, which the clock change "
+                         "skips or repeats"),
+])
+def test_a_refused_clock_change_time_is_named_as_it_was_typed(typed: str, said: str) -> None:
+    with pytest.raises(ScheduleError) as info:
+        schedule.parse_at(typed, now=_utc(2026, 12, 1))
+    assert said in str(info.value) and info.value.hint == "choose 03:00 or later"
 
 
 # ---------------------------------------------------------------- reminders on time
@@ -240,6 +255,144 @@ def test_reminder_mail_has_the_ics_and_the_unsubscribe_headers(
     (vevent,) = calendar.walk("VEVENT")
     assert vevent.get("DTSTART").dt == date(2027, 10, 18)
     assert str(vevent.get("SUMMARY")) == "Anti-Slavery Day"
+
+
+def test_the_ics_of_a_week_long_event_is_valid_icalendar_and_reads_back_in(
+        settings: Settings, tmp_path: Path) -> None:
+    event = Event(slug="operation-aidant-week", name="Operation Aidant week",
+                  starts_on=date(2027, 3, 15), ends_on=date(2027, 3, 21), yearly=False,
+                  description="A national week of action, led by the NCA.",
+                  link="https://www.nationalcrimeagency.gov.uk/", offsets=[14, 1],
+                  send_time="09:00", timezone="Europe/London", topic="reminders")
+    raw = schedule.reminder_ics(event, date(2027, 3, 15), settings, _utc(2027, 3, 1, 9, 0))
+    assert raw.startswith(b"BEGIN:VCALENDAR\r\n") and raw.endswith(b"END:VCALENDAR\r\n")
+    assert all(len(line) <= 75 for line in raw.split(b"\r\n"))  # RFC 5545 3.1 folding
+    calendar = icalendar.Calendar.from_ical(raw)
+    assert (str(calendar["VERSION"]), str(calendar["METHOD"])) == ("2.0", "PUBLISH")
+    assert str(calendar["PRODID"])
+    (vevent,) = calendar.walk("VEVENT")
+    # RFC 5545 3.6.1: UID and DTSTAMP (UTC) are required; an all-day DTEND is exclusive
+    assert str(vevent["UID"]) == f"operation-aidant-week-2027-03-15@{settings.list_id}"
+    assert vevent["DTSTAMP"].dt == _utc(2027, 3, 1, 9, 0)
+    assert b"DTSTAMP:20270301T090000Z" in raw
+    assert vevent["DTSTART"].dt == date(2027, 3, 15) and b"DTSTART;VALUE=DATE:20270315" in raw
+    assert vevent["DTEND"].dt == date(2027, 3, 22)
+    assert str(vevent["URL"]) == "https://www.nationalcrimeagency.gov.uk/"
+    assert str(vevent["TRANSP"]) == "TRANSPARENT"  # a reader is not shown as busy all week
+    # what we send, we read: the attachment imports as the same event
+    path = tmp_path / "reminder.ics"
+    path.write_bytes(raw)
+    (spec,) = events.load_file(path)
+    assert (spec.name, spec.starts_on, spec.ends_on, spec.yearly, spec.link) == (
+        "Operation Aidant week", date(2027, 3, 15), date(2027, 3, 21), False,
+        "https://www.nationalcrimeagency.gov.uk/")
+
+
+# ---------------------------------------------------------------- a real scheduler, restarted
+
+def _sink_settings(settings: Settings, sink: DevSink) -> Settings:
+    return settings.model_copy(update={"smtp_url": type(settings.smtp_url)(sink.url),
+                                       "rate_per_minute": 0, "rate_per_day": 0})
+
+
+def _run_scheduler(settings: Settings, sessions: sessionmaker[Session],
+                   at: datetime) -> schedule.CatchUp:
+    """Start a real Scheduler whose clock says `at`, let its start pass run, and stop it: one
+    process lifetime. Catch-up only hourly, so the start pass is the only pass."""
+    reports: list[schedule.CatchUp] = []
+    passed = threading.Event()
+
+    def on_pass(report: schedule.CatchUp) -> None:
+        reports.append(report)
+        passed.set()
+    scheduler = schedule.Scheduler(settings, sessions, catch_up_seconds=3600,
+                                   heartbeat_seconds=0.05, standby_seconds=0.05,
+                                   clock=lambda: at, on_pass=on_pass)
+    thread, stop = _start(scheduler)
+    try:
+        assert passed.wait(30), "the start pass never ran"
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive() and len(reports) == 1
+    return reports[0]
+
+
+def _drain(settings: Settings, sessions: sessionmaker[Session], at: datetime) -> Summary:
+    return asyncio.run(Worker(settings, sessions, poll=0.05, clock=lambda: at).run(drain=True))
+
+
+def test_a_scheduler_down_across_the_send_time_sends_once_when_it_comes_back(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules,
+        tmp_path: Path) -> None:
+    emails = _people(sessions, rules)
+    due = _utc(2027, 5, 13, 8, 0)  # Thursday 09:00 BST, for Friday 14 May
+    with time_machine.travel(due - timedelta(days=2), tick=False):
+        _event(sessions, date(2027, 5, 14), [1])
+    with DevSink(tmp_path / "sink", port=0) as sink:
+        sending = _sink_settings(settings, sink)
+        before = _run_scheduler(sending, sessions, due - timedelta(days=1))
+        # stopped at 09:00 the day before; nothing runs across the send time
+        back = _run_scheduler(sending, sessions, due + timedelta(hours=5))
+        restarted = _run_scheduler(sending, sessions, due + timedelta(hours=5, minutes=10))
+        summary = _drain(sending, sessions, due + timedelta(hours=5, minutes=11))
+        received = sorted(rcpt for m in sink.messages() for rcpt in m.rcpt_to)
+    assert (before.planned, before.reminders, before.queued) == (1, [], 0)
+    assert back.reminders == ["reminder-test-day-2027-05-14-1d"] and back.queued == PEOPLE
+    assert (restarted.reminders, restarted.queued, restarted.missed) == ([], 0, [])
+    assert summary.sent == PEOPLE
+    assert received == sorted(emails)  # every reader, once
+
+
+def test_a_scheduler_back_after_the_not_after_time_marks_it_missed_and_mails_the_coordinators(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules,
+        tmp_path: Path) -> None:
+    from mailer import accounts
+
+    _people(sessions, rules)
+    with sessions() as s:
+        for login, role, mail, off in (("ann", "coordinator", "ann@kent.police.uk", False),
+                                       ("bob", "admin", "Bob@essex.police.uk", False),
+                                       ("bob2", "coordinator", "bob@essex.police.uk", False),
+                                       ("cy", "viewer", "cy@kent.police.uk", False),
+                                       ("di", "coordinator", "di@kent.police.uk", True),
+                                       ("ed", "coordinator", None, False)):
+            user = accounts.add_user(s, login=login, display_name=login.title(), role=role,
+                                     password="correct horse battery staple", regions=["kent"],
+                                     known_regions=["kent", "essex"], email=mail)
+            user.disabled = off
+        s.commit()
+    due = _utc(2027, 5, 13, 8, 0)
+    with time_machine.travel(due - timedelta(days=2), tick=False):
+        event_id = _event(sessions, date(2027, 5, 14), [1])
+    with DevSink(tmp_path / "sink", port=0) as sink:
+        sending = _sink_settings(settings, sink)
+        _run_scheduler(sending, sessions, due - timedelta(days=1))
+        # back at midnight BST on the event's day: too late for "the day before"
+        late = _run_scheduler(sending, sessions, _utc(2027, 5, 13, 23, 0))
+        again = _run_scheduler(sending, sessions, _utc(2027, 5, 13, 23, 30))
+        summary = _drain(sending, sessions, _utc(2027, 5, 13, 23, 31))
+        mails = [(m.rcpt_to, sink.raw(m.key)) for m in sink.messages()]
+    assert late.missed == ["Test day (2027-05-14, 1 day(s) before)"] and late.reminders == []
+    assert len(late.told) == 1 and again.missed == [] and again.told == []
+    assert summary.sent == 0 and _deliveries(sessions) == 0
+    with sessions() as s:
+        reminder = s.scalar(select(Reminder).where(Reminder.event_id == event_id))
+        assert reminder is not None and reminder.status == ReminderStatus.MISSED
+        assert s.scalar(select(Edition).where(Edition.event_id == event_id)) is None
+    # the enabled admins and co-ordinators with an address, once each (case aside)
+    assert sorted(rcpt for rcpt, _ in mails) == [("Bob@essex.police.uk",),
+                                                  ("ann@kent.police.uk",)]
+    message = email.message_from_bytes(mails[0][1], policy=email.policy.default)
+    assert message["Subject"].startswith("Scheduling: Reminder for Test day (2027-05-14")
+    assert message["Auto-Submitted"] == "auto-generated" and message["List-Id"] is None
+    body = " ".join(message.get_content().split())
+    assert "due Thu 13 May 2027 09:00 BST" in body and "not sent" in body
+
+
+def test_with_no_coordinator_accounts_the_contact_address_is_told(
+        session: Session, settings: Settings) -> None:
+    assert schedule.coordinator_addresses(session, settings) == [settings.contact_address]
 
 
 # ---------------------------------------------------------------- scheduled editions

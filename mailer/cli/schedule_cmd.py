@@ -83,7 +83,14 @@ def events_add(
         event, _ = events.add_event(session, spec)
         events.plan_reminders(session)
         slug, planned = event.slug, len(events.reminders_for(session, event.id))
-    console.print(f"added event '{escape(slug)}'; {planned} reminder(s) planned")
+        upcoming = events.next_occurrence(event, schedule.utcnow().astimezone(
+            schedule.LONDON).date())
+    why = ""
+    if not planned:  # say why, or it reads as a fault
+        why = (" (its date has passed)" if upcoming is None else
+               f" (next date {upcoming:%d %b %Y}: its reminder times have passed, or are more "
+               f"than {events.PLAN_HORIZON_DAYS} days away and are planned nearer the time)")
+    console.print(f"added event '{escape(slug)}'; {planned} reminder(s) planned{why}")
 
 
 @events_app.command("list")
@@ -272,9 +279,14 @@ def scheduler(ctx: typer.Context,
     if once:
         with rt.session() as session:
             report = schedule.catch_up(session, rt.settings)
+        told = schedule.tell_coordinators(rt.settings, rt.sessions(), report.told)
         console.print(f"editions started: {len(report.editions)}, reminders queued: "
                       f"{len(report.reminders)}, missed: {len(report.missed)}, "
                       f"messages queued: {report.queued}")
+        for notice in report.told:
+            console.print(f"[yellow]co-ordinators:[/] {escape(notice)}")
+        if report.told:
+            console.print(f"mailed to {told} co-ordinator address(es)")
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
