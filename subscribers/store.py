@@ -642,10 +642,14 @@ class Filter:
     role: str | None = None
     topic: str | None = None
     search: str | None = None  # part of the address, name or organisation
+    # A co-ordinator's regions: nobody outside them, whatever `region` says (None: no limit).
+    scope: tuple[str, ...] | None = None
 
 
 def _filtered(flt: Filter) -> Select[tuple[Subscriber]]:
     query = select(Subscriber).where(Subscriber.status != SubscriberStatus.ERASED)
+    if flt.scope is not None:
+        query = query.where(Subscriber.region.in_(list(flt.scope)))
     if flt.status:
         query = query.where(Subscriber.status == flt.status)
     if flt.region:

@@ -51,7 +51,7 @@ from subscribers.models import Channel, SubscriberStatus
 router = APIRouter(prefix="/admin")
 CONSOLE_MAX_BODY = 4 * 1024 * 1024  # an edition source or a CSV of a few thousand people
 PAGE = 50
-LOGIN_ATTEMPTS_PER_NETWORK = 30  # per 15 minutes, whatever the account
+LOGIN_ATTEMPTS_PER_NETWORK = 30  # failed sign-ins per 15 minutes, whatever the account
 LOGIN_WINDOW = dt.timedelta(minutes=15)
 PUBLIC_PATHS = frozenset({"/admin/login", "/admin/static/admin.css"})
 # The preview frame shows an email's own HTML: inline styles allowed, still no script.
@@ -165,6 +165,11 @@ async def _actor(request: Request, permission: Permission) -> Actor:
     actor = await public.web(request).run(work) if token else None
     if actor is None:
         raise LoginNeeded(request.url.path if request.method == "GET" else "/admin")
+    if actor.regions == ():
+        # Accounts are made with at least one region; one left with none (edited in the
+        # database, say) must not fall through to the unscoped "every region" of a query.
+        raise Refusal(403, "You have no regions",
+                      "Your account is not linked to any region. Ask an administrator.")
     if not actor.can(permission):
         raise Refusal(403, "You do not have permission to do this",
                       f"Your role ({actor.role}) does not allow this. Ask an administrator if "
@@ -320,11 +325,15 @@ async def login_post(request: Request) -> Response:
             audit.record(session, actor="(unknown)", via="console", ip=ip,
                          action="login.rate_limited")
             return "limited", None, None
-        store.record_event(session, bucket(w.rate_key, "login", network))
         result = accounts.authenticate(session, login, password, code)
         user = result.user
         who = user.login if user else "(unknown)"
         if result.outcome != accounts.LoginOutcome.OK or user is None:
+            # Only failures count against the network (OWASP): an office of staff behind one
+            # address signing in each morning must not lock itself out; a guesser from it
+            # is stopped after LOGIN_ATTEMPTS_PER_NETWORK tries, on any mix of accounts.
+            if result.outcome != accounts.LoginOutcome.NEED_CODE:
+                store.record_event(session, bucket(w.rate_key, "login", network))
             audit.record(session, actor=who, actor_name=user.display_name if user else None,
                          via="console", ip=ip, action=f"login.{result.outcome}")
             return str(result.outcome), None, None
@@ -399,27 +408,18 @@ def _eta(settings: Settings, remaining: int) -> str:
 
 # ---------------------------------------------------------------- subscribers
 
-def _region_scope(actor: Actor, wanted: str | None) -> str | None:
-    """The region a co-ordinator's list or export is limited to. The store's filter takes one
-    region, so a co-ordinator with several chooses one at a time (the first by default)."""
-    if actor.regions is None:
-        return wanted or None
-    if wanted:
-        if wanted not in actor.regions:
-            raise Refusal(403, "That region is outside your scope",
-                          f"You can see {', '.join(actor.regions)} only.")
-        return wanted
-    if not actor.regions:
-        raise Refusal(403, "You have no regions", "Ask an administrator to give you a region.")
-    return actor.regions[0]
-
-
 def _filter(request: Request, actor: Actor) -> store.Filter:
+    """The list's or export's filter, always inside the actor's regions: a co-ordinator sees
+    all of theirs together by default, or narrows to one; another region is refused."""
     q = request.query_params
     status = q.get("status") or None
     if status is not None and status not in {s.value for s in SubscriberStatus}:
         raise Refusal(400, "Unknown status", "Choose a status from the list.")
-    return store.Filter(status=status, region=_region_scope(actor, q.get("region")),
+    region = (q.get("region") or "")[:40] or None
+    if region is not None and actor.regions is not None and region not in actor.regions:
+        raise Refusal(403, "That region is outside your scope",
+                      f"You can see {', '.join(actor.regions)} only.")
+    return store.Filter(status=status, region=region, scope=actor.regions,
                         role=(q.get("role") or None), topic=(q.get("topic") or None),
                         search=(q.get("q") or "")[:100] or None)
 
@@ -465,8 +465,13 @@ async def subscribers_export(request: Request) -> Response:
     body, _n = await public.web(request).run(work)
     stamp = utcnow().strftime("%Y%m%d-%H%M")
     return Response(body, media_type="text/csv; charset=utf-8", headers={
-        "Content-Disposition": f'attachment; filename="subscribers-{flt.region or "all"}-'
+        "Content-Disposition": f'attachment; filename="subscribers-{_scope_name(flt)}-'
                                f'{stamp}.csv"'})
+
+
+def _scope_name(flt: store.Filter) -> str:
+    name = flt.region or ("-".join(flt.scope) if flt.scope is not None else "all")
+    return "".join(ch for ch in name if ch.isalnum() or ch in "-_")[:80] or "regions"
 
 
 def _profile_fields(form: FormData) -> dict[str, str | None]:
@@ -868,6 +873,11 @@ async def _edition_step(request: Request, eid: int, permission: Permission,
     try:
         notice = await public.web(request).run(work)
     except outbox.ApprovalRefused as exc:
+        # The attempt's own transaction was rolled back; a refused self-approval is still a
+        # step of the edition's history, so it is logged on its own.
+        reason = str(exc)
+        await public.web(request).run(lambda s: _record(
+            s, actor, request, "edition.approve_refused", f"edition:{eid}", reason=reason))
         raise Refusal(403, "You cannot approve this edition", str(exc).capitalize() + ".",
                       (exc.hint or "").capitalize()) from None
     except MailerError as exc:
