@@ -5,7 +5,10 @@ Every inbound message (`mailer.inbound`) comes through `receive`: it is classifi
 about one of our deliveries, turned into a `BounceEvent` on that delivery. The policy
 (`BouncePolicy`, from the settings) then acts on the event:
 
-* a hard bounce (the address is dead: 5.1.x, 5.2.1, 5.4.4) suppresses after one;
+* a hard bounce (the address is dead: 5.1.x, 5.2.1, 5.4.4, and Microsoft's 5.4.1 "Recipient
+  address rejected") suppresses after one; one that names another address than the
+  subscriber's (a forward, a list the address expands to) counts as soft, since the message
+  may have reached the subscriber;
 * a soft bounce counts once a day; three across at least two sends within 90 days disable the
   address (it is marked bounced and suppressed; a fresh double opt-in brings it back);
 * a complaint unsubscribes and suppresses at once;
@@ -31,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -57,14 +61,16 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from mailer import outbox
-from mailer.bounces import Failure, Kind, Verdict, classify_inbound
+from mailer.bounces import DeliveryRef, Failure, Kind, Verdict, classify_inbound
 from mailer.config import Settings
 from mailer.errors import ConfigError, MailerError
 from mailer.inbound import InboundMessage
+from mailer.models import Delivery, DeliveryStatus, Edition
 from subscribers import store
 from subscribers.db import Base, UTCDateTime, utcnow
-from subscribers.models import Channel, Subscriber, SubscriberStatus, _check_in
+from subscribers.models import Channel, Subscriber, SubscriberStatus, Topic, _check_in
 from subscribers.rules import Rules
+from subscribers.validation import normalise_address
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +199,11 @@ class BounceAlert(Base):
 #: 5.3.x, 5.0.0...) say this message failed, which a force's outage also produces: they count
 #: as soft.
 _DEAD_ADDRESS = re.compile(r"^5\.(1\.\d+|2\.1|4\.4)$")
+#: Exchange Online's directory-based edge blocking answers `550 5.4.1 Recipient address
+#: rejected: Access denied` for an address that no mailbox, group or contact in the tenant
+#: has: a dead address, whatever RFC 3463 says 5.4.1 means. A tenant whose directory is broken
+#: refuses everyone at once, which the domain alert catches.
+_MICROSOFT_NO_SUCH_RECIPIENT = re.compile(r"\b5\.4\.1\b.*recipient address rejected", re.I)
 
 
 @dataclass(frozen=True)
@@ -230,8 +241,12 @@ class BouncePolicy:
                    raw_retention=timedelta(days=s.bounce_raw_retention_days),
                    record_retention=timedelta(days=s.bounce_record_retention_days))
 
-    def event_kind(self, verdict: Verdict, failure: Failure | None) -> EventKind:
-        """What one report means for one delivery, in the policy's terms."""
+    def event_kind(self, verdict: Verdict, failure: Failure | None, *,
+                   names_subscriber: bool = True) -> EventKind:
+        """What one report means for one delivery, in the policy's terms.
+
+        `names_subscriber` is False when the failing address is not the subscriber's own: the
+        report is about a forward or a list member, so at most a soft bounce for them."""
         if verdict.kind is Kind.COMPLAINT:
             return EventKind.COMPLAINT
         if failure is None:  # a bounce naming no recipient: judge by the whole message
@@ -240,12 +255,13 @@ class BouncePolicy:
             return EventKind.DELAY if failure.action == "delayed" else EventKind.SOFT
         if failure.status_subject == "policy" and not self.policy_rejections_suppress:
             return EventKind.POLICY
-        if failure.status is None or _DEAD_ADDRESS.match(failure.status) or (
-                failure.status_subject == "policy"):
-            # No code at all: the detectors matched "user unknown"-style wording or an
-            # X-Failed-Recipients header, which is as sure as a 5.1.1.
-            return EventKind.HARD
-        return EventKind.SOFT
+        dead = (failure.status is None or _DEAD_ADDRESS.match(failure.status)
+                or failure.status_subject == "policy"
+                or (failure.status == "5.4.1" and _MICROSOFT_NO_SUCH_RECIPIENT.search(
+                    failure.diagnostic or "")))
+        # No code at all: the detectors matched "user unknown"-style wording or an
+        # X-Failed-Recipients header, which is as sure as a 5.1.1.
+        return EventKind.HARD if dead and names_subscriber else EventKind.SOFT
 
 
 # ---------------------------------------------------------------- receiving
@@ -266,16 +282,20 @@ class Outcome:
 
 
 def receive(session: Session, policy: BouncePolicy, message: InboundMessage, secret: bytes, *,
-            rules: Rules | None = None, now: datetime | None = None) -> Outcome:
+            rules: Rules | None = None, now: datetime | None = None,
+            token_keys: Sequence[bytes] = ()) -> Outcome:
     """Classify, keep and act on one inbound message. Never raises for bad input: a message that
     cannot be processed is kept with decision `error` and the reason. Database failures do
     raise, so the receiver answers 451 and the MTA keeps the bounce.
+
+    `token_keys` (the settings' `token_keys()`) read the unsubscribe token of a returned
+    original when no delivery reference survived; `secret` alone is tried without them.
     """
     now = now or utcnow()
     raw = bytes(message.raw or b"")
     digest = hashlib.sha256(raw).hexdigest()
     existing = session.scalar(select(InboundRecord).where(InboundRecord.sha256 == digest))
-    verdict = classify_inbound(raw, secret, message.rcpt_tos)
+    verdict = classify_inbound(raw, secret, message.rcpt_tos, token_keys=token_keys)
     if existing is not None and existing.decision != Decision.ERROR:
         return Outcome(existing.id, verdict, Decision(existing.decision),
                        existing.decision_detail or "", duplicate=True)
@@ -327,23 +347,46 @@ def _decide(session: Session, policy: BouncePolicy, record: InboundRecord, verdi
         return Decision.IGNORED, verdict.reason
     if not verdict.actionable:
         return Decision.UNKNOWN, f"kept for review: {verdict.reason}"
-    failure = _worst(verdict)
     targets = _targets(session, policy, verdict, rules)
     if isinstance(targets, str):
         return Decision.UNMATCHED, targets
+    notes: list[str] = []
     for subscriber, delivery_id, edition_id in targets:
-        kind = policy.event_kind(verdict, failure)
+        failure, names_subscriber = _failure_for(verdict, subscriber, rules)
+        kind = policy.event_kind(verdict, failure, names_subscriber=names_subscriber)
+        diagnostic = _diagnostic(verdict, failure)
+        if not names_subscriber and failure is not None:
+            note = (f"the report names {failure.recipient}, not the subscriber's address (a "
+                    "forward or a list it expands to): at most a soft bounce")
+            notes.append(note)
+            diagnostic = f"{note}; {diagnostic}"[:500]
         event = BounceEvent(
             inbound_id=record.id, delivery_id=delivery_id, edition_id=edition_id,
             subscriber_id=subscriber.id, occurred_at=now, kind=kind,
             status=failure.status if failure else None,
-            diagnostic=_diagnostic(verdict, failure), domain=_domain(subscriber),
-            action=Decision.PENDING)
+            diagnostic=diagnostic, domain=_domain(subscriber), action=Decision.PENDING)
         session.add(event)
         session.flush()
         if delivery_id is not None:
             _note_delivery(session, delivery_id, kind, verdict, failure)
-    return Decision.PENDING, "recorded; acted on after the hold period"
+    ref = verdict.reference
+    if ref is not None and ref.edition_id is None and targets:
+        record.edition_id = targets[0][2]
+        notes.append(f"the edition ({targets[0][2]}) was inferred: only an unsubscribe token "
+                     "named the subscriber")
+    return Decision.PENDING, "; ".join([_PENDING_DETAIL, *notes])
+
+
+_PENDING_DETAIL = "recorded; acted on after the hold period"
+
+
+def _with_notes(session: Session, inbound_id: int, detail: str) -> str:
+    """The settled detail, keeping what `_decide` noted about the report (a forward, an
+    inferred edition) that the pending detail carried."""
+    pending = session.scalar(select(InboundRecord.decision_detail)
+                             .where(InboundRecord.id == inbound_id)) or ""
+    _, found, notes = pending.partition(_PENDING_DETAIL + "; ")
+    return f"{detail}; {notes}" if found and notes and notes not in detail else detail
 
 
 def _targets(session: Session, policy: BouncePolicy, verdict: Verdict,
@@ -352,11 +395,15 @@ def _targets(session: Session, policy: BouncePolicy, verdict: Verdict,
     setting allows it) subscribers whose address the report names. A string says why none."""
     ref = verdict.reference
     if ref is not None:
-        delivery = outbox.delivery_of(session, ref.edition_id, ref.subscriber_id)
+        if ref.edition_id is None:
+            delivery = _likely_delivery(session, ref, verdict.original_subject)
+        else:
+            delivery = outbox.delivery_of(session, ref.edition_id, ref.subscriber_id)
         subscriber = session.get(Subscriber, ref.subscriber_id)
         if delivery is None or subscriber is None:
-            return (f"our reference names edition {ref.edition_id}, subscriber "
-                    f"{ref.subscriber_id}, but there is no such delivery")
+            edition = "no edition" if ref.edition_id is None else f"edition {ref.edition_id}"
+            return (f"our reference names {edition}, subscriber {ref.subscriber_id}, but there "
+                    "is no such delivery")
         if subscriber.status == SubscriberStatus.ERASED:
             return "the subscriber was erased"
         return [(subscriber, delivery.id, delivery.edition_id)]
@@ -376,9 +423,54 @@ def _targets(session: Session, policy: BouncePolicy, verdict: Verdict,
     return found or "no reference, and no recipient it names is a subscriber"
 
 
-def _worst(verdict: Verdict) -> Failure | None:
+def _likely_delivery(session: Session, ref: DeliveryRef,
+                     original_subject: str | None) -> Delivery | None:
+    """For a reference that names a subscriber but no edition (an unsubscribe token): the
+    latest delivery the relay took for them, in the token's topic, preferring an edition
+    whose subject is the returned original's."""
+    query = (select(Delivery).join(Edition, Edition.id == Delivery.edition_id)
+             .where(Delivery.subscriber_id == ref.subscriber_id,
+                    Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.UNKNOWN,
+                                         DeliveryStatus.BOUNCED]))
+             .order_by(Delivery.id.desc()).limit(1))
+    if ref.topic_id is not None:
+        query = query.join(Topic, Topic.slug == Edition.topic).where(Topic.id == ref.topic_id)
+    if original_subject:
+        found = session.scalar(query.where(Edition.subject == original_subject))
+        if found is not None:
+            return found
+    return session.scalar(query)
+
+
+def _failure_for(verdict: Verdict, subscriber: Subscriber,
+                 rules: Rules | None) -> tuple[Failure | None, bool]:
+    """The failure that is about this subscriber, and whether the report names their address.
+
+    A report naming only other addresses is about where their mail went on to (a forward, the
+    members of a list address); a complaint is theirs whoever it names (the token says so)."""
+    if verdict.kind is Kind.COMPLAINT or not verdict.failures:
+        return _worst(verdict.failures), True
+    mine = [f for f in verdict.failures if _same_address(f.recipient, subscriber, rules)]
+    if mine:
+        return _worst(mine), True
+    return _worst(verdict.failures), False
+
+
+def _same_address(address: str, subscriber: Subscriber, rules: Rules | None) -> bool:
+    known = {(subscriber.email_key or "").lower(), (subscriber.email or "").lower()} - {""}
+    if address.strip().lower() in known:
+        return True
+    if rules is None:
+        return False
+    try:  # the same normalisation as sign-up: IDN domains, case
+        return normalise_address(address, rules).key.lower() in known
+    except Exception:  # an address our rules refuse is not theirs
+        return False
+
+
+def _worst(failures: Sequence[Failure]) -> Failure | None:
     for wanted in (Kind.COMPLAINT, Kind.HARD, Kind.SOFT):
-        for failure in verdict.failures:
+        for failure in failures:
             if failure.kind is wanted:
                 return failure
     return None
@@ -440,7 +532,7 @@ def settle(session: Session, policy: BouncePolicy, *, now: datetime | None = Non
         if not claimed:
             continue
         session.refresh(event)
-        detail = _act(session, event, decision, detail, now)
+        detail = _with_notes(session, event.inbound_id, _act(session, event, decision, detail, now))
         if event.counted:
             _update_score(session, event.subscriber_id, now)
         session.execute(update(InboundRecord).where(InboundRecord.id == event.inbound_id)
@@ -457,9 +549,11 @@ def _judge(session: Session, policy: BouncePolicy, event: BounceEvent,
     if kind is EventKind.COMPLAINT:
         return Decision.COMPLAINT, "a complaint: unsubscribed and suppressed"
     if kind is EventKind.POLICY:
+        said = f" ({event.diagnostic[:200]})" if event.diagnostic else ""
         _raise_alert(session, AlertKind.POLICY, event, now, recipients=0, bounced=0,
-                     detail=f"rejected by the receiver's policy ({event.status}): check our "
-                            "SPF, DKIM and DMARC before anything else; no subscriber changed")
+                     detail=f"rejected by the receiver's policy ({event.status}){said}: check "
+                            "our SPF, DKIM and DMARC first; if those pass, the recipient only "
+                            "takes mail from senders it allows; no subscriber changed")
         return Decision.NOT_COUNTED, (f"policy rejection {event.status}: usually our own "
                                       "authentication; alert raised, subscriber unchanged")
     if kind is EventKind.DELAY and not policy.count_delays:

@@ -15,8 +15,11 @@ The order matters and is deliberate:
 5. otherwise unknown.
 
 Which delivery a message is about comes from our signed reference (`mailer.reference`), never
-from free text: the VERP envelope recipient first, then the original message's Message-ID or
-List-Unsubscribe as quoted in the bounce.
+from free text: the VERP envelope recipient first, then the original message's Message-ID as
+returned in the bounce. Where a relay forbids VERP and also rewrites the Message-ID (Amazon SES
+does; so do some gateways), the signed unsubscribe token in the returned `List-Unsubscribe`
+still names the subscriber and the topic, though not the edition: the store then takes the
+delivery to that subscriber the report is most likely about.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from enum import StrEnum
 from flufl.bounce import all_failures
 
 from mailer.reference import parse_delivery_ref
+from subscribers.tokens import InvalidToken, Lifetimes, Purpose, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +98,16 @@ class Failure:
 
 @dataclass(frozen=True)
 class DeliveryRef:
-    """The (edition, subscriber) our signed reference names, and where in the message it was."""
+    """The (edition, subscriber) our signed reference names, and where in the message it was.
 
-    edition_id: int
+    `edition_id` is None when only an unsubscribe token was found (source
+    `original:List-Unsubscribe-token`): it names the subscriber and `topic_id`, not the send.
+    """
+
+    edition_id: int | None
     subscriber_id: int
     source: str  # "envelope", "header:Delivered-To", "original:Message-ID", "quoted:Message-ID"...
+    topic_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,7 @@ class Verdict:
     reference: DeliveryRef | None = None
     detector: str = "none"  # "auto-reply", "arf", "dsn", "flufl", "none", "error"
     original_message_id: str | None = None
+    original_subject: str | None = None  # of the returned original, when it is there
     feedback_type: str | None = None  # ARF Feedback-Type, lowercased
     message_id: str | None = None  # of the inbound message itself
     subject: str | None = None
@@ -143,7 +153,7 @@ class Verdict:
 
     def summary(self) -> str:
         """One line for logs and the CLI."""
-        ref = (f"e{self.reference.edition_id}.s{self.reference.subscriber_id}"
+        ref = (f"e{self.reference.edition_id or '?'}.s{self.reference.subscriber_id}"
                f" (from {self.reference.source})" if self.reference else "none")
         who = ", ".join(
             f"{f.recipient} {f.kind}" + (f" {f.status}" if f.status else "")
@@ -157,13 +167,15 @@ def classify_inbound(
     envelope_recipients: Sequence[str] = (),
     *,
     max_bytes: int = MAX_PARSE_BYTES,
+    token_keys: Sequence[bytes] = (),
 ) -> Verdict:
     """Classify one inbound message (as received: raw RFC 5322 bytes).
 
     `envelope_recipients` is the RCPT TO the message arrived with, when the transport knows it
     (LMTP/SMTP does; a mailbox may not); a VERP address there is the most trustworthy
-    reference. Never raises for bad input: a message that cannot be read is `unknown` with the
-    reason.
+    reference. `token_keys` verify the unsubscribe tokens of our links (the settings'
+    `token_keys()`, oldest first); without them `secret` alone is tried. Never raises for bad
+    input: a message that cannot be read is `unknown` with the reason.
 
     >>> classify_inbound(b"Subject: hi\\r\\n\\r\\nhello", b"k" * 32).kind
     <Kind.UNKNOWN: 'unknown'>
@@ -176,18 +188,20 @@ def classify_inbound(
         raw = bytes(raw[:max_bytes])
     try:
         msg = email.message_from_bytes(bytes(raw), policy=policy.default)
-        return _classify(msg, secret, envelope_recipients, notes)
+        return _classify(msg, secret, envelope_recipients, notes, token_keys or (secret,))
     except Exception as exc:  # a parser or detector bug must not lose the message upstream
         log.exception("could not classify an inbound message")
         return Verdict(Kind.UNKNOWN, f"could not be parsed ({type(exc).__name__}: {exc})",
                        detector="error", notes=tuple(notes))
 
 
-def _classify(msg: Message, secret: bytes, envelope: Sequence[str], notes: list[str]) -> Verdict:
-    reference = find_reference(msg, secret, envelope)
+def _classify(msg: Message, secret: bytes, envelope: Sequence[str], notes: list[str],
+              token_keys: Sequence[bytes]) -> Verdict:
+    reference = find_reference(msg, secret, envelope, token_keys=token_keys)
     common = {
         "reference": reference,
         "original_message_id": _original_message_id(msg),
+        "original_subject": _original_subject(msg),
         "message_id": _header(msg, "Message-ID") or None,
         "subject": _header(msg, "Subject") or None,
         "notes": tuple(notes),
@@ -462,13 +476,21 @@ def _heuristic(msg: Message, common: dict[str, object]) -> Verdict:
         return Verdict(Kind.UNKNOWN, f"bounce detectors failed ({type(exc).__name__})",
                        detector="error", **common)
     text = _notification_text(msg)
+    # A warning that the relay is still trying is a delay, as `Action: delayed` is in a DSN.
+    # flufl.bounce's Exim detector reports the addresses of Exim's "message delayed" warning
+    # as permanent failures, so the wording is read here too.
+    warning = bool(_WARNING.search(_header(msg, "Subject")) or _WARNING.search(text))
     failures: list[Failure] = []
     for raw_addr, default in [(a, Kind.HARD) for a in sorted(permanent)] + [
             (a, Kind.SOFT) for a in sorted(temporary - permanent)]:
         address = raw_addr.decode("ascii", "replace")
+        if warning:
+            default = Kind.SOFT
         status, source, line = _status_near(text, address, default)
-        kind = (_kind_of_code(status) if status else None) or default
-        failures.append(Failure(address, kind, status, None, line, source))
+        kind = Kind.SOFT if warning else (_kind_of_code(status) if status else None) or default
+        # flufl.bounce's only temporary failures outside DSNs come from its warning detector.
+        action = "delayed" if warning or default is Kind.SOFT else None
+        failures.append(Failure(address, kind, status, action, line, source))
     if not failures:
         if _looks_like_bounce(msg):
             return Verdict(Kind.UNKNOWN, "looks like a bounce but names no recipient",
@@ -478,6 +500,16 @@ def _heuristic(msg: Message, common: dict[str, object]) -> Verdict:
     worst = next(f for f in failures if f.kind is kind)
     return Verdict(kind, _reason(kind, worst) + " (non-standard bounce)",
                    failures=tuple(failures), detector="flufl", **common)
+
+
+#: The wording of delay warnings (Exim, Sendmail, Postfix, qmail's and Exchange's "delayed"):
+#: the message has not failed yet.
+_WARNING = re.compile(
+    r"^\s*warning: (message \S+ delayed|could not send message)|has not yet been delivered"
+    r"|this is a warning (message )?only|delivery attempts will continue"
+    r"|will (keep|continue) (on )?trying|still being retried|^\s*delivery delayed"
+    r"|status notification \(delay\)",
+    re.IGNORECASE | re.MULTILINE)
 
 
 def _notification_text(msg: Message) -> str:
@@ -541,17 +573,40 @@ _QUOTED_HEADER = re.compile(
 
 
 def find_reference(
-    msg: Message, secret: bytes, envelope_recipients: Sequence[str] = ()
+    msg: Message, secret: bytes, envelope_recipients: Sequence[str] = (), *,
+    token_keys: Sequence[bytes] = (),
 ) -> DeliveryRef | None:
-    """Our signed delivery reference, from the most to the least trustworthy place it can be.
+    """Our signed delivery reference, from the most to the least trustworthy place it can be;
+    failing that, the unsubscribe token of the returned original's List-Unsubscribe.
 
-    A reference whose MAC does not verify is ignored, so a forged or mangled one finds nothing.
+    A reference or token whose MAC does not verify is ignored, so a forged or mangled one
+    finds nothing.
     """
-    for source, text in _reference_candidates(msg, envelope_recipients):
+    candidates = list(_reference_candidates(msg, envelope_recipients))
+    for source, text in candidates:
         found = parse_delivery_ref(secret, text)
         if found:
             return DeliveryRef(found[0], found[1], source)
+    tokens: Tokens | None = None
+    for source, text in candidates:
+        if not source.endswith(":List-Unsubscribe"):
+            continue
+        for token in _UNSUBSCRIBE_TOKEN.findall(text):
+            try:
+                tokens = tokens or Tokens(list(token_keys) or [secret], _READ_ANY_AGE)
+                claims = tokens.read(Purpose.UNSUBSCRIBE, token)
+            except (InvalidToken, ValueError):
+                continue
+            return DeliveryRef(None, claims.subscriber_id, f"{source}-token", claims.topic_id)
     return None
+
+
+#: Our one-click URL is `{base_url}/u/TOKEN` (`mailer.links`); the token is URL-safe base64
+#: and dots. Bounded, so a pathological header costs nothing.
+_UNSUBSCRIBE_TOKEN = re.compile(r"/u/([A-Za-z0-9_\-]{1,200}\.[A-Za-z0-9_\-]{1,40}"
+                                r"\.[A-Za-z0-9_\-]{1,100})(?=[>?#/\s,]|$)")
+#: A bounce names a delivery however old the link in it: the token's age is not the point.
+_READ_ANY_AGE = Lifetimes(unsubscribe=100 * 365 * 86400)
 
 
 def _reference_candidates(
@@ -598,6 +653,17 @@ def _original_headers(msg: Message) -> Iterator[Message]:
                 yield email.message_from_string(text.lstrip("\r\n"), policy=policy.default)
             except Exception:  # a mangled header block is simply not a source
                 log.debug("unreadable rfc822-headers part", exc_info=True)
+
+
+def _original_subject(msg: Message) -> str | None:
+    for headers in _original_headers(msg):
+        try:
+            value = _clean(str(headers.get("Subject", "") or ""))
+        except Exception:  # an undecodable encoded-word is no subject
+            value = ""
+        if value:
+            return value[:300]
+    return None
 
 
 def _original_message_id(msg: Message) -> str | None:

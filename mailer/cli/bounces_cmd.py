@@ -3,7 +3,8 @@
 `serve` and `fetch` go through `_handle`, the one seam every transport goes through: each
 message is kept and the policy applied (`mailer.bounce_policy`). `parse` only shows what a saved
 message is and records nothing; `list` shows alerts and recent messages, `resolve` closes an
-alert, `purge` applies the retention period.
+alert, `purge` applies the retention periods (which `serve` also does hourly, and `fetch` after
+each read, so raw messages do not outlive them where nobody set up a cron job).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import getpass
 import logging
 import threading
+import time
 from pathlib import Path
 
 import typer
@@ -40,7 +42,8 @@ def show(verdict: Verdict, origin: str) -> None:
         extra += f" [dim]({failure.status_source})[/]" if failure.status_source else ""
         console.print(f"  recipient: {escape(failure.recipient)} {failure.kind}{extra}")
     console.print("  delivery:  " + (
-        f"edition {ref.edition_id}, subscriber {ref.subscriber_id} [dim](from {ref.source})[/]"
+        f"edition {ref.edition_id or '(not named)'}, subscriber {ref.subscriber_id} "
+        f"[dim](from {ref.source})[/]"
         if ref else "[dim]not identified[/]"))
     for note in verdict.notes:
         console.print(f"  [dim]note: {escape(note)}[/]")
@@ -57,7 +60,8 @@ def _handle(message: InboundMessage, rt: Runtime, policy: BouncePolicy) -> Verdi
     A database failure raises, so the receiver answers 451 and the MTA keeps the bounce."""
     with rt.session() as session:
         outcome = bounce_policy.receive(session, policy, message, rt.settings.secret(),
-                                        rules=rt.settings.rules())
+                                        rules=rt.settings.rules(),
+                                        token_keys=rt.settings.token_keys())
     show(outcome.verdict, message.origin)
     colour = _DECISION_COLOURS.get(outcome.decision, "dim")
     console.print(f"  decision:  [{colour}]{outcome.decision}[/] ({escape(outcome.summary())})"
@@ -75,6 +79,19 @@ def _settle(rt: Runtime, policy: BouncePolicy) -> int:
     return len(done)
 
 
+#: How often `serve` applies the retention periods: they are in days, so hourly is plenty.
+PURGE_EVERY = 3600.0
+
+
+def _purge(rt: Runtime, policy: BouncePolicy, *, quiet: bool = False) -> bounce_policy.Purged:
+    with rt.session() as session:
+        done = bounce_policy.purge(session, policy)
+    if not quiet or done.raw_cleared or done.records_deleted or done.alerts_deleted:
+        console.print(f"raw messages cleared: {done.raw_cleared}; records deleted: "
+                      f"{done.records_deleted}; resolved alerts deleted: {done.alerts_deleted}")
+    return done
+
+
 @app.command()
 def parse(ctx: typer.Context, files: list[Path] = typer.Argument(..., exists=True,
                                                                  dir_okay=False),
@@ -84,7 +101,8 @@ def parse(ctx: typer.Context, files: list[Path] = typer.Argument(..., exists=Tru
     rt: Runtime = ctx.obj
     secret = rt.settings.secret()
     for path in files:
-        verdict = classify_inbound(path.read_bytes(), secret, [rcpt] if rcpt else [])
+        verdict = classify_inbound(path.read_bytes(), secret, [rcpt] if rcpt else [],
+                                   token_keys=rt.settings.token_keys())
         show(verdict, str(path))
 
 
@@ -113,10 +131,19 @@ def serve(ctx: typer.Context,
                   f"{receiver.port} (Ctrl-C stops); held bounces are settled every "
                   f"{settle_every:g} s")
     stop = threading.Event()
+    purged_at: float | None = None
     try:
         # Bounces wait out the hold period before they are acted on: settle them even when no
-        # new message arrives to do it.
-        while not stop.wait(settle_every):
+        # new message arrives to do it. The retention periods are applied on the way.
+        while True:
+            if purged_at is None or time.monotonic() - purged_at >= PURGE_EVERY:
+                try:
+                    _purge(rt, policy, quiet=True)
+                    purged_at = time.monotonic()
+                except Exception:  # the database away for a moment: try again next time
+                    log.exception("could not apply the bounce retention periods")
+            if stop.wait(settle_every):
+                break
             try:
                 _settle(rt, policy)
             except Exception:  # the database away for a moment: try again next time
@@ -147,6 +174,7 @@ def fetch(ctx: typer.Context,
     settled = _settle(rt, policy)
     console.print(f"{count} message(s) read" + (f", {settled} held bounce(s) settled"
                                                  if settled else ""))
+    _purge(rt, policy, quiet=True)
 
 
 @app.command("list")
@@ -211,11 +239,8 @@ def resolve(ctx: typer.Context, alert: int = typer.Argument(..., help="The alert
 def purge(ctx: typer.Context) -> None:
     """Apply the retention periods (bounce_raw_retention_days, bounce_record_retention_days).
 
-    Run it daily, e.g. from cron: `mailer bounces purge`.
+    `serve` does this hourly and `fetch` after each read; run it daily from cron where neither
+    runs: `mailer bounces purge`.
     """
     rt: Runtime = ctx.obj
-    policy = BouncePolicy.from_settings(rt.settings)
-    with rt.session() as session:
-        done = bounce_policy.purge(session, policy)
-    console.print(f"raw messages cleared: {done.raw_cleared}; records deleted: "
-                  f"{done.records_deleted}; resolved alerts deleted: {done.alerts_deleted}")
+    _purge(rt, BouncePolicy.from_settings(rt.settings))
