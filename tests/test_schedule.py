@@ -620,6 +620,26 @@ def _due_now(sessions: sessionmaker[Session], slug: str) -> int:
         return edition.id
 
 
+def _reminder_due_now(sessions: sessionmaker[Session], name: str) -> int:
+    """An event whose reminder was planned while nobody ran and fell due a minute ago."""
+    now = utcnow()
+    with sessions() as s:
+        event, _ = events.add_event(s, EventSpec(name=name, starts_on=(now + timedelta(days=3))
+                                                 .date(), offsets=[1]),
+                                    now=now - timedelta(days=30))
+        s.add(Reminder(event_id=event.id, occurrence=event.starts_on, offset_days=1,
+                       send_at=now - timedelta(minutes=1), not_after=now + timedelta(hours=12),
+                       status=ReminderStatus.PLANNED, updated_at=now))
+        s.commit()  # the event and its reminder at once: a pass sees both or neither
+        return event.id
+
+
+def _reminder_deliveries(sessions: sessionmaker[Session], event_id: int) -> int:
+    with sessions() as s:
+        edition_id = s.scalar(select(Edition.id).where(Edition.event_id == event_id))
+    return 0 if edition_id is None else _deliveries(sessions, edition_id)
+
+
 @PG_ONLY
 def test_two_scheduler_processes_one_leads_each_item_once_and_killing_it_hands_over(
         sessions: sessionmaker[Session], settings: Settings, rules: Rules,
@@ -634,12 +654,16 @@ def test_two_scheduler_processes_one_leads_each_item_once_and_killing_it_hands_o
         leader = next(p for p in procs if p.said("scheduler: leading"))
         standby = next(p for p in procs if p is not leader)
         first = _due_now(sessions, "due-first")
-        assert wait_for(lambda: _deliveries(sessions, first) == PEOPLE, 30)
+        first_day = _reminder_due_now(sessions, "First day")
+        assert wait_for(lambda: _deliveries(sessions, first) == PEOPLE
+                        and _reminder_deliveries(sessions, first_day) == PEOPLE, 60)
         leader.proc.kill()  # kill -9: no goodbye, the server frees its lock
         leader.proc.wait(10)
         second = _due_now(sessions, "due-second")
+        second_day = _reminder_due_now(sessions, "Second day")
         assert wait_for(lambda: standby.said("scheduler: leading"), 30), standby.lines
-        assert wait_for(lambda: _deliveries(sessions, second) == PEOPLE, 30)
+        assert wait_for(lambda: _deliveries(sessions, second) == PEOPLE
+                        and _reminder_deliveries(sessions, second_day) == PEOPLE, 60)
     finally:
         for p in procs:
             p.stop()
@@ -647,4 +671,10 @@ def test_two_scheduler_processes_one_leads_each_item_once_and_killing_it_hands_o
     for slug, edition_id in (("due-first", first), ("due-second", second)):
         assert sum(f"'{slug}' due" in line for line in logs) == 1, logs  # enqueued once
         assert _deliveries(sessions, edition_id) == PEOPLE
+    for name, event_id in (("First day", first_day), ("Second day", second_day)):
+        assert sum(f"reminder for {name} (" in line and "queued" in line
+                   for line in logs) == 1, logs
+        assert _reminder_deliveries(sessions, event_id) == PEOPLE
     assert sum("'due-second' due" in line for line in standby.lines) == 1
+    assert sum("reminder for Second day (" in line for line in standby.lines) == 1
+    assert not any("Traceback" in line or "ERROR" in line for line in logs), logs
