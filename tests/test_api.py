@@ -1,10 +1,14 @@
-"""The JSON API: the OpenAPI document, the four-eyes flow over tokens, and a route fuzz that
+"""The JSON API: the OpenAPI document, the four-eyes flow over tokens, subscribers, imports,
+editions and the calendar over the API, and a route fuzz that
 drives every operation in the document with hostile parameters and bodies and requires that
 none of them ever answers 5xx, with hostile values the schema would not generate
 (tests/test_api_schemathesis.py runs schemathesis itself over the same document)."""
 
 from __future__ import annotations
 
+import csv
+import datetime as dt
+import io
 from typing import Any
 from urllib.parse import quote
 
@@ -12,12 +16,28 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
-from mailer import accounts
+from mailer import accounts, audit, events
 from mailer.config import Settings
+from mailer.web.app import create_app
 from subscribers.db import session_factory
-from tests.test_admin_routes import app_client, make_user, people, sample_edition  # noqa: F401
-from tests.web_fixtures import fault_server, make_fault_server, sink, web_settings  # noqa: F401
+from subscribers.models import Subscriber
+from tests.test_admin_routes import (  # noqa: F401
+    app_client,
+    login,
+    make_user,
+    people,
+    sample_edition,
+)
+from tests.web_fixtures import (  # noqa: F401
+    SAMPLE,
+    csrf_of,
+    fault_server,
+    make_fault_server,
+    sink,
+    web_settings,
+)
 
 NASTY = st.one_of(st.integers(min_value=-2**63, max_value=2**63), st.text(max_size=40),
                   st.sampled_from(["0", "-1", "1", "99999999999999999999", "%00", "../..",
@@ -96,3 +116,181 @@ def test_no_operation_in_the_document_answers_with_a_server_error(
         assert response.status_code < 500, (method, url, query, body, response.text[:300])
 
     fuzz()
+
+
+def test_the_document_declares_bearer_tokens_and_the_error_bodies(app_client: TestClient
+                                                                  ) -> None:
+    doc = app_client.get("/api/v1/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["token"] == {
+        "type": "http", "scheme": "bearer",
+        "description": "An API token made with `mailer users token`"}
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            assert op.get("security") == [{"token": []}], (method, path)
+            assert {"401", "403", "422"} <= set(op["responses"]), (method, path)
+    invalid = doc["paths"]["/subscribers"]["post"]["responses"]["422"]
+    assert invalid["content"]["application/json"]["schema"]["$ref"].endswith("/Invalid")
+
+
+def test_subscribers_are_added_changed_exported_and_erased_over_the_api(
+        app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    make_user(engine, "kent", regions=("kent",))
+    headers = _token(engine, "kent")
+    new = {"email": "Jo.Bloggs@Kent.Police.uk", "name": "Jo Bloggs", "region": "kent",
+           "role": "first_responder", "lawful_basis": "public_task"}
+    added = app_client.post("/api/v1/subscribers", headers=headers, json=new)
+    assert added.status_code == 201, added.text
+    sid = added.json()["id"]
+    assert added.json()["status"] == "active" and added.json()["topics"] == ["newsletter"]
+    again = app_client.post("/api/v1/subscribers", headers=headers, json=new)
+    assert again.status_code == 409, again.text
+    bad = app_client.post("/api/v1/subscribers", headers=headers,
+                          json={**new, "email": "not an address"})
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("email:")
+    unknown = app_client.post("/api/v1/subscribers", headers=headers,
+                              json={**new, "email": "x@kent.police.uk", "topics": ["nope"]})
+    assert unknown.status_code == 404, unknown.text
+
+    changed = app_client.patch(f"/api/v1/subscribers/{sid}", headers=headers,
+                               json={"name": "Jo Smith"})
+    assert changed.status_code == 200 and changed.json()["name"] == "Jo Smith"
+    assert changed.json()["role"] == "first_responder"  # fields not given are left alone
+    history = app_client.get(f"/api/v1/subscribers/{sid}/history", headers=headers).json()
+    assert [e["action"] for e in history["consent_history"]][:1] == ["add"]
+    assert history["deliveries"] == [] and history["subscriptions"][0]["topic"] == "newsletter"
+
+    export = app_client.get("/api/v1/subscribers/export", headers=headers)
+    assert export.headers["content-type"].startswith("text/csv")
+    (row,) = csv.DictReader(io.StringIO(export.text))
+    assert (row["email"], row["name"]) == ("Jo.Bloggs@kent.police.uk", "Jo Smith")
+
+    erased = app_client.delete(f"/api/v1/subscribers/{sid}", headers=headers)
+    assert erased.status_code == 200, erased.text
+    assert erased.json() == {"changed": True, "detail": ""}
+    # An erased person is gone for everyone, an administrator too.
+    make_user(engine, "root", role="admin", regions=())
+    root = _token(engine, "root", role="admin")
+    for who in (headers, root):
+        assert app_client.get(f"/api/v1/subscribers/{sid}", headers=who).status_code == 404
+        assert app_client.delete(f"/api/v1/subscribers/{sid}", headers=who).status_code == 404
+    with Session(engine) as session:
+        row = session.get(Subscriber, sid)
+        assert (row.status, row.email, row.name) == ("erased", None, None)
+    log = app_client.get("/api/v1/audit?actor=kent", headers=headers).json()["items"]
+    assert [(e["action"], e["target"], e["via"]) for e in reversed(log)] == [
+        ("subscriber.add", f"subscriber:{sid}", "api"),
+        ("subscriber.edit", f"subscriber:{sid}", "api"),
+        ("subscribers.export", None, "api"), ("subscriber.erase", f"subscriber:{sid}", "api")]
+    assert all("Bloggs" not in str(e) for e in log)  # the log names people by id only
+
+
+def test_an_import_over_the_api_reports_first_and_applies_on_request(
+        app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    make_user(engine, "root", role="admin", regions=())
+    make_user(engine, "kent", regions=("kent",))
+    headers = {**_token(engine, "root", role="admin"), "Content-Type": "text/csv"}
+    body = "email,name,region\na@kent.police.uk,A,kent\nb@essex.police.uk,B,essex\n"
+    url = "/api/v1/subscribers/import?lawful_basis=public_task"
+    dry = app_client.post(url, headers=headers, content=body).json()
+    assert (dry["applied"], dry["rows"], dry["new"], dry["errors"]) == (False, 2, 2, [])
+    assert app_client.get("/api/v1/subscribers", headers=headers).json()["total"] == 0
+    bad = app_client.post(url, headers=headers, content=body + "nonsense,C,kent\n").json()
+    assert bad["applied"] is False and [e["line"] for e in bad["errors"]] == [4]
+    done = app_client.post(url + "&apply=true", headers=headers, content=body).json()
+    assert (done["applied"], done["new"]) == (True, 2)
+    assert app_client.get("/api/v1/subscribers", headers=headers).json()["total"] == 2
+    kent = {**_token(engine, "kent"), "Content-Type": "text/csv"}
+    assert app_client.post(url, headers=kent, content=body).status_code == 403
+    empty = app_client.post(url, headers=headers, content=b"")
+    assert empty.status_code == 422, empty.text
+
+
+def test_an_edition_is_uploaded_previewed_and_test_sent_over_the_api(
+        engine: Engine, web_settings: Settings, sink: Any) -> None:
+    # Test copies carry the unsubscribe header, which takes http only for a loopback host.
+    local = web_settings.model_copy(update={"base_url": "http://127.0.0.1:8000"})
+    with TestClient(create_app(local)) as client:
+        _edition_over_the_api(client, engine, local, sink)
+
+
+def _edition_over_the_api(app_client: TestClient, engine: Engine, web_settings: Settings,
+                          sink: Any) -> None:
+    make_user(engine, "alice", email="alice@kent.police.uk")
+    make_user(engine, "bob")
+    people(engine, web_settings, [("r@kent.police.uk", "kent"), ("s@essex.police.uk", "essex")])
+    alice, bob = _token(engine, "alice"), _token(engine, "bob")
+    source = SAMPLE.read_text()
+    up = app_client.post("/api/v1/editions", headers=alice,
+                         json={"slug": "2020-q3", "source": source})
+    assert up.status_code == 201, up.text
+    eid = up.json()["id"]
+    assert (up.json()["created_by"], up.json()["status"]) == ("alice", "draft")
+    broken = app_client.post("/api/v1/editions", headers=alice,
+                             json={"slug": "broken", "source": "---\ntitle: x\n---\n"})
+    assert broken.status_code == 422 and broken.json()["detail"]
+
+    preview = app_client.get(f"/api/v1/editions/{eid}/preview", headers=bob).json()
+    assert "Modern Slavery" in preview["html"] and "Modern Slavery" in preview["text"]
+    assert preview["audience"]["region"] == {"kent": 1, "essex": 1}
+    assert "/unsubscribe/preview" in preview["html"]  # never a real subscriber's link
+
+    sent = app_client.post(f"/api/v1/editions/{eid}/test-send", headers=alice)
+    assert sent.json() == {"changed": True, "detail": "sent to alice@kent.police.uk"}
+    assert sink.handler.copies("alice@kent.police.uk") == 1
+    no_address = app_client.post(f"/api/v1/editions/{eid}/test-send", headers=bob)
+    assert no_address.status_code == 409
+
+    assert app_client.post(f"/api/v1/editions/{eid}/request-approval", headers=alice
+                           ).json()["changed"]
+    refused = app_client.post(f"/api/v1/editions/{eid}/approve", headers=alice)
+    assert refused.status_code == 403
+    assert app_client.post(f"/api/v1/editions/{eid}/approve", headers=bob).json()["changed"]
+    edited = app_client.put(f"/api/v1/editions/{eid}/source", headers=alice, json={
+        "source": source.replace("Feedback and suggestions", "Feedback or suggestions")})
+    assert edited.status_code == 200
+    # What was approved is exactly what goes: an edit withdraws the approval.
+    assert (edited.json()["status"], edited.json()["approved_by"]) == ("draft", None)
+    log = app_client.get(f"/api/v1/audit?target=edition:{eid}", headers=bob).json()["items"]
+    assert [(e["actor"], e["action"]) for e in reversed(log)] == [
+        ("alice", "edition.save"), ("alice", "edition.test_send"),
+        ("alice", "edition.request_approval"), ("alice", "edition.approve_refused"),
+        ("bob", "edition.approve"), ("alice", "edition.save")]
+
+
+def test_the_calendar_over_the_api(app_client: TestClient, engine: Engine) -> None:
+    make_user(engine, "vic", role="viewer", regions=("kent",))
+    today = dt.datetime.now(dt.UTC).date()
+    with session_factory(engine)() as session:
+        events.add_event(session, events.EventSpec(name="Harbour watch day",
+                                                   starts_on=today + dt.timedelta(days=40),
+                                                   yearly=True, offsets=[14, 7]))
+        events.plan_reminders(session, dt.datetime.now(dt.UTC))
+        session.commit()
+    calendar = app_client.get("/api/v1/events?days=60",
+                              headers=_token(engine, "vic", role="viewer"))
+    body = calendar.json()
+    (ours,) = [e for e in body["events"] if e["name"] == "Harbour watch day"]
+    assert (ours["next_date"], ours["yearly"], ours["offsets"]) == (
+        (today + dt.timedelta(days=40)).isoformat(), True, [14, 7])
+    mine = [r for r in body["reminders"] if r["event"] == ours["slug"]]
+    assert [r["offset_days"] for r in mine] == [14, 7]
+    assert all(r["not_after"] > r["send_at"] for r in mine)
+
+
+def test_a_test_send_that_cannot_be_built_is_a_clear_refusal_in_both_faces(
+        app_client: TestClient, engine: Engine, web_settings: Settings, sink: Any) -> None:
+    # http://testserver is not loopback, so the List-Unsubscribe header refuses its http URL:
+    # the person is told why, and it is logged, rather than shown a server error.
+    make_user(engine, "alice", email="alice@kent.police.uk")
+    eid = sample_edition(engine, web_settings, author="alice")
+    api = app_client.post(f"/api/v1/editions/{eid}/test-send", headers=_token(engine, "alice"))
+    assert api.status_code == 409 and "unsubscribe URL" in api.json()["detail"]
+    assert login(app_client, "alice").status_code == 303
+    token = csrf_of(app_client.get(f"/admin/editions/{eid}").text)
+    page = app_client.post(f"/admin/editions/{eid}/test-send", data={"csrf_token": token})
+    assert page.status_code == 409 and "The test message could not be made" in page.text
+    assert sink.handler.copies("alice@kent.police.uk") == 0
+    with Session(engine) as session:
+        _total, rows = audit.entries(session, audit.AuditFilter(action="edition.test_send"))
+        assert [(r.via, r.detail["outcome"]) for r in rows] == [("console", "refused"),
+                                                               ("api", "refused")]

@@ -895,7 +895,14 @@ async def edition_test_send(request: Request, eid: int) -> Response:
         raise Refusal(400, "No address for you", "Your account has no email address for test "
                       "sends. Ask an administrator to add one.")
     edition = await w.run(lambda s: _scoped_edition(s, actor, eid))
-    result = await run_in_threadpool(_send_test, c.settings, edition, actor)
+    try:
+        result = await run_in_threadpool(_send_test, c.settings, edition, actor)
+    except MailerError as exc:  # the message could not be built (a header refused) or sent
+        problem = str(exc)
+        await w.run(lambda s: _record(s, actor, request, "edition.test_send", f"edition:{eid}",
+                                      to=actor.email, outcome="refused", reason=problem))
+        raise Refusal(409, "The test message could not be made",
+                      problem.capitalize() + ".") from None
 
     def work(session: Session) -> None:
         _record(session, actor, request, "edition.test_send", f"edition:{eid}",

@@ -494,9 +494,7 @@ def _routes(api: FastAPI) -> None:
             _needs(Permission.SUBSCRIBERS_ERASE))) -> Done:
         """Erase the person everywhere (UK GDPR Art. 17); their address stays suppressed."""
         def work(session: Session) -> Done:
-            s = _subscriber(session, actor, sid)
-            if s.status == SubscriberStatus.ERASED:
-                return Done(changed=False, detail="already erased")
+            s = _subscriber(session, actor, sid)  # an erased person is not found any more
             privacy.erase(session, s, _ctx(actor, request))
             _record(session, actor, request, "subscriber.erase", f"subscriber:{sid}")
             return Done(changed=True)
@@ -605,7 +603,14 @@ def _routes(api: FastAPI) -> None:
             raise HTTPException(409, "your account has no email address for test sends")
         w = _web(request)
         e = await _run(request, lambda s: _edition(s, eid))
-        result = await run_in_threadpool(_send_test, w.settings, e, actor)
+        try:
+            result = await run_in_threadpool(_send_test, w.settings, e, actor)
+        except MailerError as exc:  # the message could not be built (a header refused) or sent
+            problem = str(exc)
+            await _run(request, lambda s: _record(
+                s, actor, request, "edition.test_send", f"edition:{eid}", to=actor.email,
+                outcome="refused", reason=problem))
+            raise HTTPException(409, f"the test message could not be made: {problem}") from None
         await _run(request, lambda s: _record(
             s, actor, request, "edition.test_send", f"edition:{eid}", to=actor.email,
             outcome=str(result.outcome), code=result.code))
