@@ -201,6 +201,8 @@ def read_imap(host: str, user: str, password: str, *, folder: str = "INBOX",
     `tls` is `ssl` (IMAPS, port 993; the default), `starttls` (port 143) or `none` (only for a
     server on this machine).
     """
+    if tls not in ("ssl", "starttls", "none"):
+        raise MailerError(f"unknown tls mode {tls!r}", hint="use ssl, starttls or none")
     context = ssl_context or ssl.create_default_context()
     try:
         if tls == "ssl":
@@ -210,8 +212,6 @@ def read_imap(host: str, user: str, password: str, *, folder: str = "INBOX",
             conn = imaplib.IMAP4(host, port or 143, timeout=timeout)
             if tls == "starttls":
                 conn.starttls(ssl_context=context)
-            elif tls != "none":
-                raise MailerError(f"unknown tls mode {tls!r}", hint="use ssl, starttls or none")
     except (OSError, imaplib.IMAP4.error) as exc:
         raise MailerError(f"could not connect to IMAP server {host}: {exc}") from None
     try:

@@ -503,3 +503,50 @@ def test_fetch_records_then_list_shows_and_purge_runs(
     assert "no bounce alert 12345" in capsys.readouterr().err
     world.session.expire_all()
     assert world.subscriber(sid).status == SubscriberStatus.BOUNCED
+
+
+def test_fetch_reads_an_imap_mailbox_and_leaves_it_as_it_was(
+        world: World, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from urllib.parse import quote
+
+    from mailer.cli import run
+    from tests.imap_server import PASSWORD, USER, ImapServer
+
+    ids = world.people(["imap.gone@kent.police.uk"])
+    edition = world.send("spring")
+    world.session.commit()
+    sid = ids["imap.gone@kent.police.uk"]
+    # An Exchange Online mailbox: the relay allowed no VERP, so the bounce reached the plain
+    # bounce address and only the returned Message-ID names the delivery.
+    mid = message_id(world.secret, edition, sid, "news.example.police.uk")
+    bounce = dsn("imap.gone@kent.police.uk", "5.1.10", original_message_id=mid)
+    monkeypatch.setenv("MAILER_BOUNCE_HOLD_MINUTES", "0")
+    monkeypatch.setenv("MAILER_IMAP_PASSWORD", PASSWORD)
+    with ImapServer({"INBOX": [bounce, VACATION]}) as server:
+        url = f"imap://{quote(USER)}@127.0.0.1:{server.port}/INBOX?tls=none"
+        assert run(["bounces", "fetch", url]) == 0
+        out = capsys.readouterr().out
+        assert "2 message(s) read" in out and "suppressed" in out and "ignored" in out
+        assert run(["bounces", "fetch", url]) == 0
+        assert "already received" in capsys.readouterr().out
+        assert server.flags() == [frozenset(), frozenset()]  # nothing marked seen or deleted
+    world.session.expire_all()
+    assert world.subscriber(sid).status == SubscriberStatus.BOUNCED
+    record = world.session.scalar(select(InboundRecord).where(InboundRecord.subscriber_id == sid))
+    assert record is not None and record.origin.startswith("imap://127.0.0.1/INBOX;UID=")
+    assert record.reference_source == "original:Message-ID"
+
+
+def test_fetch_says_clearly_when_the_imap_password_is_wrong(
+        world: World, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailer.cli import run
+    from tests.imap_server import ImapServer
+
+    monkeypatch.setenv("MAILER_IMAP_PASSWORD", "not-the-password")
+    with ImapServer({"INBOX": [VACATION]}) as server:
+        assert run(["bounces", "fetch",
+                    f"imap://bounces@127.0.0.1:{server.port}/INBOX?tls=none"]) == 1
+    err = capsys.readouterr().err
+    assert "refused" in err and "Traceback" not in err

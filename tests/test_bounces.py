@@ -1,18 +1,17 @@
 """Bounce, complaint and auto-reply classification on a corpus of real-format messages, and the
 transports that feed it: LMTP/SMTP over loopback, Maildir and mbox files, IMAP against a small
-in-process server."""
+in-process server (pymap)."""
 
 from __future__ import annotations
 
 import email
+import imaplib
 import mailbox
 import smtplib
 import socket
-import socketserver
-import threading
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import yaml
@@ -22,6 +21,10 @@ from mailer.bounces import Kind, Verdict, classify_inbound
 from mailer.errors import MailerError
 from mailer.inbound import InboundMessage, Receiver, open_source, read_imap, read_maildir, read_mbox
 from mailer.reference import message_id, return_path
+from tests.imap_server import PASSWORD as IMAP_PASSWORD
+from tests.imap_server import USER as IMAP_USER
+from tests.imap_server import ImapServer
+from tests.smtp_servers import TlsFiles, tls_files  # noqa: F401 (a fixture)
 
 CORPUS = Path(__file__).parent / "bounce_corpus"
 SECRET = b"test-secret-for-the-bounce-corpus-0001"
@@ -314,75 +317,93 @@ def test_an_unknown_source_is_a_clear_error(tmp_path: Path) -> None:
         open_source(str(tmp_path / "absent"))
 
 
-# ---- IMAP, against a minimal in-process server (plain TCP on loopback) ----
-
-class _FakeImap(socketserver.StreamRequestHandler):
-    """Just enough IMAP4rev1 for imaplib: LOGIN, EXAMINE, UID SEARCH, UID FETCH, LOGOUT."""
-
-    messages: ClassVar[list[bytes]] = []
-    commands: ClassVar[list[str]] = []
-
-    def handle(self) -> None:
-        self.wfile.write(b"* OK [CAPABILITY IMAP4rev1] fake ready\r\n")
-        while line := self.rfile.readline():
-            tag, _, rest = line.decode().strip().partition(" ")
-            command = rest.upper()
-            self.commands.append(command.split(" ")[0] + (" " + command.split(" ")[1]
-                                                           if command.startswith("UID") else ""))
-            if command.startswith("CAPABILITY"):
-                self.wfile.write(b"* CAPABILITY IMAP4rev1\r\n")
-            elif command.startswith("LOGIN"):
-                if '"SECRET"' not in command and " SECRET" not in command:
-                    self.wfile.write(f"{tag} NO bad password\r\n".encode())
-                    continue
-            elif command.startswith("EXAMINE"):
-                self.wfile.write(f"* {len(self.messages)} EXISTS\r\n".encode())
-            elif command.startswith("UID SEARCH"):
-                uids = " ".join(str(i + 1) for i in range(len(self.messages)))
-                self.wfile.write(f"* SEARCH {uids}\r\n".encode())
-            elif command.startswith("UID FETCH"):
-                uid = int(command.split()[2])
-                body = self.messages[uid - 1]
-                self.wfile.write(f"* {uid} FETCH (UID {uid} BODY[] {{{len(body)}}}\r\n".encode()
-                                 + body + b")\r\n")
-            elif command.startswith("LOGOUT"):
-                self.wfile.write(b"* BYE\r\n" + f"{tag} OK done\r\n".encode())
-                return
-            else:
-                self.wfile.write(f"{tag} BAD unknown\r\n".encode())
-                continue
-            self.wfile.write(f"{tag} OK done\r\n".encode())
-
+# ---- IMAP, against a real IMAP server (pymap, in process, on loopback) ----
 
 @pytest.fixture
-def imap_server() -> Iterator[tuple[int, type[_FakeImap]]]:
-    handler = type("Handler", (_FakeImap,), {
-        "messages": [crlf(corpus(n)) for n in NAMES], "commands": []})
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1], handler
-    server.shutdown()
-    server.server_close()
+def imap_messages() -> list[bytes]:
+    return [crlf(corpus(n)) for n in NAMES]
 
 
-def test_the_imap_reader_fetches_every_message_read_only(
-        imap_server: tuple[int, type[_FakeImap]]) -> None:
-    port, handler = imap_server
-    messages = list(read_imap("127.0.0.1", "bounces", "SECRET", port=port, tls="none",
-                              timeout=10))
-    assert [m.raw for m in messages] == handler.messages
-    assert messages[0].origin == "imap://127.0.0.1/INBOX;UID=1"
-    assert "EXAMINE" in handler.commands  # read-only: flags and folders stay as they were
-    assert "SELECT" not in handler.commands
+def test_the_imap_reader_fetches_every_message_and_changes_no_flag(
+        imap_messages: list[bytes]) -> None:
+    with ImapServer({"INBOX": imap_messages}) as server:
+        messages = list(read_imap("127.0.0.1", IMAP_USER, IMAP_PASSWORD, port=server.port,
+                                  tls="none", timeout=10))
+        assert [m.raw for m in messages] == imap_messages
+        assert [m.origin.rsplit(";", 1)[1] for m in messages] == [
+            f"UID={uid}" for uid in _uids(server)]
+        assert server.flags() == [frozenset()] * 3  # read-only: nothing marked \Seen
+        # What the check above would catch: an ordinary reader marks every message seen.
+        client = imaplib.IMAP4("127.0.0.1", server.port, timeout=10)
+        client.login(IMAP_USER, IMAP_PASSWORD)
+        client.select("INBOX")
+        client.fetch("1:*", "(BODY[])")
+        client.logout()
+        assert server.flags() == [frozenset({"\\Seen"})] * 3
 
 
-def test_the_imap_reader_reports_a_refused_login(
-        imap_server: tuple[int, type[_FakeImap]]) -> None:
-    port, _ = imap_server
-    with pytest.raises(MailerError, match="refused"):
-        list(read_imap("127.0.0.1", "bounces", "wrong", port=port, tls="none", timeout=10))
+def _uids(server: ImapServer) -> list[int]:
+    client = imaplib.IMAP4("127.0.0.1", server.port, timeout=10)
+    try:
+        client.login(IMAP_USER, IMAP_PASSWORD)
+        client.select("INBOX", readonly=True)
+        return [int(u) for u in client.uid("SEARCH", None, "ALL")[1][0].split()]
+    finally:
+        client.logout()
+
+
+def test_the_imap_reader_uses_starttls_and_checks_the_certificate(
+        imap_messages: list[bytes], tls_files: TlsFiles) -> None:
+    with ImapServer({"INBOX": imap_messages}, tls="starttls",
+                    server_context=tls_files.server_context()) as server:
+        trusted = ssl.create_default_context(cafile=str(tls_files.cert))
+        messages = list(read_imap("127.0.0.1", IMAP_USER, IMAP_PASSWORD, port=server.port,
+                                  tls="starttls", ssl_context=trusted, timeout=10))
+        assert [m.raw for m in messages] == imap_messages
+        # A certificate nobody vouches for is a clear error, not a traceback: so the
+        # handshake did happen, and is checked.
+        with pytest.raises(MailerError, match=r"could not connect.*certificate"):
+            list(read_imap("127.0.0.1", IMAP_USER, IMAP_PASSWORD, port=server.port,
+                           tls="starttls", timeout=10))
+
+
+def test_the_imap_reader_speaks_imaps_to_a_folder_with_a_space(
+        imap_messages: list[bytes], tls_files: TlsFiles) -> None:
+    with ImapServer({"INBOX": [], "Bounce Reports": imap_messages[:2]}, tls="ssl",
+                    server_context=tls_files.server_context()) as server:
+        trusted = ssl.create_default_context(cafile=str(tls_files.cert))
+        messages = list(read_imap("127.0.0.1", IMAP_USER, IMAP_PASSWORD, port=server.port,
+                                  folder="Bounce Reports", ssl_context=trusted, timeout=10))
+        assert [m.raw for m in messages] == imap_messages[:2]
+        assert messages[0].origin.startswith("imap://127.0.0.1/Bounce Reports;UID=")
+        assert list(read_imap("127.0.0.1", IMAP_USER, IMAP_PASSWORD, port=server.port,
+                              ssl_context=trusted, timeout=10)) == []  # an empty INBOX
+        with pytest.raises(MailerError, match=r"could not be opened|refused"):
+            list(read_imap("127.0.0.1", IMAP_USER, IMAP_PASSWORD, port=server.port,
+                           folder="No Such Folder", ssl_context=trusted, timeout=10))
+
+
+def test_the_imap_reader_reports_a_refused_login(imap_messages: list[bytes]) -> None:
+    with ImapServer({"INBOX": imap_messages}) as server, \
+            pytest.raises(MailerError, match="refused"):
+        list(read_imap("127.0.0.1", IMAP_USER, "wrong", port=server.port, tls="none",
+                       timeout=10))
+
+
+def test_an_unknown_tls_mode_is_refused_before_connecting() -> None:
+    with pytest.raises(MailerError, match="unknown tls mode 'tls'"):
+        list(read_imap("127.0.0.1", IMAP_USER, IMAP_PASSWORD, port=1, tls="tls"))
+    with pytest.raises(MailerError, match="unknown tls mode 'yes'"):
+        list(open_source("imap://bounces@127.0.0.1:1/INBOX?tls=yes", "password"))
+
+
+def test_an_imap_server_that_is_not_there_is_a_clear_error() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(MailerError, match="could not connect"):
+        list(read_imap("127.0.0.1", IMAP_USER, IMAP_PASSWORD, port=port, tls="none",
+                       timeout=10))
 
 
 def test_an_imap_url_needs_a_password() -> None:
