@@ -14,11 +14,12 @@ the single-host setup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,25 @@ def _summary(console: Console, r: DemoResult) -> None:
 
 # ---------------------------------------------------------------- one process, one host
 
+@contextlib.contextmanager
+def _signals_end_the_server() -> Iterator[None]:
+    """uvicorn stops on SIGTERM or SIGINT and then raises the signal again under the handler
+    it found. The default SIGTERM handler kills the process there, before the worker has
+    finished what is in flight, and SIGINT's raises KeyboardInterrupt: so the handler it
+    finds is this one, which lets the shutdown below run and the process exit 0."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def run_all_in_one(settings: Settings, app: Any, host: str, port: int, *,
                    console: Console | None = None,
                    ready: Callable[[], None] | None = None) -> None:
@@ -285,7 +305,8 @@ def run_all_in_one(settings: Settings, app: Any, host: str, port: int, *,
     if ready is not None:
         ready()
     try:
-        server.run()
+        with _signals_end_the_server():
+            server.run()
     finally:
         stop.set()
         loop = worker_loop.get("loop")

@@ -138,12 +138,16 @@ def served_demo(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         assert f"{base}/dev/inbox" in "".join(lines)  # it prints the URLs to open
         yield base, tmp_path / "var" / "demo"
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
         try:
-            proc.wait(30)
+            code = proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(10)
+            code = proc.wait(10)
+    # Ctrl-C is the way to stop the demo: web, scheduler and worker stop cleanly, no error
+    assert _wait(lambda: any("stopped: web" in line for line in lines), 10), "".join(lines)
+    output = "".join(lines)
+    assert code == 0 and "error" not in output and "Traceback" not in output, output
 
 
 @pytest.mark.browser
