@@ -550,3 +550,18 @@ def test_fetch_says_clearly_when_the_imap_password_is_wrong(
                     f"imap://bounces@127.0.0.1:{server.port}/INBOX?tls=none"]) == 1
     err = capsys.readouterr().err
     assert "refused" in err and "Traceback" not in err
+
+
+def test_list_shows_uk_time(world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    from mailer.cli import run
+
+    ids = world.people(["summer@kent.police.uk"])
+    edition = world.send("summer")
+    sid = ids["summer@kent.police.uk"]
+    world.bounce(edition, sid, "summer@kent.police.uk", "4.2.2",
+                 now=datetime(2026, 7, 1, 8, 30, tzinfo=UTC))
+    world.session.commit()
+    assert run(["bounces", "list", "--subscriber", str(sid)]) == 0
+    out = capsys.readouterr().out
+    assert "2026-07-01 09:30 BST soft 4.2.2 counted" in out  # stored as 08:30 UTC
+    assert "bounce 1 2026-07-01 09:30 BST soft 4.2.2" in out

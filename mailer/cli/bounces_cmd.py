@@ -13,6 +13,7 @@ import getpass
 import logging
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import typer
@@ -23,6 +24,7 @@ from mailer.bounce_policy import BouncePolicy, Decision
 from mailer.bounces import Kind, Verdict, classify_inbound
 from mailer.cli.runtime import Runtime, console
 from mailer.inbound import InboundMessage, Receiver, open_source
+from mailer.outbox import LONDON
 
 log = logging.getLogger(__name__)
 
@@ -208,14 +210,19 @@ def list_(ctx: typer.Context,
         colour = _DECISION_COLOURS.get(Decision(r.decision), "dim")
         who = (f"edition {r.edition_id}, subscriber {r.subscriber_id}"
                if r.subscriber_id is not None else "not identified")
-        console.print(f"#{r.id} {r.received_at:%Y-%m-%d %H:%M} {r.kind}"
+        console.print(f"#{r.id} {_local(r.received_at)} {r.kind}"
                       f"{' ' + r.status if r.status else ''} [{colour}]{r.decision}[/] {who}"
                       f"{'' if r.raw_kept else ' [dim](raw purged)[/]'}")
         console.print(f"    {escape(r.detail)}")
     for e in events:
-        console.print(f"bounce {e.id} {e.occurred_at:%Y-%m-%d %H:%M} {e.kind} "
+        console.print(f"bounce {e.id} {_local(e.occurred_at)} {e.kind} "
                       f"{e.status or ''} edition {e.edition_id}: {e.action}"
                       f"{' (counted)' if e.counted else ''}")
+
+
+def _local(at: datetime) -> str:
+    """UK time, as co-ordinators read it (the database holds UTC)."""
+    return at.astimezone(LONDON).strftime("%Y-%m-%d %H:%M %Z")
 
 
 @app.command()
