@@ -1,25 +1,29 @@
 """The console end to end in headless Chromium under uvicorn, mail to a real SMTP sink, the real
-worker: upload, preview at phone width, test send, request approval, refused self-approval,
-a second co-ordinator approves and sends, the send completes, and the audit log shows it all
-with both names. A second test runs axe-core over every console page.
+scheduler pass and worker: upload, preview at phone width, test send, request approval, refused
+self-approval, a second co-ordinator approves and schedules it, the clock reaches the send time
+(time-machine, not a sleep), the send completes, and the audit log shows every step with both
+names. A second test runs axe-core over every console page, in each of its states.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+import time_machine
 from playwright.sync_api import expect
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from mailer import audit
+from mailer import audit, schedule
 from mailer.config import Settings
-from mailer.models import Edition, EditionStatus
+from mailer.models import Delivery, Edition, EditionStatus
+from mailer.outbox import LONDON
 from mailer.worker import Worker
 from subscribers.db import session_factory
 from tests.smtp_servers import FaultServer
@@ -41,7 +45,7 @@ def _sign_in(page: Any, base: str, login: str) -> None:
     expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
 
 
-def test_upload_approve_by_another_and_send_in_chromium(
+def test_upload_approve_by_another_schedule_and_send_in_chromium(
         browser: Any, served: Settings, sink: FaultServer, engine: Engine,
         artifacts: Path) -> None:
     base = served.base_url
@@ -63,13 +67,16 @@ def test_upload_approve_by_another_and_send_in_chromium(
         expect(page.locator("pre.plain")).to_contain_text("Modern Slavery")
 
         # The phone frame is 375 px wide and the email fits it without sideways scrolling.
-        frame = page.frame_locator("iframe.phone")
-        expect(frame.locator("body")).to_contain_text("Modern Slavery")
-        box = page.locator("iframe.phone").bounding_box()
+        phone = page.locator("iframe.phone")
+        expect(page.frame_locator("iframe.phone").locator("body")).to_contain_text(
+            "Modern Slavery")
+        box = phone.bounding_box()
         assert box is not None and 370 <= box["width"] <= 385
-        widths = page.frames[-1].evaluate(
-            "() => [document.documentElement.scrollWidth, window.innerWidth]")
-        assert widths[0] <= widths[1] + 1, widths
+        frame = phone.element_handle().content_frame()
+        assert frame is not None
+        widths = frame.evaluate("() => [document.documentElement.scrollWidth, "
+                                "window.innerWidth]")
+        assert 360 <= widths[1] <= 385 and widths[0] <= widths[1] + 1, widths
         page.screenshot(path=str(artifacts / "admin-edition-preview.png"), full_page=True)
 
         page.get_by_role("button", name="Send a test to alice@kent.police.uk").click()
@@ -87,6 +94,9 @@ def test_upload_approve_by_another_and_send_in_chromium(
     with Session(engine) as session:
         assert session.get(Edition, eid).status == EditionStatus.DRAFT
 
+    # Tomorrow at 09:00 UK time, typed as a co-ordinator would.
+    day = dt.datetime.now(LONDON).date() + dt.timedelta(days=1)
+    when = dt.datetime.combine(day, dt.time(9, 0), tzinfo=LONDON)
     second = browser.new_context(user_agent="e2e bob")
     page = second.new_page()
     try:
@@ -94,28 +104,47 @@ def test_upload_approve_by_another_and_send_in_chromium(
         page.goto(edition_url)
         page.get_by_role("button", name="Approve").click()
         expect(page.get_by_text("Approved. It can now be scheduled or sent.")).to_be_visible()
-        page.get_by_label("Send it to everyone in its audience now").check()
-        page.get_by_role("button", name="Send now").click()
-        expect(page.get_by_text("Sending: 3 message(s) queued.")).to_be_visible()
+        page.get_by_label("Date").fill(day.isoformat())
+        page.get_by_label("Time").fill("09:00")
+        page.get_by_role("button", name="Schedule").click()
+        expect(page.get_by_text("Scheduled for ")).to_be_visible()
+        with Session(engine) as session:
+            edition = session.get(Edition, eid)
+            assert edition.status == EditionStatus.SCHEDULED
+            assert edition.scheduled_for == when.astimezone(dt.UTC)
+            assert session.scalar(select(func.count()).select_from(Delivery)) == 0
 
+        # The clock reaches the send time: the scheduler's pass starts the send and the
+        # worker delivers it. Playwright's sync API owns this thread's event loop, so the
+        # worker gets a thread of its own.
         sessions = session_factory(engine)
         fast = served.model_copy(update={"rate_per_minute": 0, "rate_per_day": 0})
-        # Playwright's sync API owns this thread's event loop: the worker gets a thread.
-        worker = threading.Thread(target=lambda: asyncio.run(
-            Worker(fast, sessions, poll=0.05).run(drain=True)))
-        worker.start()
-        worker.join(60)
+        with time_machine.travel(when + dt.timedelta(seconds=30), tick=True):
+            with sessions() as session:
+                started = schedule.catch_up(session, fast)
+                session.commit()
+            assert started.editions == [SAMPLE.stem] and started.queued == 3
+            worker = threading.Thread(target=lambda: asyncio.run(
+                Worker(fast, sessions, poll=0.05).run(drain=True)))
+            worker.start()
+            worker.join(60)
         assert not worker.is_alive()
 
         page.goto(f"{edition_url}/progress")
         expect(page.locator("#count-sent")).to_have_text("3")
-        expect(page.locator("#count-queued")).to_have_text("0")
+        for state in ("queued", "retry", "failed", "bounced"):
+            expect(page.locator(f"#count-{state}")).to_have_text("0")
+        expect(page.get_by_text("Time left: done.")).to_be_visible()
         page.get_by_role("link", name="Audit log").click()
         rows = page.locator("table.audit tbody tr")
-        # all_inner_texts() does not wait: wait for the audit page's seven rows first.
-        expect(rows).to_have_count(7)
-        text = " | ".join(rows.all_inner_texts())
+        # all_inner_texts() does not wait: wait for the audit page's eight rows first.
+        expect(rows).to_have_count(8)
+        text = rows.all_inner_texts()
         page.screenshot(path=str(artifacts / "admin-audit.png"), full_page=True)
+        page.get_by_label("Who (login)").fill("bob")
+        page.get_by_role("button", name="Filter").click()
+        expect(rows).to_have_count(3)
+        assert all("(bob)" in row for row in rows.all_inner_texts())
     finally:
         second.close()
 
@@ -126,15 +155,21 @@ def test_upload_approve_by_another_and_send_in_chromium(
         assert edition.status == EditionStatus.SENT
         assert (edition.created_by, edition.approval_requested_by, edition.approved_by,
                 edition.scheduled_by) == ("alice", "alice", "bob", "bob")
-        trail = [(e.actor, e.action) for e in session.scalars(
+        trail = [(e.actor, e.action, e.ip) for e in session.scalars(
             select(audit.AuditEntry).order_by(audit.AuditEntry.id))]
-    assert trail == [("alice", "login.ok"), ("alice", "edition.save"),
-                     ("alice", "edition.test_send"), ("alice", "edition.request_approval"),
-                     ("bob", "login.ok"), ("bob", "edition.approve"), ("bob", "edition.send")]
+    assert [(who, action) for who, action, _ip in trail] == [
+        ("alice", "login.ok"), ("alice", "edition.save"), ("alice", "edition.test_send"),
+        ("alice", "edition.request_approval"), ("alice", "edition.approve_refused"),
+        ("bob", "login.ok"), ("bob", "edition.approve"), ("bob", "edition.schedule")]
+    assert {ip for _who, _action, ip in trail} == {"127.0.0.1"}  # from where
+    # The page shows each step with the person's name, the login and where from.
     for name, action in (("Alice Author", "edition.save"), ("Alice Author", "edition.test_send"),
                          ("Alice Author", "edition.request_approval"),
-                         ("Bob Approver", "edition.approve"), ("Bob Approver", "edition.send")):
-        assert any(name in row and action in row for row in text.split(" | ")), (name, action)
+                         ("Alice Author", "edition.approve_refused"),
+                         ("Bob Approver", "edition.approve"),
+                         ("Bob Approver", "edition.schedule")):
+        assert any(name in row and action in row and "console 127.0.0.1" in row
+                   for row in text), (name, action)
 
 
 def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: FaultServer,
