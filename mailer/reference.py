@@ -7,18 +7,26 @@ when the bounce message itself is unparseable. Pure: no database.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
+from typing import Any
 
 _PURPOSE = b"mailer.delivery-ref.v1"
 _REF = re.compile(r"e(\d{1,12})\.s(\d{1,12})\.([0-9a-f]{16})")
 
 
+@functools.lru_cache(maxsize=8)
+def _key(secret: bytes) -> Any:
+    """The keyed HMAC for this purpose, copied per use: keying it is half the cost."""
+    return hmac.new(hmac.new(secret, _PURPOSE, hashlib.sha256).digest(), None, hashlib.sha256)
+
+
 def _mac(secret: bytes, edition_id: int, subscriber_id: int) -> str:
-    key = hmac.new(secret, _PURPOSE, hashlib.sha256).digest()
-    msg = f"{edition_id}.{subscriber_id}".encode()
-    return hmac.new(key, msg, hashlib.sha256).hexdigest()[:16]
+    mac = _key(secret).copy()
+    mac.update(f"{edition_id}.{subscriber_id}".encode())
+    return mac.hexdigest()[:16]
 
 
 def delivery_ref(secret: bytes, edition_id: int, subscriber_id: int) -> str:

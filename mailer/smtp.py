@@ -300,16 +300,17 @@ def _describe(exc: BaseException) -> str:
 _FORBIDDEN_IN_ADDRESS = re.compile(r"[\x00-\x20<>\x7f]")
 
 
-def _stuff(data: bytes, crlf_checked: bool = False) -> bytes:
+def _stuff(data: bytes, prepared: bool = False) -> bytes:
     """CRLF line ends, dot-stuffed (RFC 5321 §4.5.2), ending in CRLF.CRLF.
 
     A bare LF is turned into CRLF: servers that take LF as a line end could otherwise see an
-    early end of data ("SMTP smuggling"). These scans are most of the client's CPU per message,
-    so each is one C-level pass and the replace runs only when a line starts with a dot.
-    `crlf_checked` skips the bare-LF scan (~130 µs for 65 KB) for a caller that has proved
-    it already; the dot check is a µs and always runs.
+    early end of data ("SMTP smuggling"). These scans are most of the client's CPU per message
+    (for 64 KB, ~40 µs to look for a line starting with a dot and ~130 µs for bare LFs), so a
+    `prepared` message, which its builder has proved needs neither, is sent as it stands.
     """
-    if not crlf_checked and data.count(b"\n") != data.count(b"\r\n"):
+    if prepared:
+        return data + b".\r\n"
+    if data.count(b"\n") != data.count(b"\r\n"):
         data = re.sub(rb"\r?\n", b"\r\n", data)
     if data.startswith(b"."):
         data = b"." + data
@@ -458,10 +459,10 @@ class _Connection:
     # -- transactions --
 
     async def transact(self, mail_from: str, rcpt: str, data: bytes,
-                       crlf_checked: bool = False) -> SendResult:
+                       prepared: bool = False) -> SendResult:
         """One message to one recipient. Marks itself unusable when the session is in doubt."""
         try:
-            return await self._transact(mail_from, rcpt, data, crlf_checked)
+            return await self._transact(mail_from, rcpt, data, prepared)
         except _Lost as lost:
             self.usable = False
             outcome = Outcome.UNKNOWN if lost.stage == "end" else Outcome.RETRY
@@ -473,7 +474,7 @@ class _Connection:
             self.transactions += 1
 
     async def _transact(self, mail_from: str, rcpt: str, data: bytes,
-                        crlf_checked: bool) -> SendResult:
+                        prepared: bool) -> SendResult:
         smtputf8 = not (mail_from.isascii() and rcpt.isascii())
         if smtputf8 and "SMTPUTF8" not in self.extensions:
             return _local_result("mail", "a non-ASCII address needs SMTPUTF8, which the server "
@@ -524,7 +525,7 @@ class _Connection:
         if r_data.code != 354:
             return await self._after_refusal("data", r_data)
         # From here the final dot may reach the server: a failure is no longer a clean retry.
-        await self._write("end", _stuff(data, crlf_checked))
+        await self._write("end", _stuff(data, prepared))
         final = await self._read_reply("end", self.data_timeout)
         if final.code == 421:
             self.usable = False
@@ -636,12 +637,13 @@ class SmtpPool:
         return conn
 
     async def send(self, mail_from: str, rcpt: str, data: bytes, *,
-                   crlf_checked: bool = False, start_by: float | None = None) -> SendResult:
+                   prepared: bool = False, start_by: float | None = None) -> SendResult:
         """Submit `data` from envelope sender `mail_from` to the one recipient `rcpt`.
 
-        `crlf_checked`: the caller has proved that `data` has CRLF line ends only (the
-        worker's messages from `mailer.render.build_message` have), so the scan for bare
-        LFs is skipped; anything else is normalised here.
+        `prepared`: the caller has proved that `data` has CRLF line ends only, no line that
+        starts with a dot, and a final CRLF (the worker's messages from
+        `mailer.render.build_message` have), so it goes out as it stands; anything else is
+        normalised and dot-stuffed here.
         `start_by` (the event loop's clock): when no session is free before then, nothing is
         sent and the result has stage "not-started" (the caller's claim on it has lapsed)."""
         if self._closed:
@@ -666,7 +668,7 @@ class SmtpPool:
                         conn = None
                         return opened
                     conn = opened
-                result = await conn.transact(mail_from, rcpt, data, crlf_checked)
+                result = await conn.transact(mail_from, rcpt, data, prepared)
                 stale = (reused and result.code is None and result.stage == "mail"
                          and result.outcome is Outcome.RETRY)
                 if not stale:

@@ -389,9 +389,8 @@ class Worker:
                                                 claim.subscriber_id, self.domain))
         except MessageRefused as exc:
             return claim, SendResult(Outcome.FAILED, None, None, f"not sent: {exc}", "build")
-        # build_message writes CRLF only (checked per edition and per header block).
         return claim, await pool.send(self._envelope_from(claim), claim.email, raw,
-                                      crlf_checked=True, start_by=start_by)
+                                      prepared=True, start_by=start_by)
 
     async def _record(self, done: list[tuple[outbox.Claim, SendResult]]) -> None:
         now = self.clock()

@@ -36,6 +36,7 @@ from mailer.render import (
     personalise,
     preflight,
 )
+from mailer.smtp import _stuff
 
 SAMPLE = Path(__file__).resolve().parent.parent / "editions" / "2020-q3-kent-essex.md"
 INJECTION = "Hi =?UTF-8?Q?=0A?=Bcc: injected@example.com"
@@ -375,6 +376,7 @@ def test_no_line_starts_with_a_dot_so_smtp_has_nothing_to_stuff(conf: Settings,
                         message_id=mid(conf))
     assert not raw.startswith(b".") and b"\r\n." not in raw
     assert raw.count(b"\n") == raw.count(b"\r\n") == raw.count(b"\r")  # the worker relies on it
+    assert _stuff(raw, prepared=True) == _stuff(raw)  # so SMTP may send it unscanned
     text, html = bodies(raw)
     assert ".NET teams: read this." in text and ".NET teams: read this." in html
     assert ".Dot" in text  # the name slot, at the start of a QP line
@@ -482,3 +484,45 @@ def test_a_slot_value_decodes_to_itself_in_short_lines_none_starting_with_a_dot(
     lines = encoded.split(b"\r\n")
     assert all(len(line) <= 76 and not line.startswith(b".") for line in lines)
     assert quopri.decodestring(encoded.replace(b"\r\n", b"\n")).decode("utf-8") == value
+
+
+# ---- what is checked once per edition, and what per message ----
+
+GOOD_BLOCK = (b"Date: Tue, 01 Dec 2026 09:00:00 +0000\r\nTo: Ann <a@example.org>\r\n"
+              b"Message-ID: <e1.s2.0123456789abcdef@news.example.org>\r\n"
+              b"List-Unsubscribe: <https://news.example.org/u/x>\r\n")
+
+
+def test_the_per_recipient_header_lines_pass_when_they_parse_back() -> None:
+    from mailer.render import _check_per_recipient
+
+    _check_per_recipient(GOOD_BLOCK, "Ann <a@example.org>")
+
+
+@pytest.mark.parametrize("block", [
+    GOOD_BLOCK.replace(b"To: Ann <a@example.org>\r\n",
+                       b"To: Ann <a@example.org>\r\nBcc: injected@example.com\r\n"),
+    GOOD_BLOCK.replace(b"To: Ann <a@example.org>\r\n",
+                       b"To: Ann <a@example.org>\nBcc: injected@example.com\r\n"),
+    GOOD_BLOCK.replace(b"Ann <a@example.org>", b"Ann <b@example.org>"),
+    GOOD_BLOCK.replace(b"<https://news.example.org/u/x>", b"<https://x/" + b"u" * 1000 + b">"),
+])
+def test_the_per_recipient_header_lines_refuse_an_injected_or_changed_line(block: bytes) -> None:
+    from mailer.render import _check_per_recipient
+
+    with pytest.raises(MessageRefused):
+        _check_per_recipient(block, "Ann <a@example.org>")
+
+
+@pytest.mark.parametrize("change", [
+    {"tail": b"\r\n.\r\n"},  # a line SMTP would read as the end of the data
+    {"tail": b"\r\n.hidden\r\n"},  # a dot SMTP would strip
+    {"head": b"From: a@example.org\r\nBcc: injected@example.com\r\n"},
+    {"head": b"From: a@example.org\nSubject: x\r\n"},
+])
+def test_a_skeleton_that_breaks_what_messages_rely_on_is_refused_once_per_edition(
+        compiled: CompiledEdition, change: dict[str, bytes]) -> None:
+    import dataclasses
+
+    with pytest.raises(EditionError):
+        dataclasses.replace(compiled.skeleton(), **change).check("edition.md")
