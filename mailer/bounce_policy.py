@@ -295,10 +295,13 @@ def receive(session: Session, policy: BouncePolicy, message: InboundMessage, sec
     raw = bytes(message.raw or b"")
     digest = hashlib.sha256(raw).hexdigest()
     existing = session.scalar(select(InboundRecord).where(InboundRecord.sha256 == digest))
-    verdict = classify_inbound(raw, secret, message.rcpt_tos, token_keys=token_keys)
     if existing is not None and existing.decision != Decision.ERROR:
-        return Outcome(existing.id, verdict, Decision(existing.decision),
+        # Seen before (a mailbox read again, an MTA retrying after a lost reply): what was
+        # decided then stands, and the message is not parsed again.
+        kept = Verdict(Kind(existing.kind), existing.reason, detector=existing.detector)
+        return Outcome(existing.id, kept, Decision(existing.decision),
                        existing.decision_detail or "", duplicate=True)
+    verdict = classify_inbound(raw, secret, message.rcpt_tos, token_keys=token_keys)
     ref = verdict.reference
     # A message that failed before is processed again when it comes again (the MTA's retry,
     # the next fetch), in its old row: once the fault is fixed it is acted on.

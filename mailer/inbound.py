@@ -12,10 +12,12 @@ import contextlib
 import imaplib
 import logging
 import mailbox
+import os
 import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -161,22 +163,41 @@ class Receiver:
 
 # ---- mailbox readers ----
 
-def read_maildir(path: Path) -> Iterator[InboundMessage]:
-    """Every message in a Maildir (new and cur), oldest first by name; nothing is moved."""
+def read_maildir(path: Path, *, since: datetime | None = None) -> Iterator[InboundMessage]:
+    """Every message in a Maildir (new and cur), oldest first by name; nothing is moved.
+
+    `since`: only messages delivered since then (a Maildir file's mtime is its delivery time).
+    """
     path = Path(path)
     if not (path / "cur").is_dir() or not (path / "new").is_dir():
         raise MailerError(f"{path} is not a Maildir", hint="it needs cur/, new/ and tmp/")
-    box = mailbox.Maildir(path, factory=None, create=False)
-    for key in sorted(box.iterkeys()):
+    cutoff = since.timestamp() if since is not None else None
+    found: list[tuple[str, str]] = []
+    for sub in ("new", "cur"):
+        with os.scandir(path / sub) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    if not entry.is_file() or (cutoff is not None
+                                               and entry.stat().st_mtime < cutoff):
+                        continue
+                except OSError:  # taken away meanwhile
+                    continue
+                # The key is the unique name; ":2,FLAGS" after it changes as it is read.
+                found.append((entry.name.split(":", 1)[0], entry.path))
+    for key, file in sorted(found):
         try:
-            raw = box.get_bytes(key)
-        except (KeyError, OSError):  # taken away by another reader meanwhile
+            raw = Path(file).read_bytes()
+        except OSError:  # moved to cur/ by a mail client meanwhile: the next read has it
             continue
         yield InboundMessage(raw=raw, origin=f"maildir:{path}#{key}")
 
 
-def read_mbox(path: Path) -> Iterator[InboundMessage]:
-    """Every message in an mbox file, in order; the file is not changed."""
+def read_mbox(path: Path, *, since: datetime | None = None) -> Iterator[InboundMessage]:
+    """Every message in an mbox file, in order; the file is not changed.
+
+    `since`: only messages whose `From ` line is dated since then (undated ones are read)."""
     path = Path(path)
     if not path.is_file():
         raise MailerError(f"{path} is not an mbox file")
@@ -184,19 +205,42 @@ def read_mbox(path: Path) -> Iterator[InboundMessage]:
     try:
         for index, key in enumerate(box.iterkeys()):
             msg = box.get_message(key)
-            sender = (msg.get_from() or "").split(" ", 1)[0] or None
+            sender, _, dated = (msg.get_from() or "").partition(" ")
+            if since is not None and (at := _from_line_date(dated)) and at < since:
+                continue
             yield InboundMessage(raw=box.get_bytes(key), origin=f"mbox:{path}#{index}",
-                                 mail_from=None if sender == "MAILER-DAEMON" else sender)
+                                 mail_from=None if sender in ("MAILER-DAEMON", "") else sender)
     finally:
         box.close()
+
+
+def _from_line_date(text: str) -> datetime | None:
+    """The date of an mbox `From ` line (`Tue Mar 10 09:14:22 2026`, ctime format, UTC by
+    convention), or None."""
+    try:
+        return datetime.strptime(" ".join(text.split()[:5]), "%a %b %d %H:%M:%S %Y").replace(
+            tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _imap_date(at: datetime) -> str:
+    """RFC 3501 `date` (`10-Mar-2026`), in English whatever the locale."""
+    return f"{at.day}-{_MONTHS[at.month - 1]}-{at.year}"
 
 
 def read_imap(host: str, user: str, password: str, *, folder: str = "INBOX",
               port: int | None = None, tls: str = "ssl",
               ssl_context: ssl.SSLContext | None = None,
-              timeout: float = 60.0) -> Iterator[InboundMessage]:
+              timeout: float = 60.0, since: datetime | None = None) -> Iterator[InboundMessage]:
     """Every message in an IMAP folder, opened read-only and fetched with BODY.PEEK so that no
     flag changes: a reader that stops half way loses nothing.
+
+    `since`: only messages that arrived in the folder on or after that day (IMAP's SINCE,
+    which counts whole days), so a mailbox that is never emptied is not read whole each time.
 
     `tls` is `ssl` (IMAPS, port 993; the default), `starttls` (port 143) or `none` (only for a
     server on this machine).
@@ -220,7 +264,8 @@ def read_imap(host: str, user: str, password: str, *, folder: str = "INBOX",
             typ, _ = conn.select(_quote_folder(folder), readonly=True)
             if typ != "OK":
                 raise MailerError(f"IMAP folder {folder!r} could not be opened")
-            typ, data = conn.uid("SEARCH", None, "ALL")
+            criteria = ("SINCE", _imap_date(since)) if since is not None else ("ALL",)
+            typ, data = conn.uid("SEARCH", None, *criteria)
         except imaplib.IMAP4.error as exc:
             raise MailerError(f"IMAP server {host} refused: {exc}",
                               hint="check the user, password and folder") from None
@@ -241,8 +286,9 @@ def _quote_folder(folder: str) -> str:
     return f'"{folder}"' if " " in folder and not folder.startswith('"') else folder
 
 
-def open_source(spec: str, password: str | None = None) -> Iterator[InboundMessage]:
-    """The messages of a source named on the command line.
+def open_source(spec: str, password: str | None = None, *,
+                since: datetime | None = None) -> Iterator[InboundMessage]:
+    """The messages of a source named on the command line, those since `since` if given.
 
     `maildir:PATH`, `mbox:PATH`, a bare path (a directory is a Maildir, a file an mbox),
     `imaps://user@host[:port]/Folder` or `imap://user@host[:port]/Folder?tls=starttls|none`.
@@ -250,9 +296,9 @@ def open_source(spec: str, password: str | None = None) -> Iterator[InboundMessa
     history.
     """
     if spec.startswith("maildir:"):
-        return read_maildir(Path(spec.removeprefix("maildir:")))
+        return read_maildir(Path(spec.removeprefix("maildir:")), since=since)
     if spec.startswith("mbox:"):
-        return read_mbox(Path(spec.removeprefix("mbox:")))
+        return read_mbox(Path(spec.removeprefix("mbox:")), since=since)
     if spec.startswith(("imap://", "imaps://")):
         parts = urlsplit(spec)
         tls = "ssl" if parts.scheme == "imaps" else parse_qs(parts.query).get(
@@ -264,12 +310,17 @@ def open_source(spec: str, password: str | None = None) -> Iterator[InboundMessa
         if not secret:
             raise MailerError("no IMAP password", hint="set MAILER_IMAP_PASSWORD")
         folder = unquote(parts.path.lstrip("/")) or "INBOX"
+        try:
+            port = parts.port
+        except ValueError:
+            raise MailerError(f"{spec!r}: the port is not a number",
+                              hint="imaps://bounces@mail.example.police.uk:993/INBOX") from None
         return read_imap(parts.hostname, unquote(parts.username), secret, folder=folder,
-                         port=parts.port, tls=tls)
+                         port=port, tls=tls, since=since)
     path = Path(spec)
     if path.is_dir():
-        return read_maildir(path)
+        return read_maildir(path, since=since)
     if path.is_file():
-        return read_mbox(path)
+        return read_mbox(path, since=since)
     raise MailerError(f"no such mailbox: {spec}",
                       hint="give a Maildir directory, an mbox file or an imaps:// URL")

@@ -2,7 +2,8 @@
 
 pymap (MIT, on PyPI) is a complete asyncio IMAP server: LOGIN and AUTHENTICATE, STARTTLS,
 EXAMINE/SELECT, UID SEARCH and FETCH, flags. The tests run it on loopback on a thread of its
-own, with one user whose mailboxes hold the messages given, and read its flags afterwards to see
+own, with one user whose mailboxes hold the messages given (each with the time it arrived, if
+given), and read its flags afterwards to see
 that `mailer bounces fetch` changed nothing. `tls`: `none`, `starttls` (LOGIN only after
 STARTTLS, as a real server is set up) or `ssl` (implicit TLS, IMAPS on 993).
 """
@@ -27,7 +28,8 @@ WAIT = 30.0
 
 
 class ImapServer:
-    def __init__(self, mailboxes: Mapping[str, Sequence[bytes]], *, tls: str = "none",
+    def __init__(self, mailboxes: Mapping[str, Sequence[bytes | tuple[bytes, datetime]]], *,
+                 tls: str = "none",
                  server_context: ssl.SSLContext | None = None) -> None:
         if tls != "none" and server_context is None:
             raise ValueError("TLS needs a server context")
@@ -77,8 +79,9 @@ class ImapServer:
                 if name != "INBOX":
                     await session.mailbox_set.add_mailbox(name)
                 box = await session.mailbox_set.get_mailbox(name)
-                for raw in messages:
-                    await box.append(AppendMessage(raw, datetime.now(UTC), frozenset()))
+                for item in messages:  # a message, or (message, when it arrived)
+                    raw, arrived = item if isinstance(item, tuple) else (item, datetime.now(UTC))
+                    await box.append(AppendMessage(raw, arrived, frozenset()))
                 self._boxes[name] = box
         callback = ProxyProtocolReader(config.proxy_protocol).get_callback(
             IMAPServer(login, config))

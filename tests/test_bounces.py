@@ -7,10 +7,13 @@ from __future__ import annotations
 import email
 import imaplib
 import mailbox
+import os
 import smtplib
 import socket
 import ssl
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -390,6 +393,38 @@ def test_the_imap_reader_reports_a_refused_login(imap_messages: list[bytes]) -> 
                        timeout=10))
 
 
+def test_since_reads_only_what_arrived_lately_from_each_kind_of_mailbox(
+        tmp_path: Path, imap_messages: list[bytes]) -> None:
+    old, new = datetime(2025, 1, 10, 12, 0, tzinfo=UTC), datetime.now(UTC)
+    since = new - timedelta(days=30)
+    # IMAP: SINCE on the day each message arrived in the folder.
+    with ImapServer({"INBOX": [(imap_messages[0], old), (imap_messages[1], new)]}) as server:
+        got = list(read_imap("127.0.0.1", IMAP_USER, IMAP_PASSWORD, port=server.port,
+                             tls="none", timeout=10, since=since))
+        assert [m.raw for m in got] == [imap_messages[1]]
+        assert len(list(read_imap("127.0.0.1", IMAP_USER, IMAP_PASSWORD, port=server.port,
+                                  tls="none", timeout=10))) == 2
+    # Maildir: the file's mtime is when it was delivered.
+    box = mailbox.Maildir(tmp_path / "md", create=True)
+    stale = box.add(corpus(NAMES[0]))
+    box.add(corpus(NAMES[1]))
+    path = next((tmp_path / "md" / "new").glob(f"{stale}*"))
+    os.utime(path, (old.timestamp(), old.timestamp()))
+    assert [m.raw for m in read_maildir(tmp_path / "md", since=since)] == [corpus(NAMES[1])]
+    assert len(list(read_maildir(tmp_path / "md"))) == 2
+    # mbox: the date of each message's From line.
+    mbox_path = tmp_path / "bounces.mbox"
+    mb = mailbox.mbox(mbox_path)
+    for raw, when in ((corpus(NAMES[0]), old), (corpus(NAMES[1]), new)):
+        message = mailbox.mboxMessage(raw)
+        message.set_from("MAILER-DAEMON", time.gmtime(when.timestamp()))
+        mb.add(message)
+    mb.flush()
+    mb.close()
+    assert [m.origin for m in read_mbox(mbox_path, since=since)] == [f"mbox:{mbox_path}#1"]
+    assert len(list(open_source(str(mbox_path)))) == 2
+
+
 def test_an_unknown_tls_mode_is_refused_before_connecting() -> None:
     with pytest.raises(MailerError, match="unknown tls mode 'tls'"):
         list(read_imap("127.0.0.1", IMAP_USER, IMAP_PASSWORD, port=1, tls="tls"))
@@ -406,9 +441,11 @@ def test_an_imap_server_that_is_not_there_is_a_clear_error() -> None:
                        timeout=10))
 
 
-def test_an_imap_url_needs_a_password() -> None:
+def test_an_imap_url_needs_a_password_and_a_numeric_port() -> None:
     with pytest.raises(MailerError, match="no IMAP password"):
         open_source("imaps://bounces@mail.example.police.uk/INBOX")
+    with pytest.raises(MailerError, match="the port is not a number"):
+        open_source("imaps://bounces@mail.example.police.uk:nine/INBOX", "password")
 
 
 # ---- the command line ----
@@ -446,4 +483,7 @@ def test_bounces_fetch_reads_a_maildir(tmp_path: Path, capsys: pytest.CaptureFix
     box.add(corpus("gmail_4.2.2_over_quota_delay.eml"))
     assert run(["bounces", "fetch", f"maildir:{tmp_path / 'md'}"]) == 0
     out = capsys.readouterr().out
-    assert "soft" in out and "1 message(s) read" in out
+    assert "soft" in out and "1 message(s) read, 1 new" in out
+    # Longer than the records are kept, a re-read could act on old bounces again: refused.
+    assert run(["bounces", "fetch", "--since", "401", f"maildir:{tmp_path / 'md'}"]) == 1
+    assert "longer than the 400 days" in capsys.readouterr().err

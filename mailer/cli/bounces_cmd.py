@@ -13,7 +13,7 @@ import getpass
 import logging
 import threading
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import typer
@@ -23,8 +23,10 @@ from mailer import bounce_policy
 from mailer.bounce_policy import BouncePolicy, Decision
 from mailer.bounces import Kind, Verdict, classify_inbound
 from mailer.cli.runtime import Runtime, console
+from mailer.errors import MailerError
 from mailer.inbound import InboundMessage, Receiver, open_source
 from mailer.outbox import LONDON
+from subscribers.db import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ _DECISION_COLOURS = {Decision.SUPPRESSED: "red", Decision.DISABLED: "red",
                      Decision.ERROR: "bold red", Decision.UNMATCHED: "yellow"}
 
 
-def _handle(message: InboundMessage, rt: Runtime, policy: BouncePolicy) -> Verdict:
+def _handle(message: InboundMessage, rt: Runtime,
+            policy: BouncePolicy) -> bounce_policy.Outcome:
     """Classify one inbound message, keep it and apply the policy, in one transaction.
 
     A database failure raises, so the receiver answers 451 and the MTA keeps the bounce."""
@@ -64,11 +67,15 @@ def _handle(message: InboundMessage, rt: Runtime, policy: BouncePolicy) -> Verdi
         outcome = bounce_policy.receive(session, policy, message, rt.settings.secret(),
                                         rules=rt.settings.rules(),
                                         token_keys=rt.settings.token_keys())
+    if outcome.duplicate:  # one line: a mailbox read again is mostly messages seen before
+        console.print(f"[dim]{escape(message.origin)}: already received as "
+                      f"#{outcome.inbound_id} ({outcome.decision})[/]")
+        return outcome
     show(outcome.verdict, message.origin)
     colour = _DECISION_COLOURS.get(outcome.decision, "dim")
     console.print(f"  decision:  [{colour}]{outcome.decision}[/] ({escape(outcome.summary())})"
                   f" [dim]#{outcome.inbound_id}[/]")
-    return outcome.verdict
+    return outcome
 
 
 def _settle(rt: Runtime, policy: BouncePolicy) -> int:
@@ -159,23 +166,33 @@ def serve(ctx: typer.Context,
 @app.command()
 def fetch(ctx: typer.Context,
           source: str = typer.Argument(..., help="maildir:PATH, mbox:PATH or imaps://user@host/"),
+          since: int = typer.Option(30, min=1, help="Only messages that arrived in the last "
+                                                    "DAYS days", metavar="DAYS"),
           password: str | None = typer.Option(None, envvar="MAILER_IMAP_PASSWORD",
                                               hidden=True)) -> None:
     """Read a bounce mailbox, keep each message and apply the bounce policy.
 
     Nothing in the mailbox is moved or deleted; a message read before is recognised and not
-    counted again. Example: `mailer bounces fetch imaps://bounces@mail.example.police.uk/INBOX`
-    (password in MAILER_IMAP_PASSWORD), or `mailer bounces fetch maildir:/var/mail/bounces`.
+    counted again, and only the last --since days are read (30 by default), so a mailbox that
+    is never emptied is not read whole each time. Example: `mailer bounces fetch
+    imaps://bounces@mail.example.police.uk/INBOX` (password in MAILER_IMAP_PASSWORD), or
+    `mailer bounces fetch maildir:/var/mail/bounces`.
     """
     rt: Runtime = ctx.obj
     policy = BouncePolicy.from_settings(rt.settings)
-    count = 0
-    for message in open_source(source, password):
-        _handle(message, rt, policy)
+    if since > policy.record_retention.days:
+        # A message is recognised as read before only while its record is kept.
+        raise MailerError(f"--since {since} is longer than the {policy.record_retention.days} "
+                          "days inbound records are kept: older messages would be acted on "
+                          "again", hint="raise MAILER_BOUNCE_RECORD_RETENTION_DAYS, or read "
+                                        "fewer days")
+    count = new = 0
+    for message in open_source(source, password, since=utcnow() - timedelta(days=since)):
+        new += not _handle(message, rt, policy).duplicate
         count += 1
     settled = _settle(rt, policy)
-    console.print(f"{count} message(s) read" + (f", {settled} held bounce(s) settled"
-                                                 if settled else ""))
+    console.print(f"{count} message(s) read, {new} new" + (
+        f", {settled} held bounce(s) settled" if settled else ""))
     _purge(rt, policy, quiet=True)
 
 
