@@ -565,3 +565,21 @@ def test_list_shows_uk_time(world: World, capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert "2026-07-01 09:30 BST soft 4.2.2 counted" in out  # stored as 08:30 UTC
     assert "bounce 1 2026-07-01 09:30 BST soft 4.2.2" in out
+
+
+def test_fetch_applies_the_retention_periods_itself(
+        world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mailer.cli import run
+
+    ids = world.people(["long.ago@kent.police.uk"])
+    edition = world.send("spring")
+    sid = ids["long.ago@kent.police.uk"]
+    old = world.bounce(edition, sid, "long.ago@kent.police.uk", "4.2.2",
+                       now=datetime.now(UTC) - timedelta(days=91))
+    world.session.commit()
+    mailbox.Maildir(tmp_path / "empty", create=True)
+    assert run(["bounces", "fetch", f"maildir:{tmp_path / 'empty'}"]) == 0
+    assert "raw messages cleared: 1" in capsys.readouterr().out
+    world.session.expire_all()
+    record = world.session.get(InboundRecord, old.inbound_id)
+    assert record.raw is None and record.decision == "counted"
