@@ -1,8 +1,11 @@
-"""Accounts, sign-in and the audit log against real databases: argon2id, lockout, TOTP
-(RFC 6238 test vectors), sessions, API tokens, four-eyes approval and append-only audit."""
+"""Accounts, sign-in and the audit log against real databases: argon2id, lockout per account and
+the failed-sign-in limit per network (through the console), TOTP (RFC 6238 test vectors, and
+through the console), session cookies over http and https, sessions ended on the server, API
+tokens and sessions stored hashed, four-eyes approval and append-only audit."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import UTC, datetime, timedelta
 
@@ -15,9 +18,18 @@ from sqlalchemy.orm import Session
 from mailer import accounts, audit, outbox
 from mailer.accounts import AccountError, LoginOutcome
 from mailer.config import Settings
+from mailer.web.admin import LOGIN_ATTEMPTS_PER_NETWORK
+from mailer.web.app import create_app
 from subscribers.db import session_factory
 from tests.test_admin_routes import PASSWORD, app_client, login, make_user, sample_edition  # noqa
-from tests.web_fixtures import fault_server, make_fault_server, sink, web_settings  # noqa: F401
+from tests.web_fixtures import (  # noqa: F401
+    BASE,
+    csrf_of,
+    fault_server,
+    make_fault_server,
+    sink,
+    web_settings,
+)
 
 RFC_SECRET = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"  # "12345678901234567890", RFC 6238 App. B
 
@@ -166,3 +178,120 @@ def test_the_session_cookie_is_httponly_lax_and_expiring(app_client: TestClient,
     assert re.search(r"HttpOnly", cookie) and re.search(r"SameSite=lax", cookie, re.I)
     assert "Max-Age=28800" in cookie
     assert "Secure" not in cookie  # http://testserver; https base URLs get Secure and __Host-
+
+
+def test_failed_sign_ins_are_limited_per_network_and_successes_do_not_count(
+        web_settings: Settings, engine: Engine) -> None:
+    make_user(engine, "jo")
+    app = create_app(web_settings)
+    # Clients at addresses of their own; only the first runs the app's lifespan (shutdown
+    # closes the database threads, which the others share).
+    with TestClient(app, base_url=BASE, client=("10.1.2.3", 50000)) as office:
+        neighbour = TestClient(app, base_url=BASE, client=("10.1.2.200", 50000))
+        elsewhere = TestClient(app, base_url=BASE, client=("192.0.2.7", 50000))
+        for _ in range(3):  # a morning's sign-ins from one office
+            assert login(office, "jo").status_code == 303
+        for i in range(LOGIN_ATTEMPTS_PER_NETWORK):  # a guesser, on other accounts
+            assert login(office, f"guess{i}", "wrong password!").status_code == 401
+        refused = login(neighbour, "jo")  # same /24: refused, even with the right password
+        assert refused.status_code == 429 and "Too many sign-in attempts" in refused.text
+        assert login(elsewhere, "jo").status_code == 303
+    with Session(engine) as session:
+        _total, rows = audit.entries(session, audit.AuditFilter(action="login.rate_limited"))
+        assert [(r.actor, r.ip) for r in rows] == [("(unknown)", "10.1.2.200")]
+
+
+def test_five_failures_lock_the_account_through_the_console(app_client: TestClient,
+                                                              engine: Engine) -> None:
+    make_user(engine, "jo")
+    answers = [login(app_client, "jo", "wrong password!") for _ in range(accounts.LOCK_AFTER)]
+    assert [a.status_code for a in answers] == [401] * (accounts.LOCK_AFTER - 1) + [429]
+    locked = login(app_client, "jo")  # the right password, too soon
+    assert locked.status_code == 429 and "locked for 15 minutes" in locked.text
+    assert "console" not in app_client.cookies
+    with Session(engine) as session:
+        _total, rows = audit.entries(session)
+        assert [r.action for r in reversed(rows)] == \
+            ["login.bad"] * (accounts.LOCK_AFTER - 1) + ["login.locked", "login.locked"]
+
+
+def test_a_second_factor_is_asked_for_checked_and_not_accepted_twice(
+        app_client: TestClient, web_settings: Settings, engine: Engine) -> None:
+    make_user(engine, "jo")
+    with session_factory(engine)() as session:
+        secret = accounts.enable_totp(session, accounts.get_user(session, "jo"))
+        session.commit()
+    first = login(app_client, "jo")
+    assert first.status_code == 401 and "Enter the 6-digit code" in first.text
+    assert "this one does" in first.text
+    step = accounts.totp_step(datetime.now(UTC))
+    near = {accounts.totp_code(secret, s) for s in range(step - 2, step + 3)}
+    wrong = next(c for c in (f"{n:06d}" for n in range(1000)) if c not in near)
+    assert login(app_client, "jo", code=wrong).status_code == 401
+    assert "console" not in app_client.cookies
+    code = accounts.totp_code(secret, accounts.totp_step(datetime.now(UTC)))
+    ok = login(app_client, "jo", code=code)
+    assert ok.status_code == 303 and "console=" in ok.headers["set-cookie"]
+    again = TestClient(app_client.app, base_url=BASE)  # someone who saw the code
+    assert login(again, "jo", code=code).status_code == 401
+
+
+def test_over_https_the_cookies_are_secure_host_only_httponly_and_lax(
+        web_settings: Settings, engine: Engine) -> None:
+    make_user(engine, "jo")
+    https = web_settings.model_copy(update={"base_url": "https://bulletin.example"})
+    with TestClient(create_app(https), base_url="https://bulletin.example") as client:
+        page = client.get("/admin/login")
+        assert page.headers["strict-transport-security"].startswith("max-age=")
+        csrf_cookie = page.headers["set-cookie"]
+        assert csrf_cookie.startswith("__Host-csrf=") and "Secure" in csrf_cookie
+        token = csrf_of(page.text)
+        answer = client.post("/admin/login", data={"csrf_token": token, "login": "jo",
+                                                   "password": PASSWORD, "next": "/admin"},
+                             follow_redirects=False)
+        assert answer.status_code == 303
+        cookie = answer.headers["set-cookie"]
+        assert cookie.startswith("__Host-console=")
+        for flag in ("HttpOnly", "Secure", "Path=/", "Max-Age=28800"):
+            assert flag in cookie, flag
+        assert re.search(r"SameSite=lax", cookie, re.I) and "Domain=" not in cookie
+        assert client.get("/admin").status_code == 200
+
+
+def test_signing_out_or_being_disabled_ends_the_session_on_the_server(
+        app_client: TestClient, engine: Engine) -> None:
+    make_user(engine, "jo")
+    make_user(engine, "al")
+    assert login(app_client, "jo").status_code == 303
+    stolen = app_client.cookies["console"]
+    token = csrf_of(app_client.get("/admin").text)
+    out = app_client.post("/admin/logout", data={"csrf_token": token}, follow_redirects=False)
+    assert out.status_code == 303 and 'console=""' in out.headers["set-cookie"]
+    app_client.cookies.set("console", stolen)  # the old cookie, replayed
+    assert app_client.get("/admin", follow_redirects=False).status_code == 303
+    assert login(app_client, "al").status_code == 303
+    assert app_client.get("/admin").status_code == 200
+    with session_factory(engine)() as session:
+        accounts.disable_user(session, accounts.get_user(session, "al"))
+        session.commit()
+    assert app_client.get("/admin", follow_redirects=False).status_code == 303
+    with Session(engine) as session:
+        actions = [r.action for r in reversed(audit.entries(session)[1])]
+    assert actions == ["login.ok", "logout", "login.ok"]
+
+
+def test_api_tokens_are_stored_hashed_and_shown_once(session: Session) -> None:
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="coordinator",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    row, token = accounts.create_token(session, user, name="script", role="viewer")
+    _label, prefix, secret = token.split("_", 2)
+    assert row.prefix == prefix and len(secret) >= 40  # 256 bits, urlsafe base64
+    assert row.secret_sha256 == hashlib.sha256(secret.encode()).hexdigest()
+    stored = session.execute(text("SELECT * FROM api_token")).one()
+    assert all(secret not in str(value) for value in stored)
+    actor = accounts.token_actor(session, token)
+    assert actor is not None and actor.role == "viewer"  # the token's role, not the user's
+    assert accounts.token_actor(session, f"msht_{prefix}_{secret[:-1]}A") is None
+    cookie = accounts.start_session(session, user, None)
+    kept = session.execute(text("SELECT token_sha256 FROM console_session")).scalar_one()
+    assert kept == hashlib.sha256(cookie.encode()).hexdigest() and cookie not in kept
