@@ -58,6 +58,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from mailer import outbox
@@ -323,15 +324,17 @@ def receive(session: Session, policy: BouncePolicy, message: InboundMessage, sec
             decision, detail = _decide(session, policy, record, verdict, rules, now)
             record.decision, record.decision_detail = decision, detail
             session.flush()
-            if decision is Decision.PENDING:
-                settle(session, policy, now=now)
-                session.refresh(record)
-                decision, detail = Decision(record.decision), record.decision_detail or detail
     except Exception as exc:
         log.exception("inbound message %s could not be processed", record.id)
         decision, detail = Decision.ERROR, f"could not be processed ({type(exc).__name__}: {exc})"
         record.decision, record.decision_detail = decision, detail[:2000]
         session.flush()
+    if decision is Decision.PENDING:
+        # Acting on what is due is the periodic settle's job too: if it fails here, the
+        # message is recorded all the same and its events wait for the next settle.
+        settle(session, policy, now=now)
+        session.refresh(record)
+        decision, detail = Decision(record.decision), record.decision_detail or detail
     _log(record, verdict, decision, detail)
     return Outcome(record.id, verdict, decision, detail)
 
@@ -526,23 +529,35 @@ def settle(session: Session, policy: BouncePolicy, *, now: datetime | None = Non
         .order_by(BounceEvent.id)).all()
     done: list[Settled] = []
     for event in due:
-        decision, detail = _judge(session, policy, event, now)
-        claimed = session.execute(
-            update(BounceEvent).where(BounceEvent.id == event.id,
-                                      BounceEvent.action == Decision.PENDING)
-            .values(action=decision, counted=event.counted, settled_at=now)
-            .execution_options(synchronize_session=False)).rowcount
-        if not claimed:
+        try:
+            with session.begin_nested():  # one event that fails stays pending; the rest go on
+                settled = _settle_one(session, policy, event, now)
+        except Exception:
+            log.exception("bounce event %s could not be settled; it stays pending", event.id)
             continue
-        session.refresh(event)
-        detail = _with_notes(session, event.inbound_id, _act(session, event, decision, detail, now))
-        if event.counted:
-            _update_score(session, event.subscriber_id, now)
-        session.execute(update(InboundRecord).where(InboundRecord.id == event.inbound_id)
-                        .values(decision=decision, decision_detail=detail[:2000]))
-        done.append(Settled(event.id, event.subscriber_id, decision, detail))
+        if settled is not None:
+            done.append(settled)
     session.flush()
     return done
+
+
+def _settle_one(session: Session, policy: BouncePolicy, event: BounceEvent,
+                now: datetime) -> Settled | None:
+    decision, detail = _judge(session, policy, event, now)
+    claimed = session.execute(
+        update(BounceEvent).where(BounceEvent.id == event.id,
+                                  BounceEvent.action == Decision.PENDING)
+        .values(action=decision, counted=event.counted, settled_at=now)
+        .execution_options(synchronize_session=False)).rowcount
+    if not claimed:  # another settle acted on it meanwhile
+        return None
+    session.refresh(event)
+    detail = _with_notes(session, event.inbound_id, _act(session, event, decision, detail, now))
+    if event.counted:
+        _update_score(session, event.subscriber_id, now)
+    session.execute(update(InboundRecord).where(InboundRecord.id == event.inbound_id)
+                    .values(decision=decision, decision_detail=detail[:2000]))
+    return Settled(event.id, event.subscriber_id, decision, detail)
 
 
 def _judge(session: Session, policy: BouncePolicy, event: BounceEvent,
@@ -638,15 +653,23 @@ def _domain_alert(session: Session, policy: BouncePolicy, event: BounceEvent,
 def _raise_alert(session: Session, kind: AlertKind, event: BounceEvent, now: datetime, *,
                  recipients: int, bounced: int, detail: str) -> BounceAlert:
     domain = event.domain or "(unknown)"
-    alert = session.scalar(select(BounceAlert).where(
-        BounceAlert.kind == kind, BounceAlert.edition_id == event.edition_id,
-        BounceAlert.domain == domain))
+    alert = _find_alert(session, kind, event.edition_id, domain)
     if alert is None:
-        alert = BounceAlert(kind=kind, edition_id=event.edition_id, domain=domain,
-                            created_at=now, detail=detail)
-        session.add(alert)
-        # Logged at error level once, when raised: what an operator's log watch picks up.
-        log.error("bounce alert (%s) for edition %s: %s", kind, event.edition_id, detail)
+        try:
+            with session.begin_nested():
+                alert = BounceAlert(kind=kind, edition_id=event.edition_id, domain=domain,
+                                    created_at=now, detail=detail)
+                session.add(alert)
+                session.flush()
+        except IntegrityError:
+            # Raised meanwhile by another receiver thread or process (a burst of bounces from
+            # one domain arrives in parallel): that one is the alert.
+            alert = _find_alert(session, kind, event.edition_id, domain)
+            if alert is None:
+                raise
+        else:
+            # Logged at error level once, when raised: what an operator's log watch picks up.
+            log.error("bounce alert (%s) for edition %s: %s", kind, event.edition_id, detail)
     alert.recipients = max(alert.recipients or 0, recipients)
     alert.bounced = max(alert.bounced or 0, bounced)
     alert.share = round(alert.bounced / alert.recipients, 3) if alert.recipients else 0.0
@@ -655,6 +678,13 @@ def _raise_alert(session: Session, kind: AlertKind, event: BounceEvent, now: dat
         alert.resolved_at = alert.resolved_by = alert.resolution = None  # it happened again
     session.flush()
     return alert
+
+
+def _find_alert(session: Session, kind: AlertKind, edition_id: int | None,
+                domain: str) -> BounceAlert | None:
+    return session.scalar(select(BounceAlert).where(
+        BounceAlert.kind == kind, BounceAlert.edition_id == edition_id,
+        BounceAlert.domain == domain))
 
 
 def _act(session: Session, event: BounceEvent, decision: Decision, detail: str,

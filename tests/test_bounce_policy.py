@@ -583,3 +583,46 @@ def test_fetch_applies_the_retention_periods_itself(
     world.session.expire_all()
     record = world.session.get(InboundRecord, old.inbound_id)
     assert record.raw is None and record.decision == "counted"
+
+
+def test_an_alert_raised_meanwhile_by_another_receiver_is_the_one_updated(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = world.people(["dmarc.a@kent.police.uk", "dmarc.b@kent.police.uk"])
+    edition = world.send("spring")
+    world.bounce(edition, ids["dmarc.a@kent.police.uk"], "dmarc.a@kent.police.uk", "5.7.26")
+    (alert,) = bounce_policy.open_alerts(world.session)
+    world.session.commit()
+    real, looks = bounce_policy._find_alert, []
+
+    def raced(*args: object) -> BounceAlert | None:
+        # Our look finds nothing, as when another thread commits the alert just after it.
+        looks.append(args)
+        return None if len(looks) == 1 else real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bounce_policy, "_find_alert", raced)
+    outcome = world.bounce(edition, ids["dmarc.b@kent.police.uk"], "dmarc.b@kent.police.uk",
+                           "5.7.26")
+    assert outcome.decision is Decision.NOT_COUNTED  # not an error: the unique key held
+    assert len(looks) == 2
+    assert [a.id for a in bounce_policy.open_alerts(world.session)] == [alert.id]
+
+
+def test_a_settle_that_fails_leaves_the_message_recorded_and_the_event_pending(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = world.people(["later@kent.police.uk"])
+    edition = world.send("spring")
+    sid = ids["later@kent.police.uk"]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated failure while settling")
+
+    monkeypatch.setattr(bounce_policy, "_judge", broken)
+    outcome = world.bounce(edition, sid, "later@kent.police.uk", "5.1.1")
+    assert outcome.decision is Decision.PENDING
+    (event,) = bounce_policy.events_for(world.session, sid)
+    assert event.action == "pending"
+    monkeypatch.undo()
+    (settled,) = bounce_policy.settle(world.session, world.policy)
+    assert settled.decision is Decision.SUPPRESSED
+    assert world.subscriber(sid).status == SubscriberStatus.BOUNCED
+    assert world.session.get(InboundRecord, outcome.inbound_id).decision == "suppressed"
