@@ -226,6 +226,7 @@ def _page(request: Request, actor: Actor | None, template: str, status: int = 20
                          headers={"Content-Security-Policy": PAGE_CSP, **(headers or {})},
                          actor=actor, Permission=Permission, region_names=c.region_names,
                          local=lambda value: _local(c, value),
+                         local_iso=lambda value: _local_iso(c, value),
                          **{"need_code": False, "fixed_slug": False, "notice": None, **context})
 
 
@@ -239,6 +240,16 @@ def _local(c: Console, value: dt.datetime | None) -> str:
     if value is None:
         return ""
     return value.astimezone(c.zone).strftime("%d %b %Y %H:%M %Z")
+
+
+def _local_iso(c: Console, value: str | None) -> str:
+    """An ISO timestamp from a record (UTC) as people read it, in UK time."""
+    if not value:
+        return ""
+    try:
+        return _local(c, dt.datetime.fromisoformat(value))
+    except ValueError:
+        return value
 
 
 def _see_other(request: Request, path: str, notice: str | None = None) -> RedirectResponse:
