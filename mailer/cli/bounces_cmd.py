@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import signal
 import threading
 import time
 from datetime import datetime, timedelta
@@ -137,9 +138,14 @@ def serve(ctx: typer.Context,
     receiver = Receiver(lambda message: _handle(message, rt, policy), host, port, lmtp=lmtp)
     receiver.start()
     console.print(f"[green]listening[/] for {'LMTP' if lmtp else 'SMTP'} on {host}:"
-                  f"{receiver.port} (Ctrl-C stops); held bounces are settled every "
+                  f"{receiver.port} (Ctrl-C or SIGTERM stops); held bounces are settled every "
                   f"{settle_every:g} s")
     stop = threading.Event()
+    # SIGTERM (systemd's stop) as Ctrl-C: stop listening, let what is being recorded finish.
+    # A non-interactive shell starts background jobs with SIGINT ignored, so SIGTERM is the
+    # one an init system or `kill` relies on.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     purged_at: float | None = None
     try:
         # Bounces wait out the hold period before they are acted on: settle them even when no
@@ -157,10 +163,9 @@ def serve(ctx: typer.Context,
                 _settle(rt, policy)
             except Exception:  # the database away for a moment: try again next time
                 log.exception("could not settle held bounces")
-    except KeyboardInterrupt:
-        pass
     finally:
         receiver.stop()
+    console.print("stopped")
 
 
 @app.command()
