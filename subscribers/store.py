@@ -8,6 +8,7 @@ the caller owns the transaction, so a web request or an import is all or nothing
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -854,6 +855,24 @@ def topic_by_id(session: Session, topic_id: int) -> Topic | None:
 def ping(session: Session) -> bool:
     """True when the database answers; for /healthz."""
     return session.scalar(select(func.count()).select_from(Topic)) is not None
+
+
+def hold(session: Session, *keys: str) -> None:
+    """Serialise read-then-write units on these keys until the transaction ends.
+
+    On PostgreSQL, a transaction-scoped advisory lock per key (in sorted order, so two holders
+    never wait on each other): two requests that count a rate bucket and then add to it take
+    turns, so a cap is never passed by both at once. SQLite needs nothing: its web units
+    already take turns on one thread (and across processes by `SqliteTurns`).
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for key in sorted(set(keys)):
+        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+        session.execute(_ADVISORY_XACT_LOCK, {"k": int.from_bytes(digest, "big", signed=True)})
+
+
+_ADVISORY_XACT_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 
 
 def count_events(session: Session, bucket: str, since: datetime) -> int:

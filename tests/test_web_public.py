@@ -528,3 +528,82 @@ def test_archive_index_page_and_atom_feed(client: TestClient) -> None:
     ns = {"a": "http://www.w3.org/2005/Atom"}
     links = [e.find("a:link", ns).get("href") for e in root.findall("a:entry", ns)]
     assert links == [f"{BASE}/archive/2020-q3-kent-essex"]
+
+
+# ---- two requests at once on PostgreSQL (SQLite's web units take turns on one thread) ----
+
+def _at_once(client: TestClient, work: Any, waits_at: str, or_after: str = "@") -> list[Any]:
+    """Run `work` as two web units at once: the first writes and holds its transaction open
+    until the second is about to send a statement starting `waits_at` (which must then wait
+    for, or collide with, what the first wrote) or has run one starting `or_after`."""
+    import asyncio
+
+    from sqlalchemy import event
+
+    w = client.app.state.web  # type: ignore[attr-defined]
+    engine = w.sessions.kw["bind"]
+    first_wrote, second_reached = threading.Event(), threading.Event()
+    second_thread: list[int] = []
+
+    def spotter(prefix: str) -> Any:
+        def spot(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+            if threading.get_ident() in second_thread and \
+                    statement.lstrip().upper().startswith(prefix):
+                second_reached.set()
+        return spot
+
+    def first(session: Session) -> Any:
+        result = work(session)
+        session.flush()
+        first_wrote.set()
+        assert second_reached.wait(20), "the second unit never got as far as its write"
+        return result
+
+    def second(session: Session) -> Any:
+        assert first_wrote.wait(20)
+        second_thread.append(threading.get_ident())
+        return work(session)
+
+    async def both() -> list[Any]:
+        return list(await asyncio.gather(w.run(first), w.run(second)))
+
+    spots = [("before_cursor_execute", spotter(waits_at)),
+             ("after_cursor_execute", spotter(or_after))]
+    for name, spot in spots:
+        event.listen(engine, name, spot)
+    try:
+        return asyncio.run(both())
+    finally:
+        for name, spot in spots:
+            event.remove(engine, name, spot)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_two_sign_ups_for_one_new_address_at_once_make_one_subscriber_and_no_error(
+        client: TestClient, web_settings: Any, engine: Engine) -> None:
+    rules = web_settings.rules()
+    ctx = Context(channel=Channel.WEB)
+
+    def sign_up(session: Session) -> store.SubscribeOutcome:
+        profile = store.profile_from(rules, email=POLICE, name="Sam Tester", region="kent")
+        return store.subscribe(session, rules, profile,
+                               store.topics_by_slug(session, ["newsletter"]), ctx)[1]
+
+    # Both read "no such subscriber"; the second's INSERT meets the first's unique key.
+    outcomes = _at_once(client, sign_up, "INSERT INTO SUBSCRIBER")
+    assert outcomes == [store.SubscribeOutcome.NEW, store.SubscribeOutcome.STILL_PENDING]
+    with Session(engine) as s:
+        assert len(s.scalars(select(Subscriber.id).where(Subscriber.email == POLICE)).all()) == 1
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_two_requests_at_once_cannot_both_pass_a_mail_cap(client: TestClient) -> None:
+    w = client.app.state.web  # type: ignore[attr-defined]
+
+    def may_mail(session: Session) -> bool:
+        return w.may_mail(session, "signup", "someone@kent.police.uk", "192.0.2.0/24")
+
+    # The cap is one a day: the second counts only after the first has added its mail.
+    # (Without the lock the second's count runs, sees nothing yet, and it mails too.)
+    assert _at_once(client, may_mail, "SELECT PG_ADVISORY_XACT_LOCK", "SELECT COUNT") == [
+        True, False]

@@ -28,6 +28,7 @@ import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -103,8 +104,15 @@ class Web:
         capacity limiter to be a large share of it. Once a unit has started it always runs to
         the end and commits, even if the request is abandoned."""
         def unit() -> T:
-            with self.turns, session_scope(self.sessions) as session:
-                return work(session)
+            try:
+                with self.turns, session_scope(self.sessions) as session:
+                    return work(session)
+            except IntegrityError:
+                # On PostgreSQL another request wrote the same unique row a moment ago (two
+                # sign-ups for one new address at once): the unit was rolled back whole, and
+                # run again it finds that row and takes the path for an existing one.
+                with self.turns, session_scope(self.sessions) as session:
+                    return work(session)
         return asyncio.wrap_future(self.executor.submit(unit))
 
     def close(self) -> None:
@@ -120,6 +128,8 @@ class Web:
         """The per-address caps (≤ 1 a day, ≤ 3 a month by default) and the per-network cap;
         when the mail may go, it is counted now, in the same transaction."""
         s = self.settings
+        store.hold(session, bucket(self.rate_key, kind, key),
+                   bucket(self.rate_key, "netmail", network))  # count and add as one step
         ok = (self.allowed(session, kind, key, s.signup_mails_per_day, DAY)
               and self.allowed(session, kind, key, s.signup_mails_per_month, 30 * DAY)
               and self.allowed(session, "netmail", network, s.mails_per_network_day, DAY))
