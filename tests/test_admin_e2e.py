@@ -20,14 +20,15 @@ from playwright.sync_api import expect
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from mailer import audit, schedule
+from mailer import accounts, audit, events, outbox, schedule
 from mailer.config import Settings
 from mailer.models import Delivery, Edition, EditionStatus
 from mailer.outbox import LONDON
 from mailer.worker import Worker
+from subscribers import store
 from subscribers.db import session_factory
 from tests.smtp_servers import FaultServer
-from tests.test_admin_routes import PASSWORD, make_user, people
+from tests.test_admin_routes import PASSWORD, _routes, make_user, people, sample_edition
 from tests.test_web_e2e import AXE, _axe, served  # noqa: F401
 from tests.web_fixtures import SAMPLE, fault_server, make_fault_server, sink  # noqa: F401
 
@@ -174,6 +175,9 @@ def test_upload_approve_by_another_schedule_and_send_in_chromium(
 
 def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: FaultServer,
                                        engine: Engine) -> None:
+    """Each GET page of the console's route table, in the states that change what it shows
+    (empty, with problems, with each edition state's forms, live and finished sends), and the
+    refusals; the test fails if a console page in the route table was not checked."""
     if not AXE.exists():
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(f"axe-core missing at {AXE}")
@@ -181,33 +185,146 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
     base = served.base_url
     make_user(engine, "root", role="admin", regions=(), name="Ada Admin",
               email="ada@kent.police.uk")
-    (sid, *_rest) = people(engine, served, READERS)
+    make_user(engine, "vic", role="viewer", regions=("kent",), name="Vic Viewer")
+    make_user(engine, "two", name="Tom Twofactor")
+    with session_factory(engine)() as session:
+        accounts.enable_totp(session, accounts.get_user(session, "two"))
+        session.commit()
+    (sid, pending, *_rest) = people(engine, served, READERS)
+    states = {name: sample_edition(engine, served, author="alice", regions="[kent]",
+                                   slug=f"axe-{name}")
+              for name in ("forward", "approved", "sending", "sent")}
+    today = dt.datetime.now(dt.UTC).date()
+    with session_factory(engine)() as session:
+        store.get(session, pending).status = "awaiting_approval"
+        editions = {k: outbox.get_edition(session, v) for k, v in states.items()}
+        for edition in editions.values():
+            outbox.request_approval(session, edition, "alice")
+        for name in ("approved", "sending", "sent"):
+            outbox.approve(session, editions[name], "bob")
+        outbox.send_approved(session, editions["sending"], "bob")
+        events.add_event(session, events.EventSpec(name="Harbour watch day", yearly=True,
+                                                   starts_on=today + dt.timedelta(days=20)))
+        events.plan_reminders(session)
+        session.commit()
+    with session_factory(engine)() as session:  # one finished send, with its figures
+        outbox.send_approved(session, outbox.get_edition(session, states["sent"]), "bob")
+        session.commit()
+    fast = served.model_copy(update={"rate_per_minute": 0, "rate_per_day": 0})
+    sessions = session_factory(engine)
+    # Only the "sent" edition's rows are due: pause the other one while the worker drains.
+    with sessions() as session:
+        outbox.set_status(session, outbox.get_edition(session, states["sending"]),
+                          EditionStatus.PAUSED)
+        session.commit()
+    worker = threading.Thread(target=lambda: asyncio.run(
+        Worker(fast, sessions, poll=0.05).run(drain=True)))
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive()
+    with sessions() as session:
+        outbox.set_status(session, outbox.get_edition(session, states["sending"]),
+                          EditionStatus.SENDING)
+        session.commit()
+    with Session(engine) as session:
+        edition = session.get(Edition, states["sent"])
+        assert edition is not None and edition.status == EditionStatus.SENT
+
     context = browser.new_context(bypass_csp=True)  # only so axe itself can be injected
     page = context.new_page()
     problems: list[str] = []
+    visited: set[str] = set()
+
+    def check(path: str | None = None, route: str | None = None) -> None:
+        if path is not None:
+            page.goto(base + path)
+        problems.extend(_axe(page))
+        if route:
+            visited.add(route)
+
     try:
-        page.goto(f"{base}/admin/login")
-        problems += _axe(page)
+        check("/admin/login", "/admin/login")
         page.get_by_role("button", name="Sign in").click()  # empty: the error state
-        problems += _axe(page)
+        check()
+        page.get_by_label("Login").fill("two")
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name="Sign in").click()  # the second factor is asked for
+        expect(page.get_by_text("this one does")).to_be_visible()
+        check()
+        _sign_in(page, base, "vic")  # a viewer's pages, and a refusal
+        check("/admin")
+        check(f"/admin/editions/{states['approved']}")  # no forms for a viewer
+        check("/admin/users")
+        expect(page.get_by_role("heading", name="You do not have permission to do this")
+               ).to_be_visible()
+        page.goto(f"{base}/admin")
+        page.get_by_role("button", name="Sign out").click()
+        expect(page.get_by_role("heading", name="Sign in to the console")).to_be_visible()
+
         _sign_in(page, base, "root")
         page.goto(f"{base}/admin/editions/new")
         page.get_by_label("Edition file (.md)").set_input_files(str(SAMPLE))
         page.get_by_role("button", name="Save and preview").click()
         eid = int(page.url.split("?")[0].rsplit("/", 1)[1])
-        for path in ("/admin", "/admin/subscribers", f"/admin/subscribers/{sid}",
-                     "/admin/subscribers/new", f"/admin/subscribers/{sid}/erase",
-                     "/admin/import", "/admin/editions", "/admin/editions/new",
-                     f"/admin/editions/{eid}", f"/admin/editions/{eid}/edit",
-                     f"/admin/editions/{eid}/progress", "/admin/events", "/admin/audit",
-                     "/admin/users", "/admin/subscribers/999999"):
-            page.goto(base + path)
-            problems += _axe(page)
+        check(None, "/admin/editions/{eid}")  # a draft, with the notice
+        for path, route in (
+                ("/admin", "/admin"), ("/admin/", "/admin/"),
+                ("/admin/subscribers", "/admin/subscribers"),
+                ("/admin/subscribers?status=awaiting_approval&region=kent", None),
+                (f"/admin/subscribers/{sid}", "/admin/subscribers/{sid}"),
+                (f"/admin/subscribers/{pending}", None),  # approve and turn down
+                ("/admin/subscribers/new", "/admin/subscribers/new"),
+                (f"/admin/subscribers/{sid}/erase", "/admin/subscribers/{sid}/erase"),
+                ("/admin/import", "/admin/import"), ("/admin/editions", "/admin/editions"),
+                ("/admin/editions/new", "/admin/editions/new"),
+                (f"/admin/editions/{eid}/edit", "/admin/editions/{eid}/edit"),
+                (f"/admin/editions/{eid}/progress", "/admin/editions/{eid}/progress"),
+                (f"/admin/editions/{eid}/preview.html", "/admin/editions/{eid}/preview.html"),
+                (f"/admin/editions/{states['forward']}", None),  # the approve button
+                (f"/admin/editions/{states['approved']}", None),  # schedule and send
+                (f"/admin/editions/{states['sending']}", None),  # pause and cancel
+                (f"/admin/editions/{states['sending']}/progress", None),  # live
+                (f"/admin/editions/{states['sent']}/progress", None),  # finished
+                ("/admin/events", "/admin/events"), ("/admin/audit", "/admin/audit"),
+                ("/admin/audit?actor=root&action=login.ok", None),
+                ("/admin/users", "/admin/users"), ("/admin/subscribers/999999", None),
+                ("/admin/audit?since=yesterday", None)):  # 404 and 400 pages
+            check(path, route)
+
+        page.goto(f"{base}/admin/subscribers/new")
+        page.get_by_role("button", name="Add subscriber").click()  # empty: the errors
+        expect(page.get_by_role("heading", name="There is a problem")).to_be_visible()
+        check()
+        page.goto(f"{base}/admin/subscribers/{sid}/erase")
+        page.get_by_role("button", name="Erase for good").click()  # not confirmed: refused
+        check()
         page.goto(f"{base}/admin/editions/new")
         page.get_by_label("Or paste the source").fill("---\ntitle: x\n---\n")
         page.get_by_role("button", name="Save and preview").click()
         expect(page.get_by_role("heading", name="There is a problem")).to_be_visible()
-        problems += _axe(page)
+        check()
+        for name, body in (("bad.csv", "email,name,region\nnot-an-address,X,kent\n"),
+                           ("good.csv", "email,name,region\nnew@kent.police.uk,N,kent\n")):
+            page.goto(f"{base}/admin/import")
+            page.get_by_label("CSV file").set_input_files(files=[{
+                "name": name, "mimeType": "text/csv", "buffer": body.encode()}])
+            page.get_by_role("button", name="Check the file").click()
+            check()  # the report: problems, or ready to import
+        page.get_by_role("button", name="Import 1 new subscriber(s)").click()
+        expect(page.get_by_role("heading", name="Imported")).to_be_visible()
+        check()
     finally:
         context.close()
     assert problems == []
+    pages = {path for method, path in _console_routes(served) if method == "GET"}
+    pages -= {"/admin/static/admin.css", "/admin/subscribers/export.csv"}  # not pages
+    assert pages - visited == set()
+
+
+def _console_routes(settings: Settings) -> list[tuple[str, str]]:
+    from fastapi.testclient import TestClient
+
+    from mailer.web.app import create_app
+
+    with TestClient(create_app(settings)) as client:  # closes its database threads after
+        return _routes(client.app)
