@@ -115,6 +115,11 @@ def test_upload_approve_by_another_schedule_and_send_in_chromium(
             assert edition.scheduled_for == when.astimezone(dt.UTC)
             assert session.scalar(select(func.count()).select_from(Delivery)) == 0
 
+        # Nothing of Bob's may reach the server while the clock is moved (a request then would
+        # find his session idle for a day and end it): the page and its preview frames load
+        # in full, then he leaves it.
+        page.wait_for_load_state("load")
+        page.goto("about:blank")
         # The clock reaches the send time: the scheduler's pass starts the send and the
         # worker delivers it. Playwright's sync API owns this thread's event loop, so the
         # worker gets a thread of its own.
@@ -317,8 +322,57 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
         context.close()
     assert problems == []
     pages = {path for method, path in _console_routes(served) if method == "GET"}
-    pages -= {"/admin/static/admin.css", "/admin/subscribers/export.csv"}  # not pages
+    pages -= {"/admin/static/admin.css", "/admin/static/progress.js",  # not pages
+              "/admin/subscribers/export.csv", "/admin/editions/{eid}/progress.json"}
     assert pages - visited == set()
+
+
+def test_the_progress_page_updates_itself_without_reloading_and_can_be_paused(
+        browser: Any, served: Settings, sink: FaultServer, engine: Engine) -> None:
+    base = served.base_url
+    make_user(engine, "root", role="admin", regions=(), name="Ada Admin")
+    people(engine, served, READERS)
+    eid = sample_edition(engine, served, author="alice")
+    with session_factory(engine)() as session:
+        edition = outbox.get_edition(session, eid)
+        outbox.request_approval(session, edition, "alice")
+        outbox.approve(session, edition, "bob")
+        outbox.send_approved(session, edition, "bob")
+        session.commit()
+    context = browser.new_context()  # the page's own CSP, which must let its script run
+    page = context.new_page()
+    try:
+        _sign_in(page, base, "root")
+        page.goto(f"{base}/admin/editions/{eid}/progress")
+        expect(page.locator("#count-queued")).to_have_text("3")
+        expect(page.locator("#live-note")).to_have_text("The figures update every 10 seconds.")
+        assert page.locator("meta[http-equiv=refresh]").count() == 0
+        pause = page.get_by_role("button", name="Pause updates")
+        pause.click()
+        resume = page.get_by_role("button", name="Resume updates")
+        expect(resume).to_have_attribute("aria-pressed", "true")
+        resume.click()
+        expect(page.get_by_role("button", name="Pause updates")).to_have_attribute(
+            "aria-pressed", "false")
+        page.evaluate("() => { window.loadedOnce = true; }")  # lost if the page reloads
+
+        fast = served.model_copy(update={"rate_per_minute": 0, "rate_per_day": 0})
+        sessions = session_factory(engine)
+        worker = threading.Thread(target=lambda: asyncio.run(
+            Worker(fast, sessions, poll=0.05).run(drain=True)))
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive()
+        # The next fetch (within 10 s) writes the final figures into the same page.
+        expect(page.locator("#count-sent")).to_have_text("3", timeout=20_000)
+        expect(page.locator("#count-queued")).to_have_text("0")
+        expect(page.locator("#progress-status")).to_have_text("sent")
+        expect(page.locator("#live-note")).to_have_text(
+            "Finished: these are the final figures.")
+        expect(page.get_by_role("button", name="Pause updates")).to_be_hidden()
+        assert page.evaluate("() => window.loadedOnce === true")
+    finally:
+        context.close()
 
 
 def _console_routes(settings: Settings) -> list[tuple[str, str]]:

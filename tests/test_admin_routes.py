@@ -50,7 +50,8 @@ PASSWORD = "correct horse battery staple"
 VIEWER_MAY = {("GET", "/admin"), ("GET", "/admin/"), ("GET", "/admin/subscribers"),
               ("GET", "/admin/subscribers/{sid}"), ("GET", "/admin/editions"),
               ("GET", "/admin/editions/{eid}"), ("GET", "/admin/editions/{eid}/preview.html"),
-              ("GET", "/admin/editions/{eid}/progress"), ("GET", "/admin/events"),
+              ("GET", "/admin/editions/{eid}/progress"),
+              ("GET", "/admin/editions/{eid}/progress.json"), ("GET", "/admin/events"),
               ("POST", "/admin/logout")}
 # Console routes only an administrator may use; a co-ordinator is refused these and no others.
 ADMIN_ONLY = {("GET", "/admin/users")}
@@ -60,7 +61,7 @@ API_VIEWER_MAY = {("GET", "/me"), ("GET", "/counts"), ("GET", "/subscribers"),
                   ("GET", "/editions/{eid}/preview"), ("GET", "/editions/{eid}/progress"),
                   ("GET", "/events")}
 API_ADMIN_ONLY: set[tuple[str, str]] = set()
-OPEN = {"/admin/login", "/admin/static/admin.css"}
+OPEN = {"/admin/login", "/admin/static/admin.css", "/admin/static/progress.js"}
 REFUSED = "You do not have permission to do this"  # the console's permission refusal
 BAD_FORM = "This form could not be accepted"  # its CSRF refusal
 
@@ -386,7 +387,7 @@ def test_every_form_on_every_console_page_carries_the_csrf_token(
     pattern = [re.compile("^" + re.sub(r"\{\w+\}", r"\\d+", p) + "$") for p in posts]
     seen: set[str] = set()
     for method, path in _routes(app_client.app):
-        if method != "GET" or path in OPEN or path.endswith((".csv", ".html")):
+        if method != "GET" or path in OPEN or path.endswith((".csv", ".html", ".json")):
             continue
         page = app_client.get(_concrete(path).replace("/1", f"/{eid}")
                               if "{eid}" in path else _concrete(path))
