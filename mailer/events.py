@@ -41,6 +41,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from mailer.errors import MailerError
@@ -323,6 +324,8 @@ def plan_reminders(session: Session, now: datetime | None = None,
     A reminder whose time had already passed when its event was added is not planned (it
     never could have gone). One whose time passed while nothing ran is planned, and the
     catch-up pass then sends it or marks it missed. Returns how many rows were added.
+    Safe beside another process planning the same rows (the scheduler, `mailer schedule
+    list`): the unique key decides, and the loser adds nothing.
     """
     now = now or utcnow()
     end = now + timedelta(days=horizon_days)
@@ -350,10 +353,15 @@ def plan_reminders(session: Session, now: datetime | None = None,
                     continue
                 if send_at < event.created_at or send_at > end:
                     continue
-                session.add(Reminder(event_id=event.id, occurrence=occurrence,
-                                     offset_days=offset, send_at=send_at, not_after=not_after,
-                                     status=ReminderStatus.PLANNED, updated_at=now))
                 have.add((occurrence, offset))
+                try:
+                    with session.begin_nested():
+                        session.add(Reminder(event_id=event.id, occurrence=occurrence,
+                                             offset_days=offset, send_at=send_at,
+                                             not_after=not_after,
+                                             status=ReminderStatus.PLANNED, updated_at=now))
+                except IntegrityError:  # planned a moment ago by another process: the same row
+                    continue
                 added += 1
     session.flush()
     return added
@@ -403,9 +411,12 @@ def notify(session: Session, key: str, kind: str, message: str,
     """Record a notice once per key; returns True when it is new (the caller logs it)."""
     if session.scalar(select(ScheduleNotice.id).where(ScheduleNotice.key == key)) is not None:
         return False
-    session.add(ScheduleNotice(key=key, kind=kind, message=message, due_at=due_at,
-                               created_at=now or utcnow()))
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.add(ScheduleNotice(key=key, kind=kind, message=message, due_at=due_at,
+                                       created_at=now or utcnow()))
+    except IntegrityError:  # written a moment ago by another process (`scheduler --once`)
+        return False
     return True
 
 

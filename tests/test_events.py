@@ -282,3 +282,59 @@ def test_events_from_the_command_line(settings: Settings, capsys: pytest.Capture
     assert code == 0 and "2 planned reminder(s)" in out
     code, _, err = mailer("events", "show", "safeguarding-adults-week")
     assert code == 1 and "no event 'safeguarding-adults-week'" in err
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_two_processes_planning_at_once_plan_each_reminder_once(db_url: str, backend: str) -> None:
+    """The scheduler's pass and `mailer schedule list` both plan: the second waits on the
+    unique key, then adds nothing instead of failing."""
+    import threading
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    from subscribers.db import make_engine, normalise_url, session_factory
+
+    engine = make_engine(db_url)
+    watcher = create_engine(normalise_url(db_url), poolclass=NullPool)
+    sessions = session_factory(engine)
+    now = _utc(2027, 1, 1, 12, 0)
+    with sessions() as s:
+        s.execute(delete(Event))
+        events.add_event(s, EventSpec(name="Open day", starts_on=date(2027, 6, 10)), now=now)
+        s.commit()
+    results: list[int | Exception] = []
+    first, second = sessions(), sessions()
+
+    def plan() -> None:
+        try:
+            results.append(events.plan_reminders(second, now))
+            second.commit()
+        except Exception as exc:  # reported below, on the test's thread
+            results.append(exc)
+            second.rollback()
+    thread = threading.Thread(target=plan, daemon=True)
+    try:
+        assert events.plan_reminders(first, now) == 2  # not committed yet
+        thread.start()
+        gate = threading.Event()
+        waited = False
+        with watcher.connect() as conn:  # the second really waits on the first's rows
+            for _ in range(500):
+                waited = bool(conn.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()")).scalar())
+                if waited:
+                    break
+                gate.wait(0.02)
+        first.commit()
+    finally:
+        first.close()  # before anything else: the second thread waits on its rows
+        thread.join(30)
+        second.close()
+        watcher.dispose()
+    assert waited, "the second planner never waited on the first"
+    assert results == [0]
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Reminder)) == 2
+    engine.dispose()
