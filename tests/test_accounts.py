@@ -295,3 +295,28 @@ def test_api_tokens_are_stored_hashed_and_shown_once(session: Session) -> None:
     cookie = accounts.start_session(session, user, None)
     kept = session.execute(text("SELECT token_sha256 FROM console_session")).scalar_one()
     assert kept == hashlib.sha256(cookie.encode()).hexdigest() and cookie not in kept
+
+
+def test_signing_in_again_replaces_the_session(app_client: TestClient, engine: Engine) -> None:
+    make_user(engine, "jo")
+    assert login(app_client, "jo").status_code == 303
+    first = app_client.cookies["console"]
+    assert login(app_client, "jo").status_code == 303
+    second = app_client.cookies["console"]
+    assert first != second
+    app_client.cookies.set("console", first)
+    assert app_client.get("/admin", follow_redirects=False).status_code == 303
+    app_client.cookies.set("console", second)
+    assert app_client.get("/admin", follow_redirects=False).status_code == 200
+    with Session(engine) as session:
+        assert session.scalar(text("SELECT count(*) FROM console_session")) == 1
+
+
+def test_a_refusal_keeps_the_signed_in_navigation(app_client: TestClient,
+                                                  engine: Engine) -> None:
+    make_user(engine, "jo")  # a co-ordinator: the users page is for administrators
+    assert login(app_client, "jo").status_code == 303
+    page = app_client.get("/admin/users")
+    assert page.status_code == 403 and "You do not have permission" in page.text
+    assert "Sign out" in page.text and 'aria-label="Console"' in page.text
+    assert "Back to the dashboard" in page.text

@@ -271,9 +271,14 @@ def test_a_send_is_paused_resumed_cancelled_and_watched(
     sent = app_client.post(f"/admin/editions/{eid}/send",
                            data={"csrf_token": token, "confirm": "yes"})
     assert "Sending: 2 message(s) queued." in sent.text
-    progress = app_client.get(f"/admin/editions/{eid}/progress").text
-    assert '<td class="num" id="count-queued">2</td>' in progress
-    assert 'http-equiv="refresh"' in progress  # a live send refreshes itself
+    live = app_client.get(f"/admin/editions/{eid}/progress")
+    assert '<td class="num" id="count-queued">2</td>' in live.text
+    # A live send updates itself by script (its own file only), never by a timed reload.
+    assert "/admin/static/progress.js" in live.text and 'http-equiv="refresh"' not in live.text
+    assert "script-src 'self'" in live.headers["content-security-policy"]
+    figures = app_client.get(f"/admin/editions/{eid}/progress.json").json()
+    assert (figures["status"], figures["counts"]["queued"], figures["total"],
+            figures["live"]) == ("sending", 2, 2, True)
     for step, expect in (("pause", "paused"), ("resume", "sending"), ("cancel", "cancelled")):
         answer = app_client.post(f"/admin/editions/{eid}/{step}", data={"csrf_token": token})
         assert answer.status_code == 200, (step, answer.text)
@@ -281,9 +286,11 @@ def test_a_send_is_paused_resumed_cancelled_and_watched(
             assert session.get(Edition, eid).status == expect, step
     late = app_client.post(f"/admin/editions/{eid}/resume", data={"csrf_token": token})
     assert late.status_code == 409 and "That cannot be done now" in late.text
-    progress = app_client.get(f"/admin/editions/{eid}/progress").text
-    assert '<td class="num" id="count-skipped">2</td>' in progress
-    assert 'http-equiv="refresh"' not in progress
+    done = app_client.get(f"/admin/editions/{eid}/progress")
+    assert '<td class="num" id="count-skipped">2</td>' in done.text
+    assert "/admin/static/progress.js" not in done.text
+    assert "script-src" not in done.headers["content-security-policy"]
+    assert app_client.get(f"/admin/editions/{eid}/progress.json").json()["live"] is False
     with Session(engine) as session:
         assert session.scalar(select(func.count()).select_from(Delivery)
                               .where(Delivery.status == "queued")) == 0

@@ -16,8 +16,6 @@ from mailer.cli.runtime import Runtime, console, operator
 app = typer.Typer(help="Console users and API tokens.", no_args_is_help=True)
 
 
-
-
 def _password(stdin: bool) -> str:
     """From stdin (one line, for scripts) or typed twice without echo."""
     if stdin:
@@ -118,7 +116,10 @@ def totp(ctx: typer.Context, login: str,
         secret = accounts.enable_totp(session, user)
         _audit(session, "user.totp_on", user.login)
         uri = accounts.totp_uri(user)
-    console.print(f"secret: {secret}\nURI for the authenticator app: {escape(uri)}")
+    # soft_wrap: the URI is copied into an app, so it must stay on one line however narrow
+    # the terminal.
+    console.print(f"secret: {secret}\nURI for the authenticator app: {escape(uri)}",
+                  soft_wrap=True)
 
 
 @app.command()

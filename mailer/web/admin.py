@@ -130,7 +130,11 @@ def install(app: FastAPI, settings: Settings) -> None:
 
     async def refused(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Refusal)
-        return _message(request, None, exc.title, *exc.paragraphs, status=exc.status)
+        # Signed in (a refusal after `_actor`): keep the navigation and the sign-out button.
+        actor = getattr(request.state, "actor", None)
+        return _message(request, actor, exc.title, *exc.paragraphs, status=exc.status,
+                        links=[("Back to the dashboard", _url(request, "/admin"))]
+                        if actor is not None else None)
 
     async def login_needed(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, LoginNeeded)
@@ -171,6 +175,7 @@ async def _actor(request: Request, permission: Permission) -> Actor:
     actor = await public.web(request).run(work) if token else None
     if actor is None:
         raise LoginNeeded(request.url.path if request.method == "GET" else "/admin")
+    request.state.actor = actor
     if actor.regions == ():
         # Accounts are made with at least one region; one left with none (edited in the
         # database, say) must not fall through to the unscoped "every region" of a query.
@@ -342,6 +347,7 @@ async def login_post(request: Request) -> Response:
     login, password = _text(form, "login", 60), _text(form, "password", 1024)
     code, next_path = _text(form, "code", 20), _safe_next(_text(form, "next", 300))
     network, ip = network_of(_ip(request)), _ip(request)
+    previous = request.cookies.get(c.cookie)
 
     def work(session: Session) -> tuple[str, Actor | None, str | None]:
         if not w.allowed(session, "login", network, LOGIN_ATTEMPTS_PER_NETWORK, LOGIN_WINDOW):
@@ -360,6 +366,7 @@ async def login_post(request: Request) -> Response:
             audit.record(session, actor=who, actor_name=user.display_name if user else None,
                          via="console", ip=ip, action=f"login.{result.outcome}")
             return str(result.outcome), None, None
+        accounts.end_session(session, previous)  # signing in again never keeps an old session
         token = accounts.start_session(session, user, ip)
         actor = accounts.actor_of(user)
         audit.record(session, actor=actor.login, actor_name=actor.name, via="console", ip=ip,
@@ -672,8 +679,7 @@ async def subscriber_erase(request: Request, sid: int) -> Response:
     def change(session: Session, actor: Actor, subscriber: Any, form: FormData) -> str:
         if _text(form, "confirm") != "erase":
             raise InvalidInput("confirm", "type the word erase to confirm")
-        outbox.forget_subscriber(session, sid)
-        privacy.erase(session, subscriber, _ctx(actor, request))
+        privacy.erase(session, subscriber, _ctx(actor, request))  # the outbox's copies too
         _record(session, actor, request, "subscriber.erase", f"subscriber:{sid}")
         return f"Subscriber {sid} was erased."
 
