@@ -61,7 +61,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from mailer import outbox
+from mailer import alerts, outbox
 from mailer.bounces import DeliveryRef, Failure, Kind, Verdict, classify_inbound
 from mailer.config import Settings
 from mailer.errors import ConfigError, MailerError
@@ -668,8 +668,10 @@ def _raise_alert(session: Session, kind: AlertKind, event: BounceEvent, now: dat
             if alert is None:
                 raise
         else:
-            # Logged at error level once, when raised: what an operator's log watch picks up.
+            # Logged at error level once, when raised: what an operator's log watch picks up;
+            # and mailed to the co-ordinators, who decide.
             log.error("bounce alert (%s) for edition %s: %s", kind, event.edition_id, detail)
+            _tell(session, alert, kind, domain, detail, now)
     alert.recipients = max(alert.recipients or 0, recipients)
     alert.bounced = max(alert.bounced or 0, bounced)
     alert.share = round(alert.bounced / alert.recipients, 3) if alert.recipients else 0.0
@@ -678,6 +680,19 @@ def _raise_alert(session: Session, kind: AlertKind, event: BounceEvent, now: dat
         alert.resolved_at = alert.resolved_by = alert.resolution = None  # it happened again
     session.flush()
     return alert
+
+
+def _tell(session: Session, alert: BounceAlert, kind: AlertKind, domain: str, detail: str,
+          now: datetime) -> None:
+    what = (f"Bounces from {domain} are held back" if kind is AlertKind.DOMAIN
+            else f"{domain} refused our mail by policy")
+    edition = session.get(Edition, alert.edition_id) if alert.edition_id else None
+    alerts.raise_alert(
+        session, alerts.key_for("bounce-alert", alert.id), f"bounce-{kind}", what,
+        f"{detail}.\n\nLook at it with `mailer bounces list` or on the console, then close "
+        f"it: `mailer bounces resolve {alert.id} --apply` if the bounces are real (those "
+        f"subscribers are then treated as bounced), or `--dismiss` to leave them alone.",
+        regions=edition.regions if edition is not None else (), now=now)
 
 
 def _find_alert(session: Session, kind: AlertKind, edition_id: int | None,

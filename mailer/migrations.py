@@ -20,6 +20,7 @@ ALEMBIC_DIR = Path(__file__).resolve().parent.parent / "alembic"
 def metadata() -> MetaData:
     """Every table of the system; importing the model modules registers them on `Base`."""
     import mailer.accounts
+    import mailer.alerts
     import mailer.audit
     import mailer.bounce_policy
     import mailer.events

@@ -195,11 +195,13 @@ def set_status(session: Session, edition: Edition, status: EditionStatus,
     return True
 
 
-def halt(session: Session, edition_id: int, reason: str) -> None:
-    """Stop a send because our side is broken (the relay refused us): pause it with the reason."""
-    session.execute(update(Edition).where(Edition.id == edition_id,
-                                          Edition.status == EditionStatus.SENDING)
-                    .values(status=EditionStatus.PAUSED, paused_reason=reason[:500]))
+def halt(session: Session, edition_id: int, reason: str) -> bool:
+    """Stop a send because our side is broken (the relay refused us): pause it with the reason.
+    True for the one caller that stopped it (several sessions may see the refusal at once)."""
+    return session.execute(update(Edition).where(Edition.id == edition_id,
+                                                 Edition.status == EditionStatus.SENDING)
+                           .values(status=EditionStatus.PAUSED, paused_reason=reason[:500])
+                           ).rowcount == 1
 
 
 def requeue_failed(session: Session, edition: Edition, include_unknown: bool = False) -> int:

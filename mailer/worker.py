@@ -42,7 +42,7 @@ from filelock import FileLock, Timeout
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailer import outbox, reference
+from mailer import alerts, outbox, reference
 from mailer.config import Settings
 from mailer.errors import MailerError
 from mailer.links import Links
@@ -135,6 +135,7 @@ class _EditionPlan:
     kind: str
     not_after: datetime | None
     compiled: CompiledEdition
+    regions: list[str]
 
 
 def sqlite_lock_path(url: str) -> Path | None:
@@ -362,7 +363,8 @@ class Worker:
                 assert edition is not None
                 self.plans[claim.edition_id] = _EditionPlan(
                     edition.id, edition.slug, outbox.topic_id(session, edition.topic),
-                    edition.kind, edition.not_after, CompiledEdition.from_dict(edition.compiled))
+                    edition.kind, edition.not_after, CompiledEdition.from_dict(edition.compiled),
+                    list(edition.regions or []))
         return claims
 
     def _envelope_from(self, claim: outbox.Claim) -> str:
@@ -425,13 +427,28 @@ class Worker:
                     store.mark_bounced(session, subscriber, store.Context(
                         channel=Channel.BOUNCE, detail={"smtp": reply[:200]}))
             for edition_id, reason in halts.items():
-                outbox.halt(session, edition_id, reason)
+                if outbox.halt(session, edition_id, reason):
+                    self._alert_halt(session, self.plans[edition_id], reason, now)
         await self._db_call(write)
         for edition_id, reason in halts.items():
             if edition_id not in self._halted:
                 self._halted.add(edition_id)
                 self.summary.halted.append(reason)
                 log.error("edition %s %s", edition_id, reason)
+
+
+    @staticmethod
+    def _alert_halt(session: Session, plan: _EditionPlan, reason: str, now: datetime) -> None:
+        alerts.raise_alert(
+            session, alerts.key_for("halt", plan.edition_id, now.isoformat()), "halt",
+            f"Sending of {plan.slug} has stopped: the relay refused our messages",
+            f"Sending of the edition {plan.slug} has stopped: {reason}.\n\n"
+            "No subscriber was changed, and nothing more of it will be sent until it is "
+            "resumed. A refusal like this usually means our SPF, DKIM or DMARC records are "
+            "broken, or the relay account's right to send has changed. Once that is fixed, "
+            f"resume it on the console or with `mailer edition resume {plan.slug}`: the "
+            "messages not yet sent go out then, and nobody gets one twice.",
+            regions=plan.regions, now=now)
 
 
 def run_worker(settings: Settings, sessions: sessionmaker[Session], *, drain: bool = False,

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from mailer import bounce_policy, outbox
+from mailer import alerts, bounce_policy, outbox
 from mailer.bounce_policy import (
     BounceAlert,
     BounceEvent,
@@ -315,6 +315,10 @@ def test_a_policy_rejection_alerts_and_leaves_the_subscriber_alone(world: World)
     assert (alert.kind, alert.domain, alert.edition_id) == ("policy", "kent.police.uk", edition)
     assert "DMARC" in alert.detail
     assert world.delivery(edition, sid).status == DeliveryStatus.BOUNCED
+    assert [(a.kind, a.key) for a in alerts.recent(world.session)] == [
+        ("bounce-policy", f"bounce-alert:{alert.id}")]
+    world.bounce(edition, sid, "dmarc@kent.police.uk", "5.7.26")  # again: still one alert
+    assert len(alerts.recent(world.session)) == 1
 
 
 def test_policy_rejections_suppress_when_the_setting_says_so(world: World) -> None:
@@ -412,6 +416,9 @@ def test_most_of_a_domain_bouncing_raises_an_alert_instead_of_disabling_it(
     (alert,) = bounce_policy.open_alerts(world.session)
     assert (alert.kind, alert.domain, alert.recipients, alert.bounced) == (
         "domain", "essex.police.uk", 6, 4)
+    (told,) = alerts.recent(world.session)  # the co-ordinators are told, once
+    assert (told.kind, told.key) == ("bounce-domain", f"bounce-alert:{alert.id}")
+    assert "essex.police.uk" in told.subject and f"resolve {alert.id}" in told.message
 
     # A co-ordinator checked with the force: the addresses really are gone.
     changed = bounce_policy.resolve_alert(world.session, policy, alert.id, "coordinator",

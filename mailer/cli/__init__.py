@@ -14,6 +14,7 @@ from rich.markup import escape
 from sqlalchemy.exc import OperationalError
 
 from mailer.cli import (
+    alerts_cmd,
     bounces_cmd,
     config_cmd,
     db,
@@ -43,6 +44,7 @@ app.add_typer(topics.app, name="topics")
 app.add_typer(subscribers_cmd.app, name="subscribers")
 app.add_typer(edition.app, name="edition")
 app.add_typer(bounces_cmd.app, name="bounces")
+app.add_typer(alerts_cmd.app, name="alerts")
 app.add_typer(users_cmd.app, name="users")
 app.command("dev-sink")(dev_sink.dev_sink)
 app.command("worker")(sending.worker)
