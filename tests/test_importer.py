@@ -8,6 +8,8 @@ import io
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -238,3 +240,11 @@ def test_bulk_add_gives_each_subscriber_their_own_topics_and_event_across_chunks
                 "import", "import", "coord.kent", "public_task")
             assert event.detail == {"source": "x.csv", "topics": [t.slug for t in topics]}
             assert event.occurred_at == subscriber.created_at
+
+
+@given(st.lists(st.sampled_from(["a", ",", '"', "\r", "\n", "\r\n", "é", " "]),
+                max_size=60).map("".join))
+@settings(max_examples=300, deadline=None)
+def test_the_lines_are_split_as_a_file_opened_with_newline_empty_splits_them(text: str) -> None:
+    # What csv is given instead of io.StringIO (which held another copy of the file).
+    assert list(importer._lines(text)) == list(io.StringIO(text, newline=""))
