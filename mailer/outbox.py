@@ -670,3 +670,38 @@ def recent_sends(session: Session, limit: int = 10) -> list[Progress]:
                                                  Edition.started_at.is_not(None))
                            .order_by(Edition.started_at.desc()).limit(limit)).all()
     return [progress(session, e) for e in rows]
+
+
+# ---------------------------------------------------------------- the public archive
+
+@dataclass(frozen=True)
+class Published:
+    """A newsletter that has gone out and is shown in the public archive."""
+
+    id: int
+    slug: str
+    subject: str
+    preheader: str | None
+    started_at: datetime
+    compiled_at: str
+
+
+def _published() -> Select[Any]:
+    return select(Edition.id, Edition.slug, Edition.subject,
+                  Edition.compiled["preheader"].as_string(), Edition.started_at,
+                  Edition.compiled["compiled_at"].as_string()).where(
+        Edition.public.is_(True), Edition.kind == EditionKind.NEWSLETTER,
+        Edition.started_at.is_not(None))
+
+
+def published(session: Session) -> list[Published]:
+    """Newsletters that have started going out (their view-online links are in people's
+    inboxes, so one that was cancelled half-way stays), newest first."""
+    return [Published(*row) for row in session.execute(
+        _published().order_by(Edition.started_at.desc(), Edition.id.desc()))]
+
+
+def published_compiled(session: Session, slug: str) -> tuple[Published, dict[str, Any]] | None:
+    row = session.execute(_published().add_columns(Edition.compiled)
+                          .where(Edition.slug == slug)).first()
+    return None if row is None else (Published(*row[:6]), row[6])

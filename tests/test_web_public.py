@@ -28,6 +28,7 @@ from tests.smtp_servers import FaultServer
 from tests.web_fixtures import (  # noqa: F401
     BASE,
     HEADLESS_UA,
+    SAMPLE,
     client,
     csrf_of,
     events_of,
@@ -530,6 +531,41 @@ def test_archive_index_page_and_atom_feed(client: TestClient) -> None:
     ns = {"a": "http://www.w3.org/2005/Atom"}
     links = [e.find("a:link", ns).get("href") for e in root.findall("a:entry", ns)]
     assert links == [f"{BASE}/archive/2020-q3-kent-essex"]
+
+
+def test_an_edition_sent_through_the_outbox_is_in_the_archive_and_its_link_works(
+        client: TestClient, web_settings: Any, engine: Engine, tmp_path: Path) -> None:
+    # Not a file in the archive directory: what the console or `edition send` stored.
+    from mailer import outbox
+    from mailer.models import Edition
+
+    source = (tmp_path / "2027-q1-bulletin.md")
+    source.write_text(SAMPLE.read_text(encoding="utf-8").replace(
+        'subject: "', 'subject: "Spring 2027: ', 1), encoding="utf-8")
+    with Session(engine) as s:
+        sent, _ = outbox.store_edition_file(s, web_settings, source, "tester")
+        outbox.enqueue(s, sent)  # it has started going out
+        hidden, _ = outbox.store_edition_file(s, web_settings, SAMPLE, "tester")
+        hidden.slug, hidden.public = "internal-only", False
+        outbox.enqueue(s, hidden)
+        draft = tmp_path / "2027-q2-draft.md"
+        draft.write_text(SAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
+        outbox.store_edition_file(s, web_settings, draft, "tester")  # not sent
+        s.commit()
+        view_online = s.scalar(select(Edition.compiled).where(Edition.slug == sent.slug))
+    index = client.get("/archive")
+    assert "2027-q1-bulletin" in index.text and "Spring 2027:" in index.text
+    assert "internal-only" not in index.text and "2027-q2-draft" not in index.text
+    assert index.text.index("2027-q1-bulletin") < index.text.index("2020-q3-kent-essex")
+    page = client.get("/archive/2027-q1-bulletin")  # the link every copy carries
+    assert page.status_code == 200 and "Operation Aidant" in page.text
+    assert "@@" not in page.text and view_online["markers"]["name"] not in page.text
+    assert client.get("/archive/internal-only").status_code == 404
+    assert client.get("/archive/2027-q2-draft").status_code == 404
+    feed = ET.fromstring(client.get("/archive.xml").content)  # noqa: S314 - our own feed
+    ns = {"a": "http://www.w3.org/2005/Atom"}
+    assert [e.find("a:link", ns).get("href") for e in feed.findall("a:entry", ns)] == [
+        f"{BASE}/archive/2027-q1-bulletin", f"{BASE}/archive/2020-q3-kent-essex"]
 
 
 # ---- two requests at once on PostgreSQL (SQLite's web units take turns on one thread) ----

@@ -1,21 +1,27 @@
-"""The public archive: published edition sources, shown as their view-online pages and a feed.
+"""The public archive: every newsletter that has gone out, as its view-online page and a feed.
 
-An edition is published by placing its source in `settings.archive_dir` (the send step will do
-that, or this will read the editions table once it exists). Compiling costs MJML and premailer,
-so each file is compiled once and kept until it changes on disk.
+Editions sent through the outbox are read from the editions table (public ones that have
+started going out: their view-online links are in people's inboxes); older issues that never
+went through this system can be published by placing their source in `settings.archive_dir`.
+An edition in the table wins over a file of the same name. Pages are built once (a file's is
+compiled with MJML and premailer, a sent edition's is already compiled) and kept until the
+file or the edition changes.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from mailer.config import Settings
 from mailer.edition import load_edition
 from mailer.errors import MailerError
-from mailer.render import Recipient, RecipientUrls, compile_edition, personalise
+from mailer.outbox import Published
+from mailer.render import CompiledEdition, Recipient, RecipientUrls, compile_edition, personalise
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,80}$")
 
@@ -36,15 +42,24 @@ class Archive:
         self._lock = threading.Lock()
         self._entries: dict[Path, tuple[float, Entry | None]] = {}
         self._pages: dict[Path, tuple[float, str]] = {}
+        self._sent: dict[int, tuple[str, str]] = {}  # edition id -> (compiled_at, page)
 
     def _files(self) -> list[Path]:
         if not self.directory.is_dir():
             return []
         return sorted(p for p in self.directory.glob("*.md") if SLUG.match(p.stem))
 
-    def entries(self) -> list[Entry]:
-        """Newest first; a source that no longer validates is left out rather than shown."""
+    def entries(self, sent: Sequence[Published] = ()) -> list[Entry]:
+        """The sent editions (`outbox.published`) and the published files, newest first; a
+        file that no longer validates is left out rather than shown."""
+        zone = ZoneInfo(self.settings.timezone)
         out = []
+        for edition in sent:
+            day = edition.started_at.astimezone(zone).date()
+            out.append(Entry(slug=edition.slug, subject=edition.subject,
+                             preheader=edition.preheader, date_text=f"{day.day} {day:%B %Y}",
+                             updated=edition.started_at.strftime("%Y-%m-%dT%H:%M:%SZ")))
+        taken = {e.slug for e in out}
         for path in self._files():
             mtime = path.stat().st_mtime
             with self._lock:
@@ -64,13 +79,30 @@ class Archive:
                     self._entries[path] = (mtime, entry)
             else:
                 entry = cached[1]
-            if entry is not None:
+            if entry is not None and entry.slug not in taken:
                 out.append(entry)
         return sorted(out, key=lambda e: (e.updated, e.slug), reverse=True)
 
+    def sent_page(self, edition: Published, compiled: dict[str, object]) -> str:
+        """The view-online HTML of a sent edition (`outbox.published_compiled`)."""
+        with self._lock:
+            cached = self._sent.get(edition.id)
+        if cached is not None and cached[0] == edition.compiled_at:
+            return cached[1]
+        html = self._generic(CompiledEdition.from_dict(dict(compiled)), edition.slug)
+        with self._lock:
+            self._sent[edition.id] = (edition.compiled_at, html)
+        return html
+
+    def _generic(self, compiled: CompiledEdition, slug: str) -> str:
+        base = self.settings.base_url
+        # Generic values: the page is public, so it must not carry anyone's name or tokens.
+        urls = RecipientUrls(unsubscribe=f"{base}/manage", preferences=f"{base}/manage",
+                             view_online=f"{base}/archive/{slug}")
+        return personalise(compiled, Recipient(email="", name=None), urls).html
+
     def page(self, slug: str) -> str | None:
-        """The view-online HTML with no personal slot filled, or None if there is no such
-        published edition."""
+        """The view-online HTML of a published file, no personal slot filled, or None."""
         if not SLUG.match(slug):
             return None
         path = self.directory / f"{slug}.md"
@@ -85,11 +117,7 @@ class Archive:
             compiled = compile_edition(load_edition(path), self.settings)
         except MailerError:
             return None
-        base = self.settings.base_url
-        # Generic values: the page is public, so it must not carry anyone's name or tokens.
-        urls = RecipientUrls(unsubscribe=f"{base}/manage", preferences=f"{base}/manage",
-                             view_online=f"{base}/archive/{slug}")
-        html = personalise(compiled, Recipient(email="", name=None), urls).html
+        html = self._generic(compiled, slug)
         with self._lock:
             self._pages[path] = (mtime, html)
         return html

@@ -35,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 
+from mailer import outbox
 from mailer.config import Settings
 from mailer.links import tokens_for
 from mailer.web.archive import Archive
@@ -752,15 +753,19 @@ async def manage_post(request: Request) -> HTMLResponse:
 
 @router.get("/archive")
 async def archive_index(request: Request) -> HTMLResponse:
-    w = web(request)
-    entries = await run_in_threadpool(w.archive.entries)
+    entries = await _archive_entries(web(request))
     return render(request, "archive.html.j2", title="Past newsletters", editions=entries)
+
+
+async def _archive_entries(w: Web) -> list[Any]:
+    sent = await w.run(outbox.published)
+    return await run_in_threadpool(w.archive.entries, sent)
 
 
 @router.get("/archive.xml")
 async def archive_feed(request: Request) -> Response:
     w = web(request)
-    entries = await run_in_threadpool(w.archive.entries)
+    entries = await _archive_entries(w)
     body = w.pages.get_template("archive.xml.j2").render(
         base_url=w.settings.base_url, site_name=w.site_name, editions=entries,
         updated=entries[0].updated if entries else "1970-01-01T00:00:00Z")
@@ -770,7 +775,9 @@ async def archive_feed(request: Request) -> Response:
 @router.get("/archive/{slug}")
 async def archive_edition(request: Request, slug: str) -> Response:
     w = web(request)
-    html = await run_in_threadpool(w.archive.page, slug)
+    sent = await w.run(lambda session: outbox.published_compiled(session, slug))
+    html = (w.archive.sent_page(*sent) if sent is not None
+            else await run_in_threadpool(w.archive.page, slug))
     if html is None:
         raise HTTPException(404, "There is no published newsletter at this address.")
     # An email's HTML is styled inline; allow that here only (still no script of any kind).
