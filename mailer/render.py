@@ -728,14 +728,16 @@ _QP_SAFE_RUN = re.compile(r"[!-<>-~]+", re.ASCII)
 
 
 def _qp_value(value: str) -> bytes:
-    # Most values (names, URLs without a query) are already valid QP as they stand: printable
-    # ASCII without "=", short, no trailing space. Skip the encoder for those.
-    if _QP_LITERAL.fullmatch(value):
+    # Most values (names, signed URLs) are already valid QP as they stand: printable ASCII
+    # without "=", no trailing space, no line starting with a dot. Skip the encoder for those.
+    if _QP_SAFE_RUN.fullmatch(value):  # no space: a URL, soft breaks every 75 characters
+        data = value.encode("ascii")
+        if len(data) > 75:
+            data = b"=\r\n".join([data[i:i + 75] for i in range(0, len(data), 75)])
+        if data[:1] != b"." and b"\n." not in data:
+            return data + b"=\r\n"
+    elif _QP_LITERAL.fullmatch(value):  # a short value with spaces: a name
         return value.encode("ascii") + b"=\r\n"
-    if _QP_SAFE_RUN.fullmatch(value):  # a long signed URL: soft breaks every 75 characters
-        lines = [value[i:i + 75] for i in range(0, len(value), 75)]
-        if not any(line.startswith(".") for line in lines):
-            return "=\r\n".join(lines).encode("ascii") + b"=\r\n"
     return _qp(value) + b"=\r\n"
 
 
@@ -932,7 +934,7 @@ def _bad_lines(data: bytes) -> bool:
     if len(data) < 8192:  # a header block: counting is cheaper than the regex
         crlf = data.count(b"\r\n")
         return (data.count(b"\n") != crlf or data.count(b"\r") != crlf
-                or any(len(line) > 998 for line in data.split(b"\r\n")))
+                or (len(data) > 998 and any(len(line) > 998 for line in data.split(b"\r\n"))))
     return _BARE_OR_LONG.search(data) is not None
 
 
