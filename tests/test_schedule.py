@@ -561,10 +561,13 @@ def test_losing_the_advisory_lock_stops_scheduling(
     thread, stop = _start(scheduler)
     try:
         assert scheduler.leading.wait(10)
-        with engine.connect() as conn:  # what a network cut or a DBA would do to it
+        # What a network cut or a DBA would do to it. Advisory locks are per database: only
+        # this test's (other tests' schedulers on the same server hold the same key).
+        with engine.connect() as conn:
             killed = conn.execute(text(
                 "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-                "AND classid = :a AND objid = :b"),
+                "AND classid = :a AND objid = :b AND database = "
+                "(SELECT oid FROM pg_database WHERE datname = current_database())"),
                 {"a": schedule.ADVISORY_KEY[0], "b": schedule.ADVISORY_KEY[1]}).all()
         assert killed == [(True,)]
         assert wait_for(lambda: any("lost the leader lock" in r.message
@@ -656,14 +659,16 @@ def test_two_scheduler_processes_one_leads_each_item_once_and_killing_it_hands_o
         first = _due_now(sessions, "due-first")
         first_day = _reminder_due_now(sessions, "First day")
         assert wait_for(lambda: _deliveries(sessions, first) == PEOPLE
-                        and _reminder_deliveries(sessions, first_day) == PEOPLE, 60)
+                        and _reminder_deliveries(sessions, first_day) == PEOPLE, 60), \
+            [p.lines for p in procs]
         leader.proc.kill()  # kill -9: no goodbye, the server frees its lock
         leader.proc.wait(10)
         second = _due_now(sessions, "due-second")
         second_day = _reminder_due_now(sessions, "Second day")
         assert wait_for(lambda: standby.said("scheduler: leading"), 30), standby.lines
         assert wait_for(lambda: _deliveries(sessions, second) == PEOPLE
-                        and _reminder_deliveries(sessions, second_day) == PEOPLE, 60)
+                        and _reminder_deliveries(sessions, second_day) == PEOPLE, 60), \
+            standby.lines
     finally:
         for p in procs:
             p.stop()
