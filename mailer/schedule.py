@@ -39,7 +39,7 @@ from mailer import events, outbox
 from mailer.config import Settings
 from mailer.errors import MailerError
 from mailer.events import Event, Reminder, ReminderStatus
-from mailer.models import Edition, EditionKind, EditionStatus
+from mailer.models import Delivery, DeliveryStatus, Edition, EditionKind, EditionStatus
 from mailer.outbox import LONDON, ScheduleError, check_send_at, uk_time, utc_time
 from mailer.render import Attachment, compile_list_email
 from subscribers.db import normalise_url, session_scope, utcnow
@@ -206,6 +206,51 @@ def build_reminder(session: Session, settings: Settings, reminder: Reminder, eve
     return edition
 
 
+# ---------------------------------------------------------------- reminders that ran out of time
+
+# How the outbox (a claim after the time) and the worker (a retry the time cut short) record a
+# delivery closed unsent because its edition's "not after" time came; tests/test_schedule.py
+# drives the claim path, the usual one.
+_LATE_REPLIES = ("'not after' time", "the date has passed")
+LATE_LOOKBACK = timedelta(days=7)  # reminders whose time ran out this recently are checked
+# ... once this long after it, when what was in flight at that time has settled
+LATE_SETTLE = timedelta(minutes=15)
+
+
+def check_late_reminders(session: Session, now: datetime) -> list[str]:
+    """Reminders that were queued in time but not all delivered before their "not after"
+    time (no worker ran, or it could not keep up): the rest are never sent, and the
+    co-ordinators are told once per reminder."""
+    told: list[str] = []
+    for edition in session.scalars(select(Edition).where(
+            Edition.kind == EditionKind.REMINDER, Edition.not_after.is_not(None),
+            Edition.not_after <= now - LATE_SETTLE, Edition.not_after > now - LATE_LOOKBACK)):
+        key = f"late-reminder-{edition.id}"
+        if session.scalar(select(events.ScheduleNotice.id)
+                          .where(events.ScheduleNotice.key == key)) is not None:
+            continue
+        counts = dict(session.execute(select(Delivery.status, func.count())
+                                      .where(Delivery.edition_id == edition.id)
+                                      .group_by(Delivery.status)).all())
+        closed_late = session.scalar(select(func.count()).select_from(Delivery).where(
+            Delivery.edition_id == edition.id, Delivery.status == DeliveryStatus.FAILED,
+            or_(*[Delivery.last_reply.contains(r) for r in _LATE_REPLIES]))) or 0
+        waiting = sum(counts.get(s, 0) for s in (DeliveryStatus.QUEUED, DeliveryStatus.RETRY,
+                                                 DeliveryStatus.SENDING))
+        if not waiting + closed_late:
+            continue
+        assert edition.not_after is not None
+        message = (f"reminder '{edition.subject}': {waiting + closed_late} of "
+                   f"{sum(counts.values())} could not be delivered before "
+                   f"{uk_time(edition.not_after)} and were not sent "
+                   f"({counts.get(DeliveryStatus.SENT, 0)} were); is `mailer worker` running?")
+        if events.notify(session, key, "late-reminder", message, due_at=edition.scheduled_for,
+                         now=now):
+            log.warning("co-ordinators: %s", message)
+            told.append(message)
+    return told
+
+
 # ---------------------------------------------------------------- the quarterly nudge
 
 def quarter_send_date(year: int, month: int) -> date:
@@ -314,6 +359,9 @@ def catch_up(session: Session, settings: Settings, now: datetime | None = None) 
         report.reminders.append(edition.slug)
         report.queued += added
         log.info("reminder for %s: queued %s message(s)", label, added)
+    for late in check_late_reminders(session, now):
+        report.notices.append(late)
+        report.told.append(late)
     message = check_quarter(session, now)
     if message:
         report.notices.append(message)

@@ -390,6 +390,34 @@ def test_a_scheduler_back_after_the_not_after_time_marks_it_missed_and_mails_the
     assert "due Thu 13 May 2027 09:00 BST" in body and "not sent" in body
 
 
+@pytest.mark.parametrize("worker_first", [True, False], ids=["worker-back-late", "no-worker"])
+def test_a_reminder_queued_in_time_but_undelivered_by_its_not_after_is_never_sent_and_told(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules, tmp_path: Path,
+        worker_first: bool) -> None:
+    _people(sessions, rules)
+    due = _utc(2027, 5, 13, 8, 0)
+    with time_machine.travel(due - timedelta(days=2), tick=False):
+        _event(sessions, date(2027, 5, 14), [1])
+    assert len(_pass(sessions, settings, due).reminders) == 1  # queued on time
+    late = _utc(2027, 5, 13, 23, 30)  # not after was midnight BST; no worker ran till now
+    with DevSink(tmp_path / "sink", port=0) as sink:
+        sending = _sink_settings(settings, sink)
+        assert _pass(sessions, settings, _utc(2027, 5, 13, 23, 1)).told == []  # still settling
+        summary = _drain(sending, sessions, late) if worker_first else None
+        report = _pass(sessions, settings, late)
+        summary = summary or _drain(sending, sessions, late)
+        again = _pass(sessions, settings, late + timedelta(minutes=10))
+        received = sink.messages()
+    assert summary.sent == 0 and received == []  # never sent late
+    (told,) = report.told
+    assert (f"{PEOPLE} of {PEOPLE} could not be delivered before Fri 14 May 2027 00:00 BST "
+            "and were not sent (0 were)") in told
+    assert again.told == []  # once
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Delivery)
+                        .where(Delivery.status == "sent")) == 0
+
+
 def test_with_no_coordinator_accounts_the_contact_address_is_told(
         session: Session, settings: Settings) -> None:
     assert schedule.coordinator_addresses(session, settings) == [settings.contact_address]
