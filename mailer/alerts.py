@@ -98,13 +98,14 @@ def recipients(session: Session, regions: Sequence[str], fallback: str = "") -> 
         User.disabled.is_(False), User.email.is_not(None),
         User.role.in_([Role.ADMIN, Role.COORDINATOR])).order_by(User.id)).all()
     wanted = set(regions)
-    found: list[str] = []
+    found: dict[str, str] = {}  # one mail an address, however its case was typed
     for user in users:
         if user.role == Role.COORDINATOR and wanted and not wanted & set(user.regions or []):
             continue
-        if user.email and user.email not in found:
-            found.append(user.email)
-    return found or ([fallback] if fallback else [])
+        address = (user.email or "").strip()
+        if address:
+            found.setdefault(address.lower(), address)
+    return list(found.values()) or ([fallback] if fallback else [])
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from mailer import alerts
 from mailer.errors import MailerError
 from subscribers import store
 from subscribers.db import Base, UTCDateTime, utcnow
@@ -408,7 +409,8 @@ def upcoming(session: Session, start: datetime, end: datetime) -> list[tuple[Rem
 
 def notify(session: Session, key: str, kind: str, message: str,
            due_at: datetime | None = None, now: datetime | None = None) -> bool:
-    """Record a notice once per key; returns True when it is new (the caller logs it)."""
+    """Record a notice once per key, and an alert for the co-ordinators to be mailed; returns
+    True when it is new (the caller logs it)."""
     if session.scalar(select(ScheduleNotice.id).where(ScheduleNotice.key == key)) is not None:
         return False
     try:
@@ -417,6 +419,13 @@ def notify(session: Session, key: str, kind: str, message: str,
                                        created_at=now or utcnow()))
     except IntegrityError:  # written a moment ago by another process (`scheduler --once`)
         return False
+    text = message[:1].upper() + message[1:]
+    subject = f"Scheduling: {text}"
+    alerts.raise_alert(
+        session, f"notice:{key}", kind, subject if len(subject) <= 150 else subject[:147] + "...",
+        f"{text}.\n\nA reminder that missed its time is never sent late. `mailer schedule "
+        "list` shows what is due and what was missed; editions are approved in the console.",
+        now=now)
     return True
 
 

@@ -10,7 +10,8 @@ drops a job that was due while the process was busy or down).
 Each due item is taken with a guarded UPDATE (`... WHERE status = 'scheduled'`), and the outbox
 key (edition, subscriber) absorbs any repeat, so a double fire (two passes, two schedulers in a
 split second) enqueues once. A reminder past its "not after" time is marked missed and the
-co-ordinators are told (logged, and listed by `mailer schedule list`); it is never sent late.
+co-ordinators are told (logged, listed by `mailer schedule list`, and mailed after the pass by
+`mailer.alerts`, which also mails halts and bounce alerts); it is never sent late.
 
 Exactly one scheduler works per database: it holds a PostgreSQL advisory lock on a connection
 of its own (checked every few seconds; losing it stops scheduling at once), or a lock file next
@@ -35,7 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from mailer import events, outbox
+from mailer import alerts, events, outbox
 from mailer.config import Settings
 from mailer.errors import MailerError
 from mailer.events import Event, Reminder, ReminderStatus
@@ -371,80 +372,14 @@ def catch_up(session: Session, settings: Settings, now: datetime | None = None) 
 
 # ---------------------------------------------------------------- telling the co-ordinators
 
-def coordinator_addresses(session: Session, settings: Settings) -> list[str]:
-    """Who is told: every enabled admin and co-ordinator account with an email address, or,
-    when there is none, the contact address (the co-ordinators' shared mailbox)."""
-    from mailer.accounts import Role, User
-
-    found: dict[str, str] = {}
-    for address in session.scalars(select(User.email).where(
-            User.disabled.is_(False), User.role.in_([Role.ADMIN, Role.COORDINATOR]),
-            User.email.is_not(None)).order_by(User.id)):
-        if address and address.strip():
-            found.setdefault(address.strip().lower(), address.strip())
-    return list(found.values()) or [settings.contact_address]
-
-
-def notice_mail(settings: Settings, to: str, notices: list[str], now: datetime) -> bytes:
-    """One plain-text mail with this pass's notices: automatic (RFC 3834), not list mail."""
-    from email.headerregistry import Address
-    from email.message import EmailMessage
-    from email.utils import format_datetime, make_msgid
-
-    from mailer.render import POLICY
-
-    first = notices[0]
-    subject = (f"Scheduling: {first[:1].upper()}{first[1:]}" if len(notices) == 1
-               else f"Scheduling: {len(notices)} things need a co-ordinator")
-    if len(subject) > 150:
-        subject = subject[:147] + "..."
-    lines = [f"The scheduler of {settings.from_name} needs a co-ordinator to know this "
-             f"({uk_time(now)}):", ""]
-    lines += [f"* {notice[:1].upper()}{notice[1:]}." for notice in notices]
-    lines += ["", "A reminder that missed its time is never sent late. `mailer schedule list` "
-                  "shows what is due and what was missed.",
-              f"Editions are approved in the console: {settings.base_url}/admin/editions", ""]
-    msg = EmailMessage()
-    msg["From"] = Address(settings.from_name, addr_spec=settings.from_address)
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg["Date"] = format_datetime(now)
-    msg["Message-ID"] = make_msgid(domain=settings.from_address.rpartition("@")[2] or None)
-    msg["Auto-Submitted"] = "auto-generated"
-    msg["X-Auto-Response-Suppress"] = "All"
-    msg.set_content("\n".join(lines))
-    return msg.as_bytes(policy=POLICY)
-
-
 def tell_coordinators(settings: Settings, sessions: sessionmaker[Session],
-                      notices: list[str], now: datetime | None = None) -> int:
-    """Mail new notices (a missed reminder, no edition approved in time) to the co-ordinators,
-    once, after the pass that found them has committed. Best effort: a relay that refuses is
-    logged, and the notice stays in `mailer schedule list`. Returns how many were accepted."""
-    if not notices:
-        return 0
-    from mailer.smtp import Outcome, deliver_once
-
-    now = now or utcnow()
-    with session_scope(sessions) as session:
-        addresses = coordinator_addresses(session, settings)
-    accepted = 0
-    for to in addresses:
-        try:
-            result = deliver_once(settings.smtp_url.get_secret_value(), settings.from_address,
-                                  to, notice_mail(settings, to, notices, now),
-                                  timeout=settings.smtp_timeout_seconds)
-        except Exception:  # bad config or a bug: the pass itself has done its work
-            log.exception("scheduler: could not mail the co-ordinators (%s)", to)
-            continue
-        if result.outcome == Outcome.SENT:
-            accepted += 1
-        else:
-            log.warning("scheduler: the notice to %s was not accepted: %s %s", to,
-                        result.code, result.reply)
-    log.info("scheduler: %s notice(s) mailed to %s of %s co-ordinator address(es)",
-             len(notices), accepted, len(addresses))
-    return accepted
+                      now: datetime | None = None) -> int:
+    """Mail what waits for the co-ordinators, after the pass has committed: this pass's
+    notices (a missed reminder, no edition approved in time) and anything else recorded
+    meanwhile (a send halted by the relay, a bounce alert). Each goes once to each person; one
+    that could not be mailed is tried again on the next pass (`mailer.alerts`). Returns how
+    many alerts are now mailed to everyone they are for."""
+    return alerts.mail_pending(sessions, settings, now)
 
 
 def next_wake(session: Session) -> datetime | None:
@@ -715,8 +650,8 @@ class Scheduler:
         if wake is not None and wake > now:
             self._wake_at(wake)
         try:
-            tell_coordinators(self.settings, self.sessions, report.told, now)
-        except Exception:  # the notices stay listed; the pass's own work is committed
+            tell_coordinators(self.settings, self.sessions, now)
+        except Exception:  # the alerts stay pending; the pass's own work is committed
             log.exception("scheduler: could not tell the co-ordinators")
         if self.on_pass is not None:
             self.on_pass(report)

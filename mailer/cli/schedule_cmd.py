@@ -279,14 +279,14 @@ def scheduler(ctx: typer.Context,
     if once:
         with rt.session() as session:
             report = schedule.catch_up(session, rt.settings)
-        told = schedule.tell_coordinators(rt.settings, rt.sessions(), report.told)
+        told = schedule.tell_coordinators(rt.settings, rt.sessions())
         console.print(f"editions started: {len(report.editions)}, reminders queued: "
                       f"{len(report.reminders)}, missed: {len(report.missed)}, "
                       f"messages queued: {report.queued}")
         for notice in report.told:
             console.print(f"[yellow]co-ordinators:[/] {escape(notice)}")
-        if report.told:
-            console.print(f"mailed to {told} co-ordinator address(es)")
+        if told:
+            console.print(f"{told} alert(s) mailed to the co-ordinators (`mailer alerts list`)")
         return
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
