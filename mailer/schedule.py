@@ -36,7 +36,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from mailer import alerts, events, outbox
+from mailer import alerts, audit, events, outbox
 from mailer.config import Settings
 from mailer.errors import MailerError
 from mailer.events import Event, Reminder, ReminderStatus
@@ -133,7 +133,12 @@ def _start_scheduled(session: Session, edition: Edition, now: datetime) -> int |
     if not won:
         return None
     session.refresh(edition)
-    return outbox.enqueue(session, edition, now=now)
+    queued = outbox.enqueue(session, edition, now=now)
+    # The audit log follows the edition from the person who scheduled it to its start.
+    audit.record(session, actor="scheduler", via="scheduler", action="edition.start",
+                 target=f"edition:{edition.id}",
+                 detail={"queued": queued, "scheduled_by": edition.scheduled_by})
+    return queued
 
 
 # ---------------------------------------------------------------- reminders

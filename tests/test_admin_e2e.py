@@ -143,8 +143,8 @@ def test_upload_approve_by_another_schedule_and_send_in_chromium(
         expect(page.get_by_text("Time left: done.")).to_be_visible()
         page.get_by_role("link", name="Audit log").click()
         rows = page.locator("table.audit tbody tr")
-        # all_inner_texts() does not wait: wait for the audit page's eight rows first.
-        expect(rows).to_have_count(8)
+        # all_inner_texts() does not wait: wait for the audit page's nine rows first.
+        expect(rows).to_have_count(9)
         text = rows.all_inner_texts()
         page.screenshot(path=str(artifacts / "admin-audit.png"), full_page=True)
         page.get_by_label("Who (login)").fill("bob")
@@ -166,8 +166,9 @@ def test_upload_approve_by_another_schedule_and_send_in_chromium(
     assert [(who, action) for who, action, _ip in trail] == [
         ("alice", "login.ok"), ("alice", "edition.save"), ("alice", "edition.test_send"),
         ("alice", "edition.request_approval"), ("alice", "edition.approve_refused"),
-        ("bob", "login.ok"), ("bob", "edition.approve"), ("bob", "edition.schedule")]
-    assert {ip for _who, _action, ip in trail} == {"127.0.0.1"}  # from where
+        ("bob", "login.ok"), ("bob", "edition.approve"), ("bob", "edition.schedule"),
+        ("scheduler", "edition.start")]  # and the send started when it was due
+    assert {ip for who, _action, ip in trail if who != "scheduler"} == {"127.0.0.1"}
     # The page shows each step with the person's name, the login and where from.
     for name, action in (("Alice Author", "edition.save"), ("Alice Author", "edition.test_send"),
                          ("Alice Author", "edition.request_approval"),
@@ -176,6 +177,7 @@ def test_upload_approve_by_another_schedule_and_send_in_chromium(
                          ("Bob Approver", "edition.schedule")):
         assert any(name in row and action in row and "console 127.0.0.1" in row
                    for row in text), (name, action)
+    assert any("scheduler" in row and "edition.start" in row for row in text)
 
 
 def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: FaultServer,
