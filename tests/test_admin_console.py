@@ -15,13 +15,14 @@ import datetime as dt
 import io
 import re
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 from starlette.routing import Mount
 
-from mailer import audit, events, outbox
+from mailer import alerts, audit, bounce_policy, events, outbox
 from mailer.config import Settings
 from mailer.models import Delivery, Edition, EditionStatus
 from mailer.web.app import create_app
@@ -34,10 +35,13 @@ from tests.test_admin_routes import (  # noqa: F401
     _flat,
     _routes,
     app_client,
+    bounce,
+    domain_alert,
     login,
     make_user,
     people,
     sample_edition,
+    sent_edition,
 )
 from tests.web_fixtures import (  # noqa: F401
     BASE,
@@ -387,3 +391,215 @@ def test_the_audit_log_is_filtered_and_nothing_in_the_app_can_change_it(
     for method in ("POST", "PUT", "PATCH", "DELETE"):
         assert app_client.request(method, "/admin/audit").status_code == 405
     assert _count(engine, audit.AuditEntry) == 5
+
+
+# ---- bounces and alerts ----
+
+def _open_alert_ids(engine: Engine) -> list[int]:
+    with Session(engine) as session:
+        return [a.id for a in bounce_policy.open_alerts(session)]
+
+
+def _statuses(engine: Engine, ids: list[int]) -> list[str]:
+    with Session(engine) as session:
+        return [store.get(session, sid).status for sid in ids]
+
+
+def test_a_held_bounce_alert_needs_attention_and_is_applied_from_the_dashboard(
+        app_client: TestClient, engine: Engine, web_settings: Settings,
+        sink: FaultServer) -> None:
+    make_user(engine, "ken", regions=("kent",), email="ken@kent.police.uk")
+    make_user(engine, "ess", regions=("essex",), email="ess@essex.police.uk")
+    aid, eid, ids = domain_alert(engine, web_settings)  # 4 of 6 at essex.police.uk bounced
+    assert _statuses(engine, ids) == ["active"] * 6  # held: nobody changed yet
+    assert alerts.mail_pending(session_factory(engine), web_settings) == 1
+    assert sink.handler.copies("ess@essex.police.uk") == 1  # Essex's co-ordinator, not Kent's
+    assert sink.handler.copies("ken@kent.police.uk") == 0
+    assert login(app_client, "ess").status_code == 303
+    page = app_client.get("/admin").text
+    token = csrf_of(page)
+    assert "<h2>Needs attention</h2>" in page and "1 open bounce alert(s)" in page
+    row = re.search(rf"<tr><td>{aid}: most of a domain bounced<br>raised (.+?)</td>"
+                    r"<td>essex.police.uk</td><td><a href=\"[^\"]+/admin/editions/(\d+)\">"
+                    r"2020-q3-essex</a></td><td class=\"num\">67% \(4 of 6\)</td>"
+                    r"<td>4 of 6 recipients at essex.police.uk bounced this send", page)
+    assert row and int(row[2]) == eid
+    assert re.fullmatch(r"\d\d \w{3} \d{4} \d\d:\d\d (GMT|BST)", row[1])  # UK time
+    assert page.count(f'action="{BASE}/admin/bounces/alerts/{aid}/resolve"') == 2
+    listed = app_client.get("/admin/bounces").text  # the held bounces themselves
+    assert listed.count("<td>held: 4 of 6 recipients at essex.police.uk bounced") == 4
+    # The co-ordinators were told, and the console says so.
+    told = re.search(r"<td>bounce-domain</td><td>Bounces from essex.police.uk are held back"
+                     r"</td><td>([^<]+)</td>", page)
+    assert told and told[1] == "Mailed to 1"
+
+    answer = app_client.post(f"/admin/bounces/alerts/{aid}/resolve",
+                             data={"csrf_token": token, "resolution": "apply", "back": "/admin"},
+                             follow_redirects=False)
+    assert answer.status_code == 303 and answer.headers["location"].startswith(f"{BASE}/admin?")
+    done = app_client.get(answer.headers["location"]).text
+    assert f"Alert {aid} applied: 4 subscriber(s) at essex.police.uk marked bounced." in done
+    assert "No open bounce alerts." in done and "/resolve" not in done
+    assert _open_alert_ids(engine) == []
+    assert _statuses(engine, ids) == ["bounced"] * 4 + ["active"] * 2
+    with Session(engine) as session:
+        (entry,) = session.scalars(select(audit.AuditEntry).where(
+            audit.AuditEntry.action.startswith("bounce_alert"))).all()
+        resolved = session.get(bounce_policy.BounceAlert, aid)
+        assert resolved is not None
+        assert (resolved.resolution, resolved.resolved_by) == ("applied", "ess")
+    assert (entry.actor, entry.actor_name, entry.via, entry.ip, entry.action, entry.target) == (
+        "ess", "Ess", "console", "testclient", "bounce_alert.apply", f"bounce_alert:{aid}")
+    assert entry.detail == {"kind": "domain", "domain": "essex.police.uk", "edition_id": eid,
+                            "marked_bounced": 4}
+    assert abs((dt.datetime.now(dt.UTC) - entry.at).total_seconds()) < 600
+    # Closed once: a second try (another tab, a double click) is refused and logs nothing.
+    again = app_client.post(f"/admin/bounces/alerts/{aid}/resolve",
+                            data={"csrf_token": token, "resolution": "dismiss"})
+    assert again.status_code == 409 and "resolved already (applied)" in again.text
+    assert [a for _w, a, _t in _audit(engine)] == ["bounce_alert.apply"]
+
+
+def test_a_bounce_alert_is_dismissed_from_the_bounces_page_and_refused_outside_its_regions(
+        app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    aid, _eid, ids = domain_alert(engine, web_settings)
+    make_user(engine, "ken", regions=("kent",))
+    make_user(engine, "ess", regions=("essex",))
+    token = _signed_in(app_client, engine, who="vic", role="viewer", regions=("essex",))
+    # A viewer sees the alert and cannot act on it.
+    page = app_client.get("/admin").text
+    assert "essex.police.uk" in page and "A co-ordinator decides." in page
+    assert "/resolve" not in page
+    refused = app_client.post(f"/admin/bounces/alerts/{aid}/resolve",
+                              data={"csrf_token": token, "resolution": "apply"})
+    assert refused.status_code == 403 and "You do not have permission to do this" in refused.text
+    # Nor may a co-ordinator whose regions do not cover the send.
+    assert login(app_client, "ken").status_code == 303
+    page = app_client.get("/admin/bounces").text
+    assert "Outside your regions: its send went to Essex." in page and "/resolve" not in page
+    token = csrf_of(page)
+    for resolution in ("apply", "dismiss"):
+        outside = app_client.post(f"/admin/bounces/alerts/{aid}/resolve",
+                                  data={"csrf_token": token, "resolution": resolution})
+        assert outside.status_code == 403 and "This alert is outside your regions" in outside.text
+    assert _open_alert_ids(engine) == [aid] and _audit(engine) == []
+
+    assert login(app_client, "ess").status_code == 303
+    token = csrf_of(app_client.get("/admin/bounces").text)
+    for data in ({"resolution": "maybe"}, {}):
+        bad = app_client.post(f"/admin/bounces/alerts/{aid}/resolve",
+                              data={"csrf_token": token, **data})
+        assert bad.status_code == 400 and "Choose what to do" in bad.text
+    missing = app_client.post("/admin/bounces/alerts/999999/resolve",
+                              data={"csrf_token": token, "resolution": "apply"})
+    assert missing.status_code == 404 and "No such alert" in missing.text
+    assert app_client.post("/admin/bounces/alerts/nonsense/resolve",
+                           data={"csrf_token": token}).status_code == 400
+    answer = app_client.post(f"/admin/bounces/alerts/{aid}/resolve", data={
+        "csrf_token": token, "resolution": "dismiss", "back": "/admin/bounces"},
+        follow_redirects=False)
+    assert answer.headers["location"].startswith(f"{BASE}/admin/bounces?")
+    shown = app_client.get(answer.headers["location"]).text
+    assert (f"Alert {aid} dismissed: the held bounces from essex.police.uk change nobody."
+            in shown)
+    assert _open_alert_ids(engine) == []
+    assert _statuses(engine, ids) == ["active"] * 6
+    assert _audit(engine) == [("ess", "bounce_alert.dismiss", f"bounce_alert:{aid}")]
+
+
+def test_the_dashboard_lists_recent_alerts_to_coordinators_in_uk_time_and_how_far_mailed(
+        app_client: TestClient, engine: Engine, web_settings: Settings,
+        make_fault_server: Any) -> None:
+    make_user(engine, "ess", regions=("essex",), email="ess@essex.police.uk")
+    make_user(engine, "ken", regions=("kent",), email="ken@kent.police.uk")
+    sessions = session_factory(engine)
+    now = dt.datetime.now(dt.UTC)
+    refusing = web_settings.model_copy(update={"smtp_url": type(web_settings.smtp_url)(
+        make_fault_server(mail_reply="550 5.7.1 Relaying denied").url())})
+
+    def raise_(key: str, kind: str, subject: str, regions: list[str],
+               ago: dt.timedelta) -> None:
+        with sessions() as session:
+            assert alerts.raise_alert(session, key, kind, subject, f"{subject}.", regions,
+                                      now=now - ago)
+            session.commit()
+
+    raise_("all", "quarterly-nudge", "No edition approved for the quarter", [],
+           dt.timedelta(hours=3))
+    assert alerts.mail_pending(sessions, web_settings) == 1  # to both co-ordinators
+    raise_("k", "halt", "Kent send halted by the relay", ["kent"], dt.timedelta(hours=2))
+    raise_("e", "missed-reminder", "Essex reminder not sent in time", ["essex"],
+           dt.timedelta(hours=1))
+    assert alerts.mail_pending(sessions, refusing) == 0  # the relay refuses: both wait
+    raise_("old", "halt", "A halt nobody could be told of", [], dt.timedelta(days=8))
+    raise_("new", "halt", "Just now", ["kent"], dt.timedelta(minutes=1))
+
+    def rows() -> dict[str, tuple[str, str, str]]:
+        page = app_client.get("/admin").text
+        table = page.split("<h2>Recent alerts to co-ordinators</h2>")[1].split("</table>")[0]
+        return {subject: (when, kind, state) for when, kind, subject, state in re.findall(
+            r"<tr><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td><td>([^<]+)</td></tr>",
+            table)}
+
+    _signed_in(app_client, engine)  # an administrator sees every region's
+    seen = rows()
+    london = ZoneInfo("Europe/London")
+    assert seen["No edition approved for the quarter"] == (
+        (now - dt.timedelta(hours=3)).astimezone(london).strftime("%d %b %Y %H:%M %Z"),
+        "quarterly-nudge", "Mailed to 2")
+    with Session(engine) as session:
+        (kent_error,) = session.scalars(select(alerts.CoordinatorAlert.last_error).where(
+            alerts.CoordinatorAlert.key == "k")).all()
+    assert kent_error and "5.7.1 Relaying denied" in kent_error
+    assert seen["Kent send halted by the relay"][2] == (
+        f"Not mailed to everyone yet (1 attempt(s)); tried again soon. Last error: {kent_error}")
+    assert seen["Essex reminder not sent in time"][2].startswith("Not mailed to everyone yet")
+    assert seen["A halt nobody could be told of"][2] == (
+        "Not mailed to everyone: no longer tried after 7 days")
+    assert seen["Just now"][2] == "Waiting to be mailed"
+    assert list(seen) == ["Just now", "A halt nobody could be told of",
+                          "Essex reminder not sent in time", "Kent send halted by the relay",
+                          "No edition approved for the quarter"]  # newest first
+    # A Kent co-ordinator sees Kent's and everyone's, not Essex's (as they are mailed).
+    assert login(app_client, "ken").status_code == 303
+    assert list(rows()) == ["Just now", "A halt nobody could be told of",
+                            "Kent send halted by the relay",
+                            "No edition approved for the quarter"]
+
+
+def test_the_bounces_page_and_the_subscriber_page_show_bounces_with_their_decisions(
+        app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    kent, essex, quiet = people(engine, web_settings, [("k@kent.police.uk", "kent"),
+                                                       ("e@essex.police.uk", "essex"),
+                                                       ("q@kent.police.uk", "kent")])
+    eid = sent_edition(engine, web_settings, "[kent, essex]", "2020-q3-both")
+    bounce(engine, web_settings, eid, [(kent, "k@kent.police.uk")])  # hard: suppressed
+    bounce(engine, web_settings, eid, [(essex, "e@essex.police.uk")], status="4.2.2")  # soft
+    bounce(engine, web_settings, None, [(None, "stranger@example.org")])  # ours? no reference
+    with Session(engine) as session:
+        received = {r.subscriber_id: r.received_at for r in bounce_policy.recent(session, 10)}
+    _signed_in(app_client, engine)
+    page = app_client.get("/admin/bounces")
+    assert page.status_code == 200
+    rows = re.findall(r"<tr><td>([^<]+)</td><td>(\w+)</td><td>([\d.]*)</td><td>(.*?)</td>"
+                      r"<td>(.*?)</td><td>(\w+): ", page.text)
+    assert [(kind, code, decision) for _at, kind, code, _who, _ed, decision in rows] == [
+        ("hard", "5.1.1", "unmatched"), ("soft", "4.2.2", "counted"),
+        ("hard", "5.1.1", "suppressed")]  # newest first
+    london = ZoneInfo("Europe/London")
+    assert rows[2][0] == received[kent].astimezone(london).strftime("%d %b %Y %H:%M %Z")
+    assert "k@kent.police.uk</a>" in rows[2][3] and "2020-q3-both</a>" in rows[2][4]
+    assert rows[0][3] == "not identified"
+    assert "soft bounce 1 of 3" in page.text  # the decision's detail
+
+    view = app_client.get(f"/admin/subscribers/{kent}").text
+    history = view.split("<h2>Bounces and complaints</h2>")[1]
+    assert re.search(r"<tr><td>\d\d \w{3} \d{4} \d\d:\d\d (GMT|BST)</td><td>hard</td>"
+                     r"<td>5.1.1</td><td><a href=\"[^\"]+\">2020-q3-both</a></td>"
+                     r"<td>suppressed \(counted\)</td><td>smtp; 550 5.1.1 &lt;k@kent.police.uk"
+                     r"&gt;: mailbox problem</td></tr>", history)
+    soft = app_client.get(f"/admin/subscribers/{essex}").text
+    assert "<td>soft</td><td>4.2.2</td>" in soft and "<td>counted</td>" in soft
+    assert "No bounces or complaints" in app_client.get(f"/admin/subscribers/{quiet}").text
+    # Its consent history says the bounce policy changed them, not the person.
+    assert re.search(r"<td>bounce</td><td>bounce</td><td></td><td>the bounce policy</td>", view)

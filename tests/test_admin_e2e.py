@@ -20,7 +20,7 @@ from playwright.sync_api import expect
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from mailer import accounts, audit, events, outbox, schedule
+from mailer import accounts, alerts, audit, events, outbox, schedule
 from mailer.config import Settings
 from mailer.models import Delivery, Edition, EditionStatus
 from mailer.outbox import LONDON
@@ -28,7 +28,15 @@ from mailer.worker import Worker
 from subscribers import store
 from subscribers.db import session_factory
 from tests.smtp_servers import FaultServer
-from tests.test_admin_routes import PASSWORD, _routes, make_user, people, sample_edition
+from tests.test_admin_routes import (
+    PASSWORD,
+    _routes,
+    bounce,
+    domain_alert,
+    make_user,
+    people,
+    sample_edition,
+)
 from tests.test_web_e2e import AXE, _axe, served  # noqa: F401
 from tests.web_fixtures import SAMPLE, fault_server, make_fault_server, sink  # noqa: F401
 
@@ -236,6 +244,13 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
     with Session(engine) as session:
         edition = session.get(Edition, states["sent"])
         assert edition is not None and edition.status == EditionStatus.SENT
+    # Bounces: one suppressed (shown on its subscriber's page), one tied to nobody, and a
+    # domain alert with its resolve forms; the alert mailed to the co-ordinators (a row with
+    # its mailing state on the dashboard).
+    bounce(engine, served, states["sent"], [(sid, READERS[0][0])])
+    bounce(engine, served, None, [(None, "stranger@example.org")])
+    aid, _essex_edition, _officers = domain_alert(engine, served)
+    assert alerts.mail_pending(sessions, served) == 1
 
     context = browser.new_context(bypass_csp=True)  # only so axe itself can be injected
     page = context.new_page()
@@ -259,7 +274,8 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
         expect(page.get_by_text("this one does")).to_be_visible()
         check()
         _sign_in(page, base, "vic")  # a viewer's pages, and a refusal
-        check("/admin")
+        check("/admin")  # the alert without its forms
+        check("/admin/bounces")  # Kent's only
         check(f"/admin/editions/{states['approved']}")  # no forms for a viewer
         check("/admin/users")
         expect(page.get_by_role("heading", name="You do not have permission to do this")
@@ -292,6 +308,7 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
                 (f"/admin/editions/{states['sending']}", None),  # pause and cancel
                 (f"/admin/editions/{states['sending']}/progress", None),  # live
                 (f"/admin/editions/{states['sent']}/progress", None),  # finished
+                ("/admin/bounces", "/admin/bounces"),
                 ("/admin/events", "/admin/events"), ("/admin/audit", "/admin/audit"),
                 ("/admin/audit?actor=root&action=login.ok", None),
                 ("/admin/users", "/admin/users"), ("/admin/subscribers/999999", None),
@@ -319,6 +336,10 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
             check()  # the report: problems, or ready to import
         page.get_by_role("button", name="Import 1 new subscriber(s)").click()
         expect(page.get_by_role("heading", name="Imported")).to_be_visible()
+        check()
+        page.goto(f"{base}/admin/bounces")
+        page.get_by_role("button", name=f"Dismiss alert {aid}").click()  # the notice after
+        expect(page.get_by_text(f"Alert {aid} dismissed")).to_be_visible()
         check()
     finally:
         context.close()

@@ -26,13 +26,17 @@ from sqlalchemy import Engine, func, select, update
 from sqlalchemy.orm import Session
 from starlette.routing import Mount
 
-from mailer import accounts, audit, outbox
+from mailer import accounts, audit, bounce_policy, outbox
+from mailer.bounce_policy import BouncePolicy
 from mailer.config import Settings
-from mailer.models import Edition, EditionStatus
+from mailer.inbound import InboundMessage
+from mailer.models import Delivery, DeliveryStatus, Edition, EditionStatus
+from mailer.reference import return_path
 from mailer.web.app import create_app
 from subscribers import store
-from subscribers.db import session_factory
+from subscribers.db import session_factory, utcnow
 from subscribers.models import Channel
+from tests.test_bounce_policy import BOUNCE_ADDRESS, dsn
 from tests.web_fixtures import (  # noqa: F401
     BASE,
     SAMPLE,
@@ -52,7 +56,7 @@ VIEWER_MAY = {("GET", "/admin"), ("GET", "/admin/"), ("GET", "/admin/subscribers
               ("GET", "/admin/editions/{eid}"), ("GET", "/admin/editions/{eid}/preview.html"),
               ("GET", "/admin/editions/{eid}/progress"),
               ("GET", "/admin/editions/{eid}/progress.json"), ("GET", "/admin/events"),
-              ("POST", "/admin/logout")}
+              ("GET", "/admin/bounces"), ("POST", "/admin/logout")}
 # Console routes only an administrator may use; a co-ordinator is refused these and no others.
 ADMIN_ONLY = {("GET", "/admin/users")}
 API_VIEWER_MAY = {("GET", "/me"), ("GET", "/counts"), ("GET", "/subscribers"),
@@ -112,6 +116,56 @@ def sample_edition(engine: Engine, settings: Settings, author: str = "someone",
         return edition.id
 
 
+def sent_edition(engine: Engine, settings: Settings, regions: str, slug: str) -> int:
+    """The sample edition with this audience, queued and every delivery accepted by the relay
+    three hours ago (what a finished send leaves)."""
+    eid = sample_edition(engine, settings, author="alice", regions=regions, slug=slug)
+    with session_factory(engine)() as session:
+        outbox.enqueue(session, outbox.get_edition(session, eid))
+        session.execute(update(Delivery).where(Delivery.edition_id == eid).values(
+            status=DeliveryStatus.SENT, last_code=250, last_reply="250 2.0.0 queued",
+            sent_at=utcnow() - timedelta(hours=3)))
+        session.commit()
+    return eid
+
+
+def bounce(engine: Engine, settings: Settings, eid: int | None,
+           who: list[tuple[int | None, str]], status: str = "5.1.1") -> None:
+    """Real DSNs through the bounce policy, as the LMTP receiver hands them over: each to the
+    VERP address of (edition, subscriber), or with no subscriber to the plain bounce address
+    (a bounce we cannot tie to a delivery). Received two hours ago, then settled now, past
+    the hold, so a burst from one domain is judged whole."""
+    policy = BouncePolicy.from_settings(settings)
+    earlier = utcnow() - timedelta(hours=2)
+    with session_factory(engine)() as session:
+        for sid, email in who:
+            to = (return_path(settings.secret(), eid, sid, BOUNCE_ADDRESS)
+                  if sid is not None and eid is not None else BOUNCE_ADDRESS)
+            bounce_policy.receive(session, policy, InboundMessage(
+                raw=dsn(email, status, to=to), origin="lmtp from 127.0.0.1", mail_from="",
+                rcpt_tos=(to,)), settings.secret(), rules=settings.rules(), now=earlier,
+                token_keys=settings.token_keys())
+        bounce_policy.settle(session, policy)
+        session.commit()
+
+
+def domain_alert(engine: Engine, settings: Settings, region: str = "essex", n: int = 6,
+                 bounced: int = 4) -> tuple[int, int, list[int]]:
+    """A real domain alert: a send to `n` people at <region>.police.uk, `bounced` of whom
+    bounced, so their bounces are held. Returns the alert's id, the edition's and the people's.
+    """
+    ids = people(engine, settings, [(f"officer{i}@{region}.police.uk", region)
+                                    for i in range(n)])
+    eid = sent_edition(engine, settings, f"[{region}]", f"2020-q3-{region}")
+    bounce(engine, settings, eid, [(ids[i], f"officer{i}@{region}.police.uk")
+                                   for i in range(bounced)])
+    with Session(engine) as session:
+        alert_ids = [a.id for a in bounce_policy.open_alerts(session)
+                     if a.edition_id == eid and a.domain == f"{region}.police.uk"]
+    assert len(alert_ids) == 1, alert_ids
+    return alert_ids[0], eid, ids
+
+
 def audit_count(engine: Engine) -> int:
     with Session(engine) as session:
         return session.scalar(select(func.count()).select_from(audit.AuditEntry)) or 0
@@ -160,7 +214,7 @@ def _api_routes(app: Any) -> list[tuple[str, str]]:
 
 
 def _concrete(path: str) -> str:
-    return path.replace("{sid}", "1").replace("{eid}", "1")
+    return path.replace("{sid}", "1").replace("{eid}", "1").replace("{aid}", "1")
 
 
 def test_the_route_table_is_not_empty(app_client: TestClient) -> None:
@@ -381,6 +435,7 @@ def test_every_form_on_every_console_page_carries_the_csrf_token(
         edition = outbox.get_edition(session, eid)
         outbox.request_approval(session, edition, "alice")
         session.commit()
+    domain_alert(engine, web_settings)  # so the resolve forms show
     assert login(app_client, "root").status_code == 303
     cookie = app_client.cookies["csrf"]
     expected = app_client.app.state.web.csrf.form_token(cookie)
@@ -403,7 +458,8 @@ def test_every_form_on_every_console_page_carries_the_csrf_token(
             assert any(p.match(action) for p in pattern), (path, action)  # a real route
             seen.add(re.sub(r"/\d+", "/{id}", action))
     # The pages between them show the forms of most POST routes (the rest are per-state).
-    assert len(seen) >= 12, sorted(seen)
+    assert len(seen) >= 13, sorted(seen)
+    assert "/admin/bounces/alerts/{id}/resolve" in seen
 
 
 def test_every_console_form_refuses_a_post_without_the_csrf_token(
@@ -596,3 +652,30 @@ def test_the_api_keeps_the_region_scope(app_client: TestClient, engine: Engine,
         assert store.get(session, essex_id).status == "active"
         assert store.get(session, kent_id).region == "kent"
         assert store.find_by_email(session, web_settings.rules(), "new@essex.police.uk") is None
+
+
+def test_a_kent_coordinator_sees_bounces_of_kent_subscribers_only(
+        app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    make_user(engine, "kent", regions=("kent",))
+    make_user(engine, "root", role="admin", regions=())
+    kent_id, essex_id = people(engine, web_settings, [("k@kent.police.uk", "kent"),
+                                                       ("e@essex.police.uk", "essex")])
+    eid = sent_edition(engine, web_settings, "[kent, essex]", "2020-q3-both")
+    bounce(engine, web_settings, eid, [(kent_id, "k@kent.police.uk"),
+                                       (essex_id, "e@essex.police.uk")])
+    # Tied to no delivery: there is no region to place it in.
+    bounce(engine, web_settings, None, [(None, "stranger@essex.police.uk")])
+    assert login(app_client, "kent").status_code == 303
+    page = app_client.get("/admin/bounces")
+    assert page.status_code == 200
+    assert "k@kent.police.uk" in page.text
+    main = page.text.split('<main id="main"')[1]  # the site's name says Essex
+    assert "essex" not in main.lower()  # neither the Essex subscriber nor the stranger
+    assert "2 more outside your regions" in page.text
+    assert app_client.get(f"/admin/subscribers/{essex_id}").status_code == 404
+    assert "5.1.1" in app_client.get(f"/admin/subscribers/{kent_id}").text
+    # The control: an administrator sees all three.
+    assert login(app_client, "root").status_code == 303
+    page = app_client.get("/admin/bounces")
+    assert "k@kent.police.uk" in page.text and "e@essex.police.uk" in page.text
+    assert "<td>not identified</td>" in page.text and "not shown" not in page.text

@@ -1,5 +1,5 @@
 """The co-ordinator console under /admin: sign in, dashboard, subscribers, editions with four-eyes
-approval, sends, events and the audit log.
+approval, sends, bounces and their alerts, events and the audit log.
 
 Rules every route keeps:
 - every route except the sign-in page and the stylesheet needs a signed-in user with the
@@ -10,7 +10,8 @@ Rules every route keeps:
 - every POST carries the CSRF token (the same signed double-submit as the recipient pages);
 - every change writes an audit entry in the same transaction as the change;
 - no SQL here: the work is done by `subscribers.store`, `mailer.outbox`, `mailer.accounts`,
-  `mailer.audit` and `mailer.events`, run on a worker thread through `Web.run`.
+  `mailer.audit`, `mailer.events`, `mailer.bounce_policy` and `mailer.alerts`, run on a worker
+  thread through `Web.run`.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
-from mailer import accounts, audit, events, outbox, privacy
+from mailer import accounts, alerts, audit, bounce_policy, events, outbox, privacy
 from mailer.accounts import Actor, Permission
+from mailer.bounce_policy import BouncePolicy
 from mailer.config import Settings
 from mailer.edition import EditionErrors
 from mailer.errors import EditionError, MailerError
@@ -419,17 +421,21 @@ async def dashboard(request: Request) -> HTMLResponse:
     actor = await _actor(request, Permission.VIEW)
     c = console(request)
 
+    every_region = tuple(public.web(request).rules.regions)
+
     def work(session: Session) -> dict[str, Any]:
         figures = store.counts(session, regions=actor.regions or ())
         now = utcnow()
         return {"counts": figures, "upcoming": outbox.upcoming_editions(session),
                 "recent": outbox.recent_sends(session),
                 "reminders": events.upcoming(session, now, now + dt.timedelta(days=60))[:10],
-                "pending": figures.by_status.get(SubscriberStatus.AWAITING_APPROVAL, 0)}
+                "pending": figures.by_status.get(SubscriberStatus.AWAITING_APPROVAL, 0),
+                "bounce_alerts": _open_alerts(session, actor, every_region),
+                "told": _coordinator_alerts(session, actor, now)}
 
     view = await public.web(request).run(work)
     return _page(request, actor, "dashboard.html.j2", title="Dashboard", **view,
-                 eta=lambda n: _eta(c.settings, n))
+                 eta=lambda n: _eta(c.settings, n), back="/admin", notice=_notice(request))
 
 
 def _eta(settings: Settings, remaining: int) -> str:
@@ -580,8 +586,11 @@ async def subscriber_view(request: Request, sid: int) -> HTMLResponse:
 
     def work(session: Session) -> dict[str, Any]:
         subscriber = _scoped_subscriber(session, actor, sid)
+        slugs: dict[int, str | None] = {}
+        bounces = [(e, _slug(session, slugs, e.edition_id))
+                   for e in bounce_policy.events_for(session, sid)]
         return {"s": privacy.subject_access(session, subscriber),
-                "deliveries": outbox.deliveries_for(session, sid)}
+                "deliveries": outbox.deliveries_for(session, sid), "bounces": bounces}
 
     view = await w.run(work)
     regions = {r: n for r, n in w.rules.regions.items()
@@ -1069,6 +1078,219 @@ async def edition_progress_json(request: Request, eid: int) -> Response:
                          "ambiguous": p.ambiguous, "remaining": p.remaining,
                          "eta": _eta(c.settings, p.remaining), "live": p.status in LIVE,
                          "updated": dt.datetime.now(c.zone).strftime("%H:%M:%S")})
+
+
+# ---------------------------------------------------------------- bounces and alerts
+
+RECENT_BOUNCES = 50
+BOUNCE_KINDS = ("hard", "soft", "complaint")
+# A co-ordinator's list is filtered after reading (a record's region is its subscriber's):
+# read this many so that a region with few bounces among many still fills its page.
+SCOPED_READ = 500
+ALERTS_SHOWN = 10
+
+
+@dataclass(frozen=True)
+class AlertView:
+    """An open bounce alert as the console shows it, with whether this actor may close it."""
+
+    id: int
+    kind: str
+    domain: str
+    edition_id: int | None
+    edition: str | None  # its slug, when the edition still exists
+    regions: tuple[str, ...]  # the edition's audience; every region when it has none
+    recipients: int
+    bounced: int
+    share: float
+    detail: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    can_resolve: bool
+
+
+def _alert_regions(session: Session, edition_id: int | None,
+                   every_region: tuple[str, ...]) -> tuple[tuple[str, ...], str | None]:
+    """The regions an alert is about (its send's audience) and the send's slug. A send to
+    every region, or one that is gone, is everyone's: only who covers every region closes it."""
+    if edition_id is None:
+        return every_region, None
+    try:
+        edition = outbox.get_edition(session, edition_id)
+    except MailerError:
+        return every_region, None
+    return tuple(edition.regions or every_region), edition.slug
+
+
+def _open_alerts(session: Session, actor: Actor, every_region: tuple[str, ...]
+                 ) -> list[AlertView]:
+    # Everyone signed in sees them all (a domain and counts, no one's address): a Kent
+    # co-ordinator should know that Essex's mail is bouncing, though only Essex's may act.
+    views = []
+    for a in bounce_policy.open_alerts(session):
+        regions, slug = _alert_regions(session, a.edition_id, every_region)
+        views.append(AlertView(
+            id=a.id, kind=a.kind, domain=a.domain, edition_id=a.edition_id, edition=slug,
+            regions=regions, recipients=a.recipients or 0, bounced=a.bounced or 0,
+            share=a.share or 0.0, detail=a.detail, created_at=a.created_at,
+            updated_at=a.updated_at,
+            can_resolve=actor.can(Permission.SUBSCRIBERS_EDIT) and actor.covers(regions)))
+    return views
+
+
+@dataclass(frozen=True)
+class ToldView:
+    """One alert to the co-ordinators (`mailer.alerts`) and how far its mailing got."""
+
+    subject: str
+    kind: str
+    created_at: dt.datetime
+    mailed: bool  # to everyone it was for
+    mailed_to: int  # how many addresses took it
+    state: str  # how far the mailing got, in words
+    last_error: str | None  # why it is not mailed to everyone yet
+
+
+def _coordinator_alerts(session: Session, actor: Actor, now: dt.datetime) -> list[ToldView]:
+    # As they are mailed: a co-ordinator sees the alerts about their regions and those about
+    # every region, not another region's.
+    mine = set(actor.regions) if actor.regions is not None else None
+    read = ALERTS_SHOWN if mine is None else SCOPED_READ
+    rows = [a for a in alerts.recent(session, read)
+            if mine is None or not a.regions or mine & set(a.regions)][:ALERTS_SHOWN]
+    return [ToldView(subject=a.subject, kind=a.kind, created_at=a.created_at,
+                     mailed=a.mailed_at is not None, mailed_to=len(a.mailed_to or []),
+                     state=_mailing(a, now),
+                     last_error=a.last_error if a.mailed_at is None else None)
+            for a in rows]
+
+
+def _mailing(alert: alerts.CoordinatorAlert, now: dt.datetime) -> str:
+    got = len(alert.mailed_to or [])
+    if alert.mailed_at is not None:
+        return f"Mailed to {got}"
+    so_far = f", {got} got it" if got else ""
+    if alert.created_at < now - alerts.MAIL_FOR:  # `mail_pending` tries no longer
+        return f"Not mailed to everyone{so_far}: no longer tried after {alerts.MAIL_FOR.days} days"
+    if not alert.attempts:
+        return "Waiting to be mailed"
+    return f"Not mailed to everyone yet{so_far} ({alert.attempts} attempt(s)); tried again soon"
+
+
+@dataclass(frozen=True)
+class BounceRow:
+    """One inbound bounce or complaint on the Bounces page."""
+
+    row: bounce_policy.Row
+    edition: str | None
+    subscriber: str | None  # the address, or None when it names nobody (or they were erased)
+
+
+def _recent_bounces(session: Session, actor: Actor, every_region: tuple[str, ...]
+                    ) -> tuple[list[BounceRow], int]:
+    """The latest bounces and complaints this actor may see, and how many were left out.
+
+    A record is in a co-ordinator's scope when its subscriber is in their regions. One that
+    names nobody (unmatched) or someone erased cannot be placed in a region: as with the
+    import, only who covers every region sees those."""
+    everywhere = actor.covers(every_region)
+    rows = bounce_policy.recent(session, RECENT_BOUNCES if everywhere else SCOPED_READ,
+                                kinds=BOUNCE_KINDS)
+    slugs: dict[int, str | None] = {}
+    found: dict[int, Any] = {}
+    shown: list[BounceRow] = []
+    hidden = 0
+    for r in rows:
+        person = None
+        if r.subscriber_id is not None:
+            if r.subscriber_id not in found:
+                found[r.subscriber_id] = store.find(session, r.subscriber_id)
+            person = found[r.subscriber_id]
+        visible = (actor.regions is None or (person.region in actor.regions if person
+                                             is not None else everywhere))
+        if not visible:
+            hidden += 1
+            continue
+        if len(shown) < RECENT_BOUNCES:
+            shown.append(BounceRow(r, _slug(session, slugs, r.edition_id),
+                                   person.email if person is not None else None))
+    return shown, hidden
+
+
+def _slug(session: Session, cache: dict[int, str | None], edition_id: int | None) -> str | None:
+    if edition_id is None:
+        return None
+    if edition_id not in cache:
+        try:
+            cache[edition_id] = outbox.get_edition(session, edition_id).slug
+        except MailerError:  # the record outlives the edition
+            cache[edition_id] = None
+    return cache[edition_id]
+
+
+@router.get("/bounces")
+async def bounces_page(request: Request) -> HTMLResponse:
+    actor = await _actor(request, Permission.VIEW)
+    every_region = tuple(public.web(request).rules.regions)
+
+    def work(session: Session) -> dict[str, Any]:
+        rows, hidden = _recent_bounces(session, actor, every_region)
+        return {"rows": rows, "hidden": hidden,
+                "bounce_alerts": _open_alerts(session, actor, every_region)}
+
+    view = await public.web(request).run(work)
+    return _page(request, actor, "bounces.html.j2", title="Bounces and complaints", **view,
+                 notice=_notice(request), back="/admin/bounces")
+
+
+@router.post("/bounces/alerts/{aid}/resolve")
+async def bounce_alert_resolve(request: Request, aid: int) -> Response:
+    """`mailer bounces resolve ID --apply|--dismiss` from the console."""
+    # Applying marks subscribers bounced: the permission that changes subscribers.
+    actor = await _actor(request, Permission.SUBSCRIBERS_EDIT)
+    form = await _form(request)
+    c, w = console(request), public.web(request)
+    resolution = _text(form, "resolution", 20)
+    if resolution not in ("apply", "dismiss"):
+        raise Refusal(400, "Choose what to do with the alert",
+                      "Apply the held bounces, or dismiss them.")
+    back = "/admin/bounces" if _text(form, "back", 40) == "/admin/bounces" else "/admin"
+    every_region = tuple(w.rules.regions)
+    try:
+        policy = BouncePolicy.from_settings(c.settings)
+    except MailerError as exc:
+        raise Refusal(500, "The bounce settings are wrong", str(exc).capitalize() + ".",
+                      (exc.hint or "").capitalize()) from None
+
+    def work(session: Session) -> str:
+        # Locked (FOR UPDATE on PostgreSQL) so that two people closing it at once are one
+        # resolution: the second waits, then finds it closed.
+        alert = session.get(bounce_policy.BounceAlert, aid, with_for_update=True)
+        if alert is None:
+            raise Refusal(404, "No such alert", "There is no open bounce alert with that "
+                          "number. It may have been removed after its retention period.")
+        regions, _slug = _alert_regions(session, alert.edition_id, every_region)
+        if not actor.covers(regions):
+            raise Refusal(403, "This alert is outside your regions",
+                          f"It is about a send to {', '.join(regions)}; you can act only for "
+                          f"{', '.join(actor.regions or ())}. Ask a co-ordinator who covers "
+                          "all of its audience.")
+        apply = resolution == "apply"
+        changed = bounce_policy.resolve_alert(session, policy, aid, actor.login, apply=apply)
+        _record(session, actor, request, f"bounce_alert.{resolution}", f"bounce_alert:{aid}",
+                kind=alert.kind, domain=alert.domain, edition_id=alert.edition_id,
+                marked_bounced=changed)
+        if apply:
+            return (f"Alert {aid} applied: {changed} subscriber(s) at {alert.domain} marked "
+                    "bounced.")
+        return f"Alert {aid} dismissed: the held bounces from {alert.domain} change nobody."
+
+    try:
+        notice = await w.run(work)
+    except MailerError as exc:  # resolved a moment ago by someone else
+        raise Refusal(409, "That cannot be done now", str(exc).capitalize() + ".",
+                      (exc.hint or "").capitalize()) from None
+    return _see_other(request, back, notice)
 
 
 # ---------------------------------------------------------------- events
