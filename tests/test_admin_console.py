@@ -14,21 +14,25 @@ import csv
 import datetime as dt
 import io
 import re
+import threading
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 from starlette.routing import Mount
 
 from mailer import alerts, audit, bounce_policy, events, outbox
+from mailer.bounce_policy import BouncePolicy
 from mailer.config import Settings
 from mailer.models import Delivery, Edition, EditionStatus
 from mailer.web.app import create_app
 from mailer.worker import Worker
 from subscribers import store
-from subscribers.db import session_factory
+from subscribers.db import normalise_url, session_factory
 from subscribers.models import Subscriber
 from tests.smtp_servers import FaultServer
 from tests.test_admin_routes import (  # noqa: F401
@@ -603,3 +607,52 @@ def test_the_bounces_page_and_the_subscriber_page_show_bounces_with_their_decisi
     assert "No bounces or complaints" in app_client.get(f"/admin/subscribers/{quiet}").text
     # Its consent history says the bounce policy changed them, not the person.
     assert re.search(r"<td>bounce</td><td>bounce</td><td></td><td>the bounce policy</td>", view)
+
+
+@pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_two_people_resolving_one_alert_at_once_make_one_resolution(
+        app_client: TestClient, engine: Engine, web_settings: Settings, db_url: str,
+        backend: str) -> None:
+    """The second waits on the first's row lock, then finds the alert closed: it neither
+    overwrites the first decision nor logs a second one."""
+    aid, _eid, ids = domain_alert(engine, web_settings)
+    make_user(engine, "ess", regions=("essex",))
+    assert login(app_client, "ess").status_code == 303
+    token = csrf_of(app_client.get("/admin").text)
+    watcher = create_engine(normalise_url(db_url), poolclass=NullPool)
+    answers: list[Any] = []
+
+    def resolve() -> None:
+        answers.append(app_client.post(f"/admin/bounces/alerts/{aid}/resolve",
+                                       data={"csrf_token": token, "resolution": "apply"}))
+
+    first = session_factory(engine)()  # another co-ordinator, mid-way through dismissing it
+    thread = threading.Thread(target=resolve, daemon=True)
+    waited = False
+    try:
+        bounce_policy.resolve_alert(first, BouncePolicy.from_settings(web_settings), aid,
+                                    "other", apply=False)
+        thread.start()
+        gate = threading.Event()
+        with watcher.connect() as conn:  # the console's request really waits on that row
+            for _ in range(500):
+                waited = bool(conn.execute(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()")).scalar())
+                if waited:
+                    break
+                gate.wait(0.02)
+        first.commit()
+    finally:
+        first.close()
+        thread.join(30)
+        watcher.dispose()
+    assert waited, "the console's resolve never waited on the other's"
+    (answer,) = answers
+    assert answer.status_code == 409 and "resolved already (dismissed)" in answer.text
+    with Session(engine) as session:
+        alert = session.get(bounce_policy.BounceAlert, aid)
+        assert alert is not None and (alert.resolution, alert.resolved_by) == ("dismissed",
+                                                                                "other")
+    assert _statuses(engine, ids) == ["active"] * 6
+    assert _audit(engine) == []
