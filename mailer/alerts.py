@@ -182,5 +182,5 @@ def _send(settings: Settings, to: str, subject: str, body: str) -> str | None:
     except Exception as exc:  # a bad URL or a bug: the alert stays pending, and says why
         return f"{to}: {type(exc).__name__}: {exc}"
     if result.outcome != Outcome.SENT:
-        return f"{to}: {result.code or ''} {result.reply}".strip()
+        return f"{to}: {result.reply}"
     return None

@@ -77,7 +77,7 @@ class SendResult:
     outcome: Outcome
     code: int | None  # the SMTP reply code; None when no reply came (drop, timeout, TLS)
     enhanced: str | None  # RFC 3463 status such as "5.1.1", when the server gave one
-    reply: str  # the server's reply text, or what went wrong locally; never a password
+    reply: str  # the server's reply, code first ("550 5.1.1 ..."), or what went wrong here
     stage: str = ""  # the SMTP step that decided it: connect, greeting, ehlo, starttls, auth,
     # mail, rcpt, data, or end (the reply to the final dot)
 

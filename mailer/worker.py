@@ -101,7 +101,7 @@ class Policy:
 
     def decide(self, claim: outbox.Claim, result: SendResult, now: datetime,
                not_after: datetime | None) -> outbox.Result:
-        reply = f"{result.code or ''} {result.enhanced or ''} {result.reply}".strip()
+        reply = result.reply  # a server's reply text starts with its code
         status = {Outcome.SENT: DeliveryStatus.SENT, Outcome.BOUNCED: DeliveryStatus.BOUNCED,
                   Outcome.FAILED: DeliveryStatus.FAILED}.get(result.outcome)
         if status is not None:
@@ -403,8 +403,7 @@ class Worker:
                                              result.reply, ambiguous=claim.ambiguous))
                 continue
             if result.outcome is Outcome.HALT:
-                halts[claim.edition_id] = (f"halted: the relay refused us ({result.code or ''} "
-                                           f"{result.enhanced or ''} {result.reply})".strip())
+                halts[claim.edition_id] = f"halted: the relay refused us ({result.reply})"
                 # Our side is broken, not this person's address: back in the queue, untouched.
                 results.append(outbox.Result(claim.delivery_id, DeliveryStatus.QUEUED,
                                              result.code, result.reply,

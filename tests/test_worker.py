@@ -243,6 +243,10 @@ def test_a_policy_refusal_halts_the_send_and_leaves_subscribers_alone(
         assert store.counts(s).by_status == {"active": 20}
     assert set(_statuses(sessions, edition_id)) == {"queued"}
     assert server.handler.accepted() == 0
+    with sessions() as s:  # the relay's reply as it gave it, not with its code doubled
+        assert set(s.scalars(select(Delivery.last_reply).where(
+            Delivery.edition_id == edition_id))) == {
+            "550 5.7.515 Access denied, sending domain fails DMARC"}
 
 
 def test_the_rate_limit_holds_in_every_minute(

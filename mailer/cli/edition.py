@@ -101,9 +101,9 @@ def preview(
                               data)
         if result.outcome != Outcome.SENT:
             console.print(f"[red]not sent[/] to {escape(to)}: {result.outcome} "
-                          f"{result.code or ''} {escape(result.reply)}")
+                          f"{escape(result.reply)}")
             raise typer.Exit(1)
-        console.print(f"[green]sent[/] to {escape(to)}: {result.code} {escape(result.reply)}")
+        console.print(f"[green]sent[/] to {escape(to)}: {escape(result.reply)}")
     if open_it:
         webbrowser.open(paths["html"].resolve().as_uri())
 

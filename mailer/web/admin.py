@@ -949,7 +949,7 @@ async def edition_test_send(request: Request, eid: int) -> Response:
     await w.run(work)
     if str(result.outcome) != "sent":
         raise Refusal(502, "The test message was not sent",
-                      f"The mail relay answered: {result.code or ''} {result.reply}".strip())
+                      f"The mail relay answered: {result.reply}")
     return _see_other(request, f"/admin/editions/{eid}",
                       f"A test copy was sent to {actor.email}.")
 
