@@ -60,6 +60,27 @@ def test_subscriber_lifecycle_from_the_command_line(
     assert code == 1 and "suppressed" in err and "Traceback" not in err
     code, _, err = mailer(capsys, "subscribers", "show", "1")
     assert code == 1 and err.startswith("error: no subscriber")
+    # Each change, and each copy of the list taken, is in the audit log as the console's are.
+    assert _trail(settings) == [
+        ("subscriber.add", "subscriber:1"), ("subscribers.export", None),
+        ("subscribers.export", None), ("subscriber.unsubscribe", "subscriber:1"),
+        ("subscriber.erase", "subscriber:1")]
+
+
+def _trail(settings: Settings) -> list[tuple[str, str | None]]:
+    from sqlalchemy import select
+
+    from mailer.audit import AuditEntry
+    from subscribers.db import make_engine, session_factory
+
+    engine = make_engine(settings.database)
+    try:
+        with session_factory(engine)() as s:
+            entries = s.scalars(select(AuditEntry).order_by(AuditEntry.id)).all()
+            assert all(e.via == "cli" and e.actor.startswith("cli:") for e in entries)
+            return [(e.action, e.target) for e in entries]
+    finally:
+        engine.dispose()
 
 
 def test_import_is_a_dry_run_until_apply(
@@ -176,3 +197,6 @@ def test_sending_from_the_command_line_needs_a_second_persons_approval(
     assert code == 0 and "queued 1 message(s)" in out
     code, out, _ = mailer(capsys, "edition", "send", str(SAMPLE), "--confirm")
     assert code == 0 and "queued 0 message(s)" in out  # the same edition again: nobody twice
+    assert mailer(capsys, "edition", "pause", SAMPLE.stem)[0] == 0
+    assert [a for a, _ in _trail(settings)] == [
+        "subscriber.add", "edition.send", "edition.send", "edition.pause"]

@@ -23,7 +23,7 @@ from rich.markup import escape
 from mailer import bounce_policy
 from mailer.bounce_policy import BouncePolicy, Decision
 from mailer.bounces import Kind, Verdict, classify_inbound
-from mailer.cli.runtime import Runtime, console
+from mailer.cli.runtime import Runtime, audited, console
 from mailer.errors import MailerError
 from mailer.inbound import InboundMessage, Receiver, open_source
 from mailer.outbox import LONDON
@@ -260,6 +260,8 @@ def resolve(ctx: typer.Context, alert: int = typer.Argument(..., help="The alert
     with rt.session() as session:
         changed = bounce_policy.resolve_alert(session, policy, alert, actor or getpass.getuser(),
                                               apply=apply)
+        audited(session, f"bounce_alert.{'apply' if apply else 'dismiss'}",
+                f"bounce_alert:{alert}", bounced=changed)
     console.print(f"alert {alert} {'applied' if apply else 'dismissed'}; "
                   f"{changed} subscriber(s) marked bounced")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from rich.console import Console
 from sqlalchemy import Engine
@@ -26,6 +27,15 @@ def operator() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "cli"
+
+
+def audited(session: Session, action: str, target: str | None = None, **detail: Any) -> None:
+    """The audit log's entry for a change made from the command line, in the change's own
+    transaction: the same actions as the console's, by `cli:<login>`, via `cli`."""
+    from mailer import audit
+
+    audit.record(session, actor=f"cli:{operator()}", via="cli", action=action, target=target,
+                 detail=detail or None)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from mailer import events, outbox, schedule
 from mailer.cli.edition import app as edition_app
-from mailer.cli.runtime import Runtime, console, operator
+from mailer.cli.runtime import Runtime, audited, console, operator
 from mailer.events import EventError, EventSpec
 from mailer.models import Edition
 
@@ -81,6 +81,7 @@ def events_add(
                      description=description, link=link, topic=topic, weekend=weekend)
     with rt.session() as session:
         event, _ = events.add_event(session, spec)
+        audited(session, "event.add", f"event:{event.id}", name=event.name)
         events.plan_reminders(session)
         slug, planned = event.slug, len(events.reminders_for(session, event.id))
         upcoming = events.next_occurrence(event, schedule.utcnow().astimezone(
@@ -147,6 +148,7 @@ def events_remove(ctx: typer.Context, event: str = typer.Argument(..., help="Id 
     with rt.session() as session:
         e = events.get_event(session, event)
         name = e.name
+        audited(session, "event.remove", f"event:{e.id}", name=name)
         dropped = events.remove_event(session, e)
     console.print(f"removed '{escape(name)}' and {dropped} planned reminder(s)")
 
@@ -167,6 +169,7 @@ def events_import(ctx: typer.Context,
     specs = events.load_file(file)
     with rt.session() as session:
         added, updated = events.import_events(session, specs, replace=replace)
+        audited(session, "events.import", None, file=file.name, added=added, updated=updated)
         planned = events.plan_reminders(session)
     console.print(f"imported {escape(str(file))}: {added} added, {updated} updated; "
                   f"{planned} reminder(s) planned")
@@ -209,6 +212,8 @@ def edition_schedule(ctx: typer.Context,
         edition = schedule.schedule_edition(session, _target(rt, session, target), when,
                                             operator(),
                                             require_approval=rt.settings.require_approval)
+        audited(session, "edition.schedule", f"edition:{edition.id}",
+                at=when.isoformat())
     _say_scheduled(edition)
 
 
@@ -225,6 +230,7 @@ def edition_reschedule(ctx: typer.Context,
         edition = schedule.reschedule_edition(session, outbox.get_edition(session, target), when,
                                               operator(),
                                               require_approval=rt.settings.require_approval)
+        audited(session, "edition.reschedule", f"edition:{edition.id}", at=when.isoformat())
     _say_scheduled(edition)
 
 
@@ -237,6 +243,8 @@ def edition_unschedule(ctx: typer.Context,
         edition = outbox.get_edition(session, target)
         changed = schedule.unschedule_edition(session, edition)
         status = edition.status
+        if changed:
+            audited(session, "edition.unschedule", f"edition:{edition.id}")
     console.print("unscheduled; it is " + status if changed
                   else f"nothing to do: it is {status}, not scheduled")
 

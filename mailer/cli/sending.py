@@ -15,7 +15,7 @@ from rich.table import Table
 
 from mailer import outbox
 from mailer.cli.edition import app as edition_app
-from mailer.cli.runtime import Runtime, console, operator
+from mailer.cli.runtime import Runtime, audited, console, operator
 from mailer.config import Settings
 from mailer.models import Edition, EditionStatus
 from mailer.worker import Worker
@@ -60,6 +60,7 @@ def send(ctx: typer.Context,
         else:
             added = outbox.enqueue(session, found)
         slug = found.slug
+        audited(session, "edition.send", f"edition:{found.id}", queued=added)
     console.print(f"[green]queued {added} message(s)[/] for '{escape(slug)}'; "
                   "`mailer worker` sends them, `mailer edition status` follows them")
 
@@ -116,26 +117,29 @@ def status(ctx: typer.Context, edition: str = typer.Argument(..., help="Id or sl
     console.print(_status_table(p, rt.settings))
 
 
-def _control(ctx: typer.Context, edition: str, target: EditionStatus, done: str) -> None:
+def _control(ctx: typer.Context, edition: str, target: EditionStatus, done: str,
+             action: str) -> None:
     rt: Runtime = ctx.obj
     with rt.session() as session:
         found = outbox.get_edition(session, edition)
         changed = outbox.set_status(session, found, target,
                                     reason=f"paused by {operator()}" if target ==
                                     EditionStatus.PAUSED else None)
+        if changed:
+            audited(session, f"edition.{action}", f"edition:{found.id}")
     console.print(done if changed else f"nothing to do: it is already {target}")
 
 
 @edition_app.command()
 def pause(ctx: typer.Context, edition: str = typer.Argument(..., help="Id or slug")) -> None:
     """Pause a send: nothing more goes out until `resume` (messages in flight finish)."""
-    _control(ctx, edition, EditionStatus.PAUSED, "paused")
+    _control(ctx, edition, EditionStatus.PAUSED, "paused", "pause")
 
 
 @edition_app.command()
 def resume(ctx: typer.Context, edition: str = typer.Argument(..., help="Id or slug")) -> None:
     """Resume a paused (or halted) send where it stopped: nobody gets it twice."""
-    _control(ctx, edition, EditionStatus.SENDING, "resumed")
+    _control(ctx, edition, EditionStatus.SENDING, "resumed", "resume")
 
 
 @edition_app.command()
@@ -144,7 +148,7 @@ def cancel(ctx: typer.Context, edition: str = typer.Argument(..., help="Id or sl
     """Cancel a send for good: what has not gone out is not sent."""
     if not yes and not typer.confirm(f"Cancel edition {edition}? What is queued is dropped"):
         raise typer.Abort()
-    _control(ctx, edition, EditionStatus.CANCELLED, "cancelled")
+    _control(ctx, edition, EditionStatus.CANCELLED, "cancelled", "cancel")
 
 
 @edition_app.command("resend-failed")
@@ -155,8 +159,9 @@ def resend_failed(ctx: typer.Context, edition: str = typer.Argument(..., help="I
     """Queue the failed deliveries of an edition again (after fixing what made them fail)."""
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        moved = outbox.requeue_failed(session, outbox.get_edition(session, edition),
-                                      include_unknown)
+        found = outbox.get_edition(session, edition)
+        moved = outbox.requeue_failed(session, found, include_unknown)
+        audited(session, "edition.resend_failed", f"edition:{found.id}", queued=moved)
     console.print(f"queued {moved} message(s) again")
 
 
@@ -170,6 +175,7 @@ def send_to_new(ctx: typer.Context, edition: str = typer.Argument(..., help="Id 
         if found.status == EditionStatus.SENT:
             found.status = EditionStatus.SENDING
         added = outbox.enqueue(session, found)
+        audited(session, "edition.send_to_new", f"edition:{found.id}", queued=added)
     console.print(f"queued {added} message(s) for people who have not had it")
 
 

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
 from mailer import privacy
-from mailer.cli.runtime import Runtime, console, operator
+from mailer.cli.runtime import Runtime, audited, console, operator
 from mailer.spreadsheet import EXPORT_FIELDS
 from mailer.spreadsheet import csv_cell as _cell
 from subscribers import importer, store
@@ -72,6 +72,7 @@ def add(
             session, rules, profile, chosen,
             _cli_context(rt, lawful_basis=lawful_basis, detail={"source": source or "cli"}))
         sid = subscriber.id
+        audited(session, "subscriber.add", f"subscriber:{sid}", lawful_basis=lawful_basis)
     console.print(f"added subscriber {sid} ({escape(profile.email)})")
 
 
@@ -160,6 +161,10 @@ def import_(
     _print_report(report, apply)
     if not report.ok:
         raise typer.Exit(1)
+    if report.applied:
+        with rt.session() as session:
+            audited(session, "subscribers.import", None, file=report.source,
+                    sha256=report.sha256, new=report.new)
 
 
 def _print_report(report: importer.ImportReport, apply: bool) -> None:
@@ -221,6 +226,10 @@ def export(
     finally:
         if output:
             handle.close()
+    with rt.session() as session:  # who took a copy of the list, and which part
+        audited(session, "subscribers.export", None, rows=n, format=fmt.value,
+                filter={k: str(v) for k, v in (("status", status), ("region", region),
+                                               ("role", role), ("topic", topic)) if v})
     if output:
         console.print(f"wrote {n} subscriber(s) to {output}")
 
@@ -234,6 +243,8 @@ def unsubscribe(ctx: typer.Context, subscriber: str = typer.Argument(..., help="
         found = store.resolve(session, rt.settings.rules(), subscriber)
         chosen = store.get_topic(session, topic) if topic else None
         changed = store.unsubscribe(session, found, _cli_context(rt), topic=chosen)
+        if changed:
+            audited(session, "subscriber.unsubscribe", f"subscriber:{found.id}", topic=topic)
     what = f"from {topic}" if topic else "from everything"
     console.print(f"unsubscribed {what}" if changed else f"already unsubscribed {what}")
 
@@ -248,6 +259,9 @@ def approve(ctx: typer.Context, subscriber: str = typer.Argument(..., help="Addr
         act = store.reject if reject else store.approve
         changed = act(session, found, _cli_context(rt))
         status = found.status
+        if changed:
+            audited(session, "subscriber.reject" if reject else "subscriber.approve",
+                    f"subscriber:{found.id}")
     if not changed:
         console.print(f"nothing to do: the subscriber is {status}")
         raise typer.Exit(1)
@@ -269,4 +283,5 @@ def erase(ctx: typer.Context, subscriber: str = typer.Argument(..., help="Addres
         if not yes and not typer.confirm(f"Erase subscriber {label}? This cannot be undone"):
             raise typer.Abort()
         privacy.erase(session, found, _cli_context(rt))
+        audited(session, "subscriber.erase", f"subscriber:{found.id}")
     console.print(f"erased subscriber {escape(label)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from mailer.cli.runtime import Runtime, console
+from mailer.cli.runtime import Runtime, audited, console
 from subscribers import store
 
 app = typer.Typer(help="List and add topics (the newsletter, reminders, ...).",
@@ -32,4 +32,5 @@ def add(ctx: typer.Context, slug: str, name: str,
     rt: Runtime = ctx.obj
     with rt.session() as session:
         topic = store.add_topic(session, slug, name, description)
+        audited(session, "topic.add", f"topic:{topic.slug}")
     console.print(f"added topic {topic.slug}")

@@ -9,9 +9,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mailer import accounts, audit
+from mailer import accounts
 from mailer.accounts import Role
-from mailer.cli.runtime import Runtime, console, operator
+from mailer.cli.runtime import Runtime, audited, console
 
 app = typer.Typer(help="Console users and API tokens.", no_args_is_help=True)
 
@@ -24,8 +24,7 @@ def _password(stdin: bool) -> str:
 
 
 def _audit(session, action: str, login: str, **detail: object) -> None:  # type: ignore[no-untyped-def]
-    audit.record(session, actor=f"cli:{operator()}", via="cli", action=action,
-                 target=f"user:{login}", detail=detail or None)
+    audited(session, action, f"user:{login}", **detail)
 
 
 @app.command()
@@ -158,6 +157,5 @@ def revoke(ctx: typer.Context, prefix: str) -> None:
     with rt.session() as session:
         changed = accounts.revoke_token(session, prefix)
         if changed:
-            audit.record(session, actor=f"cli:{operator()}", via="cli", action="token.revoke",
-                         target=f"token:{prefix}")
+            audited(session, "token.revoke", f"token:{prefix}")
     console.print("revoked" if changed else "already revoked")
