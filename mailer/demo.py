@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from mailer import events, migrations, outbox, schedule
 from mailer.config import Settings, load_settings
 from mailer.devsink import DevSink
-from mailer.worker import Worker
+from mailer.worker import Worker, run_loop
 from subscribers import store
 from subscribers.db import make_engine, session_factory, session_scope, utcnow
 from subscribers.models import Channel
@@ -162,7 +162,7 @@ def send_with_progress(settings: Settings, sessions: sessionmaker[Session], edit
 
     def work() -> None:
         try:
-            outcome["summary"] = asyncio.run(worker.run(drain=True))
+            outcome["summary"] = run_loop(worker.run(drain=True))
         except BaseException as exc:  # shown on the main thread
             outcome["error"] = exc
 
@@ -291,7 +291,7 @@ def run_all_in_one(settings: Settings, app: Any, host: str, port: int, *,
 
     def run_worker() -> None:
         try:
-            asyncio.run(work())
+            run_loop(work())
         except Exception:
             log.exception("the worker stopped")
 

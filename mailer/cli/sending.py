@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from mailer.cli.edition import app as edition_app
 from mailer.cli.runtime import Runtime, audited, console, operator
 from mailer.config import Settings
 from mailer.models import Edition, EditionStatus
-from mailer.worker import Worker
+from mailer.worker import run_worker
 
 
 def _edition(rt: Runtime, session, ident: str) -> Edition:  # type: ignore[no-untyped-def]
@@ -186,7 +185,7 @@ def worker(ctx: typer.Context,
            ) -> None:
     """Send what is due, until stopped (SIGTERM finishes what is in flight, then exits)."""
     rt: Runtime = ctx.obj
-    summary = asyncio.run(Worker(rt.settings, rt.sessions(), name=name).run(drain=drain))
+    summary = run_worker(rt.settings, rt.sessions(), name=name, drain=drain)
     console.print(f"sent {summary.sent}, retrying {summary.retry}, bounced {summary.bounced}, "
                   f"failed {summary.failed}, unknown {summary.unknown}")
     for reason in summary.halted:
