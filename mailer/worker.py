@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -465,4 +466,9 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
 def run_worker(settings: Settings, sessions: sessionmaker[Session], *, drain: bool = False,
                **kwargs: Any) -> Summary:
     """Run a worker in this thread until it stops (the CLI's `mailer worker`)."""
+    # What the process has built so far lives as long as it does (modules, SQLAlchemy's
+    # mappers and compiled statements): frozen out of the cyclic collector, a full collection
+    # looks only at what the send loop makes, 2 ms instead of 30 (without a collection first,
+    # which would cost those 30 ms once more).
+    gc.freeze()
     return run_loop(Worker(settings, sessions, **kwargs).run(drain=drain))
