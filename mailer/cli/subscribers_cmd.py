@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from enum import StrEnum
@@ -16,8 +15,7 @@ from rich.table import Table
 
 from mailer import privacy
 from mailer.cli.runtime import Runtime, audited, console, operator
-from mailer.spreadsheet import EXPORT_FIELDS
-from mailer.spreadsheet import csv_cell as _cell
+from mailer.spreadsheet import write_csv
 from subscribers import importer, store
 from subscribers.models import Channel, SubscriberStatus
 
@@ -219,10 +217,7 @@ def export(
                                                                             ensure_ascii=False))
                 handle.write("\n]\n")
             else:
-                writer = csv.DictWriter(handle, fieldnames=EXPORT_FIELDS)
-                writer.writeheader()
-                for n, row in enumerate(rows, 1):  # noqa: B007 (n is the count printed below)
-                    writer.writerow({k: _cell(v) for k, v in row.items()})
+                n = write_csv(handle, rows)
     finally:
         if output:
             handle.close()

@@ -16,7 +16,6 @@ Rules every route keeps:
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import hashlib
 import io
@@ -42,7 +41,7 @@ from mailer.edition import EditionErrors
 from mailer.errors import EditionError, MailerError
 from mailer.models import Edition, EditionStatus
 from mailer.render import CompiledEdition, Recipient, RecipientUrls, personalise, preflight
-from mailer.spreadsheet import EXPORT_FIELDS, csv_cell
+from mailer.spreadsheet import write_csv
 from mailer.web import public
 from mailer.web.security import CSRF_FIELD, SecurityMiddleware, bucket, network_of
 from subscribers import importer, store
@@ -489,11 +488,7 @@ async def subscribers_export(request: Request) -> Response:
 
     def work(session: Session) -> tuple[str, int]:
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS)
-        writer.writeheader()
-        n = 0
-        for n, row in enumerate(store.iter_export(session, flt), 1):  # noqa: B007
-            writer.writerow({k: csv_cell(v) for k, v in row.items()})
+        n = write_csv(out, store.iter_export(session, flt))
         _record(session, actor, request, "subscribers.export", None, rows=n,
                 filter={k: v for k, v in vars(flt).items() if v})
         return out.getvalue(), n

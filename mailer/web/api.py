@@ -13,7 +13,6 @@ in the OpenAPI document, which schemathesis checks the answers against.
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import io
 import tempfile
@@ -35,7 +34,7 @@ from mailer.edition import EditionErrors
 from mailer.errors import EditionError, MailerError
 from mailer.models import Edition, EditionStatus
 from mailer.render import CompiledEdition, Recipient, personalise, preflight
-from mailer.spreadsheet import EXPORT_FIELDS, csv_cell
+from mailer.spreadsheet import write_csv
 from mailer.web import public
 from subscribers import importer, store
 from subscribers.db import utcnow
@@ -426,11 +425,7 @@ def _routes(api: FastAPI) -> None:
 
         def work(session: Session) -> str:
             out = io.StringIO()
-            writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS)
-            writer.writeheader()
-            n = 0
-            for n, row in enumerate(store.iter_export(session, flt), 1):  # noqa: B007
-                writer.writerow({k: csv_cell(v) for k, v in row.items()})
+            n = write_csv(out, store.iter_export(session, flt))
             _record(session, actor, request, "subscribers.export", None, rows=n,
                     filter={k: v for k, v in vars(flt).items() if v})
             return out.getvalue()
