@@ -345,14 +345,20 @@ class Result:
 
 def record(session: Session, worker: str, results: Sequence[Result],
            now: datetime | None = None) -> int:
-    """Write results; only rows this worker still holds change. Returns how many did."""
+    """Write results; only rows this worker still holds change. Returns how many did.
+
+    `last_attempt_at` moves on to when the result came: the rate limits count a message from
+    then, as a relay does, and not only from its claim. Counted from the claim alone, a batch
+    claimed a minute after the last one could reach the relay while that one's later messages
+    were still inside its minute, and a relay that counts (Microsoft 365: 30 a minute) would
+    throttle every batch."""
     if not results:
         return 0
     now = now or utcnow()
     params = [{"b_id": r.delivery_id, "b_status": r.status, "b_code": r.code,
                "b_reply": r.reply[:500], "b_next": r.next_attempt_at or now,
                "b_sent": now if r.status == DeliveryStatus.SENT else None,
-               "b_ambiguous": r.ambiguous, "b_worker": worker} for r in results]
+               "b_ambiguous": r.ambiguous, "b_worker": worker, "b_now": now} for r in results]
     return session.execute(_RECORD, params).rowcount or 0
 
 
@@ -362,7 +368,7 @@ _RECORD = (update(_table)
            .values(status=bindparam("b_status"), last_code=bindparam("b_code"),
                    last_reply=bindparam("b_reply"), next_attempt_at=bindparam("b_next"),
                    sent_at=bindparam("b_sent"), ambiguous=bindparam("b_ambiguous"),
-                   lease_until=None))
+                   last_attempt_at=bindparam("b_now"), lease_until=None))
 
 
 def finish_done(session: Session, now: datetime | None = None) -> list[int]:
@@ -377,11 +383,16 @@ def finish_done(session: Session, now: datetime | None = None) -> list[int]:
     return done
 
 
-def next_due_at(session: Session) -> datetime | None:
-    """When the next delivery of a sending edition falls due (None if nothing waits)."""
-    return session.scalar(
-        select(func.min(Delivery.next_attempt_at)).join(Edition)
-        .where(Edition.status == EditionStatus.SENDING, Delivery.status.in_(list(DUE))))
+def next_due_at(session: Session) -> tuple[datetime | None, datetime | None]:
+    """When the next queued or retrying delivery of a sending edition falls due, and when
+    the first lease on a claimed one ends (None for either if there is none). A claimed row
+    whose holder has not written its result when its lease ends is due then: its worker
+    died, and another takes it over."""
+    sending = Edition.status == EditionStatus.SENDING
+    return (session.scalar(select(func.min(Delivery.next_attempt_at)).join(Edition)
+                           .where(sending, Delivery.status.in_(list(DUE)))),
+            session.scalar(select(func.min(Delivery.lease_until)).join(Edition)
+                           .where(sending, Delivery.status == DeliveryStatus.SENDING)))
 
 
 def attempts_since(session: Session, since: datetime) -> int:

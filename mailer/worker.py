@@ -333,9 +333,12 @@ class Worker:
             await asyncio.wait_for(self.stopping.wait(), timeout=self.poll)
 
     async def _due_soon(self) -> bool:
-        """Is anything due now, or held back only by the rate limit or a throttle?"""
-        when = await self._db_call(outbox.next_due_at)
-        return when is not None and when <= self.clock() + timedelta(seconds=self.poll)
+        """Is anything due now, or held back only by the rate limit or a throttle? Or held by
+        another worker, live or dead: a drain waits for its result or its lease to end rather
+        than leave it `sending` (when this worker holds nothing itself, it is not its own)."""
+        due, held = await self._db_call(outbox.next_due_at)
+        return held is not None or (
+            due is not None and due <= self.clock() + timedelta(seconds=self.poll))
 
     async def _allowance(self) -> int:
         now = self.clock()

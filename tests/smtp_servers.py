@@ -129,7 +129,8 @@ class FaultHandler:
                  greeting_reply: str = "421 4.3.2 Service not available, try later",
                  close_after: int | None = None, throttle_per_minute: int | None = None,
                  throttle_reply: str = "451 4.7.28 Too many messages this minute",
-                 stall_seconds: float = 5.0, advertise_starttls: bool = False) -> None:
+                 stall_seconds: float = 5.0, advertise_starttls: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.schedule = schedule
         self.keywords = keywords
         self.pipelining = pipelining
@@ -141,6 +142,8 @@ class FaultHandler:
         self.throttle_per_minute = throttle_per_minute
         self.throttle_reply = throttle_reply
         self.stall_seconds = stall_seconds
+        self.clock = clock  # the throttle's minutes (a test can share the worker's clock)
+        self.throttled = 0  # throttle replies given
         self.advertise_starttls = advertise_starttls  # offer STARTTLS without having TLS
         self.release = asyncio.Event()  # set (on the server loop) to end stalls early
         self._lock = threading.Condition()
@@ -225,10 +228,11 @@ class FaultHandler:
             return self.mail_reply
         if self.throttle_per_minute is not None:
             with self._lock:
-                now = time.monotonic()
+                now = self.clock()
                 while self._accepted_at and now - self._accepted_at[0] > 60:
                     self._accepted_at.popleft()
                 over = len(self._accepted_at) >= self.throttle_per_minute
+                self.throttled += over
             if over:
                 if self.throttle_reply.startswith("421"):
                     self._close_soon(server)
@@ -263,7 +267,7 @@ class FaultHandler:
             for rcpt in envelope.rcpt_tos:
                 self._received[rcpt].append(content)
                 self._envelopes.append((envelope.mail_from or "", rcpt))
-            self._accepted_at.append(time.monotonic())
+            self._accepted_at.append(self.clock())
             count = self.accepted()
             self._lock.notify_all()
         session.messages = getattr(session, "messages", 0) + 1  # type: ignore[attr-defined]

@@ -29,7 +29,7 @@ from mailer.smtp import SmtpPool
 from mailer.worker import Policy, Worker, WorkerBusy, sqlite_lock_path
 from subscribers import store
 from subscribers.db import session_factory
-from subscribers.models import Channel, SubscriberStatus
+from subscribers.models import Channel, Subscriber, SubscriberStatus
 from subscribers.rules import Rules
 from tests.smtp_servers import FaultServer, RandomFaults, make_fault_server  # noqa: F401
 
@@ -269,6 +269,47 @@ def test_the_rate_limit_holds_in_every_minute(
     for i, t in enumerate(times):
         in_window = [u for u in times[i:] if u < t + timedelta(minutes=1)]
         assert len(in_window) <= 7
+
+
+def test_a_drain_waits_for_a_row_another_worker_holds_and_takes_it_over_when_it_dies(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules,
+        make_fault_server: Callable[..., FaultServer]) -> None:
+    # A worker killed just after its claim committed holds rows under a lease: a drain that
+    # left them `sending` once nothing else was queued lost them (seen under kill -9).
+    server = make_fault_server()
+    _people(sessions, rules, ["held@kent.police.uk", "free@kent.police.uk"])
+    edition_id = _edition(sessions, settings)
+    with sessions() as s:
+        s.execute(update(Delivery).where(
+            Delivery.edition_id == edition_id,
+            Delivery.subscriber_id == select(Subscriber.id).where(
+                Subscriber.email == "held@kent.police.uk").scalar_subquery())
+            .values(status=DeliveryStatus.SENDING, worker="ghost", attempts=1,
+                    lease_until=datetime.now(UTC) + timedelta(seconds=1)))
+        s.commit()
+    _drain(_settings(settings, server), sessions)
+    assert _statuses(sessions, edition_id) == {"sent": 2}
+    assert server.handler.copies("held@kent.police.uk") == 1
+
+
+def test_a_throttling_relay_never_has_to_throttle_a_worker_held_to_its_rate(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules,
+        make_fault_server: Callable[..., FaultServer]) -> None:
+    # The relay counts 7 a minute on the worker's own clock, which moves on two seconds at
+    # every look, sends included: a rate counted from each claim alone ran a batch into the
+    # previous one's minute here, as it would into Microsoft 365's.
+    now = [datetime.now(UTC)]
+
+    def clock() -> datetime:
+        now[0] += timedelta(seconds=2)
+        return now[0]
+
+    server = make_fault_server(throttle_per_minute=7, clock=lambda: now[0].timestamp())
+    _people(sessions, rules, [f"tr{i}@kent.police.uk" for i in range(25)])
+    edition_id = _edition(sessions, settings)
+    _drain(_settings(settings, server, rate_per_minute=7), sessions, clock=clock)
+    assert server.handler.accepted() == 25 and server.handler.throttled == 0
+    assert _statuses(sessions, edition_id) == {"sent": 25}
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])  # PostgreSQL workers share the outbox
