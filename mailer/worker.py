@@ -15,8 +15,9 @@ claimed, not sent: what can truly arrive twice is what was on a session or await
 at most smtp_connections plus a quarter of the capacity. A reply that never comes
 after the final dot ends as `unknown` after `unknown_resends` resends, also counted.
 
-Rate limits are derived from the outbox (submissions started in the last minute and the last
-24 hours), so they hold across restarts and across workers.
+Rate limits are derived from the outbox (messages claimed or answered in the last minute and
+the last 24 hours; each counts from its result, as the relay counts it), so they hold across
+restarts and across workers.
 
 On SQLite one worker per database file is allowed (a lock file beside it); PostgreSQL workers
 share the outbox through `FOR UPDATE SKIP LOCKED`.
