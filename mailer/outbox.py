@@ -396,7 +396,8 @@ def next_due_at(session: Session) -> tuple[datetime | None, datetime | None]:
 
 
 def attempts_since(session: Session, since: datetime) -> int:
-    """Submissions started since `since`, over every edition: what the relay's limits count."""
+    """Messages claimed or answered since `since`, over every edition: what the relay's
+    limits count (`record` moves a message's time on to its result)."""
     return session.scalar(select(func.count()).select_from(Delivery)
                           .where(Delivery.last_attempt_at >= since)) or 0
 
