@@ -43,6 +43,7 @@ from mailer.events import Event, Reminder, ReminderStatus
 from mailer.models import Delivery, DeliveryStatus, Edition, EditionKind, EditionStatus
 from mailer.outbox import LONDON, ScheduleError, check_send_at, uk_time, utc_time
 from mailer.render import Attachment, compile_list_email
+from subscribers import store
 from subscribers.db import normalise_url, session_scope, utcnow
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,7 @@ class CatchUp:
     notices: list[str] = field(default_factory=list)
     queued: int = 0  # deliveries added
     told: list[str] = field(default_factory=list)  # new notices: mail them after the commit
+    pruned: int = 0  # rate events forgotten
 
 
 def catch_up(session: Session, settings: Settings, now: datetime | None = None) -> CatchUp:
@@ -372,6 +374,8 @@ def catch_up(session: Session, settings: Settings, now: datetime | None = None) 
     if message:
         report.notices.append(message)
         report.told.append(message)
+    # Housekeeping that nothing else does: the web's rate events grow with every request.
+    report.pruned = store.prune_events(session, now - store.RATE_EVENTS_KEPT)
     return report
 
 

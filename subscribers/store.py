@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import cache
 from typing import Any, NamedTuple
@@ -886,8 +886,14 @@ def record_event(session: Session, *buckets: str) -> None:
     session.flush()
 
 
+# The longest window that reads rate events (a month's sign-up mails to one address), and a
+# day to spare; the scheduler forgets older ones on every pass.
+RATE_EVENTS_KEPT = timedelta(days=31)
+
+
 def prune_events(session: Session, before: datetime) -> int:
-    """Forget rate events older than the longest window that reads them."""
+    """Forget rate events older than `before` (`RATE_EVENTS_KEPT` ago, when nothing reads
+    them any more); returns how many."""
     return session.execute(delete(RateEvent).where(RateEvent.occurred_at < before)).rowcount
 
 

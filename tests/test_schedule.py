@@ -714,3 +714,19 @@ def test_two_scheduler_processes_one_leads_each_item_once_and_killing_it_hands_o
     assert sum("'due-second' due" in line for line in standby.lines) == 1
     assert sum("reminder for Second day (" in line for line in standby.lines) == 1
     assert not any("Traceback" in line or "ERROR" in line for line in logs), logs
+
+
+def test_each_pass_forgets_rate_events_no_window_reads_any_more(
+        sessions: sessionmaker[Session], settings: Settings) -> None:
+    from subscribers.models import RateEvent
+
+    now = _utc(2027, 3, 1, 12, 0)
+    with sessions() as s:
+        s.add_all([RateEvent(bucket="signup:old", occurred_at=now - timedelta(days=32)),
+                   RateEvent(bucket="signup:month", occurred_at=now - timedelta(days=29)),
+                   RateEvent(bucket="post:now", occurred_at=now - timedelta(minutes=5))])
+        s.commit()
+    assert _pass(sessions, settings, now).pruned == 1
+    with sessions() as s:  # the month's sign-up mails still count against the cap
+        assert sorted(s.scalars(select(RateEvent.bucket))) == ["post:now", "signup:month"]
+    assert _pass(sessions, settings, now).pruned == 0
