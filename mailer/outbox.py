@@ -281,6 +281,13 @@ _CLOSE_UNSENT = update(_table).where(_table.c.id.in_(bindparam("ids", expanding=
     status=bindparam("status"), last_reply=bindparam("reason"), lease_until=None)
 
 
+# What a delivery closed unsent because its edition's "not after" time came says, from the
+# claim (it came due after the time) and from the worker (a retry the time cut short): the
+# scheduler finds such rows by these words to tell the co-ordinators.
+TOO_LATE = "too late, past the edition's 'not after' time"
+DATE_PASSED = "the date has passed"
+
+
 def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
               now: datetime | None = None) -> list[Claim]:
     """Take up to `limit` deliveries that are due, under a lease; commit straight after.
@@ -324,7 +331,7 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
     for ids_, reason, status in (
             (skipped, "not sent: unsubscribed or suppressed before its turn",
              DeliveryStatus.SKIPPED),
-            (late, "not sent: too late, past the edition's 'not after' time",
+            (late, f"not sent: {TOO_LATE}",
              DeliveryStatus.FAILED)):
         if ids_:
             session.execute(_CLOSE_UNSENT, {"ids": ids_, "status": status, "reason": reason})

@@ -215,10 +215,7 @@ def build_reminder(session: Session, settings: Settings, reminder: Reminder, eve
 
 # ---------------------------------------------------------------- reminders that ran out of time
 
-# How the outbox (a claim after the time) and the worker (a retry the time cut short) record a
-# delivery closed unsent because its edition's "not after" time came; tests/test_schedule.py
-# drives the claim path, the usual one.
-_LATE_REPLIES = ("'not after' time", "the date has passed")
+_LATE_REPLIES = (outbox.TOO_LATE, outbox.DATE_PASSED)
 LATE_LOOKBACK = timedelta(days=7)  # reminders whose time ran out this recently are checked
 # ... once this long after it, when what was in flight at that time has settled
 LATE_SETTLE = timedelta(minutes=15)

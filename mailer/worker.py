@@ -118,7 +118,7 @@ class Policy:
             ambiguous = True
         too_late = not_after is not None and now >= not_after
         if too_late or now - claim.queued_at >= self.give_up:
-            why = "the date has passed" if too_late else f"gave up after {claim.attempts} tries"
+            why = outbox.DATE_PASSED if too_late else f"gave up after {claim.attempts} tries"
             final = DeliveryStatus.UNKNOWN if ambiguous else DeliveryStatus.FAILED
             return outbox.Result(claim.delivery_id, final, result.code, f"{reply} ({why})",
                                  ambiguous=ambiguous)
