@@ -63,7 +63,7 @@ API_VIEWER_MAY = {("GET", "/me"), ("GET", "/counts"), ("GET", "/subscribers"),
                   ("GET", "/subscribers/{sid}"), ("GET", "/subscribers/{sid}/history"),
                   ("GET", "/editions"), ("GET", "/editions/{eid}"),
                   ("GET", "/editions/{eid}/preview"), ("GET", "/editions/{eid}/progress"),
-                  ("GET", "/events")}
+                  ("GET", "/events"), ("GET", "/bounce-alerts"), ("GET", "/alerts")}
 API_ADMIN_ONLY: set[tuple[str, str]] = set()
 OPEN = {"/admin/login", "/admin/static/admin.css", "/admin/static/progress.js"}
 REFUSED = "You do not have permission to do this"  # the console's permission refusal

@@ -15,16 +15,17 @@ from urllib.parse import quote
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from mailer import accounts, audit, events
+from mailer import accounts, alerts, audit, bounce_policy, events
 from mailer.config import Settings
 from mailer.web.app import create_app
 from subscribers.db import session_factory
 from subscribers.models import Subscriber
 from tests.test_admin_routes import (  # noqa: F401
     app_client,
+    domain_alert,
     login,
     make_user,
     people,
@@ -294,3 +295,126 @@ def test_a_test_send_that_cannot_be_built_is_a_clear_refusal_in_both_faces(
         _total, rows = audit.entries(session, audit.AuditFilter(action="edition.test_send"))
         assert [(r.via, r.detail["outcome"]) for r in rows] == [("console", "refused"),
                                                                ("api", "refused")]
+
+
+def _open_alert_ids(engine: Engine) -> list[int]:
+    with Session(engine) as session:
+        return [a.id for a in bounce_policy.open_alerts(session)]
+
+
+def _alert_audit(engine: Engine) -> list[tuple[Any, ...]]:
+    with Session(engine) as session:
+        return [(e.actor, e.via, e.action, e.target, e.detail) for e in session.scalars(
+            select(audit.AuditEntry).where(audit.AuditEntry.action.startswith("bounce_alert"))
+            .order_by(audit.AuditEntry.id))]
+
+
+def _statuses(engine: Engine, ids: list[int]) -> list[str]:
+    with Session(engine) as session:
+        return [session.get(Subscriber, sid).status for sid in ids]  # type: ignore[union-attr]
+
+
+def test_bounce_alerts_are_listed_and_applied_over_the_api_within_their_regions(
+        app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    aid, eid, ids = domain_alert(engine, web_settings)  # 4 of 6 at essex.police.uk bounced
+    make_user(engine, "ess", regions=("essex",))
+    make_user(engine, "ken", regions=("kent",))
+    ess, ken = _token(engine, "ess"), _token(engine, "ken")
+    viewer = _token(engine, "ess", role="viewer")
+    url = f"/api/v1/bounce-alerts/{aid}/resolve"
+
+    # Everyone sees the alert (a domain and counts); only Essex's co-ordinator may close it.
+    listed = app_client.get("/api/v1/bounce-alerts", headers=ken)
+    assert listed.status_code == 200
+    (alert,) = listed.json()
+    assert {k: alert[k] for k in ("id", "kind", "domain", "edition_id", "edition", "regions",
+                                  "recipients", "bounced", "can_resolve")} == {
+        "id": aid, "kind": "domain", "domain": "essex.police.uk", "edition_id": eid,
+        "edition": "2020-q3-essex", "regions": ["essex"], "recipients": 6, "bounced": 4,
+        "can_resolve": False}
+    assert "4 of 6 recipients at essex.police.uk bounced" in alert["detail"]
+    assert [a["can_resolve"] for a in app_client.get("/api/v1/bounce-alerts",
+                                                     headers=viewer).json()] == [False]
+    assert [a["can_resolve"] for a in app_client.get("/api/v1/bounce-alerts",
+                                                     headers=ess).json()] == [True]
+
+    refused = app_client.post(url, headers=viewer, json={"apply": True})
+    assert (refused.status_code, refused.json()) == (403, {"detail": "role viewer may not do this"})
+    for apply in (True, False):
+        outside = app_client.post(url, headers=ken, json={"apply": apply})
+        assert outside.status_code == 403, outside.text
+        assert outside.json() == {"detail": "this alert is about a send to essex, outside your "
+                                            "regions; you can act only for kent"}
+    for body in ({}, {"apply": "yes"}, {"apply": 1}, {"resolution": "apply"}):
+        bad = app_client.post(url, headers=ess, json=body)
+        assert bad.status_code == 422 and bad.json()["errors"][0]["loc"][-1] == "apply", body
+    missing = app_client.post("/api/v1/bounce-alerts/999999/resolve", headers=ess,
+                              json={"apply": True})
+    assert (missing.status_code, missing.json()) == (404, {"detail": "no bounce alert 999999"})
+    assert _open_alert_ids(engine) == [aid] and _alert_audit(engine) == []
+    assert _statuses(engine, ids) == ["active"] * 6  # held: nobody changed yet
+
+    done = app_client.post(url, headers=ess, json={"apply": True})
+    assert done.status_code == 200, done.text
+    assert done.json() == {"id": aid, "resolution": "applied", "resolved_by": "ess",
+                           "marked_bounced": 4,
+                           "detail": "4 subscriber(s) at essex.police.uk marked bounced"}
+    assert _open_alert_ids(engine) == []
+    assert app_client.get("/api/v1/bounce-alerts", headers=ess).json() == []
+    assert _statuses(engine, ids) == ["bounced"] * 4 + ["active"] * 2
+    assert _alert_audit(engine) == [
+        ("ess", "api", "bounce_alert.apply", f"bounce_alert:{aid}",
+         {"kind": "domain", "domain": "essex.police.uk", "edition_id": eid,
+          "marked_bounced": 4})]
+    # Closed once: a second try (a retried request, another script) is refused, logs nothing.
+    again = app_client.post(url, headers=ess, json={"apply": False})
+    assert (again.status_code, again.json()) == (
+        409, {"detail": f"alert {aid} was resolved already (applied)"})
+    assert len(_alert_audit(engine)) == 1
+
+
+def test_a_bounce_alert_is_dismissed_over_the_api_changing_nobody(
+        app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    aid, eid, ids = domain_alert(engine, web_settings, region="kent")
+    make_user(engine, "ken", regions=("kent",))
+    done = app_client.post(f"/api/v1/bounce-alerts/{aid}/resolve", headers=_token(engine, "ken"),
+                           json={"apply": False})
+    assert done.status_code == 200, done.text
+    assert (done.json()["resolution"], done.json()["marked_bounced"]) == ("dismissed", 0)
+    assert _open_alert_ids(engine) == [] and _statuses(engine, ids) == ["active"] * 6
+    assert _alert_audit(engine) == [
+        ("ken", "api", "bounce_alert.dismiss", f"bounce_alert:{aid}",
+         {"kind": "domain", "domain": "kent.police.uk", "edition_id": eid,
+          "marked_bounced": 0})]
+
+
+def test_coordinator_alerts_are_listed_over_the_api_for_the_tokens_regions(
+        app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    domain_alert(engine, web_settings)  # tells Essex's co-ordinators of the held bounces
+    with session_factory(engine)() as session:
+        alerts.raise_alert(session, "test-everyone", "halt", "Sending halted", "The relay ...")
+        alerts.raise_alert(session, "test-kent", "missed-reminder", "Kent reminder missed",
+                           "...", regions=["kent"])
+        session.commit()
+    make_user(engine, "root", role="admin", regions=())
+    make_user(engine, "ess", regions=("essex",))
+    make_user(engine, "ken", regions=("kent",))
+
+    def subjects(who: str, role: str = "coordinator", query: str = "") -> list[str]:
+        answer = app_client.get(f"/api/v1/alerts{query}", headers=_token(engine, who, role))
+        assert answer.status_code == 200, answer.text
+        return [a["subject"] for a in answer.json()]
+
+    held = "Bounces from essex.police.uk are held back"
+    assert subjects("root", "admin") == ["Kent reminder missed", "Sending halted", held]
+    assert subjects("root", "admin", "?limit=1") == ["Kent reminder missed"]
+    assert subjects("ess") == ["Sending halted", held]
+    assert subjects("ken") == ["Kent reminder missed", "Sending halted"]
+    assert subjects("ken", "viewer") == ["Kent reminder missed", "Sending halted"]
+    (first,) = app_client.get("/api/v1/alerts?limit=1", headers=_token(engine, "ess")).json()
+    assert {k: first[k] for k in ("kind", "regions", "mailed", "mailed_to", "state",
+                                  "last_error")} == {
+        "kind": "halt", "regions": [], "mailed": False, "mailed_to": 0,
+        "state": "Waiting to be mailed", "last_error": None}
+    assert app_client.get("/api/v1/alerts?limit=0", headers=_token(engine, "ess")
+                          ).status_code == 422

@@ -28,7 +28,7 @@ from mailer import outbox
 from mailer.config import Settings
 from mailer.web.app import create_app
 from subscribers.db import session_factory
-from tests.test_admin_routes import make_user, people, sample_edition
+from tests.test_admin_routes import domain_alert, make_user, people, sample_edition
 from tests.test_api import _token
 from tests.web_fixtures import (  # noqa: F401
     SAMPLE,
@@ -51,6 +51,10 @@ def api(web_settings: Settings, engine: Engine) -> Iterator[tuple[TestClient, di
     make_user(engine, "root", role="admin", regions=(), email="root@kent.police.uk")
     make_user(engine, "cora", regions=("kent", "essex"), email="cora@essex.police.uk")
     make_user(engine, "vic", role="viewer", regions=("kent",))
+    # Real open bounce alerts (each also tells the co-ordinators), for the resolve and the
+    # alert lists. Made first: a send to Kent made after the people below would go to them
+    # too, and 4 bounces of 12 would not be enough to hold.
+    aids = [domain_alert(engine, local, region=region)[0] for region in ("kent", "essex")]
     sids = people(engine, local, [(f"r{i}@kent.police.uk", "kent") for i in range(6)]
                   + [("e1@essex.police.uk", "essex"), ("m1@medway.gov.uk", "medway")])
     # Editions in each state an operation needs, two of those whose operations need the
@@ -72,7 +76,8 @@ def api(web_settings: Settings, engine: Engine) -> Iterator[tuple[TestClient, di
     tokens = {"admin": _token(engine, "root", role="admin"), "coordinator": _token(engine, "cora"),
               "viewer": _token(engine, "vic", role="viewer")}
     with TestClient(create_app(local)) as client:
-        yield client, {"sid": [*sids, 999_999], "eid": [*eids, 999_999], "tokens": tokens}
+        yield client, {"sid": [*sids, 999_999], "eid": [*eids, 999_999],
+                        "aid": [*aids, 999_999], "tokens": tokens}
 
 
 VALID_BODIES: dict[tuple[str, str], list[Any]] = {
@@ -83,6 +88,7 @@ VALID_BODIES: dict[tuple[str, str], list[Any]] = {
                                 "lawful_basis": "public_task"} for i in range(3)],
     ("POST", "/subscribers/import"): ["email,name,region\nimp@kent.police.uk,Imp,kent\n"],
     ("POST", "/editions/{eid}/schedule"): [{"at": "2099-01-05T09:00:00+00:00"}],
+    ("POST", "/bounce-alerts/{aid}/resolve"): [{"apply": True}, {"apply": False}],
 }
 
 

@@ -1117,6 +1117,43 @@ def _alert_regions(session: Session, edition_id: int | None,
     return tuple(edition.regions or every_region), edition.slug
 
 
+# Closing a bounce alert may mark subscribers bounced: the permission that changes subscribers.
+RESOLVE_ALERT = Permission.SUBSCRIBERS_EDIT
+
+
+class AlertOutsideRegions(Exception):
+    """The actor does not cover every region a bounce alert is about."""
+
+    def __init__(self, regions: tuple[str, ...]) -> None:
+        super().__init__(f"this alert is about a send to {', '.join(regions)}, outside your "
+                         "regions")
+        self.regions = regions
+
+
+def resolve_bounce_alert(session: Session, policy: BouncePolicy, actor: Actor, aid: int, *,
+                         apply: bool, every_region: tuple[str, ...], via: str,
+                         ip: str | None) -> tuple[bounce_policy.BounceAlert, int]:
+    """Apply or dismiss one bounce alert for the console and the API alike, with its audit
+    entry; returns the alert and how many subscribers it marked bounced. Raises NotFound for
+    an unknown alert, AlertOutsideRegions when the actor does not cover its audience, and
+    MailerError when it was resolved already. The caller has checked RESOLVE_ALERT."""
+    # Locked (FOR UPDATE on PostgreSQL) so that two people closing it at once are one
+    # resolution: the second waits, then finds it closed.
+    alert = session.get(bounce_policy.BounceAlert, aid, with_for_update=True)
+    if alert is None:
+        raise NotFound(f"no bounce alert {aid}")
+    regions, _slug = _alert_regions(session, alert.edition_id, every_region)
+    if not actor.covers(regions):
+        raise AlertOutsideRegions(regions)
+    changed = bounce_policy.resolve_alert(session, policy, aid, actor.login, apply=apply)
+    audit.record(session, actor=actor.login, actor_name=actor.name, via=via, ip=ip,
+                 action=f"bounce_alert.{'apply' if apply else 'dismiss'}",
+                 target=f"bounce_alert:{aid}",
+                 detail={"kind": alert.kind, "domain": alert.domain,
+                         "edition_id": alert.edition_id, "marked_bounced": changed})
+    return alert, changed
+
+
 def _open_alerts(session: Session, actor: Actor, every_region: tuple[str, ...]
                  ) -> list[AlertView]:
     # Everyone signed in sees them all (a domain and counts, no one's address): a Kent
@@ -1129,7 +1166,7 @@ def _open_alerts(session: Session, actor: Actor, every_region: tuple[str, ...]
             regions=regions, recipients=a.recipients or 0, bounced=a.bounced or 0,
             share=a.share or 0.0, detail=a.detail, created_at=a.created_at,
             updated_at=a.updated_at,
-            can_resolve=actor.can(Permission.SUBSCRIBERS_EDIT) and actor.covers(regions)))
+            can_resolve=actor.can(RESOLVE_ALERT) and actor.covers(regions)))
     return views
 
 
@@ -1137,8 +1174,10 @@ def _open_alerts(session: Session, actor: Actor, every_region: tuple[str, ...]
 class ToldView:
     """One alert to the co-ordinators (`mailer.alerts`) and how far its mailing got."""
 
+    id: int
     subject: str
     kind: str
+    regions: tuple[str, ...]  # empty: about every region
     created_at: dt.datetime
     mailed: bool  # to everyone it was for
     mailed_to: int  # how many addresses took it
@@ -1146,16 +1185,17 @@ class ToldView:
     last_error: str | None  # why it is not mailed to everyone yet
 
 
-def _coordinator_alerts(session: Session, actor: Actor, now: dt.datetime) -> list[ToldView]:
+def _coordinator_alerts(session: Session, actor: Actor, now: dt.datetime,
+                        limit: int = ALERTS_SHOWN) -> list[ToldView]:
     # As they are mailed: a co-ordinator sees the alerts about their regions and those about
     # every region, not another region's.
     mine = set(actor.regions) if actor.regions is not None else None
-    read = ALERTS_SHOWN if mine is None else SCOPED_READ
+    read = limit if mine is None else max(limit, SCOPED_READ)
     rows = [a for a in alerts.recent(session, read)
-            if mine is None or not a.regions or mine & set(a.regions)][:ALERTS_SHOWN]
-    return [ToldView(subject=a.subject, kind=a.kind, created_at=a.created_at,
-                     mailed=a.mailed_at is not None, mailed_to=len(a.mailed_to or []),
-                     state=_mailing(a, now),
+            if mine is None or not a.regions or mine & set(a.regions)][:limit]
+    return [ToldView(id=a.id, subject=a.subject, kind=a.kind, regions=tuple(a.regions or ()),
+                     created_at=a.created_at, mailed=a.mailed_at is not None,
+                     mailed_to=len(a.mailed_to or []), state=_mailing(a, now),
                      last_error=a.last_error if a.mailed_at is None else None)
             for a in rows]
 
@@ -1241,8 +1281,7 @@ async def bounces_page(request: Request) -> HTMLResponse:
 @router.post("/bounces/alerts/{aid}/resolve")
 async def bounce_alert_resolve(request: Request, aid: int) -> Response:
     """`mailer bounces resolve ID --apply|--dismiss` from the console."""
-    # Applying marks subscribers bounced: the permission that changes subscribers.
-    actor = await _actor(request, Permission.SUBSCRIBERS_EDIT)
+    actor = await _actor(request, RESOLVE_ALERT)
     form = await _form(request)
     c, w = console(request), public.web(request)
     resolution = _text(form, "resolution", 20)
@@ -1258,23 +1297,19 @@ async def bounce_alert_resolve(request: Request, aid: int) -> Response:
                       (exc.hint or "").capitalize()) from None
 
     def work(session: Session) -> str:
-        # Locked (FOR UPDATE on PostgreSQL) so that two people closing it at once are one
-        # resolution: the second waits, then finds it closed.
-        alert = session.get(bounce_policy.BounceAlert, aid, with_for_update=True)
-        if alert is None:
-            raise Refusal(404, "No such alert", "There is no open bounce alert with that "
-                          "number. It may have been removed after its retention period.")
-        regions, _slug = _alert_regions(session, alert.edition_id, every_region)
-        if not actor.covers(regions):
-            raise Refusal(403, "This alert is outside your regions",
-                          f"It is about a send to {', '.join(regions)}; you can act only for "
-                          f"{', '.join(actor.regions or ())}. Ask a co-ordinator who covers "
-                          "all of its audience.")
         apply = resolution == "apply"
-        changed = bounce_policy.resolve_alert(session, policy, aid, actor.login, apply=apply)
-        _record(session, actor, request, f"bounce_alert.{resolution}", f"bounce_alert:{aid}",
-                kind=alert.kind, domain=alert.domain, edition_id=alert.edition_id,
-                marked_bounced=changed)
+        try:
+            alert, changed = resolve_bounce_alert(session, policy, actor, aid, apply=apply,
+                                                  every_region=every_region, via="console",
+                                                  ip=_ip(request))
+        except NotFound:
+            raise Refusal(404, "No such alert", "There is no open bounce alert with that "
+                          "number. It may have been removed after its retention period.") from None
+        except AlertOutsideRegions as exc:
+            raise Refusal(403, "This alert is outside your regions",
+                          f"It is about a send to {', '.join(exc.regions)}; you can act only "
+                          f"for {', '.join(actor.regions or ())}. Ask a co-ordinator who covers "
+                          "all of its audience.") from None
         if apply:
             return (f"Alert {aid} applied: {changed} subscriber(s) at {alert.domain} marked "
                     "bounced.")

@@ -30,12 +30,20 @@ from starlette.concurrency import run_in_threadpool
 
 from mailer import accounts, audit, events, outbox, privacy
 from mailer.accounts import Actor, Permission
+from mailer.bounce_policy import BouncePolicy
 from mailer.edition import EditionErrors
 from mailer.errors import EditionError, MailerError
 from mailer.models import Edition, EditionStatus
 from mailer.render import CompiledEdition, Recipient, personalise, preflight
 from mailer.spreadsheet import write_csv
 from mailer.web import public
+from mailer.web.admin import (
+    RESOLVE_ALERT,
+    AlertOutsideRegions,
+    _coordinator_alerts,
+    _open_alerts,
+    resolve_bounce_alert,
+)
 from subscribers import importer, store
 from subscribers.db import utcnow
 from subscribers.errors import InvalidInput, NotFound, SubscriberError
@@ -233,6 +241,54 @@ class AuditOut(BaseModel):
 class AuditPage(BaseModel):
     total: int
     items: list[AuditOut]
+
+
+class BounceAlertOut(BaseModel):
+    """An open bounce alert: held bounces from one domain (or a policy refusal) that wait for
+    a person to apply or dismiss them."""
+
+    id: int
+    kind: str
+    domain: str
+    edition_id: int | None
+    edition: str | None = Field(description="The send's slug, when it still exists")
+    regions: list[str] = Field(description="The send's audience; only who covers all of it "
+                               "may resolve the alert")
+    recipients: int
+    bounced: int
+    share: float
+    detail: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    can_resolve: bool = Field(description="Whether this token may resolve it")
+
+
+class ResolveIn(BaseModel):
+    apply: bool = Field(strict=True, description="true: the bounces are real, so those "
+                        "subscribers are treated as bounced; false: dismiss them, changing "
+                        "nobody")
+
+
+class ResolvedOut(BaseModel):
+    id: int
+    resolution: Literal["applied", "dismissed"]
+    resolved_by: str
+    marked_bounced: int
+    detail: str
+
+
+class CoordinatorAlertOut(BaseModel):
+    """An alert mailed to the co-ordinators (a halted send, a missed reminder, held bounces)."""
+
+    id: int
+    kind: str
+    subject: str
+    regions: list[str] = Field(description="The regions it is about; empty: every region")
+    created_at: dt.datetime
+    mailed: bool = Field(description="Mailed to everyone it was for")
+    mailed_to: int = Field(description="How many addresses took it")
+    state: str
+    last_error: str | None
 
 
 # Query parameters (module level: under `from __future__ import annotations` FastAPI resolves
@@ -706,6 +762,53 @@ def _routes(api: FastAPI) -> None:
                            for r, e in events.upcoming(session, now,
                                                        now + dt.timedelta(days=days))])
         return await _run(request, work)
+
+    @api.get("/bounce-alerts", response_model=list[BounceAlertOut])
+    async def bounce_alerts(request: Request, actor: Actor = viewer) -> list[BounceAlertOut]:
+        """The open bounce alerts. Every token sees them all (a domain and counts, nobody's
+        address), as in the console; `can_resolve` says whether this one may close each."""
+        every_region = tuple(_web(request).rules.regions)
+        return await _run(request, lambda s: [
+            BounceAlertOut(**{**vars(a), "regions": list(a.regions)})
+            for a in _open_alerts(s, actor, every_region)])
+
+    @api.post("/bounce-alerts/{aid}/resolve", response_model=ResolvedOut, responses={
+        503: {"model": Problem, "description": "The bounce settings are wrong"}})
+    async def bounce_alert_resolve(request: Request, aid: Id, data: ResolveIn,
+                                   actor: Actor = Depends(_needs(RESOLVE_ALERT))
+                                   ) -> ResolvedOut:
+        """`mailer bounces resolve ID --apply|--dismiss`: only who covers the send's whole
+        audience; an alert resolved already answers 409."""
+        w = _web(request)
+        every_region = tuple(w.rules.regions)
+        try:
+            policy = BouncePolicy.from_settings(w.settings)
+        except MailerError as exc:
+            raise HTTPException(503, f"the bounce settings are wrong: {exc}") from None
+
+        def work(session: Session) -> ResolvedOut:
+            try:
+                alert, changed = resolve_bounce_alert(
+                    session, policy, actor, aid, apply=data.apply, every_region=every_region,
+                    via="api", ip=request.client.host if request.client else None)
+            except AlertOutsideRegions as exc:
+                raise HTTPException(403, f"{exc}; you can act only for "
+                                    f"{', '.join(actor.regions or ())}") from None
+            detail = (f"{changed} subscriber(s) at {alert.domain} marked bounced" if data.apply
+                      else f"the held bounces from {alert.domain} change nobody")
+            return ResolvedOut(id=aid, resolution="applied" if data.apply else "dismissed",
+                               resolved_by=actor.login, marked_bounced=changed, detail=detail)
+        return await _run(request, work)
+
+    @api.get("/alerts", response_model=list[CoordinatorAlertOut])
+    async def coordinator_alerts(request: Request, actor: Actor = viewer,
+                                 limit: Annotated[int, Query(ge=1, le=200)] = 50
+                                 ) -> list[CoordinatorAlertOut]:
+        """The latest alerts to the co-ordinators, newest first: for a co-ordinator, those
+        about their regions and those about every region."""
+        return await _run(request, lambda s: [
+            CoordinatorAlertOut(**{**vars(a), "regions": list(a.regions)})
+            for a in _coordinator_alerts(s, actor, utcnow(), limit=limit)])
 
     @api.get("/audit", response_model=AuditPage)
     async def audit_log(request: Request,
