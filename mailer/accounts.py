@@ -363,6 +363,10 @@ def authenticate(session: Session, login: str, password: str, code: str = "",
             HASHER.verify(_dummy_hash(), password[:MAX_PASSWORD])
         return LoginResult(LoginOutcome.BAD)
     if user.locked_until is not None and user.locked_until > now:
+        # Hashed all the same: an answer that came back sooner would tell a guesser which
+        # logins exist (only a real account can be locked).
+        with contextlib.suppress(VerificationError, InvalidHashError):
+            HASHER.verify(user.password_hash, password[:MAX_PASSWORD])
         return LoginResult(LoginOutcome.LOCKED, user)
     try:
         HASHER.verify(user.password_hash, password[:MAX_PASSWORD])

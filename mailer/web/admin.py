@@ -384,12 +384,13 @@ async def login_post(request: Request) -> Response:
     problems = {
         "limited": ("Too many sign-in attempts from your network. Wait 15 minutes and try "
                     "again.", 429),
-        "locked": ("This account is locked for 15 minutes after several failed attempts. Wait, "
-                   "or ask an administrator to reset your password.", 429),
         "need_code": ("Enter the 6-digit code from your authenticator app as well.", 401),
     }
-    text, status = problems.get(outcome, ("The login, password or code was not recognised.",
-                                          401))
+    # A locked account is answered as a wrong password is: only a real account can be
+    # locked, so saying so would tell a guesser which logins exist. The page says what happens.
+    text, status = problems.get(outcome, (
+        "The login, password or code was not recognised. After five failed attempts an "
+        "account is locked for 15 minutes; an administrator can reset it.", 401))
     return _page(request, None, "login.html.j2", status, title="Sign in to the console",
                  next=next_path, login=login, errors={"login": text},
                  need_code=outcome == "need_code")
