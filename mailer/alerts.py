@@ -114,6 +114,7 @@ class _Mail:
     subject: str
     body: str
     to: list[str]
+    told_before: bool  # someone has it already (a mail that failed for others last time)
 
 
 def mail_pending(sessions: sessionmaker[Session], settings: Settings,
@@ -129,14 +130,15 @@ def mail_pending(sessions: sessionmaker[Session], settings: Settings,
         for alert in waiting:
             to = [a for a in recipients(session, alert.regions, settings.contact_address)
                   if a not in alert.mailed_to]
-            mails.append(_Mail(alert.id, alert.subject, _body(alert, settings), to))
+            mails.append(_Mail(alert.id, alert.subject, _body(alert, settings), to,
+                               bool(alert.mailed_to)))
     done = 0
     for mail in mails:
         accepted, errors = [], []
         for address in mail.to:
             problem = _send(settings, address, mail.subject, mail.body)
             (errors if problem else accepted).append(problem or address)
-        if not mail.to:
+        if not mail.to and not mail.told_before:
             errors.append("no admin or co-ordinator account has an email address, and "
                           "MAILER_CONTACT_ADDRESS is empty")
         with session_scope(sessions) as session:

@@ -119,6 +119,27 @@ def test_a_mail_that_fails_is_tried_again_only_for_those_who_did_not_get_it(
     assert len(sink.handler.messages("bea@kent.police.uk")) == 1
 
 
+def test_an_alert_whose_missing_reader_left_is_done_with_those_who_had_it(
+        engine, settings: Settings, make_fault_server: Callable[..., FaultServer]) -> None:
+    sessions = _sessions(engine)
+    with sessions() as s:
+        for login, email in (("ada", "ada@kent.police.uk"), ("bea", "mailbox-busy@kent.police.uk")):
+            add_user(s, login=login, display_name=login, role="admin", password=PASSWORD,
+                     email=email)
+        alerts.raise_alert(s, "halt:9", "halt", "Sending stopped", "The relay refused us.")
+        s.commit()
+    sink = make_fault_server()
+    assert alerts.mail_pending(sessions, _with_sink(settings, sink)) == 0  # bea's mailbox is busy
+    with sessions() as s:
+        s.execute(update(alerts.User).where(alerts.User.login == "bea").values(disabled=True))
+        s.commit()
+    assert alerts.mail_pending(sessions, _with_sink(settings, sink)) == 1  # ada has it: done
+    with sessions() as s:
+        alert = s.scalars(select(CoordinatorAlert)).one()
+        assert alert.mailed_at is not None and alert.last_error is None
+    assert sink.handler.accepted() == 1
+
+
 def test_an_alert_is_recorded_once_per_key_and_one_nobody_can_be_sent_stays_listed(
         engine, settings: Settings, make_fault_server: Callable[..., FaultServer]) -> None:
     sessions = _sessions(engine)
