@@ -20,9 +20,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
 from starlette.routing import Mount
 
 from mailer import alerts, audit, bounce_policy, events, outbox
@@ -32,7 +31,7 @@ from mailer.models import Delivery, Edition, EditionStatus
 from mailer.web.app import create_app
 from mailer.worker import Worker
 from subscribers import store
-from subscribers.db import normalise_url, session_factory
+from subscribers.db import session_factory
 from subscribers.models import Subscriber
 from tests.smtp_servers import FaultServer
 from tests.test_admin_routes import (  # noqa: F401
@@ -47,6 +46,7 @@ from tests.test_admin_routes import (  # noqa: F401
     sample_edition,
     sent_edition,
 )
+from tests.waiting import a_session_waits_on_a_lock
 from tests.web_fixtures import (  # noqa: F401
     BASE,
     csrf_of,
@@ -619,7 +619,6 @@ def test_two_people_resolving_one_alert_at_once_make_one_resolution(
     make_user(engine, "ess", regions=("essex",))
     assert login(app_client, "ess").status_code == 303
     token = csrf_of(app_client.get("/admin").text)
-    watcher = create_engine(normalise_url(db_url), poolclass=NullPool)
     answers: list[Any] = []
 
     def resolve() -> None:
@@ -633,20 +632,11 @@ def test_two_people_resolving_one_alert_at_once_make_one_resolution(
         bounce_policy.resolve_alert(first, BouncePolicy.from_settings(web_settings), aid,
                                     "other", apply=False)
         thread.start()
-        gate = threading.Event()
-        with watcher.connect() as conn:  # the console's request really waits on that row
-            for _ in range(500):
-                waited = bool(conn.execute(text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database()")).scalar())
-                if waited:
-                    break
-                gate.wait(0.02)
+        waited = a_session_waits_on_a_lock(db_url)  # the console's request waits on that row
         first.commit()
     finally:
         first.close()
         thread.join(30)
-        watcher.dispose()
     assert waited, "the console's resolve never waited on the other's"
     (answer,) = answers
     assert answer.status_code == 409 and "resolved already (dismissed)" in answer.text

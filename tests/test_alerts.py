@@ -95,13 +95,18 @@ def test_a_halt_is_alerted_once_and_mailed_to_the_admins_and_that_regions_coordi
     assert sink.handler.accepted() == 2
 
 
+def _admins_ada_and_busy_bea(s: Session) -> None:
+    # The fault server answers "mailbox-busy" with 450: a mail that can be tried again.
+    for login, email in (("ada", "ada@kent.police.uk"), ("bea", "mailbox-busy@kent.police.uk")):
+        add_user(s, login=login, display_name=login, role="admin", password=PASSWORD,
+                 email=email)
+
+
 def test_a_mail_that_fails_is_tried_again_only_for_those_who_did_not_get_it(
         engine, settings: Settings, make_fault_server: Callable[..., FaultServer]) -> None:
     sessions = _sessions(engine)
     with sessions() as s:
-        for login, email in (("ada", "ada@kent.police.uk"), ("bea", "mailbox-busy@kent.police.uk")):
-            add_user(s, login=login, display_name=login, role="admin", password=PASSWORD,
-                     email=email)
+        _admins_ada_and_busy_bea(s)
         assert alerts.raise_alert(s, "missed:1", "missed-reminder", "A reminder was missed",
                                   "The reminder for Anti-Slavery Day could not go out in time.")
         s.commit()
@@ -123,9 +128,7 @@ def test_an_alert_whose_missing_reader_left_is_done_with_those_who_had_it(
         engine, settings: Settings, make_fault_server: Callable[..., FaultServer]) -> None:
     sessions = _sessions(engine)
     with sessions() as s:
-        for login, email in (("ada", "ada@kent.police.uk"), ("bea", "mailbox-busy@kent.police.uk")):
-            add_user(s, login=login, display_name=login, role="admin", password=PASSWORD,
-                     email=email)
+        _admins_ada_and_busy_bea(s)
         alerts.raise_alert(s, "halt:9", "halt", "Sending stopped", "The relay refused us.")
         s.commit()
     sink = make_fault_server()

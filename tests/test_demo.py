@@ -15,9 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
-import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from mailer.models import Delivery, Edition
 from mailer.web.app import create_app
 from subscribers import store
 from subscribers.models import Subscriber
+from tests.waiting import answering, wait_for
 
 SUBJECT = "MSHT newsletter, issue 2: Kent & Essex, summer 2020"
 
@@ -40,16 +39,6 @@ def _env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
     env["MAILER_CONFIG"] = str(tmp_path / "absent.toml")
     return env
-
-
-def _wait(condition: Any, timeout: float) -> bool:
-    gate = threading.Event()
-    deadline = datetime.now(UTC) + timedelta(seconds=timeout)
-    while datetime.now(UTC) < deadline:
-        if condition():
-            return True
-        gate.wait(0.05)
-    return bool(condition())
 
 
 def test_demo_no_serve_from_a_fresh_directory_delivers_to_every_demo_subscriber(
@@ -126,15 +115,8 @@ def served_demo(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         for line in proc.stdout:
             lines.append(line)
     threading.Thread(target=read, daemon=True).start()
-
-    def answering() -> bool:
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=2) as response:  # noqa: S310
-                return response.status == 200
-        except OSError:
-            return proc.poll() is not None  # stop waiting if it died
     try:
-        assert _wait(answering, 240) and proc.poll() is None, "".join(lines)
+        assert wait_for(answering(base, proc), 240) and proc.poll() is None, "".join(lines)
         assert f"{base}/dev/inbox" in "".join(lines)  # it prints the URLs to open
         yield base, tmp_path / "var" / "demo"
     finally:
@@ -145,7 +127,7 @@ def served_demo(tmp_path: Path) -> Iterator[tuple[str, Path]]:
             proc.kill()
             code = proc.wait(10)
     # Ctrl-C is the way to stop the demo: web, scheduler and worker stop cleanly, no error
-    assert _wait(lambda: any("stopped: web" in line for line in lines), 10), "".join(lines)
+    assert wait_for(lambda: any("stopped: web" in line for line in lines), 10), "".join(lines)
     output = "".join(lines)
     assert code == 0 and "error" not in output and "Traceback" not in output, output
 

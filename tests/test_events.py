@@ -290,13 +290,10 @@ def test_two_processes_planning_at_once_plan_each_reminder_once(db_url: str, bac
     unique key, then adds nothing instead of failing."""
     import threading
 
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.pool import NullPool
-
-    from subscribers.db import make_engine, normalise_url, session_factory
+    from subscribers.db import make_engine, session_factory
+    from tests.waiting import a_session_waits_on_a_lock
 
     engine = make_engine(db_url)
-    watcher = create_engine(normalise_url(db_url), poolclass=NullPool)
     sessions = session_factory(engine)
     now = _utc(2027, 1, 1, 12, 0)
     with sessions() as s:
@@ -317,22 +314,12 @@ def test_two_processes_planning_at_once_plan_each_reminder_once(db_url: str, bac
     try:
         assert events.plan_reminders(first, now) == 2  # not committed yet
         thread.start()
-        gate = threading.Event()
-        waited = False
-        with watcher.connect() as conn:  # the second really waits on the first's rows
-            for _ in range(500):
-                waited = bool(conn.execute(text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database()")).scalar())
-                if waited:
-                    break
-                gate.wait(0.02)
+        waited = a_session_waits_on_a_lock(db_url)  # the second really waits on the first's rows
         first.commit()
     finally:
         first.close()  # before anything else: the second thread waits on its rows
         thread.join(30)
         second.close()
-        watcher.dispose()
     assert waited, "the second planner never waited on the first"
     assert results == [0]
     with sessions() as s:

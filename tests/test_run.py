@@ -15,8 +15,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import delete
@@ -31,20 +30,10 @@ from subscribers import store
 from subscribers.db import session_factory, utcnow
 from subscribers.models import Channel
 from subscribers.rules import Rules
+from tests.waiting import answering, wait_for
 
 SAMPLE = Path(__file__).resolve().parent.parent / "editions" / "2020-q3-kent-essex.md"
 PEOPLE = 5
-
-
-def _wait(condition: Callable[[], bool], timeout: float) -> bool:
-    """Poll a condition, bounded; never a bare sleep for timing."""
-    gate = threading.Event()
-    deadline = datetime.now(UTC) + timedelta(seconds=timeout)
-    while datetime.now(UTC) < deadline:
-        if condition():
-            return True
-        gate.wait(0.05)
-    return condition()
 
 
 def _free_port() -> int:
@@ -102,16 +91,9 @@ def test_mailer_run_serves_the_pages_and_sends_what_fell_due(
                 lines.append(line)
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-
-        def answering() -> bool:
-            try:
-                with urllib.request.urlopen(f"{base}/healthz", timeout=2) as r:  # noqa: S310
-                    return r.status == 200
-            except OSError:
-                return proc.poll() is not None  # stop waiting if it died
         try:
-            assert _wait(answering, 60) and proc.poll() is None, "".join(lines)
-            assert _wait(lambda: len(sink.messages()) >= 2 * PEOPLE, 60), "".join(lines)
+            assert wait_for(answering(base, proc), 60) and proc.poll() is None, "".join(lines)
+            assert wait_for(lambda: len(sink.messages()) >= 2 * PEOPLE, 60), "".join(lines)
             received = [email.message_from_bytes(sink.raw(m.key), policy=email.policy.default)
                         for m in sink.messages()]
             # the unsubscribe link a reader got is answered by this same process (a page

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from subscribers import store
 from subscribers.db import session_factory, utcnow
 from subscribers.models import Channel
 from subscribers.rules import Rules
+from tests.waiting import wait_for
 
 SAMPLE = Path(__file__).resolve().parent.parent / "editions" / "2020-q3-kent-essex.md"
 PEOPLE = 12
@@ -87,17 +87,6 @@ def _deliveries(sessions: sessionmaker[Session], edition_id: int | None = None) 
 
 def _utc(*args: int) -> datetime:
     return datetime(*args, tzinfo=UTC)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-    """Poll a condition, bounded; never a bare sleep for timing."""
-    gate = threading.Event()
-    deadline = datetime.now(UTC) + timedelta(seconds=timeout)
-    while datetime.now(UTC) < deadline:
-        if condition():
-            return True
-        gate.wait(0.02)
-    return condition()
 
 
 # ---------------------------------------------------------------- times people type
