@@ -11,7 +11,7 @@ low rate may mean the server was starved rather than slow.
         .venv/bin/python bench/web.py --backend postgresql --runs 3
 
 uvicorn runs one worker on SQLite and two on PostgreSQL unless --workers says otherwise. Two
-SQLite workers take turns on the database through a lock file (mailer.web.public.SqliteTurns),
+SQLite workers take turns on the database through a lock file (mailer.web.runtime.SqliteTurns),
 so they are correct, but the one-click rate hardly moves: the turns, not the CPU, are the limit.
 
 Each one-click POST unsubscribes a different subscriber (a real write: subscription status and a

@@ -34,6 +34,7 @@ from mailer.accounts import Role, User
 from mailer.config import Settings
 from mailer.smtp import Outcome, deliver_once
 from subscribers.db import Base, UTCDateTime, session_scope, utcnow
+from subscribers.regions import Scope, within
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,12 @@ def key_for(*parts: object) -> str:
     return text[:100] + ":" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def recent(session: Session, limit: int = 50) -> Sequence[CoordinatorAlert]:
-    return session.scalars(select(CoordinatorAlert).order_by(CoordinatorAlert.id.desc())
-                           .limit(limit)).all()
+def recent(session: Session, limit: int = 50, scope: Scope = None
+           ) -> Sequence[CoordinatorAlert]:
+    """The newest alerts within a region scope: about one of its regions, or about every
+    region (`subscribers.regions.within`)."""
+    return session.scalars(select(CoordinatorAlert).where(within(scope, CoordinatorAlert.regions))
+                           .order_by(CoordinatorAlert.id.desc()).limit(limit)).all()
 
 
 def recipients(session: Session, regions: Sequence[str], fallback: str = "") -> list[str]:

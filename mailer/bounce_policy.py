@@ -52,9 +52,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
     delete,
     distinct,
     func,
+    or_,
     select,
     update,
 )
@@ -70,6 +72,7 @@ from mailer.models import Delivery, DeliveryStatus, Edition
 from subscribers import store
 from subscribers.db import Base, UTCDateTime, utcnow
 from subscribers.models import Channel, Subscriber, SubscriberStatus, Topic, _check_in
+from subscribers.regions import Scope, within
 from subscribers.rules import Rules
 from subscribers.validation import normalise_address
 
@@ -795,8 +798,20 @@ class Row:
     raw_kept: bool
 
 
+def _in_scope(scope: Scope, everywhere: bool) -> Any:
+    """A record is in a region scope when its subscriber is (`subscribers.regions.within`).
+    One that names nobody, or someone since erased, cannot be placed in a region: only who
+    covers every region (`everywhere`) sees those."""
+    placed = and_(Subscriber.status != SubscriberStatus.ERASED,
+                  within(scope, Subscriber.region))
+    return or_(placed, Subscriber.id.is_(None) | (Subscriber.status == SubscriberStatus.ERASED)
+               ) if everywhere else placed
+
+
 def recent(session: Session, limit: int = 20, *, subscriber_id: int | None = None,
-           kinds: tuple[str, ...] = ()) -> list[Row]:
+           kinds: tuple[str, ...] = (), scope: Scope = None, everywhere: bool = True
+           ) -> list[Row]:
+    """The newest inbound records, newest first, within a region scope (see `_in_scope`)."""
     query = select(InboundRecord.id, InboundRecord.received_at, InboundRecord.kind,
                    InboundRecord.status, InboundRecord.decision, InboundRecord.decision_detail,
                    InboundRecord.reason, InboundRecord.edition_id, InboundRecord.subscriber_id,
@@ -805,10 +820,27 @@ def recent(session: Session, limit: int = 20, *, subscriber_id: int | None = Non
         query = query.where(InboundRecord.subscriber_id == subscriber_id)
     if kinds:
         query = query.where(InboundRecord.kind.in_(list(kinds)))
+    if scope is not None:
+        query = query.outerjoin(Subscriber, Subscriber.id == InboundRecord.subscriber_id).where(
+            _in_scope(scope, everywhere))
     rows = session.execute(query.order_by(InboundRecord.id.desc()).limit(limit)).all()
     return [Row(r.id, r.received_at, r.kind, r.status, r.decision,
                 r.decision_detail or r.reason, r.edition_id, r.subscriber_id, r.origin,
                 r.raw_purged_at is None) for r in rows]
+
+
+def count_outside(session: Session, *, kinds: tuple[str, ...] = (), scope: Scope = None,
+                  everywhere: bool = True) -> int:
+    """How many inbound records of these kinds lie outside a region scope."""
+    if scope is None:
+        return 0
+    every = select(func.count()).select_from(InboundRecord).outerjoin(
+        Subscriber, Subscriber.id == InboundRecord.subscriber_id)
+    if kinds:
+        every = every.where(InboundRecord.kind.in_(list(kinds)))
+    # All less those in scope, not NOT(in scope): a missing subscriber makes that NULL.
+    return ((session.scalar(every) or 0)
+            - (session.scalar(every.where(_in_scope(scope, everywhere))) or 0))
 
 
 def events_for(session: Session, subscriber_id: int) -> list[BounceEvent]:

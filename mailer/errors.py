@@ -37,3 +37,34 @@ class TransientDeliveryError(MailerError):
 
 class PermanentDeliveryError(MailerError):
     """Trying again will not help this recipient: a 5xx reply for this address."""
+
+
+class RelayRefused(MailerError):
+    """A single message (a test send) that the relay did not take; the message says its
+    reply."""
+
+
+# What an operation (`mailer.operations`) refuses, whatever the face: each face turns these into
+# its own answer (a console page, an HTTP status, a line on the terminal) in one place.
+
+class NotFound(MailerError):
+    """No such record, or none this person may see: a record outside someone's regions is
+    answered as missing, so that the answer does not tell that it exists."""
+
+
+class NotAllowed(MailerError):
+    """This person's role, or a rule such as four-eyes approval, does not allow it."""
+
+
+class OutOfScope(MailerError):
+    """The record is one this person may know of, but it reaches beyond their regions; or
+    (`field` set) a value they chose, such as a subscriber's region, is outside them."""
+
+    def __init__(self, message: str, hint: str | None = None, field: str | None = None
+                 ) -> None:
+        super().__init__(message, hint)
+        self.field = field
+
+
+class Conflict(MailerError):
+    """Not possible in the record's present state (sent already, resolved a moment ago...)."""

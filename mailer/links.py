@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from mailer.config import Settings
 from mailer.render import RecipientUrls
-from subscribers.tokens import Lifetimes, Tokens
+from subscribers.tokens import Lifetimes, Purpose, Tokens
+
+# Where each kind of link lands: the one place the recipient pages' link shapes are written.
+PATHS = {Purpose.CONFIRM: "/confirm/", Purpose.UNSUBSCRIBE: "/u/", Purpose.MANAGE: "/preferences/"}
 
 
 def tokens_for(settings: Settings) -> Tokens:
@@ -25,14 +28,28 @@ class Links:
     def url(self, path: str) -> str:
         return f"{self.base}{path}"
 
+    def page(self, purpose: Purpose, token: str, action: str = "") -> str:
+        """The page a token of this purpose opens (and `action`, a step under it)."""
+        return self.url(f"{PATHS[purpose]}{token}{action}")
+
+    def confirm(self, subscriber_id: int) -> str:
+        return self.page(Purpose.CONFIRM, self.tokens.confirm(subscriber_id))
+
     def unsubscribe(self, subscriber_id: int, topic_id: int | None = None) -> str:
-        return self.url(f"/u/{self.tokens.unsubscribe(subscriber_id, topic_id)}")
+        return self.page(Purpose.UNSUBSCRIBE, self.tokens.unsubscribe(subscriber_id, topic_id))
 
     def preferences(self, subscriber_id: int) -> str:
-        return self.url(f"/preferences/{self.tokens.manage(subscriber_id)}")
+        return self.page(Purpose.MANAGE, self.tokens.manage(subscriber_id))
 
     def view_online(self, edition_slug: str) -> str:
         return self.url(f"/archive/{edition_slug}")
+
+    def preview(self, edition_slug: str) -> RecipientUrls:
+        """A preview's links: not real tokens, so a preview never carries a link that acts
+        for a subscriber."""
+        return RecipientUrls(unsubscribe=self.url("/unsubscribe/preview"),
+                             preferences=self.url("/preferences/preview"),
+                             view_online=self.view_online(edition_slug))
 
     def recipient(self, subscriber_id: int, topic_id: int | None,
                   edition_slug: str) -> RecipientUrls:

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from mailer.config import Settings
 from mailer.edition import load_edition
-from mailer.errors import MailerError
+from mailer.errors import Conflict, MailerError, NotAllowed, NotFound
 from mailer.models import (
     DUE,
     FINAL,
@@ -40,9 +40,10 @@ from mailer.render import compile_edition
 from subscribers import store
 from subscribers.db import utcnow
 from subscribers.models import Subscriber, Topic
+from subscribers.regions import Scope, within
 
 
-class EditionConflict(MailerError):
+class EditionConflict(Conflict):
     """The request does not fit the edition's state (already sent, cancelled, ...)."""
 
 
@@ -95,21 +96,23 @@ def store_edition_file(session: Session, settings: Settings, path: Path,
                          compiled=compiled.to_dict(), actor=actor)
 
 
-def get_edition(session: Session, ident: str | int) -> Edition:
-    """An edition by id or by slug."""
-    query = select(Edition)
+def get_edition(session: Session, ident: str | int, scope: Scope = None) -> Edition:
+    """An edition by id or by slug, within a region scope (`subscribers.regions.within`: its
+    audience shares a region with the scope, or is everyone); another is not found."""
+    query = select(Edition).where(within(scope, Edition.regions))
     if isinstance(ident, int) or str(ident).isdigit():
         query = query.where(Edition.id == int(ident))
     else:
         query = query.where(Edition.slug == ident)
     edition = session.scalar(query)
     if edition is None:
-        raise MailerError(f"no edition '{ident}'", hint="`mailer edition list` shows them")
+        raise NotFound(f"no edition '{ident}'", hint="`mailer edition list` shows them")
     return edition
 
 
-def list_editions(session: Session, limit: int = 50) -> Sequence[Edition]:
-    return session.scalars(select(Edition).order_by(Edition.id.desc()).limit(limit)).all()
+def list_editions(session: Session, limit: int = 50, scope: Scope = None) -> Sequence[Edition]:
+    return session.scalars(select(Edition).where(within(scope, Edition.regions))
+                           .order_by(Edition.id.desc()).limit(limit)).all()
 
 
 def audience(edition: Edition) -> Select[tuple[int]]:
@@ -510,7 +513,7 @@ def recipients_at_domain(session: Session, edition_id: int, domain: str) -> int:
 # scheduled or sent now. Each step refuses unless the edition is in the state it expects, so a
 # double click or two co-ordinators at once cannot skip a step or repeat one.
 
-class ApprovalRefused(EditionConflict):
+class ApprovalRefused(NotAllowed):
     """The approver is the author or the person who asked for approval (four eyes)."""
 
 
@@ -662,6 +665,35 @@ def schedule(session: Session, edition: Edition, actor: str, when: datetime,
     session.flush()
 
 
+def reschedule(session: Session, edition: Edition, actor: str, when: datetime,
+               now: datetime | None = None, *, require_approval: bool = True) -> None:
+    """Move a scheduled edition to another time."""
+    if edition.status != EditionStatus.SCHEDULED:
+        raise ScheduleError(f"edition '{edition.slug}' is {edition.status}, not scheduled",
+                            hint="schedule it for a first time instead")
+    schedule(session, edition, actor, when, now, require_approval=require_approval)
+
+
+def unschedule(session: Session, edition: Edition) -> bool:
+    """Take a scheduled edition off the schedule (back to approved or draft)."""
+    if edition.status != EditionStatus.SCHEDULED:
+        return False
+    edition.status = EditionStatus.APPROVED if edition.approved_by else EditionStatus.DRAFT
+    edition.scheduled_for = None
+    session.flush()
+    return True
+
+
+def send_to_new(session: Session, edition: Edition) -> int:
+    """Send an edition that went out to the people who joined since and have not had it."""
+    if edition.status not in (EditionStatus.SENT, EditionStatus.SENDING, EditionStatus.PAUSED):
+        raise EditionConflict(f"edition '{edition.slug}' is {edition.status}; only one that "
+                              "has been sent can go to people who joined since")
+    if edition.status == EditionStatus.SENT:
+        edition.status = EditionStatus.SENDING
+    return enqueue(session, edition)
+
+
 def send_approved(session: Session, edition: Edition, actor: str,
                   now: datetime | None = None) -> int:
     """Start sending an approved (or scheduled) edition now; returns deliveries queued."""
@@ -671,21 +703,24 @@ def send_approved(session: Session, edition: Edition, actor: str,
     return enqueue(session, edition, now=now)
 
 
-def upcoming_editions(session: Session, limit: int = 10) -> Sequence[Edition]:
+def upcoming_editions(session: Session, limit: int = 10, scope: Scope = None
+                      ) -> Sequence[Edition]:
     """Editions waiting to go: scheduled (soonest first), then approved, then put forward."""
     waiting = [EditionStatus.SCHEDULED, EditionStatus.APPROVED, EditionStatus.DRAFT]
-    rows = session.scalars(select(Edition).where(Edition.status.in_(waiting))
+    rows = session.scalars(select(Edition).where(Edition.status.in_(waiting),
+                                                 within(scope, Edition.regions))
                            .order_by(Edition.scheduled_for, Edition.id.desc())
                            .limit(limit * 3)).all()
     order = {s: i for i, s in enumerate(waiting)}
     return sorted(rows, key=lambda e: order[EditionStatus(e.status)])[:limit]
 
 
-def recent_sends(session: Session, limit: int = 10) -> list[Progress]:
+def recent_sends(session: Session, limit: int = 10, scope: Scope = None) -> list[Progress]:
     """The latest sends that have started, with their delivery figures."""
     started = [EditionStatus.SENDING, EditionStatus.PAUSED, EditionStatus.SENT,
                EditionStatus.CANCELLED]
     rows = session.scalars(select(Edition).where(Edition.status.in_(started),
+                                                 within(scope, Edition.regions),
                                                  Edition.started_at.is_not(None))
                            .order_by(Edition.started_at.desc()).limit(limit)).all()
     return [progress(session, e) for e in rows]

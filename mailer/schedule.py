@@ -43,7 +43,7 @@ from mailer.events import Event, Reminder, ReminderStatus
 from mailer.models import Delivery, DeliveryStatus, Edition, EditionKind, EditionStatus
 from mailer.outbox import LONDON, ScheduleError, check_send_at, uk_time, utc_time
 from mailer.render import Attachment, compile_list_email
-from subscribers import store
+from mailer.web import ratelimit
 from subscribers.db import normalise_url, session_scope, utcnow
 
 log = logging.getLogger(__name__)
@@ -105,25 +105,6 @@ def schedule_edition(session: Session, edition: Edition, at: datetime, actor: st
     log.info("edition %s '%s' scheduled for %s (%s) by %s", edition.id, edition.slug,
              uk_time(at), utc_time(at), actor)
     return edition
-
-
-def reschedule_edition(session: Session, edition: Edition, at: datetime, actor: str | None,
-                       *, now: datetime | None = None, require_approval: bool = True) -> Edition:
-    if edition.status != EditionStatus.SCHEDULED:
-        raise ScheduleError(f"edition '{edition.slug}' is {edition.status}, not scheduled",
-                            hint="use `mailer edition schedule` for a first time")
-    return schedule_edition(session, edition, at, actor, now=now,
-                            require_approval=require_approval)
-
-
-def unschedule_edition(session: Session, edition: Edition) -> bool:
-    """Take a scheduled edition off the schedule (back to approved or draft)."""
-    if edition.status != EditionStatus.SCHEDULED:
-        return False
-    edition.status = EditionStatus.APPROVED if edition.approved_by else EditionStatus.DRAFT
-    edition.scheduled_for = None
-    session.flush()
-    return True
 
 
 def _start_scheduled(session: Session, edition: Edition, now: datetime) -> int | None:
@@ -372,7 +353,7 @@ def catch_up(session: Session, settings: Settings, now: datetime | None = None) 
         report.notices.append(message)
         report.told.append(message)
     # Housekeeping that nothing else does: the web's rate events grow with every request.
-    report.pruned = store.prune_events(session, now - store.RATE_EVENTS_KEPT)
+    report.pruned = ratelimit.prune_events(session, now - ratelimit.KEPT)
     return report
 
 

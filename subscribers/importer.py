@@ -130,8 +130,12 @@ def _split_topics(cell: str) -> list[str]:
 
 def import_file(sessions: sessionmaker[Session], rules: Rules, path: Path, options: Options,
                 apply: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> ImportReport:
-    """Check (and with `apply`, import) a CSV of subscribers; see the module docstring."""
+                progress: Callable[[int, int], None] | None = None,
+                on_apply: Callable[[Session, ImportReport], None] | None = None
+                ) -> ImportReport:
+    """Check (and with `apply`, import) a CSV of subscribers; see the module docstring.
+    `on_apply` runs in the import's own transaction just before it commits (the audit entry:
+    the import and its record are one unit)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -156,8 +160,10 @@ def import_file(sessions: sessionmaker[Session], rules: Rules, path: Path, optio
         if apply and report.ok:
             if report.new >= 1000:
                 store.refresh_statistics(session)
-            session.commit()
             report.applied = True
+            if on_apply is not None:
+                on_apply(session, report)
+            session.commit()
         else:
             session.rollback()
     return report

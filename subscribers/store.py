@@ -8,10 +8,9 @@ the caller owns the transaction, so a web request or an import is all or nothing
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 from functools import cache
 from typing import Any, NamedTuple
@@ -45,7 +44,6 @@ from subscribers.models import (
     Channel,
     ConsentAction,
     ConsentEvent,
-    RateEvent,
     Subscriber,
     SubscriberStatus,
     Subscription,
@@ -54,6 +52,7 @@ from subscribers.models import (
     SuppressionReason,
     Topic,
 )
+from subscribers.regions import within
 from subscribers.rules import Rules
 from subscribers.validation import (
     email_hmac,
@@ -138,9 +137,14 @@ def add_topic(session: Session, slug: str, name: str, description: str = "") -> 
 
 # ---------------------------------------------------------------- lookups
 
-def get(session: Session, subscriber_id: int) -> Subscriber:
-    subscriber = session.get(Subscriber, subscriber_id)
-    if subscriber is None or subscriber.status == SubscriberStatus.ERASED:
+def get(session: Session, subscriber_id: int, scope: tuple[str, ...] | None = None
+        ) -> Subscriber:
+    """A subscriber by id, within a region scope (None: every region). One outside it is not
+    found, so the answer does not tell that it exists."""
+    subscriber = session.scalar(select(Subscriber).where(
+        Subscriber.id == subscriber_id, Subscriber.status != SubscriberStatus.ERASED,
+        within(scope, Subscriber.region)))
+    if subscriber is None:
         raise NotFound(f"no subscriber with id {subscriber_id}")
     return subscriber
 
@@ -150,18 +154,22 @@ def find_by_email(session: Session, rules: Rules, email: str) -> Subscriber | No
     return session.scalar(select(Subscriber).where(Subscriber.email_key == key))
 
 
-def get_by_email(session: Session, rules: Rules, email: str) -> Subscriber:
-    subscriber = find_by_email(session, rules, email)
+def get_by_email(session: Session, rules: Rules, email: str,
+                 scope: tuple[str, ...] | None = None) -> Subscriber:
+    key = normalise_address(email, rules).key
+    subscriber = session.scalar(select(Subscriber).where(
+        Subscriber.email_key == key, within(scope, Subscriber.region)))
     if subscriber is None:
         raise NotFound("no subscriber with that address")
     return subscriber
 
 
-def resolve(session: Session, rules: Rules, ident: str) -> Subscriber:
+def resolve(session: Session, rules: Rules, ident: str,
+            scope: tuple[str, ...] | None = None) -> Subscriber:
     """A subscriber named by id (`42`) or by address, as co-ordinators type them."""
     if ident.isdigit():
-        return get(session, int(ident))
-    return get_by_email(session, rules, ident)
+        return get(session, int(ident), scope)
+    return get_by_email(session, rules, ident, scope)
 
 
 def is_suppressed(session: Session, rules: Rules, key: str) -> bool:
@@ -614,23 +622,23 @@ class Counts:
     by_topic: dict[str, int] = field(default_factory=dict)  # active subscriptions
 
 
-def counts(session: Session, regions: Sequence[str] = ()) -> Counts:
-    """Subscriber figures, optionally limited to some regions (a co-ordinator's scope)."""
-    scope = Subscriber.region.in_(list(regions)) if regions else True
+def counts(session: Session, regions: Sequence[str] | None = None) -> Counts:
+    """Subscriber figures within a region scope (`regions.within`; None: every region)."""
+    in_scope = within(None if regions is None else tuple(regions), Subscriber.region)
     active = Subscriber.status == SubscriberStatus.ACTIVE
     out = Counts()
     out.by_status = dict(session.execute(
-        select(Subscriber.status, func.count()).where(scope).group_by(Subscriber.status)).all())
+        select(Subscriber.status, func.count()).where(in_scope).group_by(Subscriber.status)).all())
     for column, target in ((Subscriber.region, out.by_region), (Subscriber.role, out.by_role),
                            (Subscriber.organisation_type, out.by_organisation_type)):
         for value, n in session.execute(
-                select(column, func.count()).where(active, scope).group_by(column)):
+                select(column, func.count()).where(active, in_scope).group_by(column)):
             target[value or "(not given)"] = n
     per_topic = dict(session.execute(
         select(Topic.slug, func.count())
         .join(Subscription, Subscription.topic_id == Topic.id)
         .join(Subscriber, Subscriber.id == Subscription.subscriber_id)
-        .where(Subscription.status == SubscriptionStatus.ACTIVE, active, scope)
+        .where(Subscription.status == SubscriptionStatus.ACTIVE, active, in_scope)
         .group_by(Topic.slug)).all())
     out.by_topic = {t.slug: per_topic.get(t.slug, 0) for t in list_topics(session)}
     return out
@@ -650,7 +658,7 @@ class Filter:
 def _filtered(flt: Filter) -> Select[tuple[Subscriber]]:
     query = select(Subscriber).where(Subscriber.status != SubscriberStatus.ERASED)
     if flt.scope is not None:
-        query = query.where(Subscriber.region.in_(list(flt.scope)))
+        query = query.where(within(flt.scope, Subscriber.region))
     if flt.status:
         query = query.where(Subscriber.status == flt.status)
     if flt.region:
@@ -855,46 +863,6 @@ def topic_by_id(session: Session, topic_id: int) -> Topic | None:
 def ping(session: Session) -> bool:
     """True when the database answers; for /healthz."""
     return session.scalar(select(func.count()).select_from(Topic)) is not None
-
-
-def hold(session: Session, *keys: str) -> None:
-    """Serialise read-then-write units on these keys until the transaction ends.
-
-    On PostgreSQL, a transaction-scoped advisory lock per key (in sorted order, so two holders
-    never wait on each other): two requests that count a rate bucket and then add to it take
-    turns, so a cap is never passed by both at once. SQLite needs nothing: its web units
-    already take turns on one thread (and across processes by `SqliteTurns`).
-    """
-    if session.get_bind().dialect.name != "postgresql":
-        return
-    for key in sorted(set(keys)):
-        digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-        session.execute(_ADVISORY_XACT_LOCK, {"k": int.from_bytes(digest, "big", signed=True)})
-
-
-_ADVISORY_XACT_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
-
-
-def count_events(session: Session, bucket: str, since: datetime) -> int:
-    return session.scalar(select(func.count()).select_from(RateEvent).where(
-        RateEvent.bucket == bucket, RateEvent.occurred_at > since)) or 0
-
-
-def record_event(session: Session, *buckets: str) -> None:
-    now = utcnow()
-    session.add_all(RateEvent(bucket=b, occurred_at=now) for b in buckets)
-    session.flush()
-
-
-# The longest window that reads rate events (a month's sign-up mails to one address), and a
-# day to spare; the scheduler forgets older ones on every pass.
-RATE_EVENTS_KEPT = timedelta(days=31)
-
-
-def prune_events(session: Session, before: datetime) -> int:
-    """Forget rate events older than `before` (`RATE_EVENTS_KEPT` ago, when nothing reads
-    them any more); returns how many."""
-    return session.execute(delete(RateEvent).where(RateEvent.occurred_at < before)).rowcount
 
 
 def pause(session: Session, subscriber: Subscriber, ctx: Context,

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from mailer.web.app import create_app
-from mailer.web.public import SqliteTurns
+from mailer.web.runtime import SqliteTurns
 from subscribers import store
 from subscribers.db import session_factory, session_scope
 from subscribers.models import Channel, ConsentEvent, Subscriber, SubscriberStatus

@@ -9,7 +9,6 @@ each read, so raw messages do not outlive them where nobody set up a cron job).
 
 from __future__ import annotations
 
-import getpass
 import logging
 import signal
 import threading
@@ -23,9 +22,10 @@ from rich.markup import escape
 from mailer import bounce_policy
 from mailer.bounce_policy import BouncePolicy, Decision
 from mailer.bounces import Kind, Verdict, classify_inbound
-from mailer.cli.runtime import Runtime, audited, console
+from mailer.cli.runtime import Runtime, console
 from mailer.errors import MailerError
 from mailer.inbound import InboundMessage, Receiver, open_source
+from mailer.operations import alerts as alert_ops
 from mailer.outbox import LONDON
 from subscribers.db import utcnow
 
@@ -252,16 +252,14 @@ def resolve(ctx: typer.Context, alert: int = typer.Argument(..., help="The alert
             apply: bool = typer.Option(..., "--apply/--dismiss",
                                        help="--apply: the bounces are real, act on them; "
                                             "--dismiss: leave those subscribers alone"),
-            actor: str = typer.Option(None, help="Who resolves it (default: your login)"),
             ) -> None:
     """Close a bounce alert. Example: `mailer bounces resolve 3 --dismiss`."""
     rt: Runtime = ctx.obj
     policy = BouncePolicy.from_settings(rt.settings)
     with rt.session() as session:
-        changed = bounce_policy.resolve_alert(session, policy, alert, actor or getpass.getuser(),
-                                              apply=apply)
-        audited(session, f"bounce_alert.{'apply' if apply else 'dismiss'}",
-                f"bounce_alert:{alert}", bounced=changed)
+        _alert, changed = alert_ops.resolve_bounce_alert(
+            session, rt.caller, policy, alert, apply=apply,
+            every_region=tuple(rt.settings.regions))
     console.print(f"alert {alert} {'applied' if apply else 'dismissed'}; "
                   f"{changed} subscriber(s) marked bounced")
 

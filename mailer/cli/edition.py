@@ -7,22 +7,35 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
+from sqlalchemy.orm import Session
 
 from mailer.cli.runtime import Runtime, console
 from mailer.config import Settings
 from mailer.edition import load_edition
 from mailer.errors import MailerError
+from mailer.links import Links
+from mailer.models import Edition
+from mailer.operations import editions as edition_ops
 from mailer.reference import message_id
 from mailer.render import (
     CompiledEdition,
     Recipient,
-    RecipientUrls,
     build_message,
     compile_edition,
     personalise,
 )
 
 app = typer.Typer(help="Write, check and preview editions.", no_args_is_help=True)
+
+
+def edition_of(rt: Runtime, session: Session, ident: str) -> Edition:
+    """An edition named by id or slug, or an edition file (.md), which is stored first."""
+    path = Path(ident)
+    if path.suffix == ".md" or path.is_file():
+        if not path.is_file():
+            raise MailerError(f"no edition file {ident}")
+        return edition_ops.save_file(session, rt.caller, rt.settings, path)[0]
+    return edition_ops.get(session, rt.caller, ident)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -36,14 +49,6 @@ def _compile(settings: Settings, file: Path) -> CompiledEdition:
     for warning in compiled.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     return compiled
-
-
-def _preview_urls(settings: Settings, stem: str) -> RecipientUrls:
-    # Not real tokens: a preview must never carry a link that acts for a subscriber.
-    base = settings.base_url
-    return RecipientUrls(unsubscribe=f"{base}/unsubscribe/preview",
-                         preferences=f"{base}/preferences/preview",
-                         view_online=f"{base}/archive/{stem}")
 
 
 def _preview_dir(settings: Settings) -> Path:
@@ -81,7 +86,7 @@ def preview(
     rt: Runtime = ctx.obj
     settings = rt.settings
     compiled = _compile(settings, file)
-    urls = _preview_urls(settings, file.stem)
+    urls = Links(settings).preview(file.stem)
     reader = Recipient(email=to or settings.from_address, name="Preview Reader")
     page = personalise(compiled, reader, urls)
     domain = settings.from_address.rpartition("@")[2]
@@ -125,7 +130,7 @@ def screenshot(
                           hint="apt-get install chromium (never `playwright install`)")
     compiled = _compile(settings, file)
     page_html = personalise(compiled, Recipient(settings.from_address, "Preview Reader"),
-                            _preview_urls(settings, file.stem)).html
+                            Links(settings).preview(file.stem)).html
     folder = _preview_dir(settings)
     from playwright.sync_api import sync_playwright
 

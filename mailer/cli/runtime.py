@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 from rich.console import Console
 from sqlalchemy import Engine
@@ -13,29 +12,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mailer.config import Settings, load_settings
 from mailer.migrations import require_current
+from mailer.operations import Caller, command_line_caller
 from subscribers.db import make_engine, session_factory, session_scope
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
-
-
-def operator() -> str:
-    """Who is at the keyboard, for the consent and audit records of a command."""
-    import getpass
-
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "cli"
-
-
-def audited(session: Session, action: str, target: str | None = None, **detail: Any) -> None:
-    """The audit log's entry for a change made from the command line, in the change's own
-    transaction: the same actions as the console's, by `cli:<login>`, via `cli`."""
-    from mailer import audit
-
-    audit.record(session, actor=f"cli:{operator()}", via="cli", action=action, target=target,
-                 detail=detail or None)
 
 
 @dataclass
@@ -49,6 +30,12 @@ class Runtime:
     @classmethod
     def load(cls) -> Runtime:
         return cls(settings=load_settings())
+
+    @property
+    def caller(self) -> Caller:
+        """Who acts: the person at the keyboard, as the operations and the audit log see
+        them (`cli:<login>`, every permission)."""
+        return command_line_caller()
 
     @property
     def engine(self) -> Engine:

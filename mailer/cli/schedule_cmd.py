@@ -16,11 +16,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mailer import events, outbox, schedule
+from mailer import events, schedule
 from mailer.cli.edition import app as edition_app
-from mailer.cli.runtime import Runtime, audited, console, operator
+from mailer.cli.edition import edition_of
+from mailer.cli.runtime import Runtime, console
 from mailer.events import EventError, EventSpec
 from mailer.models import Edition
+from mailer.operations import editions as edition_ops
+from mailer.operations import events as event_ops
 
 events_app = typer.Typer(help="The events calendar: dates of interest and their reminders.",
                          no_args_is_help=True)
@@ -80,9 +83,7 @@ def events_add(
                      offsets=_offsets(offsets), send_time=at, reminder_text=text,
                      description=description, link=link, topic=topic, weekend=weekend)
     with rt.session() as session:
-        event, _ = events.add_event(session, spec)
-        audited(session, "event.add", f"event:{event.id}", name=event.name)
-        events.plan_reminders(session)
+        event = event_ops.add(session, rt.caller, spec)
         slug, planned = event.slug, len(events.reminders_for(session, event.id))
         upcoming = events.next_occurrence(event, schedule.utcnow().astimezone(
             schedule.LONDON).date())
@@ -146,10 +147,7 @@ def events_remove(ctx: typer.Context, event: str = typer.Argument(..., help="Id 
         raise typer.Abort()
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        e = events.get_event(session, event)
-        name = e.name
-        audited(session, "event.remove", f"event:{e.id}", name=name)
-        dropped = events.remove_event(session, e)
+        name, dropped = event_ops.remove(session, rt.caller, event)
     console.print(f"removed '{escape(name)}' and {dropped} planned reminder(s)")
 
 
@@ -168,25 +166,13 @@ def events_import(ctx: typer.Context,
     rt: Runtime = ctx.obj
     specs = events.load_file(file)
     with rt.session() as session:
-        added, updated = events.import_events(session, specs, replace=replace)
-        audited(session, "events.import", None, file=file.name, added=added, updated=updated)
-        planned = events.plan_reminders(session)
+        added, updated, planned = event_ops.import_file(session, rt.caller, file, specs,
+                                                        replace=replace)
     console.print(f"imported {escape(str(file))}: {added} added, {updated} updated; "
                   f"{planned} reminder(s) planned")
 
 
 # ---------------------------------------------------------------- scheduled editions
-
-def _target(rt: Runtime, session: object, target: str) -> Edition:
-    path = Path(target)
-    if path.suffix == ".md" or path.is_file():
-        if not path.is_file():
-            raise schedule.ScheduleError(f"no edition file {target}")
-        edition, _ = outbox.store_edition_file(session, rt.settings, path,  # type: ignore[arg-type]
-                                               operator())
-        return edition
-    return outbox.get_edition(session, target)  # type: ignore[arg-type]
-
 
 def _say_scheduled(edition: Edition) -> None:
     assert edition.scheduled_for is not None
@@ -209,11 +195,8 @@ def edition_schedule(ctx: typer.Context,
     rt: Runtime = ctx.obj
     when = schedule.parse_at(at)
     with rt.session() as session:
-        edition = schedule.schedule_edition(session, _target(rt, session, target), when,
-                                            operator(),
-                                            require_approval=rt.settings.require_approval)
-        audited(session, "edition.schedule", f"edition:{edition.id}",
-                at=when.isoformat())
+        found = edition_of(rt, session, target)
+        edition = edition_ops.schedule(session, rt.caller, rt.settings, found.id, when)
     _say_scheduled(edition)
 
 
@@ -227,10 +210,8 @@ def edition_reschedule(ctx: typer.Context,
     rt: Runtime = ctx.obj
     when = schedule.parse_at(at)
     with rt.session() as session:
-        edition = schedule.reschedule_edition(session, outbox.get_edition(session, target), when,
-                                              operator(),
-                                              require_approval=rt.settings.require_approval)
-        audited(session, "edition.reschedule", f"edition:{edition.id}", at=when.isoformat())
+        edition = edition_ops.schedule(session, rt.caller, rt.settings, target, when,
+                                       move=True)
     _say_scheduled(edition)
 
 
@@ -240,11 +221,8 @@ def edition_unschedule(ctx: typer.Context,
     """Take an edition off the schedule; it is not sent until scheduled or sent again."""
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        edition = outbox.get_edition(session, target)
-        changed = schedule.unschedule_edition(session, edition)
-        status = edition.status
-        if changed:
-            audited(session, "edition.unschedule", f"edition:{edition.id}")
+        changed = edition_ops.unschedule(session, rt.caller, target)
+        status = edition_ops.get(session, rt.caller, target).status
     console.print("unscheduled; it is " + status if changed
                   else f"nothing to do: it is {status}, not scheduled")
 

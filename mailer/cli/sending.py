@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import typer
 from rich.live import Live
@@ -14,18 +13,12 @@ from rich.table import Table
 
 from mailer import outbox
 from mailer.cli.edition import app as edition_app
-from mailer.cli.runtime import Runtime, audited, console, operator
+from mailer.cli.edition import edition_of
+from mailer.cli.runtime import Runtime, console
 from mailer.config import Settings
-from mailer.models import Edition, EditionStatus
+from mailer.models import EditionStatus
+from mailer.operations import editions as edition_ops
 from mailer.worker import run_worker
-
-
-def _edition(rt: Runtime, session, ident: str) -> Edition:  # type: ignore[no-untyped-def]
-    path = Path(ident)
-    if path.suffix == ".md" and path.exists():
-        edition, _ = outbox.store_edition_file(session, rt.settings, path, operator())
-        return edition
-    return outbox.get_edition(session, ident)
 
 
 @edition_app.command()
@@ -40,7 +33,7 @@ def send(ctx: typer.Context,
     """
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        found = _edition(rt, session, edition)
+        found = edition_of(rt, session, edition)
         breakdown = outbox.audience_breakdown(session, found)
         total = sum(breakdown["region"].values())
         for label, counts in breakdown.items():
@@ -49,17 +42,15 @@ def send(ctx: typer.Context,
                 table.add_row(value, str(n))
             console.print(table)
         eta = outbox.eta_text(rt.settings, total)
-        console.print(f"edition {found.id} '{escape(found.slug)}' ({found.status}): "
+        console.print(f"edition '{escape(found.slug)}' ({found.status}): "
                       f"{total} recipient(s) in its audience; {eta}")
         if not confirm:
-            console.print("dry run: nothing was sent; add --confirm to queue it for sending")
+            session.rollback()  # a dry run stores nothing, not even the edition file
+            console.print("dry run: nothing was sent or stored; add --confirm to queue it "
+                          "for sending")
             return
-        if rt.settings.require_approval:
-            added = outbox.send_approved(session, found, operator())
-        else:
-            added = outbox.enqueue(session, found)
+        added = edition_ops.send(session, rt.caller, rt.settings, found.id)
         slug = found.slug
-        audited(session, "edition.send", f"edition:{found.id}", queued=added)
     console.print(f"[green]queued {added} message(s)[/] for '{escape(slug)}'; "
                   "`mailer worker` sends them, `mailer edition status` follows them")
 
@@ -70,7 +61,7 @@ def list_(ctx: typer.Context) -> None:
     rt: Runtime = ctx.obj
     with rt.session() as session:
         table = Table("id", "slug", "subject", "topic", "status", "sent", "of")
-        for e in outbox.list_editions(session):
+        for e in edition_ops.listing(session, rt.caller):
             p = outbox.progress(session, e)
             table.add_row(str(e.id), e.slug, e.subject, e.topic, e.status,
                           str(p.counts["sent"]), str(p.total))
@@ -97,7 +88,7 @@ def status(ctx: typer.Context, edition: str = typer.Argument(..., help="Id or sl
 
     def read() -> outbox.Progress:
         with rt.session() as session:
-            return outbox.progress(session, outbox.get_edition(session, edition))
+            return edition_ops.progress(session, rt.caller, edition)
 
     p = read()
     if not watch:
@@ -116,29 +107,24 @@ def status(ctx: typer.Context, edition: str = typer.Argument(..., help="Id or sl
     console.print(_status_table(p, rt.settings))
 
 
-def _control(ctx: typer.Context, edition: str, target: EditionStatus, done: str,
-             action: str) -> None:
+def _control(ctx: typer.Context, edition: str, done: str, action: str) -> None:
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        found = outbox.get_edition(session, edition)
-        changed = outbox.set_status(session, found, target,
-                                    reason=f"paused by {operator()}" if target ==
-                                    EditionStatus.PAUSED else None)
-        if changed:
-            audited(session, f"edition.{action}", f"edition:{found.id}")
-    console.print(done if changed else f"nothing to do: it is already {target}")
+        changed = edition_ops.control(session, rt.caller, edition, action)
+    console.print(done if changed else
+                  f"nothing to do: it is already {edition_ops.CONTROLS[action]}")
 
 
 @edition_app.command()
 def pause(ctx: typer.Context, edition: str = typer.Argument(..., help="Id or slug")) -> None:
     """Pause a send: nothing more goes out until `resume` (messages in flight finish)."""
-    _control(ctx, edition, EditionStatus.PAUSED, "paused", "pause")
+    _control(ctx, edition, "paused", "pause")
 
 
 @edition_app.command()
 def resume(ctx: typer.Context, edition: str = typer.Argument(..., help="Id or slug")) -> None:
     """Resume a paused (or halted) send where it stopped: nobody gets it twice."""
-    _control(ctx, edition, EditionStatus.SENDING, "resumed", "resume")
+    _control(ctx, edition, "resumed", "resume")
 
 
 @edition_app.command()
@@ -147,7 +133,7 @@ def cancel(ctx: typer.Context, edition: str = typer.Argument(..., help="Id or sl
     """Cancel a send for good: what has not gone out is not sent."""
     if not yes and not typer.confirm(f"Cancel edition {edition}? What is queued is dropped"):
         raise typer.Abort()
-    _control(ctx, edition, EditionStatus.CANCELLED, "cancelled", "cancel")
+    _control(ctx, edition, "cancelled", "cancel")
 
 
 @edition_app.command("resend-failed")
@@ -158,9 +144,7 @@ def resend_failed(ctx: typer.Context, edition: str = typer.Argument(..., help="I
     """Queue the failed deliveries of an edition again (after fixing what made them fail)."""
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        found = outbox.get_edition(session, edition)
-        moved = outbox.requeue_failed(session, found, include_unknown)
-        audited(session, "edition.resend_failed", f"edition:{found.id}", queued=moved)
+        moved = edition_ops.resend_failed(session, rt.caller, edition, include_unknown)
     console.print(f"queued {moved} message(s) again")
 
 
@@ -170,11 +154,7 @@ def send_to_new(ctx: typer.Context, edition: str = typer.Argument(..., help="Id 
     """Send an edition to subscribers who joined since it went out and have not had it."""
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        found = outbox.get_edition(session, edition)
-        if found.status == EditionStatus.SENT:
-            found.status = EditionStatus.SENDING
-        added = outbox.enqueue(session, found)
-        audited(session, "edition.send_to_new", f"edition:{found.id}", queued=added)
+        added = edition_ops.send_to_new(session, rt.caller, edition)
     console.print(f"queued {added} message(s) for people who have not had it")
 
 

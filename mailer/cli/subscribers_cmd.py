@@ -6,18 +6,17 @@ import json
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
-from mailer import privacy
-from mailer.cli.runtime import Runtime, audited, console, operator
-from mailer.spreadsheet import write_csv
-from subscribers import importer, store
-from subscribers.models import Channel, SubscriberStatus
+from mailer.cli.runtime import Runtime, console
+from mailer.operations import subscribers as subscriber_ops
+from subscribers import importer
+from subscribers.models import SubscriberStatus
 
 app = typer.Typer(help="Manage subscribers.", no_args_is_help=True)
 
@@ -31,10 +30,6 @@ class LawfulBasis(StrEnum):
 class ExportFormat(StrEnum):
     CSV = "csv"
     JSON = "json"
-
-
-def _cli_context(rt: Runtime, **kw: Any) -> store.Context:
-    return store.Context(channel=Channel.CLI, actor=kw.pop("actor", None) or operator(), **kw)
 
 
 
@@ -61,17 +56,14 @@ def add(
     --region kent --role first_responder`
     """
     rt: Runtime = ctx.obj
-    rules = rt.settings.rules()
-    profile = store.profile_from(rules, email=email, name=name, organisation=organisation,
-                                 organisation_type=organisation_type, role=role, region=region)
     with rt.session() as session:
-        chosen = store.topics_by_slug(session, _split(topics))
-        subscriber = store.add_active(
-            session, rules, profile, chosen,
-            _cli_context(rt, lawful_basis=lawful_basis, detail={"source": source or "cli"}))
-        sid = subscriber.id
-        audited(session, "subscriber.add", f"subscriber:{sid}", lawful_basis=lawful_basis)
-    console.print(f"added subscriber {sid} ({escape(profile.email)})")
+        subscriber = subscriber_ops.add(
+            session, rt.caller, rt.settings.rules(), email=email, topics=_split(topics),
+            lawful_basis=str(lawful_basis), source=source or "cli", name=name,
+            organisation=organisation, organisation_type=organisation_type, role=role,
+            region=region)
+        sid, added = subscriber.id, subscriber.email or email
+    console.print(f"added subscriber {sid} ({escape(added)})")
 
 
 def _split(text: str) -> list[str]:
@@ -91,9 +83,10 @@ def list_(
 ) -> None:
     """List subscribers, newest last. Example: `mailer subscribers list --region kent`."""
     rt: Runtime = ctx.obj
-    flt = store.Filter(status=status, region=region, role=role, topic=topic, search=search)
+    flt = subscriber_ops.filter_for(rt.caller, status=status, region=region, role=role,
+                                    topic=topic, search=search)
     with rt.session() as session:
-        total, rows = store.list_subscribers(session, flt, limit=limit, offset=offset)
+        total, rows = subscriber_ops.page(session, rt.caller, flt, limit=limit, offset=offset)
         table = Table("id", "email", "name", "organisation", "region", "role", "status",
                       title=f"{total} subscriber(s)" + (f", showing {len(rows)}"
                                                         if len(rows) < total else ""))
@@ -109,8 +102,8 @@ def show(ctx: typer.Context, subscriber: str = typer.Argument(..., help="Address
     """Show one subscriber with their subscriptions and consent history."""
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        found = store.resolve(session, rt.settings.rules(), subscriber)
-        export = privacy.subject_access(session, found)
+        found = subscriber_ops.resolve(session, rt.caller, rt.settings.rules(), subscriber)
+        export = subscriber_ops.history(session, rt.caller, found.id)
     if as_json:
         sys.stdout.write(json.dumps(export, indent=2, ensure_ascii=False) + "\n")
         return
@@ -146,23 +139,19 @@ def import_(
     Example: `mailer subscribers import kent-training.csv --lawful-basis public_task --apply`
     """
     rt: Runtime = ctx.obj
-    options = importer.Options(lawful_basis=lawful_basis, default_topics=_split(topics),
-                               source=source, actor=operator(), encoding=encoding)
+    options = importer.Options(lawful_basis=str(lawful_basis), default_topics=_split(topics),
+                               source=source, actor=rt.caller.actor.login, encoding=encoding)
     progress = Progress(TextColumn("checking" if not apply else "importing"), BarColumn(),
                         TaskProgressColumn(), console=console, transient=True,
                         disable=file.stat().st_size < 500_000)
     with progress:
         task = progress.add_task("rows", total=None)
-        report = importer.import_file(
-            rt.sessions(), rt.settings.rules(), file, options, apply=apply,
+        report = subscriber_ops.import_file(
+            rt.sessions(), rt.caller, rt.settings.rules(), file, options, apply=apply,
             progress=lambda done, total: progress.update(task, completed=done, total=total))
     _print_report(report, apply)
     if not report.ok:
         raise typer.Exit(1)
-    if report.applied:
-        with rt.session() as session:
-            audited(session, "subscribers.import", None, file=report.source,
-                    sha256=report.sha256, new=report.new)
 
 
 def _print_report(report: importer.ImportReport, apply: bool) -> None:
@@ -204,27 +193,15 @@ def export(
     """Export subscribers as CSV (formula-safe) or JSON. Example: `mailer subscribers export -o
     kent.csv --region kent`."""
     rt: Runtime = ctx.obj
-    flt = store.Filter(status=status, region=region, role=role, topic=topic)
+    flt = subscriber_ops.filter_for(rt.caller, status=status, region=region, role=role,
+                                    topic=topic)
     handle: IO[str] = output.open("w", newline="", encoding="utf-8") if output else sys.stdout
-    n = 0
     try:
         with rt.session() as session:
-            rows = store.iter_export(session, flt)
-            if fmt is ExportFormat.JSON:
-                handle.write("[")
-                for n, row in enumerate(rows, 1):
-                    handle.write(("," if n > 1 else "") + "\n  " + json.dumps(row,
-                                                                            ensure_ascii=False))
-                handle.write("\n]\n")
-            else:
-                n = write_csv(handle, rows)
+            n = subscriber_ops.export(session, rt.caller, flt, handle, fmt.value)
     finally:
         if output:
             handle.close()
-    with rt.session() as session:  # who took a copy of the list, and which part
-        audited(session, "subscribers.export", None, rows=n, format=fmt.value,
-                filter={k: str(v) for k, v in (("status", status), ("region", region),
-                                               ("role", role), ("topic", topic)) if v})
     if output:
         console.print(f"wrote {n} subscriber(s) to {output}")
 
@@ -235,11 +212,8 @@ def unsubscribe(ctx: typer.Context, subscriber: str = typer.Argument(..., help="
     """Unsubscribe someone from one topic or from everything (as if they had asked)."""
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        found = store.resolve(session, rt.settings.rules(), subscriber)
-        chosen = store.get_topic(session, topic) if topic else None
-        changed = store.unsubscribe(session, found, _cli_context(rt), topic=chosen)
-        if changed:
-            audited(session, "subscriber.unsubscribe", f"subscriber:{found.id}", topic=topic)
+        found = subscriber_ops.resolve(session, rt.caller, rt.settings.rules(), subscriber)
+        changed = subscriber_ops.unsubscribe(session, rt.caller, found.id, topic)
     what = f"from {topic}" if topic else "from everything"
     console.print(f"unsubscribed {what}" if changed else f"already unsubscribed {what}")
 
@@ -250,13 +224,9 @@ def approve(ctx: typer.Context, subscriber: str = typer.Argument(..., help="Addr
     """Approve (or --reject) a confirmed sign-up from an untrusted domain."""
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        found = store.resolve(session, rt.settings.rules(), subscriber)
-        act = store.reject if reject else store.approve
-        changed = act(session, found, _cli_context(rt))
+        found = subscriber_ops.resolve(session, rt.caller, rt.settings.rules(), subscriber)
+        changed = subscriber_ops.decide(session, rt.caller, found.id, approve=not reject)
         status = found.status
-        if changed:
-            audited(session, "subscriber.reject" if reject else "subscriber.approve",
-                    f"subscriber:{found.id}")
     if not changed:
         console.print(f"nothing to do: the subscriber is {status}")
         raise typer.Exit(1)
@@ -273,10 +243,9 @@ def erase(ctx: typer.Context, subscriber: str = typer.Argument(..., help="Addres
     """
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        found = store.resolve(session, rt.settings.rules(), subscriber)
+        found = subscriber_ops.resolve(session, rt.caller, rt.settings.rules(), subscriber)
         label = f"{found.id} ({found.email})"
         if not yes and not typer.confirm(f"Erase subscriber {label}? This cannot be undone"):
             raise typer.Abort()
-        privacy.erase(session, found, _cli_context(rt))
-        audited(session, "subscriber.erase", f"subscriber:{found.id}")
+        subscriber_ops.erase(session, rt.caller, found.id)
     console.print(f"erased subscriber {escape(label)}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from mailer.cli.runtime import Runtime, audited, console
+from mailer.cli.runtime import Runtime, console
+from mailer.operations import subscribers as subscriber_ops
 from subscribers import store
 
 app = typer.Typer(help="List and add topics (the newsletter, reminders, ...).",
@@ -31,6 +32,5 @@ def add(ctx: typer.Context, slug: str, name: str,
     """Add a topic. Example: `mailer topics add op-aidant "Operation Aidant alerts"`."""
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        topic = store.add_topic(session, slug, name, description)
-        audited(session, "topic.add", f"topic:{topic.slug}")
-    console.print(f"added topic {topic.slug}")
+        added = subscriber_ops.add_topic(session, rt.caller, slug, name, description)
+    console.print(f"added topic {added}")

@@ -11,7 +11,8 @@ from rich.table import Table
 
 from mailer import accounts
 from mailer.accounts import Role
-from mailer.cli.runtime import Runtime, audited, console
+from mailer.cli.runtime import Runtime, console
+from mailer.operations import users as user_ops
 
 app = typer.Typer(help="Console users and API tokens.", no_args_is_help=True)
 
@@ -21,10 +22,6 @@ def _password(stdin: bool) -> str:
     if stdin:
         return sys.stdin.readline().rstrip("\r\n")
     return typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-
-
-def _audit(session, action: str, login: str, **detail: object) -> None:  # type: ignore[no-untyped-def]
-    audited(session, action, f"user:{login}", **detail)
 
 
 @app.command()
@@ -40,10 +37,9 @@ def add(ctx: typer.Context, login: str,
     rt: Runtime = ctx.obj
     password = _password(password_stdin)
     with rt.session() as session:
-        user = accounts.add_user(session, login=login, display_name=name, role=role,
-                                 password=password, regions=region,
-                                 known_regions=rt.settings.regions, email=email)
-        _audit(session, "user.add", user.login, role=str(role), regions=user.regions)
+        user = user_ops.add(session, rt.caller, login=login, name=name, role=role,
+                            regions=region, known_regions=list(rt.settings.regions),
+                            password=password, email=email)
         console.print(f"added {escape(user.login)} ({role}"
                       f"{': ' + ', '.join(user.regions) if user.regions else ''})")
 
@@ -54,7 +50,7 @@ def list_(ctx: typer.Context) -> None:
     rt: Runtime = ctx.obj
     table = Table("login", "name", "role", "regions", "2FA", "state", "last sign-in")
     with rt.session() as session:
-        for u in accounts.list_users(session):
+        for u in user_ops.listing(session, rt.caller):
             table.add_row(escape(u.login), escape(u.display_name), u.role,
                           ", ".join(u.regions) or "all", "yes" if u.totp_secret else "no",
                           "disabled" if u.disabled else "active",
@@ -68,9 +64,7 @@ def disable(ctx: typer.Context, login: str) -> None:
     """Stop a user signing in; ends their sessions and revokes their API tokens at once."""
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        user = accounts.get_user(session, login)
-        changed = accounts.disable_user(session, user)
-        _audit(session, "user.disable", user.login)
+        changed = user_ops.set_disabled(session, rt.caller, login, True)
     console.print(f"disabled {escape(login)}" if changed else f"{escape(login)} was already "
                   "disabled (sessions and tokens ended again)")
 
@@ -80,10 +74,7 @@ def enable(ctx: typer.Context, login: str) -> None:
     """Let a disabled user sign in again."""
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        user = accounts.get_user(session, login)
-        changed = accounts.enable_user(session, user)
-        if changed:
-            _audit(session, "user.enable", user.login)
+        changed = user_ops.set_disabled(session, rt.caller, login, False)
     console.print(f"enabled {escape(login)}" if changed else "nothing to do")
 
 
@@ -94,9 +85,7 @@ def reset_password(ctx: typer.Context, login: str,
     rt: Runtime = ctx.obj
     password = _password(password_stdin)
     with rt.session() as session:
-        user = accounts.get_user(session, login)
-        accounts.set_password(session, user, password)
-        _audit(session, "user.reset_password", user.login)
+        user_ops.reset_password(session, rt.caller, login, password)
     console.print(f"new password set for {escape(login)}")
 
 
@@ -106,15 +95,11 @@ def totp(ctx: typer.Context, login: str,
     """Turn on (or --off) the authenticator-app second factor; prints the secret to enrol."""
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        user = accounts.get_user(session, login)
-        if off:
-            accounts.disable_totp(session, user)
-            _audit(session, "user.totp_off", user.login)
-            console.print(f"two-factor sign-in is off for {escape(login)}")
-            return
-        secret = accounts.enable_totp(session, user)
-        _audit(session, "user.totp_on", user.login)
-        uri = accounts.totp_uri(user)
+        enrolment = user_ops.second_factor(session, rt.caller, login, on=not off)
+    if enrolment is None:
+        console.print(f"two-factor sign-in is off for {escape(login)}")
+        return
+    secret, uri = enrolment
     # soft_wrap: the URI is copied into an app, so it must stay on one line however narrow
     # the terminal.
     console.print(f"secret: {secret}\nURI for the authenticator app: {escape(uri)}",
@@ -129,9 +114,8 @@ def token(ctx: typer.Context, login: str,
     """Make an API token for /api/v1. It is shown once; only its hash is kept."""
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        user = accounts.get_user(session, login)
-        row, plain = accounts.create_token(session, user, name=name, role=role, days=days)
-        _audit(session, "token.create", user.login, prefix=row.prefix, role=row.role)
+        _row, plain = user_ops.create_token(session, rt.caller, login, name=name, role=role,
+                                            days=days)
     console.print(plain, soft_wrap=True)
 
 
@@ -155,7 +139,5 @@ def revoke(ctx: typer.Context, prefix: str) -> None:
     """Revoke an API token by its prefix (see `mailer users tokens`)."""
     rt: Runtime = ctx.obj
     with rt.session() as session:
-        changed = accounts.revoke_token(session, prefix)
-        if changed:
-            audited(session, "token.revoke", f"token:{prefix}")
+        changed = user_ops.revoke_token(session, rt.caller, prefix)
     console.print("revoked" if changed else "already revoked")

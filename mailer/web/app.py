@@ -1,4 +1,5 @@
-"""`create_app(settings)`: the FastAPI app with the recipient pages, served by `mailer web`."""
+"""`create_app(settings)`: the FastAPI app served by `mailer web`: the recipient pages, the
+co-ordinator console under /admin and the API under /api/v1, over one shared `runtime.Web`."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from starlette.exceptions import HTTPException
 
 from mailer.config import Settings
 from mailer.migrations import require_current
-from mailer.web import admin, public
+from mailer.web import admin, api, public, runtime
+from mailer.web.security import BodyLimits
 from subscribers.db import make_engine, session_factory
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
 
     `dev_inbox` (a dev sink's Maildir) adds /dev/inbox: `mailer demo` only, never production.
     """
-    # SQLite: one database thread (see `public.Web.executor`); PostgreSQL: a thread for each
+    # SQLite: one database thread (see `runtime.Web.executor`); PostgreSQL: a thread for each
     # pooled connection, so a request never waits on the pool while a thread is idle.
     sqlite = settings.database.startswith("sqlite")
     db_threads = 1 if sqlite else PG_DB_THREADS
@@ -57,12 +59,13 @@ def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
 
     app = FastAPI(title="MSHT bulletin", docs_url=None, redoc_url=None, openapi_url=None,
                   lifespan=lifespan)
-    web = app.state.web = public.Web.build(settings, session_factory(engine), pages, db_threads)
+    web = app.state.web = runtime.Web.build(settings, session_factory(engine), pages, db_threads)
     app.state.css = (TEMPLATE_DIR / "site.css").read_bytes()
     for path, endpoint, methods in public.FAST_ROUTES:  # ahead of the routers: first match
         app.add_route(path, endpoint, methods=methods, include_in_schema=False)
     app.include_router(public.router)
-    admin.install(app, settings)  # the co-ordinator console and /api/v1
+    admin.install(app, settings, TEMPLATE_DIR)
+    app.mount("/api/v1", api.create_api(app))
     if dev_inbox is not None:
         from mailer.web import devinbox
 
@@ -76,7 +79,7 @@ def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
             "subscribe page.")
         if status == 405:
             detail = "This address does not accept that kind of request."
-        response = public.message(request, _TITLES.get(status, "Something went wrong"), detail,
+        response = runtime.message(request, _TITLES.get(status, "Something went wrong"), detail,
                                   status=status,
                                   links=[("Go to the subscribe page", settings.base_url
                                           + "/subscribe")])
@@ -85,7 +88,7 @@ def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
         return response
 
     async def invalid_request(request: Request, exc: Exception) -> HTMLResponse:
-        return public.message(request, _TITLES[400],
+        return runtime.message(request, _TITLES[400],
                               "The address or the form you sent is not one this site can use.",
                               status=400)
 
@@ -103,7 +106,7 @@ def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(Exception, server_error)
     https = urlsplit(settings.base_url).scheme == "https"
-    app.add_middleware(admin.BodyLimits, max_body=settings.max_request_bytes, https=https)
+    app.add_middleware(BodyLimits, max_body=settings.max_request_bytes, https=https)
     return app
 
 

@@ -20,7 +20,7 @@ from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException
 
 from mailer.devsink import DevSink
-from mailer.web import public
+from mailer.web import runtime
 
 _KEY = re.compile(r"[A-Za-z0-9._-]{1,200}")
 # The mail's own HTML: sandboxed (no scripts, forms or same-origin), inline styles and images
@@ -58,7 +58,7 @@ def router(directory: Path) -> APIRouter:
         rows: list[dict[str, Any]] = [
             {"key": m.key, "received": m.received, "to": ", ".join(m.rcpt_to),
              "subject": m.subject} for m in reversed(sink.messages())]
-        return public.render(request, "dev/inbox.html.j2", title="Dev inbox", rows=rows,
+        return runtime.render(request, "dev/inbox.html.j2", title="Dev inbox", rows=rows,
                              directory=str(directory))
 
     @routes.get("/dev/inbox/{key}", include_in_schema=False)
@@ -69,7 +69,7 @@ def router(directory: Path) -> APIRouter:
                     "List-Unsubscribe", "List-Unsubscribe-Post") if message[name]]
         attachments = [(part.get_filename() or "(unnamed)", part.get_content_type())
                        for part in message.iter_attachments()]
-        return public.render(request, "dev/message.html.j2", title=str(message["Subject"]),
+        return runtime.render(request, "dev/message.html.j2", title=str(message["Subject"]),
                              key=key, fields=fields, text=_part(message, "plain"),
                              attachments=attachments,
                              has_html=bool(message.get_body(("html",))))

@@ -13,236 +13,52 @@ Rules every route keeps:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import datetime as dt
-import fcntl
-import os
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 
 from mailer import outbox
-from mailer.config import Settings
-from mailer.links import tokens_for
-from mailer.web.archive import Archive
-from mailer.web.mail import Mailer, Outgoing
-from mailer.web.security import CSRF_FIELD, Csrf, bucket, network_of
+from mailer.operations import readers
+from mailer.operations.readers import FIELDS
+from mailer.web.mail import Outgoing
+from mailer.web.runtime import (
+    Web,
+    client_ip,
+    csrf_problem,
+    message,
+    read_form,
+    render,
+    send_later,
+    text,
+    web,
+)
+from mailer.web.security import network_of
 from subscribers import store
-from subscribers.db import session_scope, utcnow
-from subscribers.errors import InvalidInput, SubscriberError
+from subscribers.db import utcnow
+from subscribers.errors import InvalidInput
 from subscribers.models import Channel, Subscriber, SubscriberStatus
-from subscribers.rules import Rules
-from subscribers.store import Context, SubscribeOutcome
-from subscribers.tokens import Claims, InvalidToken, Purpose, Tokens
+from subscribers.store import SubscribeOutcome
+from subscribers.tokens import Claims, InvalidToken, Purpose
 from subscribers.validation import is_trusted_domain
-
-T = TypeVar("T")
-DAY = dt.timedelta(days=1)
-FIELDS = ("email", "name", "organisation", "organisation_type", "role", "region")
-UNDO_WINDOW = dt.timedelta(days=1)
 
 router = APIRouter()
 
 
-@dataclass
-class Web:
-    """Everything the routes share, built once by `create_app`."""
-
-    settings: Settings
-    rules: Rules
-    sessions: sessionmaker[Session]
-    tokens: Tokens
-    csrf: Csrf
-    mailer: Mailer
-    pages: jinja2.Environment
-    archive: Archive
-    rate_key: bytes
-    site_name: str = "Kent & Essex MSHT bulletin"
-    topics_cache: list[Any] = field(default_factory=list)
-    # The threads that run database work (the driver blocks). SQLite allows one writer, and
-    # threads racing for it wait in its busy handler, which sleeps in steps of up to 100 ms: one
-    # thread takes turns far faster. PostgreSQL gets as many as the engine's pool holds.
-    executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="db"))
-    turns: AbstractContextManager[Any] = field(default_factory=contextlib.nullcontext)
-
-    @classmethod
-    def build(cls, settings: Settings, sessions: sessionmaker[Session],
-              pages: jinja2.Environment, db_threads: int = 1) -> Web:
-        secret = settings.secret()
-        return cls(settings=settings, rules=settings.rules(), sessions=sessions,
-                   executor=ThreadPoolExecutor(db_threads, thread_name_prefix="db"),
-                   turns=SqliteTurns.for_url(settings.database) or contextlib.nullcontext(),
-                   tokens=tokens_for(settings),
-                   csrf=Csrf(secret, settings.base_url), mailer=Mailer(settings), pages=pages,
-                   archive=Archive(settings), rate_key=settings.suppression_secret())
-
-    def url(self, path: str) -> str:
-        return f"{self.settings.base_url}{path}"
-
-    def ctx(self, request: Request, channel: Channel = Channel.WEB) -> Context:
-        return Context(channel=channel, ip=request.client.host if request.client else None,
-                       user_agent=request.headers.get("user-agent"),
-                       consent_version=self.settings.consent_version)
-
-    def run(self, work: Callable[[Session], T]) -> asyncio.Future[T]:
-        """Run `work` in one transaction on a database thread. An executor future rather than
-        anyio's `to_thread`: the one-click path is short enough for anyio's cancel scopes and
-        capacity limiter to be a large share of it. Once a unit has started it always runs to
-        the end and commits, even if the request is abandoned."""
-        def unit() -> T:
-            try:
-                with self.turns, session_scope(self.sessions) as session:
-                    return work(session)
-            except IntegrityError:
-                # On PostgreSQL another request wrote the same unique row a moment ago (two
-                # sign-ups for one new address at once): the unit was rolled back whole, and
-                # run again it finds that row and takes the path for an existing one.
-                with self.turns, session_scope(self.sessions) as session:
-                    return work(session)
-        return asyncio.wrap_future(self.executor.submit(unit))
-
-    def close(self) -> None:
-        """Wait for database work in flight; for the app's shutdown, before the engine goes."""
-        self.executor.shutdown(wait=True)
-
-    def allowed(self, session: Session, kind: str, value: str, limit: int,
-                window: dt.timedelta) -> bool:
-        return store.count_events(session, bucket(self.rate_key, kind, value),
-                                  utcnow() - window) < limit
-
-    def may_mail(self, session: Session, kind: str, key: str, network: str) -> bool:
-        """The per-address caps (≤ 1 a day, ≤ 3 a month by default) and the per-network cap;
-        when the mail may go, it is counted now, in the same transaction."""
-        s = self.settings
-        store.hold(session, bucket(self.rate_key, kind, key),
-                   bucket(self.rate_key, "netmail", network))  # count and add as one step
-        ok = (self.allowed(session, kind, key, s.signup_mails_per_day, DAY)
-              and self.allowed(session, kind, key, s.signup_mails_per_month, 30 * DAY)
-              and self.allowed(session, "netmail", network, s.mails_per_network_day, DAY))
-        if ok:
-            store.record_event(session, bucket(self.rate_key, kind, key),
-                               bucket(self.rate_key, "netmail", network))
-        return ok
-
-
-class SqliteTurns:
-    """One unit of database work at a time across every web process on one SQLite file (uvicorn
-    --workers), by an exclusive flock on a file beside it.
-
-    SQLite serialises the writes by itself, but a process waiting for them polls in sleeps of up
-    to 100 ms, and the read-then-write units (mail caps, sign-ups, exactly one consent event per
-    change) are only atomic if no other unit runs between their read and their write. In one
-    process the single database thread gives both; this extends it to several. A waiting
-    process is woken by the kernel the moment the lock is free. Other programs on the database
-    (the sending worker, the CLI) do not take it and are still kept apart by busy_timeout alone.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    @classmethod
-    def for_url(cls, url: str) -> SqliteTurns | None:
-        """The turns for a SQLite file URL; None for PostgreSQL or an in-memory database."""
-        parsed = make_url(url)
-        if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-            return None
-        return cls(f"{parsed.database}-web.lock")
-
-    # Opened for each unit (only ever from the one database thread) and closed after it, which
-    # also drops the lock: a few microseconds, and no descriptor outlives an app.
-    def __enter__(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-
-    def __exit__(self, *_exc: object) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-
-def web(request: Request) -> Web:
-    return request.app.state.web
-
-
-# ---------------------------------------------------------------- rendering
-
-def render(request: Request, template: str, status: int = 200, *,
-           headers: dict[str, str] | None = None, background: BackgroundTask | None = None,
-           **context: Any) -> HTMLResponse:
-    w = web(request)
-    cookie = request.cookies.get(w.csrf.cookie)
-    fresh = not cookie or len(cookie) > 64
-    if fresh:
-        cookie = w.csrf.new_cookie()
-    assert cookie is not None
-    body = w.pages.get_template(template).render(
-        base_url=w.settings.base_url, site_name=w.site_name,
-        contact_address=w.settings.contact_address, csrf_token=w.csrf.form_token(cookie),
-        **{"errors": {}, "notice": None, **context})
-    response = HTMLResponse(body, status_code=status, headers=headers, background=background)
-    if fresh:
-        response.set_cookie(w.csrf.cookie, cookie, httponly=True, samesite="lax",
-                            secure=w.csrf.secure, path="/")
-    return response
-
-
-def message(request: Request, title: str, *paragraphs: str, status: int = 200,
-            links: list[tuple[str, str]] | None = None, undo: dict[str, str] | None = None,
-            background: BackgroundTask | None = None) -> HTMLResponse:
-    return render(request, "message.html.j2", status, title=title, paragraphs=paragraphs,
-                  links=links or [], undo=undo, background=background)
-
-
-def send_later(w: Web, items: list[Outgoing]) -> BackgroundTask | None:
-    return BackgroundTask(w.mailer.send_all, items) if items else None
-
-
-async def read_form(request: Request) -> FormData:
-    """The posted fields; no files, few fields, small parts: nothing here needs more."""
-    try:
-        return await request.form(max_files=0, max_fields=40, max_part_size=8192)
-    except HTTPException:
-        raise
-    except Exception:  # python-multipart's own errors on malformed bodies
-        raise HTTPException(400, "The form data could not be read.") from None
-
-
 def csrf_refusal(request: Request, form: FormData) -> HTMLResponse | None:
-    value = form.get(CSRF_FIELD)
-    problem = web(request).csrf.problem(request.headers, request.cookies,
-                                        value if isinstance(value, str) else None)
+    problem = csrf_problem(request, form)
     if problem is None:
         return None
     return message(request, "This form could not be accepted",
                    f"For your security we could not accept this form: {problem}.",
                    "Go back, reload the page and try again. The page needs cookies enabled.",
                    status=403)
-
-
-def text(form: FormData, name: str) -> str:
-    value = form.get(name)
-    return value if isinstance(value, str) else ""
 
 
 def _too_many(request: Request) -> HTMLResponse:
@@ -322,37 +138,22 @@ async def subscribe_post(request: Request) -> HTMLResponse:
     values["topics"] = [v for v in form.getlist("topics") if isinstance(v, str)][:10]
     values["consent"] = text(form, "consent") == w.settings.consent_version
     honeypot = bool(text(form, "website"))
-    network = network_of(request.client.host if request.client else None)
+    network = network_of(client_ip(request))
     ctx = w.ctx(request)
 
     def work(session: Session) -> tuple[str, Any]:
-        if not w.allowed(session, "post", network, w.settings.posts_per_network_hour,
-                         dt.timedelta(hours=1)):
+        if not w.limits.post_allowed(session, network):
             return "limited", None
-        store.record_event(session, bucket(w.rate_key, "post", network))
         if honeypot:  # a bot: answer exactly as for a person, do nothing else
             return "ok", []
-        errors: dict[str, str] = {}
-        profile = None
-        try:
-            profile = store.profile_from(w.rules, **{n: values[n] or None for n in FIELDS})
-        except InvalidInput as exc:
-            errors[exc.field] = str(exc)
-        chosen = []
-        try:
-            chosen = store.topics_by_slug(session, values["topics"])
-        except SubscriberError:
-            errors["topics"] = "choose from the topics listed"
-        if not chosen and "topics" not in errors:
-            errors["topics"] = "choose at least one topic"
-        if not values["consent"]:
-            errors["consent"] = "tick the box to agree, so that we may send you the newsletter"
-        if errors or profile is None:
-            return "invalid", errors
-        subscriber, outcome = store.subscribe(session, w.rules, profile, chosen, ctx)
-        if not w.may_mail(session, "signup", profile.key, network):
+        done = readers.sign_up(session, w.rules, values, values["topics"], values["consent"],
+                               ctx)
+        if done.errors or done.subscriber is None or done.outcome is None:
+            return "invalid", done.errors
+        assert done.subscriber.email_key is not None
+        if not w.limits.may_mail(session, "signup", done.subscriber.email_key, network):
             return "ok", []
-        return "ok", [_signup_mail(w, subscriber, outcome, [t.name for t in chosen])]
+        return "ok", [_signup_mail(w, done.subscriber, done.outcome, done.topic_names)]
 
     status, result = await w.run(work)
     if status == "limited":
@@ -385,9 +186,9 @@ def _signup_mail(w: Web, subscriber: Subscriber, outcome: SubscribeOutcome,
     if outcome in (SubscribeOutcome.ALREADY_ACTIVE, SubscribeOutcome.AWAITING_APPROVAL):
         return Outgoing(subscriber.email, "already_subscribed", {
             "awaiting": outcome == SubscribeOutcome.AWAITING_APPROVAL,
-            "preferences_url": w.url(f"/preferences/{w.tokens.manage(subscriber.id)}")})
+            "preferences_url": w.links.preferences(subscriber.id)})
     return Outgoing(subscriber.email, "confirm", {
-        "confirm_url": w.url(f"/confirm/{w.tokens.confirm(subscriber.id)}"),
+        "confirm_url": w.links.confirm(subscriber.id),
         "confirm_days": w.settings.confirm_link_days,
         "topics": ", ".join(topic_names),
         "trusted": is_trusted_domain(w.rules, subscriber.email)})
@@ -430,7 +231,7 @@ async def confirm_page(request: Request, token: str) -> HTMLResponse:
     except InvalidToken as exc:
         return _bad_link(request, exc)
     return render(request, "confirm.html.j2", title="Confirm your subscription",
-                  action=w.url(f"/confirm/{token}"))
+                  action=w.links.page(Purpose.CONFIRM, token))
 
 
 @router.post("/confirm/{token}")
@@ -442,13 +243,7 @@ async def confirm_post(request: Request, token: str) -> HTMLResponse:
     _form, claims = checked
     ctx = w.ctx(request)
 
-    def work(session: Session) -> str | None:
-        subscriber = store.find(session, claims.subscriber_id)
-        if subscriber is None:
-            return None
-        return str(store.confirm(session, w.rules, subscriber, ctx))
-
-    status = await w.run(work)
+    status = await w.run(lambda s: readers.confirm(s, w.rules, claims.subscriber_id, ctx))
     if status == SubscriberStatus.ACTIVE:
         return message(request, "You are subscribed",
                        "Thank you: your address is confirmed and you will receive the next "
@@ -494,8 +289,8 @@ async def unsubscribe_page(request: Request, token: str) -> HTMLResponse:
     if not known:
         return _unsubscribed_generic(request)
     return render(request, "unsubscribe.html.j2", title="Unsubscribe", topic=topic,
-                  action=w.url(f"/u/{token}"),
-                  preferences_url=w.url(f"/preferences/{w.tokens.manage(claims.subscriber_id)}"))
+                  action=w.links.page(Purpose.UNSUBSCRIBE, token),
+                  preferences_url=w.links.preferences(claims.subscriber_id))
 
 
 def _bare_page(title: str, text: str) -> bytes:
@@ -536,7 +331,7 @@ async def unsubscribe_post(request: Request) -> Response:
         return _one_click_answer(False) if one_click else _unsubscribed_generic(request)
     everything = text(form, "scope") == "all" or claims.topic_id is None
     ctx = w.ctx(request, Channel.ONE_CLICK if one_click else Channel.WEB)
-    done = await w.run(lambda session: store.unsubscribe_ids(
+    done = await w.run(lambda session: readers.unsubscribe(
         session, claims.subscriber_id, None if everything else claims.topic_id, ctx))
     if one_click:
         return _one_click_answer(done is not None)
@@ -547,9 +342,9 @@ async def unsubscribe_post(request: Request) -> Response:
     return message(
         request, "You are unsubscribed", f"You have been unsubscribed {what}.",
         links=[("Manage your other preferences",
-                w.url(f"/preferences/{w.tokens.manage(claims.subscriber_id)}"))],
-        undo={"action": w.url(f"/u/{token}/undo"), "text": "Did you press it by mistake?",
-              "button": "Subscribe me again"})
+                w.links.preferences(claims.subscriber_id))],
+        undo={"action": w.links.page(Purpose.UNSUBSCRIBE, token, "/undo"),
+              "text": "Did you press it by mistake?", "button": "Subscribe me again"})
 
 
 # Routes with nothing for FastAPI to validate or inject, served ahead of the routers: FastAPI's
@@ -571,24 +366,8 @@ async def unsubscribe_undo(request: Request, token: str) -> HTMLResponse:
     _form, claims = checked
     ctx = w.ctx(request)
 
-    def work(session: Session) -> str:
-        subscriber = store.find(session, claims.subscriber_id)
-        if subscriber is None:
-            return "gone"
-        topic = store.topic_by_id(session, claims.topic_id) if claims.topic_id else None
-        if subscriber.status == SubscriberStatus.ACTIVE and topic is not None:
-            store.subscribe_topic(session, subscriber, topic, ctx)
-            return "active"
-        recent = subscriber.left_at is not None and utcnow() - subscriber.left_at < UNDO_WINDOW
-        if subscriber.status != SubscriberStatus.UNSUBSCRIBED or not recent:
-            return "gone" if subscriber.status != SubscriberStatus.ACTIVE else "active"
-        assert subscriber.email and subscriber.email_key
-        topics = [topic] if topic else store.list_topics(session)
-        profile = store.Profile(email=subscriber.email, key=subscriber.email_key)
-        subscriber, _ = store.subscribe(session, w.rules, profile, list(topics), ctx)
-        return str(store.confirm(session, w.rules, subscriber, ctx))
-
-    status = await w.run(work)
+    status = await w.run(lambda s: readers.undo_unsubscribe(
+        s, w.rules, claims.subscriber_id, claims.topic_id, ctx))
     if status == "active":
         return message(request, "You are subscribed again",
                        "Nothing is lost: you will keep receiving mail as before.")
@@ -602,13 +381,6 @@ async def unsubscribe_undo(request: Request, token: str) -> HTMLResponse:
 
 
 # ---------------------------------------------------------------- preferences
-
-def _months_from(now: dt.datetime, months: int) -> dt.datetime:
-    month = now.month - 1 + months
-    year, month = now.year + month // 12, month % 12 + 1
-    day = min(now.day, 28)  # every month has a 28th; a pause need not be day-exact
-    return now.replace(year=year, month=month, day=day, microsecond=0)
-
 
 def _preferences_view(w: Web, session: Session, subscriber: Subscriber) -> dict[str, Any]:
     topics = [{"slug": t.slug, "name": t.name} for t in store.list_topics(session)]
@@ -650,8 +422,8 @@ async def preferences_page(request: Request, token: str) -> HTMLResponse:
     if view is None or view["state"] != SubscriberStatus.ACTIVE:
         return _not_active_page(request, view and view["state"])
     return render(request, "preferences.html.j2", title="Your preferences", **view,
-                  action=w.url(f"/preferences/{token}"),
-                  unsubscribe_url=w.url(f"/u/{w.tokens.unsubscribe(claims.subscriber_id)}"))
+                  action=w.links.page(Purpose.MANAGE, token),
+                  unsubscribe_url=w.links.unsubscribe(claims.subscriber_id))
 
 
 @router.post("/preferences/{token}")
@@ -663,7 +435,7 @@ async def preferences_post(request: Request, token: str) -> HTMLResponse:
     form, claims = checked
     wanted = {v for v in form.getlist("topics") if isinstance(v, str)}
     pause = text(form, "pause") or "keep"
-    if pause not in ("keep", "0", "1", "3", "6", "12"):
+    if pause not in readers.PAUSES:
         raise HTTPException(400, "Choose a pause from the list.")
     ctx = w.ctx(request)
     fields = {name: text(form, name) or None for name in ("region", "role")}
@@ -674,19 +446,9 @@ async def preferences_post(request: Request, token: str) -> HTMLResponse:
             return "gone", None, {}
         if subscriber.status != SubscriberStatus.ACTIVE:
             return str(subscriber.status), None, {}
-        errors: dict[str, str] = {}
-        try:
-            store.update_profile(session, w.rules, subscriber, ctx, **fields)
-        except InvalidInput as exc:
-            errors[exc.field] = _sentence(str(exc))
-        for topic in store.list_topics(session):
-            if topic.slug in wanted:
-                store.subscribe_topic(session, subscriber, topic, ctx)
-            else:
-                store.unsubscribe(session, subscriber, ctx, topic=topic)
-        if pause != "keep":
-            until = None if pause == "0" else _months_from(utcnow(), int(pause))
-            store.pause(session, subscriber, ctx, until)
+        refused = readers.set_preferences(session, w.rules, subscriber, fields, wanted, pause,
+                                          ctx)
+        errors = {k: _sentence(v) for k, v in refused.items()}
         return "ok", _preferences_view(w, session, subscriber), errors
 
     status, view, errors = await w.run(work)
@@ -697,8 +459,8 @@ async def preferences_post(request: Request, token: str) -> HTMLResponse:
         else "Your preferences are saved. You have no topics chosen, so you will get no mail.")
     return render(request, "preferences.html.j2", 400 if errors else 200,
                   title="Your preferences", **view, notice=notice,
-                  action=w.url(f"/preferences/{token}"),
-                  unsubscribe_url=w.url(f"/u/{w.tokens.unsubscribe(claims.subscriber_id)}"))
+                  action=w.links.page(Purpose.MANAGE, token),
+                  unsubscribe_url=w.links.unsubscribe(claims.subscriber_id))
 
 
 # ---------------------------------------------------------------- manage by email
@@ -715,13 +477,11 @@ async def manage_post(request: Request) -> HTMLResponse:
     if isinstance(form, HTMLResponse):
         return form
     typed = text(form, "email").strip()
-    network = network_of(request.client.host if request.client else None)
+    network = network_of(client_ip(request))
 
     def work(session: Session) -> tuple[str, Any]:
-        if not w.allowed(session, "post", network, w.settings.posts_per_network_hour,
-                         dt.timedelta(hours=1)):
+        if not w.limits.post_allowed(session, network):
             return "limited", None
-        store.record_event(session, bucket(w.rate_key, "post", network))
         try:
             subscriber = store.find_by_email(session, w.rules, typed)
         except InvalidInput as exc:
@@ -731,10 +491,10 @@ async def manage_post(request: Request) -> HTMLResponse:
         if subscriber is None or subscriber.status not in mailable or not subscriber.email:
             return "ok", []
         assert subscriber.email_key is not None
-        if not w.may_mail(session, "manage", subscriber.email_key, network):
+        if not w.limits.may_mail(session, "manage", subscriber.email_key, network):
             return "ok", []
         return "ok", [Outgoing(subscriber.email, "manage_link", {
-            "preferences_url": w.url(f"/preferences/{w.tokens.manage(subscriber.id)}"),
+            "preferences_url": w.links.preferences(subscriber.id),
             "manage_days": w.settings.manage_link_days})]
 
     status, result = await w.run(work)

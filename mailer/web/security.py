@@ -23,6 +23,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 CSRF_FIELD = "csrf_token"
+CONSOLE_MAX_BODY = 4 * 1024 * 1024  # an edition source or a CSV of a few thousand people
 # No inline script or style anywhere; forms only post back to us; nobody may frame us.
 CSP = ("default-src 'none'; style-src 'self'; img-src 'self' https: data:; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
@@ -173,3 +174,22 @@ def bucket(key: bytes, kind: str, value: str) -> str:
     """A rate bucket name that does not reveal the address or network it counts."""
     digest = hmac.new(key, f"{kind}|{value}".encode(), hashlib.sha256).hexdigest()
     return f"{kind}:{digest[:40]}"
+
+
+class BodyLimits:
+    """The security middleware with the console's larger body limit under /admin and /api.
+
+    One `SecurityMiddleware` per limit around the same app: the recipient pages keep their
+    small limit (they take a few short fields from anyone), while signed-in staff may upload an
+    edition or a CSV.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body: int, https: bool) -> None:
+        self.public = SecurityMiddleware(app, max_body=max_body, https=https)
+        self.console = SecurityMiddleware(app, max_body=max(max_body, CONSOLE_MAX_BODY),
+                                          https=https)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        inner = self.console if path.startswith(("/admin/", "/api/")) else self.public
+        await inner(scope, receive, send)

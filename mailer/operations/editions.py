@@ -1,0 +1,245 @@
+"""Editions: read, save, put forward, approve (four eyes), schedule, send, control, preview and
+test-send. Acting on an edition needs every region of its audience; seeing one needs one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from mailer import outbox
+from mailer.accounts import Permission
+from mailer.config import Settings
+from mailer.errors import Conflict, MailerError, RelayRefused
+from mailer.links import Links
+from mailer.models import Edition, EditionStatus
+from mailer.operations import Caller
+from mailer.render import CompiledEdition, Recipient, personalise, preflight
+from mailer.smtp import SendResult
+from subscribers.db import session_scope
+
+PREVIEW_READER = Recipient(email="reader@example.org", name="Preview Reader")
+CONTROLS = {"pause": EditionStatus.PAUSED, "resume": EditionStatus.SENDING,
+            "cancel": EditionStatus.CANCELLED}
+
+
+def _target(edition: Edition) -> str:
+    return f"edition:{edition.id}"
+
+
+# ---------------------------------------------------------------- reads
+
+def get(session: Session, caller: Caller, ident: int | str) -> Edition:
+    """An edition whose audience reaches one of the caller's regions (or everyone)."""
+    return outbox.get_edition(session, ident, caller.scope)
+
+
+def listing(session: Session, caller: Caller, limit: int = 50) -> Sequence[Edition]:
+    return outbox.list_editions(session, limit, caller.scope)
+
+
+def upcoming(session: Session, caller: Caller, limit: int = 10) -> Sequence[Edition]:
+    return outbox.upcoming_editions(session, limit, caller.scope)
+
+
+def recent_sends(session: Session, caller: Caller, limit: int = 10) -> list[outbox.Progress]:
+    return outbox.recent_sends(session, limit, caller.scope)
+
+
+def progress(session: Session, caller: Caller, ident: int | str) -> outbox.Progress:
+    return outbox.progress(session, get(session, caller, ident))
+
+
+@dataclass(frozen=True)
+class Preview:
+    """An edition as a reader gets it, with placeholder links, and what preflight found."""
+
+    edition: Edition
+    html: str
+    text: str
+    warnings: list[str]
+    audience: dict[str, dict[str, int]]
+
+
+def preview(session: Session, caller: Caller, settings: Settings, ident: int | str
+            ) -> Preview:
+    edition = get(session, caller, ident)
+    compiled = CompiledEdition.from_dict(edition.compiled)
+    page = personalise(compiled, PREVIEW_READER, Links(settings).preview(edition.slug))
+    return Preview(edition, page.html, page.text, preflight(compiled),
+                   outbox.audience_breakdown(session, edition))
+
+
+# ---------------------------------------------------------------- writing and approval
+
+def save(session: Session, caller: Caller, settings: Settings, slug: str, source: str
+         ) -> tuple[Edition, bool]:
+    """Validate, compile and store an edition's source (new, or a new version of the one with
+    this slug, which withdraws its approval). Returns (edition, changed)."""
+    caller.require(Permission.EDITIONS_EDIT)
+    edition, changed = outbox.store_edition_source(session, settings, slug,
+                                                   source.replace("\r\n", "\n"),
+                                                   caller.actor.login)
+    caller.require_cover(edition.regions)
+    if changed:
+        caller.record(session, "edition.save", _target(edition), slug=edition.slug,
+                      sha256=edition.source_sha256)
+    return edition, changed
+
+
+def save_file(session: Session, caller: Caller, settings: Settings, path: Path
+              ) -> tuple[Edition, bool]:
+    """`save` for an edition file: its name (without .md) is its slug."""
+    try:
+        source = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MailerError(f"cannot read {path}: {exc}",
+                          hint="an edition is a UTF-8 text (.md) file") from None
+    return save(session, caller, settings, path.stem, source)
+
+
+def request_approval(session: Session, caller: Caller, ident: int | str) -> bool:
+    caller.require(Permission.EDITIONS_EDIT)
+    edition = _acting_on(session, caller, ident)
+    changed = outbox.request_approval(session, edition, caller.actor.login)
+    if changed:
+        caller.record(session, "edition.request_approval", _target(edition),
+                      sha256=edition.source_sha256)
+    return changed
+
+
+def approve(session: Session, caller: Caller, ident: int | str) -> bool:
+    """Approve an edition someone else wrote and put forward. A refusal by the four-eyes rule
+    is a step of the edition's history too: it is recorded on its own, since the attempt's
+    transaction is rolled back, and then raised."""
+    caller.require(Permission.EDITIONS_APPROVE)
+    edition = _acting_on(session, caller, ident)
+    try:
+        changed = outbox.approve(session, edition, caller.actor.login)
+    except outbox.ApprovalRefused as exc:
+        with Session(session.get_bind()) as apart, apart.begin():
+            caller.record(apart, "edition.approve_refused", _target(edition),
+                          reason=str(exc))
+        raise
+    if changed:
+        caller.record(session, "edition.approve", _target(edition),
+                      sha256=edition.source_sha256, author=edition.created_by,
+                      requested_by=edition.approval_requested_by)
+    return changed
+
+
+# ---------------------------------------------------------------- sending
+
+def schedule(session: Session, caller: Caller, settings: Settings, ident: int | str,
+             when: datetime, *, move: bool = False) -> Edition:
+    """Send at `when` (not past, not in the clock-change hours); `move`: a scheduled one only,
+    to another time."""
+    caller.require(Permission.EDITIONS_SEND)
+    edition = _acting_on(session, caller, ident)
+    at = when.astimezone(UTC)
+    place = outbox.reschedule if move else outbox.schedule
+    place(session, edition, caller.actor.login, at, require_approval=settings.require_approval)
+    caller.record(session, "edition.reschedule" if move else "edition.schedule",
+                  _target(edition), at=at.isoformat())
+    return edition
+
+
+def unschedule(session: Session, caller: Caller, ident: int | str) -> bool:
+    caller.require(Permission.EDITIONS_SEND)
+    edition = _acting_on(session, caller, ident)
+    changed = outbox.unschedule(session, edition)
+    if changed:
+        caller.record(session, "edition.unschedule", _target(edition))
+    return changed
+
+
+def send(session: Session, caller: Caller, settings: Settings, ident: int | str) -> int:
+    """Start sending now; how many messages were queued. Needs an approved edition unless the
+    install does not require approval."""
+    caller.require(Permission.EDITIONS_SEND)
+    edition = _acting_on(session, caller, ident)
+    if settings.require_approval:
+        queued = outbox.send_approved(session, edition, caller.actor.login)
+    else:
+        queued = outbox.enqueue(session, edition)
+    caller.record(session, "edition.send", _target(edition), queued=queued)
+    return queued
+
+
+def control(session: Session, caller: Caller, ident: int | str, action: str) -> bool:
+    """Pause, resume or cancel a send; whether anything changed."""
+    caller.require(Permission.EDITIONS_SEND)
+    edition = _acting_on(session, caller, ident)
+    target = CONTROLS[action]
+    changed = outbox.set_status(session, edition, target,
+                                reason=f"by {caller.actor.login}"
+                                if target == EditionStatus.PAUSED else None)
+    if changed:
+        caller.record(session, f"edition.{action}", _target(edition))
+    return changed
+
+
+def resend_failed(session: Session, caller: Caller, ident: int | str,
+                  include_unknown: bool = False) -> int:
+    caller.require(Permission.EDITIONS_SEND)
+    edition = _acting_on(session, caller, ident)
+    queued = outbox.requeue_failed(session, edition, include_unknown)
+    caller.record(session, "edition.resend_failed", _target(edition), queued=queued)
+    return queued
+
+
+def send_to_new(session: Session, caller: Caller, ident: int | str) -> int:
+    caller.require(Permission.EDITIONS_SEND)
+    edition = _acting_on(session, caller, ident)
+    queued = outbox.send_to_new(session, edition)
+    caller.record(session, "edition.send_to_new", _target(edition), queued=queued)
+    return queued
+
+
+def test_send(sessions: sessionmaker[Session], caller: Caller, settings: Settings,
+              ident: int | str) -> str:
+    """One copy to the caller's own address through the real relay; returns the address.
+    The message is built and sent outside any transaction (a relay may take a while), and
+    recorded, sent or refused, after."""
+    from mailer.reference import message_id
+    from mailer.render import build_message
+    from mailer.smtp import deliver_once
+
+    caller.require(Permission.EDITIONS_EDIT)
+    to = caller.actor.email
+    if not to:
+        raise Conflict("your account has no email address for test sends",
+                       hint="ask an administrator to add one")
+    with session_scope(sessions) as session:
+        edition = get(session, caller, ident)
+        eid, slug, compiled = edition.id, edition.slug, edition.compiled
+    target = f"edition:{eid}"
+    try:
+        domain = settings.from_address.rpartition("@")[2]
+        data = build_message(CompiledEdition.from_dict(compiled),
+                             Recipient(email=to, name=caller.actor.name),
+                             Links(settings).preview(slug),
+                             message_id=message_id(settings.secret(), eid, 0, domain))
+        result: SendResult = deliver_once(settings.smtp_url.get_secret_value(),
+                                          settings.from_address, to, data)
+    except MailerError as exc:  # a header refused, or the relay's address is wrong
+        with session_scope(sessions) as session:
+            caller.record(session, "edition.test_send", target, to=to, outcome="refused",
+                          reason=str(exc))
+        raise
+    with session_scope(sessions) as session:
+        caller.record(session, "edition.test_send", target, to=to,
+                      outcome=str(result.outcome), code=result.code)
+    if str(result.outcome) != "sent":
+        raise RelayRefused(f"the mail relay answered: {result.reply}")
+    return to
+
+
+def _acting_on(session: Session, caller: Caller, ident: int | str) -> Edition:
+    """An edition the caller may act on: they cover every region of its audience."""
+    edition = get(session, caller, ident)
+    caller.require_cover(edition.regions)
+    return edition

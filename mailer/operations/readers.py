@@ -1,0 +1,125 @@
+"""What a reader does for themself on the recipient pages: sign up, confirm, unsubscribe (and
+undo it), change their preferences. A reader acts through a signed link (the token names
+them) or a form, not a console account, so there is no permission or audit entry here: each
+change writes its consent event, in `subscribers.store`, in the change's transaction."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session
+
+from subscribers import store
+from subscribers.db import utcnow
+from subscribers.errors import InvalidInput, SubscriberError
+from subscribers.models import Subscriber, SubscriberStatus
+from subscribers.rules import Rules
+from subscribers.store import Context, SubscribeOutcome
+
+FIELDS = ("email", "name", "organisation", "organisation_type", "role", "region")
+UNDO_WINDOW = dt.timedelta(days=1)
+PAUSES = ("keep", "0", "1", "3", "6", "12")  # months; 0 ends a pause
+
+
+@dataclass
+class SignUp:
+    """A sign-up form's outcome: what was wrong with it, or who it names now."""
+
+    errors: dict[str, str] = field(default_factory=dict)
+    subscriber: Subscriber | None = None
+    outcome: SubscribeOutcome | None = None
+    topic_names: list[str] = field(default_factory=list)
+
+
+def sign_up(session: Session, rules: Rules, values: Mapping[str, str], topics: list[str],
+            consent: bool, ctx: Context) -> SignUp:
+    """Check a sign-up form and, when it is good, subscribe (pending a confirmation)."""
+    result = SignUp()
+    profile = None
+    try:
+        profile = store.profile_from(rules, **{n: values.get(n) or None for n in FIELDS})
+    except InvalidInput as exc:
+        result.errors[exc.field] = str(exc)
+    chosen = []
+    try:
+        chosen = store.topics_by_slug(session, topics)
+    except SubscriberError:
+        result.errors["topics"] = "choose from the topics listed"
+    if not chosen and "topics" not in result.errors:
+        result.errors["topics"] = "choose at least one topic"
+    if not consent:
+        result.errors["consent"] = ("tick the box to agree, so that we may send you the "
+                                    "newsletter")
+    if result.errors or profile is None:
+        return result
+    result.subscriber, result.outcome = store.subscribe(session, rules, profile, chosen, ctx)
+    result.topic_names = [t.name for t in chosen]
+    return result
+
+
+def confirm(session: Session, rules: Rules, subscriber_id: int, ctx: Context) -> str | None:
+    """Confirm a sign-up from its link; the status it leads to, or None if nobody is left."""
+    subscriber = store.find(session, subscriber_id)
+    if subscriber is None:
+        return None
+    return str(store.confirm(session, rules, subscriber, ctx))
+
+
+def unsubscribe(session: Session, subscriber_id: int, topic_id: int | None, ctx: Context
+                ) -> store.Unsubscribed | None:
+    """The one-click unsubscribe (one topic, or everything when `topic_id` is None)."""
+    return store.unsubscribe_ids(session, subscriber_id, topic_id, ctx)
+
+
+def undo_unsubscribe(session: Session, rules: Rules, subscriber_id: int, topic_id: int | None,
+                     ctx: Context) -> str:
+    """Undo an unsubscribe pressed by mistake: a topic for someone still active, or the whole
+    subscription for a day after leaving; a bounced or complained address never comes back
+    this way. Returns "active", the status it leads to, or "gone"."""
+    subscriber = store.find(session, subscriber_id)
+    if subscriber is None:
+        return "gone"
+    topic = store.topic_by_id(session, topic_id) if topic_id else None
+    if subscriber.status == SubscriberStatus.ACTIVE and topic is not None:
+        store.subscribe_topic(session, subscriber, topic, ctx)
+        return "active"
+    recent = subscriber.left_at is not None and utcnow() - subscriber.left_at < UNDO_WINDOW
+    if subscriber.status != SubscriberStatus.UNSUBSCRIBED or not recent:
+        return "gone" if subscriber.status != SubscriberStatus.ACTIVE else "active"
+    assert subscriber.email and subscriber.email_key
+    topics = [topic] if topic else store.list_topics(session)
+    profile = store.Profile(email=subscriber.email, key=subscriber.email_key)
+    subscriber, _ = store.subscribe(session, rules, profile, list(topics), ctx)
+    return str(store.confirm(session, rules, subscriber, ctx))
+
+
+def months_from(now: dt.datetime, months: int) -> dt.datetime:
+    month = now.month - 1 + months
+    year, month = now.year + month // 12, month % 12 + 1
+    day = min(now.day, 28)  # every month has a 28th; a pause need not be day-exact
+    return now.replace(year=year, month=month, day=day, microsecond=0)
+
+
+def set_preferences(session: Session, rules: Rules, subscriber: Subscriber,
+                    fields: Mapping[str, str | None], wanted: Collection[str], pause: str,
+                    ctx: Context) -> dict[str, str]:
+    """Save an active reader's preferences page: profile fields, topics and a pause.
+    Returns the fields that were refused (the rest is saved)."""
+    if pause not in PAUSES:
+        raise InvalidInput("pause", "choose a pause from the list")
+    errors: dict[str, str] = {}
+    try:
+        store.update_profile(session, rules, subscriber, ctx, **fields)
+    except InvalidInput as exc:
+        errors[exc.field] = str(exc)
+    for topic in store.list_topics(session):
+        if topic.slug in wanted:
+            store.subscribe_topic(session, subscriber, topic, ctx)
+        else:
+            store.unsubscribe(session, subscriber, ctx, topic=topic)
+    if pause != "keep":
+        until = None if pause == "0" else months_from(utcnow(), int(pause))
+        store.pause(session, subscriber, ctx, until)
+    return errors

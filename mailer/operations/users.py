@@ -1,0 +1,136 @@
+"""Console accounts and API tokens: signing in and out, adding, disabling and enabling
+users, passwords, the second factor, tokens. Every change, every sign-in and every refusal is
+in the audit log."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from mailer import accounts, audit
+from mailer.accounts import Actor, ApiToken, LoginOutcome, Permission, Role, User
+from mailer.operations import Caller
+
+# ---------------------------------------------------------------- signing in
+
+@dataclass(frozen=True)
+class SignIn:
+    outcome: LoginOutcome
+    actor: Actor | None = None
+    token: str | None = None  # the new console session's cookie value
+
+
+def sign_in(session: Session, *, via: str, ip: str | None, login: str, password: str,
+            code: str = "", previous: str | None = None) -> SignIn:
+    """Check a sign-in and, when it succeeds, start a session (ending `previous`: signing in
+    again never keeps an old session). Recorded whatever the outcome."""
+    result = accounts.authenticate(session, login, password, code)
+    user = result.user
+    if result.outcome != LoginOutcome.OK or user is None:
+        audit.record(session, actor=user.login if user else "(unknown)",
+                     actor_name=user.display_name if user else None, via=via, ip=ip,
+                     action=f"login.{result.outcome}")
+        return SignIn(result.outcome)
+    accounts.end_session(session, previous)
+    token = accounts.start_session(session, user, ip)
+    actor = accounts.actor_of(user)
+    audit.record(session, actor=actor.login, actor_name=actor.name, via=via, ip=ip,
+                 action="login.ok")
+    return SignIn(LoginOutcome.OK, actor, token)
+
+
+def sign_in_refused(session: Session, *, via: str, ip: str | None, reason: str) -> None:
+    """A sign-in turned away before any account was looked at (too many from one network)."""
+    audit.record(session, actor="(unknown)", via=via, ip=ip, action=f"login.{reason}")
+
+
+def session_actor(session: Session, token: str | None) -> Actor | None:
+    """Who a console session cookie belongs to (it is kept alive by this), or None."""
+    user = accounts.session_user(session, token)
+    return None if user is None else accounts.actor_of(user)
+
+
+def token_actor(session: Session, presented: str | None) -> Actor | None:
+    """Who an API token acts as, with at most its role, or None."""
+    return accounts.token_actor(session, presented)
+
+
+def sign_out(session: Session, caller: Caller, token: str | None) -> None:
+    accounts.end_session(session, token)
+    caller.record(session, "logout")
+
+
+# ---------------------------------------------------------------- accounts
+
+def _target(login: str) -> str:
+    return f"user:{login}"
+
+
+def listing(session: Session, caller: Caller) -> Sequence[User]:
+    caller.require(Permission.USERS_MANAGE)
+    return accounts.list_users(session)
+
+
+def add(session: Session, caller: Caller, *, login: str, name: str, role: Role,
+        regions: Sequence[str], known_regions: Sequence[str], password: str,
+        email: str | None = None) -> User:
+    caller.require(Permission.USERS_MANAGE)
+    user = accounts.add_user(session, login=login, display_name=name, role=role,
+                             password=password, regions=list(regions),
+                             known_regions=known_regions, email=email)
+    caller.record(session, "user.add", _target(user.login), role=str(role),
+                  regions=list(user.regions or []))
+    return user
+
+
+def set_disabled(session: Session, caller: Caller, login: str, disabled: bool) -> bool:
+    """Disable (ending their sessions and revoking their tokens at once) or enable a user."""
+    caller.require(Permission.USERS_MANAGE)
+    user = accounts.get_user(session, login)
+    changed = (accounts.disable_user if disabled else accounts.enable_user)(session, user)
+    if changed or disabled:  # disabling again still ends sessions: worth its record
+        caller.record(session, "user.disable" if disabled else "user.enable",
+                      _target(user.login))
+    return changed
+
+
+def reset_password(session: Session, caller: Caller, login: str, password: str) -> None:
+    caller.require(Permission.USERS_MANAGE)
+    user = accounts.get_user(session, login)
+    accounts.set_password(session, user, password)
+    caller.record(session, "user.reset_password", _target(user.login))
+
+
+def second_factor(session: Session, caller: Caller, login: str, on: bool
+                  ) -> tuple[str, str] | None:
+    """Turn the authenticator-app factor on (returns its secret and enrolment URI) or off."""
+    caller.require(Permission.USERS_MANAGE)
+    user = accounts.get_user(session, login)
+    if not on:
+        accounts.disable_totp(session, user)
+        caller.record(session, "user.totp_off", _target(user.login))
+        return None
+    secret = accounts.enable_totp(session, user)
+    caller.record(session, "user.totp_on", _target(user.login))
+    return secret, accounts.totp_uri(user)
+
+
+def create_token(session: Session, caller: Caller, login: str, *, name: str,
+                 role: Role | None, days: int) -> tuple[ApiToken, str]:
+    """An API token for /api/v1 (shown once; only its hash is kept)."""
+    caller.require(Permission.USERS_MANAGE)
+    user = accounts.get_user(session, login)
+    row, plain = accounts.create_token(session, user, name=name, role=role, days=days)
+    caller.record(session, "token.create", _target(user.login), prefix=row.prefix,
+                  role=row.role)
+    return row, plain
+
+
+def revoke_token(session: Session, caller: Caller, prefix: str) -> bool:
+    caller.require(Permission.USERS_MANAGE)
+    changed = accounts.revoke_token(session, prefix)
+    if changed:
+        caller.record(session, "token.revoke", f"token:{prefix}")
+    return changed
