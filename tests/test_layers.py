@@ -169,4 +169,4 @@ def test_faces_change_data_only_through_the_operations() -> None:
 
 def test_the_operations_import_no_face() -> None:
     operations = [m for m in MODULES if m.startswith("mailer.operations")]
-    assert operations and _offenders(operations, FACES + ("mailer.schedule",)) == []
+    assert operations and _offenders(operations, (*FACES, "mailer.schedule")) == []
