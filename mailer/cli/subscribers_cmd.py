@@ -207,6 +207,25 @@ def export(
 
 
 @app.command()
+def edit(ctx: typer.Context, subscriber: str = typer.Argument(..., help="Address or id"),
+         name: str | None = typer.Option(None), organisation: str | None = typer.Option(None),
+         organisation_type: str | None = typer.Option(None), role: str | None = typer.Option(None),
+         region: str | None = typer.Option(None)) -> None:
+    """Change someone's profile: only the fields given (an empty value clears one).
+
+    Example: `mailer subscribers edit jo.bloggs@kent.police.uk --role spoc`
+    """
+    rt: Runtime = ctx.obj
+    given = {"name": name, "organisation": organisation, "organisation_type": organisation_type,
+             "role": role, "region": region}
+    fields = {k: v or None for k, v in given.items() if v is not None}
+    with rt.session() as session:
+        found = subscriber_ops.resolve(session, rt.caller, rt.settings.rules(), subscriber)
+        changed = subscriber_ops.edit(session, rt.caller, rt.settings.rules(), found.id, fields)
+    console.print("saved" if changed else "nothing had changed")
+
+
+@app.command()
 def unsubscribe(ctx: typer.Context, subscriber: str = typer.Argument(..., help="Address or id"),
                 topic: str | None = typer.Option(None, help="Only this topic")) -> None:
     """Unsubscribe someone from one topic or from everything (as if they had asked)."""

@@ -126,11 +126,14 @@ def edit(session: Session, caller: Caller, rules: Rules, sid: int,
     subscriber = get(session, caller, sid)
     if "region" in fields:
         caller.require_region(fields["region"])
-    changed = bool(fields) and store.update_profile(session, rules, subscriber,
-                                                    caller.context(), **fields)
-    if changed:
-        caller.record(session, "subscriber.edit", f"subscriber:{sid}", fields=sorted(fields))
-    return changed
+    before = {k: getattr(subscriber, k) for k in fields}
+    if not fields or not store.update_profile(session, rules, subscriber, caller.context(),
+                                              **fields):
+        return False
+    # A form sends every field; the record names those that changed.
+    caller.record(session, "subscriber.edit", f"subscriber:{sid}",
+                  fields=sorted(k for k in fields if getattr(subscriber, k) != before[k]))
+    return True
 
 
 def unsubscribe(session: Session, caller: Caller, sid: int, topic: str | None = None) -> bool:

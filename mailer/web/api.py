@@ -516,6 +516,8 @@ def _routes(api: FastAPI) -> None:
             request: Request, lawful_basis: LawfulBasis,
             apply: Annotated[bool, Query(description="False (the default) only reports what "
                                          "would happen")] = False,
+            filename: Annotated[str, Query(max_length=200, description="The file's name, for "
+                                           "the report and the audit log")] = "upload.csv",
             caller: Caller = Depends(_needs(Permission.SUBSCRIBERS_IMPORT))) -> ImportOut:
         w = _web(request)
         try:
@@ -523,7 +525,8 @@ def _routes(api: FastAPI) -> None:
         except MailerError as exc:
             raise _refusal(exc) from None
         data = await request.body()
-        options = importer.Options(lawful_basis=lawful_basis, source="api upload",
+        options = importer.Options(lawful_basis=lawful_basis,
+                                   source=FilePath(filename).name or "upload.csv",
                                    actor=caller.actor.login)
         with tempfile.TemporaryDirectory() as tmp:
             path = FilePath(tmp) / "upload.csv"
