@@ -73,6 +73,7 @@ class Edition(Base):
     topic: Mapped[str] = mapped_column(String(40))
     regions: Mapped[list[str]] = mapped_column(JSON, default=list)
     roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    organisation_types: Mapped[list[str]] = mapped_column(JSON, default=list)  # empty: all
     source: Mapped[str] = mapped_column(Text)  # the edition file as written
     source_sha256: Mapped[str] = mapped_column(String(64))
     compiled: Mapped[dict[str, Any]] = mapped_column(JSON)  # CompiledEdition.to_dict()

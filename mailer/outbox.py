@@ -23,6 +23,7 @@ from sqlalchemy import Select, bindparam, func, literal, or_, select, text, upda
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from mailer import audience as audience_rule
 from mailer.config import Settings
 from mailer.edition import load_edition
 from mailer.errors import MailerError
@@ -52,7 +53,8 @@ def store_edition(session: Session, *, slug: str, title: str, subject: str, topi
                   regions: Sequence[str], roles: Sequence[str], source: str,
                   compiled: dict[str, Any], actor: str | None,
                   kind: EditionKind = EditionKind.NEWSLETTER,
-                  not_after: datetime | None = None) -> tuple[Edition, bool]:
+                  not_after: datetime | None = None,
+                  organisation_types: Sequence[str] = ()) -> tuple[Edition, bool]:
     """Record an edition, or find the one already recorded from the same source.
 
     Returns (edition, created). The same slug with the same source is the same edition, so
@@ -77,6 +79,7 @@ def store_edition(session: Session, *, slug: str, title: str, subject: str, topi
     edition.kind = kind
     edition.title, edition.subject, edition.topic = title, subject, topic
     edition.regions, edition.roles = list(regions), list(roles)
+    edition.organisation_types = list(organisation_types)
     edition.source, edition.source_sha256, edition.compiled = source, digest, compiled
     edition.not_after = not_after
     session.flush()
@@ -87,11 +90,14 @@ def store_edition_file(session: Session, settings: Settings, path: Path,
                        actor: str | None) -> tuple[Edition, bool]:
     """Validate, compile (once) and record the edition in `path`; its slug is the file name."""
     parsed = load_edition(path)
+    audience_rule.check(parsed, audience_rule.known(session, settings))
     compiled = compile_edition(parsed, settings)
     meta = parsed.meta
     return store_edition(session, slug=path.stem, title=meta.title, subject=meta.subject,
                          topic=meta.topic, regions=meta.audience.regions,
-                         roles=meta.audience.roles, source=path.read_text(encoding="utf-8"),
+                         roles=meta.audience.roles,
+                         organisation_types=meta.audience.organisation_types,
+                         source=path.read_text(encoding="utf-8"),
                          compiled=compiled.to_dict(), actor=actor)
 
 
@@ -113,7 +119,8 @@ def list_editions(session: Session, limit: int = 50) -> Sequence[Edition]:
 
 
 def audience(edition: Edition) -> Select[tuple[int]]:
-    return store.segment([edition.topic], edition.regions, edition.roles)
+    return store.segment([edition.topic], edition.regions, edition.roles,
+                         edition.organisation_types)
 
 
 def audience_breakdown(session: Session, edition: Edition) -> dict[str, dict[str, int]]:
@@ -537,12 +544,14 @@ def store_edition_source(session: Session, settings: Settings, slug: str, source
 
     slug = check_slug(slug)
     parsed = parse_edition(source, where=f"{slug}.md")
+    audience_rule.check(parsed, audience_rule.known(session, settings))
     compiled = compile_edition(parsed, settings)
     meta = parsed.meta
     before = session.scalar(select(Edition.source_sha256).where(Edition.slug == slug))
     edition, _created = store_edition(
         session, slug=slug, title=meta.title, subject=meta.subject, topic=meta.topic,
-        regions=meta.audience.regions, roles=meta.audience.roles, source=source,
+        regions=meta.audience.regions, roles=meta.audience.roles,
+        organisation_types=meta.audience.organisation_types, source=source,
         compiled=compiled.to_dict(), actor=actor)
     changed = before != edition.source_sha256
     if changed and before is not None:
