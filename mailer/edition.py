@@ -42,8 +42,10 @@ class Audience(BaseModel):
 
     regions: list[str] = Field(default_factory=list, description="empty: every region")
     roles: list[str] = Field(default_factory=list, description="empty: every role")
+    organisation_types: list[str] = Field(default_factory=list,
+                                          description="empty: every organisation type")
 
-    @field_validator("regions", "roles")
+    @field_validator("regions", "roles", "organisation_types")
     @classmethod
     def _slugs(cls, values: list[str]) -> list[str]:
         for value in values:
@@ -131,6 +133,16 @@ class Edition:
     intro: list[list[Token] | Table]
     sections: list[Section]
     links: list[tuple[str, str, int]]  # (text, href, line) in reading order
+    # The file line of each front-matter key path, e.g. ("audience", "regions", 1): for
+    # the checks that need more than this file (mailer.audience) to name their line.
+    lines: dict[tuple[Any, ...], int] = field(default_factory=dict)
+
+    def line_of(self, *path: Any) -> int:
+        """The line of the key path, or of its nearest enclosing key, or 1."""
+        for n in range(len(path), 0, -1):
+            if path[:n] in self.lines:
+                return self.lines[path[:n]]
+        return 1
 
     @property
     def subject(self) -> str:
@@ -386,7 +398,8 @@ def parse_edition(text: str, where: str = "<edition>") -> Edition:
         errors.sort(key=lambda e: int((e.location or ":0").rpartition(":")[2] or 0))
         raise EditionErrors(errors)
     assert meta is not None
-    return Edition(path=where, meta=meta, intro=intro, sections=sections, links=links)
+    return Edition(path=where, meta=meta, intro=intro, sections=sections, links=links,
+                   lines=_key_lines(fm_text, fm_first))
 
 
 def _check_section_shape(section: Section, where: str, body_first: int,

@@ -53,6 +53,18 @@ class DeliveryStatus(StrEnum):
     SKIPPED = "skipped"  # not sent: unsubscribed, suppressed or cancelled before its turn
 
 
+class DeliveryReason(StrEnum):
+    """Why a delivery ended without a message reaching the relay (None: it did, or it is not
+    over). The row's `last_reply` says it in words for people; code reads this."""
+
+    TOO_LATE = "too_late"  # came due after its edition's "not after" time (the claim)
+    DATE_PASSED = "date_passed"  # a retry the "not after" time cut short (the worker)
+    GAVE_UP = "gave_up"  # temporary failures for longer than the retry limit
+    SUPPRESSED = "suppressed"  # unsubscribed or suppressed before its turn
+    CANCELLED = "cancelled"  # its send was cancelled
+    NOT_BUILT = "not_built"  # the message could not be built for this person
+
+
 DUE = frozenset({DeliveryStatus.QUEUED, DeliveryStatus.RETRY})
 FINAL = frozenset({DeliveryStatus.SENT, DeliveryStatus.BOUNCED, DeliveryStatus.FAILED,
                    DeliveryStatus.UNKNOWN, DeliveryStatus.SKIPPED})
@@ -73,6 +85,7 @@ class Edition(Base):
     topic: Mapped[str] = mapped_column(String(40))
     regions: Mapped[list[str]] = mapped_column(JSON, default=list)
     roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    organisation_types: Mapped[list[str]] = mapped_column(JSON, default=list)  # empty: all
     source: Mapped[str] = mapped_column(Text)  # the edition file as written
     source_sha256: Mapped[str] = mapped_column(String(64))
     compiled: Mapped[dict[str, Any]] = mapped_column(JSON)  # CompiledEdition.to_dict()
@@ -102,6 +115,7 @@ class Delivery(Base):
     __tablename__ = "delivery"
     __table_args__ = (
         CheckConstraint(_check_in("status", DeliveryStatus), name="status"),
+        CheckConstraint(_check_in("reason", DeliveryReason), name="reason"),
         Index("uq_delivery_edition_subscriber", "edition_id", "subscriber_id", unique=True),
         Index("ix_delivery_due", "edition_id", "status", "next_attempt_at"),
         Index("ix_delivery_lease", "edition_id", "status", "lease_until"),
@@ -124,3 +138,4 @@ class Delivery(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_code: Mapped[int | None] = mapped_column(Integer)
     last_reply: Mapped[str | None] = mapped_column(String(500))
+    reason: Mapped[str | None] = mapped_column(String(20))  # a DeliveryReason

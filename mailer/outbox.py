@@ -23,7 +23,9 @@ from sqlalchemy import Select, bindparam, func, literal, or_, select, text, upda
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from mailer import audience as audience_rule
 from mailer.config import Settings
+from mailer.deadline import too_late
 from mailer.edition import load_edition
 from mailer.errors import Conflict, MailerError, NotAllowed, NotFound
 from mailer.models import (
@@ -31,6 +33,7 @@ from mailer.models import (
     FINAL,
     STARTABLE,
     Delivery,
+    DeliveryReason,
     DeliveryStatus,
     Edition,
     EditionKind,
@@ -53,7 +56,8 @@ def store_edition(session: Session, *, slug: str, title: str, subject: str, topi
                   regions: Sequence[str], roles: Sequence[str], source: str,
                   compiled: dict[str, Any], actor: str | None,
                   kind: EditionKind = EditionKind.NEWSLETTER,
-                  not_after: datetime | None = None) -> tuple[Edition, bool]:
+                  not_after: datetime | None = None,
+                  organisation_types: Sequence[str] = ()) -> tuple[Edition, bool]:
     """Record an edition, or find the one already recorded from the same source.
 
     Returns (edition, created). The same slug with the same source is the same edition, so
@@ -78,6 +82,7 @@ def store_edition(session: Session, *, slug: str, title: str, subject: str, topi
     edition.kind = kind
     edition.title, edition.subject, edition.topic = title, subject, topic
     edition.regions, edition.roles = list(regions), list(roles)
+    edition.organisation_types = list(organisation_types)
     edition.source, edition.source_sha256, edition.compiled = source, digest, compiled
     edition.not_after = not_after
     session.flush()
@@ -88,11 +93,14 @@ def store_edition_file(session: Session, settings: Settings, path: Path,
                        actor: str | None) -> tuple[Edition, bool]:
     """Validate, compile (once) and record the edition in `path`; its slug is the file name."""
     parsed = load_edition(path)
+    audience_rule.check(parsed, audience_rule.known(session, settings))
     compiled = compile_edition(parsed, settings)
     meta = parsed.meta
     return store_edition(session, slug=path.stem, title=meta.title, subject=meta.subject,
                          topic=meta.topic, regions=meta.audience.regions,
-                         roles=meta.audience.roles, source=path.read_text(encoding="utf-8"),
+                         roles=meta.audience.roles,
+                         organisation_types=meta.audience.organisation_types,
+                         source=path.read_text(encoding="utf-8"),
                          compiled=compiled.to_dict(), actor=actor)
 
 
@@ -116,7 +124,8 @@ def list_editions(session: Session, limit: int = 50, scope: Scope = None) -> Seq
 
 
 def audience(edition: Edition) -> Select[tuple[int]]:
-    return store.segment([edition.topic], edition.regions, edition.roles)
+    return store.segment([edition.topic], edition.regions, edition.roles,
+                         edition.organisation_types)
 
 
 def audience_breakdown(session: Session, edition: Edition) -> dict[str, dict[str, int]]:
@@ -192,7 +201,8 @@ def set_status(session: Session, edition: Edition, status: EditionStatus,
     if status == EditionStatus.CANCELLED:
         session.execute(update(Delivery).where(Delivery.edition_id == edition.id,
                                                Delivery.status.in_(list(DUE)))
-                        .values(status=DeliveryStatus.SKIPPED, last_reply="cancelled"))
+                        .values(status=DeliveryStatus.SKIPPED, last_reply="cancelled",
+                                reason=DeliveryReason.CANCELLED))
         edition.finished_at = utcnow()
     session.flush()
     return True
@@ -213,7 +223,8 @@ def requeue_failed(session: Session, edition: Edition, include_unknown: bool = F
     moved = session.execute(
         update(Delivery).where(Delivery.edition_id == edition.id,
                                Delivery.status.in_(statuses))
-        .values(status=DeliveryStatus.QUEUED, next_attempt_at=utcnow(), attempts=0)).rowcount
+        .values(status=DeliveryStatus.QUEUED, next_attempt_at=utcnow(), attempts=0,
+                reason=None)).rowcount
     if moved and edition.status in (EditionStatus.SENT, EditionStatus.PAUSED):
         edition.status = EditionStatus.SENDING
         edition.finished_at = None
@@ -281,12 +292,13 @@ _MARK_CLAIMED = update(_table).where(_table.c.id.in_(bindparam("ids", expanding=
     ambiguous=or_(_table.c.ambiguous, _table.c.status == DeliveryStatus.SENDING),
     last_attempt_at=bindparam("now"))
 _CLOSE_UNSENT = update(_table).where(_table.c.id.in_(bindparam("ids", expanding=True))).values(
-    status=bindparam("status"), last_reply=bindparam("reason"), lease_until=None)
+    status=bindparam("status"), last_reply=bindparam("reply"), reason=bindparam("reason"),
+    lease_until=None)
 
 
-# What a delivery closed unsent because its edition's "not after" time came says, from the
-# claim (it came due after the time) and from the worker (a retry the time cut short): the
-# scheduler finds such rows by these words to tell the co-ordinators.
+# What a delivery closed unsent because its edition's "not after" time came says to people,
+# from the claim (it came due after the time: DeliveryReason.TOO_LATE) and from the worker (a
+# retry the time cut short: DATE_PASSED). Code reads the row's `reason`, never these words.
 TOO_LATE = "too late, past the edition's 'not after' time"
 DATE_PASSED = "the date has passed"
 
@@ -319,7 +331,7 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
         sendable.update((sid, topic) for sid in store.sendable_among(session, members, topic))
     claims, skipped, late = [], [], []
     for r in rows:
-        if r.not_after is not None and r.not_after < now:
+        if too_late(r.not_after, now):
             late.append(r.id)
         elif (r.subscriber_id, r.topic) not in sendable:
             skipped.append(r.id)
@@ -331,13 +343,13 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
     if claims:
         session.execute(_MARK_CLAIMED, {"ids": [c.delivery_id for c in claims],
                                         "worker": worker, "lease": now + lease, "now": now})
-    for ids_, reason, status in (
+    for ids_, reply, status, reason in (
             (skipped, "not sent: unsubscribed or suppressed before its turn",
-             DeliveryStatus.SKIPPED),
-            (late, f"not sent: {TOO_LATE}",
-             DeliveryStatus.FAILED)):
+             DeliveryStatus.SKIPPED, DeliveryReason.SUPPRESSED),
+            (late, f"not sent: {TOO_LATE}", DeliveryStatus.FAILED, DeliveryReason.TOO_LATE)):
         if ids_:
-            session.execute(_CLOSE_UNSENT, {"ids": ids_, "status": status, "reason": reason})
+            session.execute(_CLOSE_UNSENT, {"ids": ids_, "status": status, "reply": reply,
+                                            "reason": reason})
     return claims
 
 
@@ -351,6 +363,7 @@ class Result:
     reply: str = ""
     next_attempt_at: datetime | None = None
     ambiguous: bool = False
+    reason: DeliveryReason | None = None  # why it ended unsent, when it did
 
 
 def record(session: Session, worker: str, results: Sequence[Result],
@@ -368,7 +381,8 @@ def record(session: Session, worker: str, results: Sequence[Result],
     params = [{"b_id": r.delivery_id, "b_status": r.status, "b_code": r.code,
                "b_reply": r.reply[:500], "b_next": r.next_attempt_at or now,
                "b_sent": now if r.status == DeliveryStatus.SENT else None,
-               "b_ambiguous": r.ambiguous, "b_worker": worker, "b_now": now} for r in results]
+               "b_ambiguous": r.ambiguous, "b_worker": worker, "b_now": now,
+               "b_reason": r.reason} for r in results]
     return session.execute(_RECORD, params).rowcount or 0
 
 
@@ -378,7 +392,8 @@ _RECORD = (update(_table)
            .values(status=bindparam("b_status"), last_code=bindparam("b_code"),
                    last_reply=bindparam("b_reply"), next_attempt_at=bindparam("b_next"),
                    sent_at=bindparam("b_sent"), ambiguous=bindparam("b_ambiguous"),
-                   last_attempt_at=bindparam("b_now"), lease_until=None))
+                   last_attempt_at=bindparam("b_now"), reason=bindparam("b_reason"),
+                   lease_until=None))
 
 
 def finish_done(session: Session, now: datetime | None = None) -> list[int]:
@@ -540,12 +555,14 @@ def store_edition_source(session: Session, settings: Settings, slug: str, source
 
     slug = check_slug(slug)
     parsed = parse_edition(source, where=f"{slug}.md")
+    audience_rule.check(parsed, audience_rule.known(session, settings))
     compiled = compile_edition(parsed, settings)
     meta = parsed.meta
     before = session.scalar(select(Edition.source_sha256).where(Edition.slug == slug))
     edition, _created = store_edition(
         session, slug=slug, title=meta.title, subject=meta.subject, topic=meta.topic,
-        regions=meta.audience.regions, roles=meta.audience.roles, source=source,
+        regions=meta.audience.regions, roles=meta.audience.roles,
+        organisation_types=meta.audience.organisation_types, source=source,
         compiled=compiled.to_dict(), actor=actor)
     changed = before != edition.source_sha256
     if changed and before is not None:
@@ -658,7 +675,7 @@ def schedule(session: Session, edition: Edition, actor: str, when: datetime,
         raise ScheduleError(f"edition '{edition.slug}' is {edition.status}; it cannot be "
                             "scheduled", hint="only a draft or approved edition can be")
     when = check_send_at(when, now=now)
-    if edition.not_after is not None and when >= edition.not_after:
+    if too_late(edition.not_after, when):
         raise ScheduleError("that is after the edition's 'not after' time")
     edition.scheduled_for, edition.scheduled_by = when, actor
     edition.status = EditionStatus.SCHEDULED

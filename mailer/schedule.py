@@ -38,9 +38,17 @@ from sqlalchemy.pool import NullPool
 
 from mailer import alerts, audit, events, outbox
 from mailer.config import Settings
+from mailer.deadline import too_late
 from mailer.errors import MailerError
 from mailer.events import Event, Reminder, ReminderStatus
-from mailer.models import Delivery, DeliveryStatus, Edition, EditionKind, EditionStatus
+from mailer.models import (
+    Delivery,
+    DeliveryReason,
+    DeliveryStatus,
+    Edition,
+    EditionKind,
+    EditionStatus,
+)
 from mailer.outbox import LONDON, ScheduleError, check_send_at, uk_time, utc_time
 from mailer.render import Attachment, compile_list_email
 from mailer.web import ratelimit
@@ -196,7 +204,7 @@ def build_reminder(session: Session, settings: Settings, reminder: Reminder, eve
 
 # ---------------------------------------------------------------- reminders that ran out of time
 
-_LATE_REPLIES = (outbox.TOO_LATE, outbox.DATE_PASSED)
+_LATE = (DeliveryReason.TOO_LATE, DeliveryReason.DATE_PASSED)
 LATE_LOOKBACK = timedelta(days=7)  # reminders whose time ran out this recently are checked
 # ... once this long after it, when what was in flight at that time has settled
 LATE_SETTLE = timedelta(minutes=15)
@@ -219,7 +227,7 @@ def check_late_reminders(session: Session, now: datetime) -> list[str]:
                                       .group_by(Delivery.status)).all())
         closed_late = session.scalar(select(func.count()).select_from(Delivery).where(
             Delivery.edition_id == edition.id, Delivery.status == DeliveryStatus.FAILED,
-            or_(*[Delivery.last_reply.contains(r) for r in _LATE_REPLIES]))) or 0
+            Delivery.reason.in_(list(_LATE)))) or 0
         waiting = sum(counts.get(s, 0) for s in (DeliveryStatus.QUEUED, DeliveryStatus.RETRY,
                                                  DeliveryStatus.SENDING))
         if not waiting + closed_late:
@@ -320,7 +328,7 @@ def catch_up(session: Session, settings: Settings, now: datetime | None = None) 
         event = session.get(Event, reminder.event_id)
         assert event is not None
         label = f"{event.name} ({reminder.occurrence}, {reminder.offset_days} day(s) before)"
-        if now >= reminder.not_after:
+        if too_late(reminder.not_after, now):
             note = (f"missed: due {uk_time(reminder.send_at)}, and too late after "
                     f"{uk_time(reminder.not_after)}; not sent")
             if events.take_reminder(session, reminder, ReminderStatus.MISSED, now, note):

@@ -46,9 +46,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from mailer import alerts, outbox, reference
 from mailer.config import Settings
+from mailer.deadline import too_late
 from mailer.errors import MailerError
 from mailer.links import Links
-from mailer.models import DeliveryStatus, Edition
+from mailer.models import DeliveryReason, DeliveryStatus, Edition
 from mailer.render import CompiledEdition, MessageRefused, Recipient, build_message
 from mailer.smtp import NOT_STARTED, Outcome, SendResult, SmtpPool
 from subscribers import store
@@ -57,6 +58,7 @@ from subscribers.models import Channel, Subscriber
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+BUILD = "build"  # the SendResult stage of a message refused before it reached the relay
 
 
 class WorkerBusy(MailerError):
@@ -107,8 +109,9 @@ class Policy:
         status = {Outcome.SENT: DeliveryStatus.SENT, Outcome.BOUNCED: DeliveryStatus.BOUNCED,
                   Outcome.FAILED: DeliveryStatus.FAILED}.get(result.outcome)
         if status is not None:
+            unbuilt = DeliveryReason.NOT_BUILT if result.stage == BUILD else None
             return outbox.Result(claim.delivery_id, status, result.code, reply,
-                                 ambiguous=claim.ambiguous)
+                                 ambiguous=claim.ambiguous, reason=unbuilt)
         ambiguous = claim.ambiguous
         if result.outcome is Outcome.UNKNOWN:
             # Sent, perhaps: resend (same Message-ID) a bounded number of times, and say so.
@@ -116,12 +119,14 @@ class Policy:
                 return outbox.Result(claim.delivery_id, DeliveryStatus.UNKNOWN, result.code,
                                      reply, ambiguous=True)
             ambiguous = True
-        too_late = not_after is not None and now >= not_after
-        if too_late or now - claim.queued_at >= self.give_up:
-            why = outbox.DATE_PASSED if too_late else f"gave up after {claim.attempts} tries"
+        late = too_late(not_after, now)
+        if late or now - claim.queued_at >= self.give_up:
+            why = outbox.DATE_PASSED if late else f"gave up after {claim.attempts} tries"
             final = DeliveryStatus.UNKNOWN if ambiguous else DeliveryStatus.FAILED
             return outbox.Result(claim.delivery_id, final, result.code, f"{reply} ({why})",
-                                 ambiguous=ambiguous)
+                                 ambiguous=ambiguous,
+                                 reason=DeliveryReason.DATE_PASSED if late
+                                 else DeliveryReason.GAVE_UP)
         wait = self.backoff(claim.attempts)
         if result.throttled:
             wait = max(wait, timedelta(seconds=self.throttle_pause))
@@ -395,7 +400,7 @@ class Worker:
                 message_id=reference.message_id(self.secret, claim.edition_id,
                                                 claim.subscriber_id, self.domain))
         except MessageRefused as exc:
-            return claim, SendResult(Outcome.FAILED, None, None, f"not sent: {exc}", "build")
+            return claim, SendResult(Outcome.FAILED, None, None, f"not sent: {exc}", BUILD)
         return claim, await pool.send(self._envelope_from(claim), claim.email, raw,
                                       prepared=True, start_by=start_by)
 

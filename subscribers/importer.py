@@ -84,8 +84,11 @@ def decode(data: bytes, forced: str | None = None) -> tuple[str, str]:
             return data.decode(forced), forced
         except (LookupError, UnicodeDecodeError) as exc:
             raise ImportFileError(f"cannot read the file as {forced}: {exc}") from None
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16"), "utf-16"
+    # UTF-32's little-endian mark begins with UTF-16's, so it is looked for first.
+    for marks, encoding in (((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"), "utf-32"),
+                            ((b"\xff\xfe", b"\xfe\xff"), "utf-16")):
+        if data.startswith(marks):
+            return _decode_marked(data, encoding), encoding
     try:
         return data.decode("utf-8-sig"), "utf-8"
     except UnicodeDecodeError as exc:
@@ -96,6 +99,19 @@ def decode(data: bytes, forced: str | None = None) -> tuple[str, str]:
     raise ImportFileError(
         f"the file is not UTF-8 (line {line} has bytes that are not UTF-8) and not Windows-1252; "
         "save it as 'CSV UTF-8' or give --encoding")
+
+
+def _decode_marked(data: bytes, encoding: str) -> str:
+    """`data` as the `encoding` its byte-order mark names, or a refusal naming where it stops
+    being that (an odd byte at the end, a lone surrogate, a code point past U+10FFFF)."""
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].decode(encoding, errors="replace").count("\n") + 1
+        raise ImportFileError(
+            f"the file starts with a {encoding.upper()} byte-order mark but is not "
+            f"{encoding.upper()} (line {line}, byte {exc.start}: {exc.reason}); "
+            "save it as 'CSV UTF-8'") from None
 
 
 def _sniff_delimiter(first_line: str) -> str:

@@ -560,9 +560,11 @@ def erase(session: Session, subscriber: Subscriber, ctx: Context) -> None:
 # ---------------------------------------------------------------- segments and counts
 
 def segment(topics: Sequence[str], regions: Sequence[str] = (),
-            roles: Sequence[str] = ()) -> Select[tuple[int]]:
-    """The ids of subscribers an edition goes to: active, on one of the topics, in the regions
-    and roles if given, and not suppressed. A SELECT for the outbox's INSERT ... SELECT."""
+            roles: Sequence[str] = (),
+            organisation_types: Sequence[str] = ()) -> Select[tuple[int]]:
+    """The ids of subscribers an edition goes to: active, on one of the topics, in the regions,
+    roles and organisation types if given (empty: all), and not suppressed. A SELECT for the
+    outbox's INSERT ... SELECT."""
     query = (
         select(Subscriber.id).distinct()
         .join(Subscription, Subscription.subscriber_id == Subscriber.id)
@@ -577,6 +579,8 @@ def segment(topics: Sequence[str], regions: Sequence[str] = (),
         query = query.where(Subscriber.region.in_(list(regions)))
     if roles:
         query = query.where(Subscriber.role.in_(list(roles)))
+    if organisation_types:
+        query = query.where(Subscriber.organisation_type.in_(list(organisation_types)))
     return query
 
 

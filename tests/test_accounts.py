@@ -21,6 +21,7 @@ from mailer.config import Settings
 from mailer.web.admin import LOGIN_ATTEMPTS_PER_NETWORK
 from mailer.web.app import create_app
 from subscribers.db import session_factory
+from tests.clock import uk_noon_in
 from tests.test_admin_routes import PASSWORD, app_client, login, make_user, sample_edition  # noqa
 from tests.web_fixtures import (  # noqa: F401
     BASE,
@@ -147,7 +148,7 @@ def test_the_author_cannot_approve_and_an_edit_withdraws_approval(
         with pytest.raises(outbox.EditionConflict, match="only an approved"):
             outbox.send_approved(session, edition, "alice")
         assert outbox.approve(session, edition, "bob")
-        when = datetime.now(UTC) + timedelta(days=1)
+        when = uk_noon_in(1)
         outbox.schedule(session, edition, "bob", when)
         assert (edition.status, edition.scheduled_by) == ("scheduled", "bob")
         changed_source = edition.source.replace("Feedback and suggestions",

@@ -33,6 +33,7 @@ from mailer.worker import Worker
 from subscribers import store
 from subscribers.db import session_factory
 from subscribers.models import Subscriber
+from tests.clock import uk_noon_in
 from tests.smtp_servers import FaultServer
 from tests.test_admin_routes import (  # noqa: F401
     _flat,
@@ -104,7 +105,7 @@ def _dashboard(app_client: TestClient, engine: Engine, web_settings: Settings,
         for edition in (sent, waiting):
             outbox.request_approval(session, edition, "alice")
             outbox.approve(session, edition, "bob")
-        outbox.schedule(session, waiting, "bob", dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
+        outbox.schedule(session, waiting, "bob", uk_noon_in(2))
         outbox.send_approved(session, sent, "bob")
         today = dt.datetime.now(dt.UTC).date()
         events.add_event(session, events.EventSpec(name="Harbour watch day", yearly=False,
@@ -313,7 +314,7 @@ def test_an_edit_in_the_console_withdraws_the_approval(
         edition = outbox.get_edition(session, eid)
         outbox.request_approval(session, edition, "alice")
         outbox.approve(session, edition, "bob")
-        outbox.schedule(session, edition, "bob", dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+        outbox.schedule(session, edition, "bob", uk_noon_in(1))
         source = edition.source
         session.commit()
     token = _signed_in(app_client, engine)

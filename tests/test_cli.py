@@ -105,6 +105,18 @@ def test_import_is_a_dry_run_until_apply(
     assert code == 0 and "new: 0" in out
 
 
+def test_import_of_a_utf16_file_with_junk_is_a_clear_refusal_not_an_internal_error(
+        settings: Settings, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "junk.csv"
+    path.write_bytes(b"\xff\xfe" + "email\njo@kent.police.uk\n".encode("utf-16-le") + b"\x00\xd8")
+    code, out, err = mailer(capsys, "subscribers", "import", str(path), "--lawful-basis",
+                            "public_task", "--apply")
+    assert code == 1, (out, err)
+    assert "byte-order mark but is not UTF-16 (line 3" in err
+    assert "internal error" not in err and "Traceback" not in err
+    assert json.loads(mailer(capsys, "subscribers", "export", "--format", "json")[1]) == []
+
+
 def test_topics_list_and_add(settings: Settings, capsys: pytest.CaptureFixture[str]) -> None:
     assert mailer(capsys, "topics", "add", "op-aidant", "Operation Aidant")[0] == 0
     code, out, _ = mailer(capsys, "topics", "list")

@@ -193,6 +193,36 @@ def test_files_that_cannot_be_read_are_refused_clearly(
     assert importer.import_file(sessions, rules, tmp_path / "utf16.csv", OPTIONS).new == 1
 
 
+# A byte-order mark followed by what that encoding cannot read: an odd trailing byte, a lone
+# surrogate, a code point past U+10FFFF, and the big-endian marks too.
+BOM_JUNK = {
+    "utf16-odd": "email\nx@kent.police.uk\n".encode("utf-16")[:-1],
+    "utf16-surrogate": b"\xff\xfe" + "email\n".encode("utf-16-le") + b"\x00\xd8a\x00",
+    "utf16be-surrogate": b"\xfe\xff" + "email\n".encode("utf-16-be") + b"\xdc\x00",
+    "utf32-range": b"\xff\xfe\x00\x00" + "email\n".encode("utf-32-le") + b"\xff\xff\xff\x7f",
+    "utf32be-short": b"\x00\x00\xfe\xff" + "email\n".encode("utf-32-be") + b"\x00\x00",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOM_JUNK))
+def test_a_byte_order_mark_followed_by_junk_is_refused_clearly_and_nothing_is_stored(
+        name: str, tmp_path: Path, sessions: sessionmaker[Session], rules: Rules) -> None:
+    path = tmp_path / f"{name}.csv"
+    path.write_bytes(BOM_JUNK[name])
+    with pytest.raises(ImportFileError, match=r"byte-order mark but is not UTF-(16|32) \(line 2"):
+        importer.import_file(sessions, rules, path, OPTIONS, apply=True)
+    with sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Subscriber)) == 0
+
+
+def test_a_utf32_file_with_its_mark_is_read(
+        tmp_path: Path, sessions: sessionmaker[Session], rules: Rules) -> None:
+    path = tmp_path / "utf32.csv"
+    path.write_bytes("email,name\nu32@kent.police.uk,Zoë\n".encode("utf-32"))
+    report = importer.import_file(sessions, rules, path, OPTIONS)
+    assert (report.encoding, report.new, report.errors) == ("utf-32", 1, [])
+
+
 def test_unknown_columns_are_ignored_with_a_warning_and_quoting_errors_name_the_line(
         tmp_path: Path, sessions: sessionmaker[Session], rules: Rules) -> None:
     (tmp_path / "extra.csv").write_text("E-mail Address,Phone\nx@kent.police.uk,07700900000\n")

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from sqlalchemy.orm import Session
 
+from mailer import audience
 from mailer.cli.runtime import Runtime, console
 from mailer.config import Settings
 from mailer.edition import load_edition
@@ -66,6 +67,10 @@ def validate(ctx: typer.Context,
     """
     rt: Runtime = ctx.obj
     edition = load_edition(file)
+    known, unchecked = audience.known_without_session(rt.settings)
+    audience.check(edition, known)
+    if unchecked:
+        console.print(f"[yellow]note:[/] the topic was not checked: {escape(unchecked)}")
     compiled = _compile(rt.settings, file)
     console.print(f"[green]ok:[/] {escape(str(file))}: {len(edition.sections)} sections, "
                   f"{len(compiled.html.encode()) / 1024:.0f} KB HTML, "
