@@ -26,8 +26,7 @@ from sqlalchemy.orm import Session
 from mailer import audience as audience_rule
 from mailer.config import Settings
 from mailer.deadline import too_late
-from mailer.edition import load_edition
-from mailer.errors import Conflict, MailerError, NotAllowed, NotFound
+from mailer.errors import Conflict, EditionError, MailerError, NotAllowed, NotFound
 from mailer.models import (
     DUE,
     FINAL,
@@ -91,17 +90,14 @@ def store_edition(session: Session, *, slug: str, title: str, subject: str, topi
 
 def store_edition_file(session: Session, settings: Settings, path: Path,
                        actor: str | None) -> tuple[Edition, bool]:
-    """Validate, compile (once) and record the edition in `path`; its slug is the file name."""
-    parsed = load_edition(path)
-    audience_rule.check(parsed, audience_rule.known(session, settings))
-    compiled = compile_edition(parsed, settings)
-    meta = parsed.meta
-    return store_edition(session, slug=path.stem, title=meta.title, subject=meta.subject,
-                         topic=meta.topic, regions=meta.audience.regions,
-                         roles=meta.audience.roles,
-                         organisation_types=meta.audience.organisation_types,
-                         source=path.read_text(encoding="utf-8"),
-                         compiled=compiled.to_dict(), actor=actor)
+    """`store_edition_source` for an edition file: its name is its slug, and problems are
+    placed in it by its path."""
+    try:
+        source = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EditionError(f"cannot read it: {exc}", location=str(path),
+                           hint="an edition is a UTF-8 text (.md) file") from None
+    return store_edition_source(session, settings, path.stem, source, actor, where=str(path))
 
 
 def get_edition(session: Session, ident: str | int, scope: Scope = None) -> Edition:
@@ -544,7 +540,7 @@ def check_slug(slug: str) -> str:
 
 
 def store_edition_source(session: Session, settings: Settings, slug: str, source: str,
-                         actor: str | None) -> tuple[Edition, bool]:
+                         actor: str | None, where: str | None = None) -> tuple[Edition, bool]:
     """Validate, compile and record edition text (an upload or an edit in the console).
 
     Returns (edition, changed). A changed source withdraws any approval request, approval and
@@ -554,7 +550,7 @@ def store_edition_source(session: Session, settings: Settings, slug: str, source
     from mailer.edition import parse_edition
 
     slug = check_slug(slug)
-    parsed = parse_edition(source, where=f"{slug}.md")
+    parsed = parse_edition(source, where=where or f"{slug}.md")
     audience_rule.check(parsed, audience_rule.known(session, settings))
     compiled = compile_edition(parsed, settings)
     meta = parsed.meta

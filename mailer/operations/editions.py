@@ -80,25 +80,25 @@ def save(session: Session, caller: Caller, settings: Settings, slug: str, source
     """Validate, compile and store an edition's source (new, or a new version of the one with
     this slug, which withdraws its approval). Returns (edition, changed)."""
     caller.require(Permission.EDITIONS_EDIT)
-    edition, changed = outbox.store_edition_source(session, settings, slug,
-                                                   source.replace("\r\n", "\n"),
-                                                   caller.actor.login)
-    caller.require_cover(edition.regions)
-    if changed:
-        caller.record(session, "edition.save", _target(edition), slug=edition.slug,
-                      sha256=edition.source_sha256)
-    return edition, changed
+    return _saved(session, caller, *outbox.store_edition_source(
+        session, settings, slug, source.replace("\r\n", "\n"), caller.actor.login))
 
 
 def save_file(session: Session, caller: Caller, settings: Settings, path: Path
               ) -> tuple[Edition, bool]:
     """`save` for an edition file: its name (without .md) is its slug."""
-    try:
-        source = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MailerError(f"cannot read {path}: {exc}",
-                          hint="an edition is a UTF-8 text (.md) file") from None
-    return save(session, caller, settings, path.stem, source)
+    caller.require(Permission.EDITIONS_EDIT)
+    return _saved(session, caller, *outbox.store_edition_file(session, settings, path,
+                                                              caller.actor.login))
+
+
+def _saved(session: Session, caller: Caller, edition: Edition, changed: bool
+           ) -> tuple[Edition, bool]:
+    caller.require_cover(edition.regions)
+    if changed:
+        caller.record(session, "edition.save", _target(edition), slug=edition.slug,
+                      sha256=edition.source_sha256)
+    return edition, changed
 
 
 def request_approval(session: Session, caller: Caller, ident: int | str) -> bool:
