@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -32,6 +33,14 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 POSTGRES_URL = os.environ.get("MAILER_TEST_POSTGRES_URL", "")
 CHROMIUM = os.environ.get("MAILER_TEST_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+# Under CI=true every property test tries the same examples each run (derandomised, no example
+# database), so a red CI is reproducible and a green one is not luck; locally Hypothesis keeps
+# exploring. Failures it finds belong in an @example, never in a saved database.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+if IN_CI:
+    hypothesis_settings.load_profile("ci")
 
 
 def _require_or_skip(reason: str) -> None:
