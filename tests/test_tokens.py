@@ -143,3 +143,50 @@ def test_a_token_is_the_bytes_itsdangerous_itself_would_write(
         payload = [subscriber_id] if topic_id is None else [subscriber_id, topic_id]
         assert made == tokens._serializers[purpose].dumps(payload)
         assert tokens.read(purpose, made) == Claims(subscriber_id, topic_id)
+
+
+DAY = 86400
+
+
+@pytest.mark.parametrize(("purpose", "lifetime"), [
+    (Purpose.CONFIRM, 7 * DAY),
+    (Purpose.MANAGE, 180 * DAY),
+    (Purpose.UNSUBSCRIBE, 10 * 365 * DAY),
+])
+def test_each_link_purpose_lives_as_long_as_the_readme_says(purpose: Purpose,
+                                                            lifetime: int) -> None:
+    # Confirmation 7 days, preferences 180 days, unsubscribe 10 years: a link works a minute
+    # before its time and not a minute after, by default and through the settings' issuer.
+    from mailer.config import Settings
+    from mailer.links import tokens_for
+
+    settings = Settings(secret_key="s" * 40, suppression_key="k" * 40)
+    for tokens in (Tokens([NEW]), tokens_for(settings)):
+        made = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+        with time_machine.travel(made, tick=False):
+            token = tokens.make(purpose, 11)
+        with time_machine.travel(made + dt.timedelta(seconds=lifetime - 60), tick=False):
+            assert tokens.read(purpose, token) == Claims(11)
+        with time_machine.travel(made + dt.timedelta(seconds=lifetime + 60), tick=False):
+            with pytest.raises(InvalidToken) as info:
+                tokens.read(purpose, token)
+            assert info.value.expired
+
+
+def test_signing_keys_shorter_than_32_bytes_are_refused() -> None:
+    from mailer.config import Settings
+    from mailer.errors import ConfigError
+
+    for short in (b"k" * 16, b"k" * 31):
+        with pytest.raises(ValueError, match="at least 32 bytes"):
+            Tokens([short])
+        with pytest.raises(ValueError, match="at least 32 bytes"):
+            Tokens([b"n" * 32, short])  # a short retired key is refused too
+    assert Tokens([b"k" * 32]).read(Purpose.MANAGE, Tokens([b"k" * 32]).manage(3)) == Claims(3)
+    assert Tokens([b"", b"k" * 32]).manage(3)  # an empty slot is skipped, not refused
+    for name in ("secret_key", "suppression_key"):
+        with pytest.raises(ConfigError, match="too short"):
+            getattr(Settings(**{name: "s" * 31}),
+                    "secret" if name == "secret_key" else "suppression_secret")()
+        assert getattr(Settings(**{name: "s" * 32}), "secret" if name == "secret_key"
+                       else "suppression_secret")() == b"s" * 32
