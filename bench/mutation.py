@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import importlib.util
 import json
 import os
@@ -160,6 +161,28 @@ def ensure_mutmut() -> Path:
     return Path(sys.executable).with_name("mutmut")
 
 
+def kept_template() -> str:
+    """The name of the migrated PostgreSQL template every mutant's test session clones (see
+    tests/conftest.py): one per set of migrations, instead of one migration per mutant."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "alembic" / "versions").glob("*.py")):
+        digest.update(path.read_bytes())
+    return f"mailer_tmpl_mutation_{digest.hexdigest()[:12]}"
+
+
+def drop_template(name: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    sys.path.insert(0, str(ROOT))
+    from subscribers.db import normalise_url
+
+    admin = create_engine(normalise_url(os.environ["MAILER_TEST_POSTGRES_URL"]),
+                          isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
 def run(modules: list[str], max_children: int | None) -> float:
     tool = ensure_mutmut()
     names = [p for m in modules for p in patterns(m)]
@@ -167,9 +190,14 @@ def run(modules: list[str], max_children: int | None) -> float:
     if max_children:
         command[2:2] = ["--max-children", str(max_children)]
     start = time.monotonic()
+    template = kept_template()
     # mutmut prints a spinner per mutant; only its end matters here.
-    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, check=False)
+    try:
+        done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, check=False,
+                              env={**os.environ, "MAILER_TEST_PG_TEMPLATE": template})
+    finally:
+        drop_template(template)
     tail = [line for line in done.stdout.replace("\r", "\n").splitlines()
             if line.strip() and not line.lstrip().startswith(tuple("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"))]
     if done.returncode != 0:
