@@ -52,8 +52,9 @@ class _Serializer(URLSafeTimedSerializer):
     payloads, a list of one or two ids: trying zlib on a dozen digits, and a new Signer per
     token (and, in `_Signer`, keying HMAC per token). The worker makes two tokens a message,
     so they were a tenth of its CPU. Reading is unchanged (it still accepts compressed
-    payloads), and where zlib would not have shortened the payload (every id below a hundred
-    billion) the tokens are the same bytes."""
+    payloads), and where zlib would not have shortened the payload (most ids below a hundred
+    billion, but not all: repeated digits such as [12499999999,124999] compress) the tokens are
+    the same bytes."""
 
     def dump_payload(self, obj: object) -> bytes:
         text = self.serializer.dumps(obj, **self.serializer_kwargs)

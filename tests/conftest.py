@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -32,6 +33,14 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 POSTGRES_URL = os.environ.get("MAILER_TEST_POSTGRES_URL", "")
 CHROMIUM = os.environ.get("MAILER_TEST_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+# Under CI=true every property test tries the same examples each run (derandomised, no example
+# database), so a red CI is reproducible and a green one is not luck; locally Hypothesis keeps
+# exploring. Failures it finds belong in an @example, never in a saved database.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None)
+if IN_CI:
+    hypothesis_settings.load_profile("ci")
 
 
 def _require_or_skip(reason: str) -> None:
@@ -67,6 +76,10 @@ def _pg_admin() -> Engine:
 def pg_template() -> Iterator[str]:
     if not POSTGRES_URL:
         _require_or_skip("MAILER_TEST_POSTGRES_URL is not set")
+    kept = os.environ.get("MAILER_TEST_PG_TEMPLATE", "")
+    if kept:
+        yield _kept_template(kept)
+        return
     name = f"mailer_tmpl_{os.getpid()}"
     admin = _pg_admin()
     with admin.connect() as conn:
@@ -78,6 +91,30 @@ def pg_template() -> Iterator[str]:
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+def _kept_template(name: str) -> str:
+    """A migrated template that outlives the test session, for runs of many short sessions
+    (bench/mutation.py runs one per mutant, and names it after the migrations it holds; it
+    drops it when done). Made once, under a lock, by whichever session comes first."""
+    admin = _pg_admin()
+    try:
+        with admin.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(20261207)"))
+            try:
+                if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"),
+                                {"n": name}).first() is None:
+                    # migrated under another name first: a failed migration leaves no template
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}_new" WITH (FORCE)'))
+                    conn.execute(text(f'CREATE DATABASE "{name}_new"'))
+                    url = make_url(normalise_url(POSTGRES_URL)).set(database=f"{name}_new")
+                    migrations.upgrade(url.render_as_string(hide_password=False))
+                    conn.execute(text(f'ALTER DATABASE "{name}_new" RENAME TO "{name}"'))
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(20261207)"))
+    finally:
+        admin.dispose()
+    return name
 
 
 def _pg_clone(template: str | None) -> Iterator[str]:

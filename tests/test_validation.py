@@ -121,3 +121,43 @@ def test_normalise_address_is_unchanged_for_the_import_cases(
     fast = [_normalised(raw, rules) for raw in raws]
     monkeypatch.setattr(validation, "validate_email_syntax", _reference)
     assert fast == [_normalised(raw, rules) for raw in raws]
+
+
+# ---- the suppression key and trusted domains: what keeps the people who left unreadable and
+# approval from being skipped
+
+def test_the_suppression_hash_is_hmac_sha256_under_the_configured_key() -> None:
+    # A known vector (RFC 2104 HMAC-SHA256): if the hash stopped being keyed, or keyed by
+    # anything but the configured key, suppressions already stored would stop matching.
+    key = normalise_address("Sam.Tester@Kent.Police.UK", Rules(suppression_key=b"k" * 40)).key
+    assert key == "sam.tester@kent.police.uk"
+    digest = validation.email_hmac(Rules(suppression_key=b"k" * 40), key)
+    assert digest == "07b77ff80562655eb0f036dc1aed87a3f34adf5ac8d704425e0587d2ea64712d"
+    # another key, another hash: without the key nobody can test a guessed address against it
+    assert validation.email_hmac(Rules(suppression_key=b"j" * 40), key) != digest
+    assert validation.email_hmac(Rules(suppression_key=b"k" * 40), "other@kent.police.uk") \
+        != digest
+
+
+@pytest.mark.parametrize(("email", "trusted"), [
+    ("a@police.uk", True),
+    ("a@kent.police.uk", True),
+    ("a@KENT.Police.UK", True),
+    ("a@x.y.essex.police.uk", True),
+    ("a@nhs.net", True),
+    ("a@kentpolice.uk", False),  # a look-alike: the same letters, not a label of police.uk
+    ("a@notgov.uk", False),
+    ("a@police.uk.example.com", False),
+    ("a@police.ukk", False),
+    ("a@example.org", False),
+])
+def test_trusted_domains_match_whole_labels(email: str, trusted: bool) -> None:
+    assert validation.is_trusted_domain(Rules(suppression_key=b"k" * 40), email) is trusted
+
+
+def test_only_the_configured_trusted_domains_count() -> None:
+    rules = Rules(suppression_key=b"k" * 40, trusted_domains=("essex.police.uk",))
+    assert validation.is_trusted_domain(rules, "a@essex.police.uk")
+    assert not validation.is_trusted_domain(rules, "a@kent.police.uk")
+    assert not validation.is_trusted_domain(Rules(suppression_key=b"k" * 40, trusted_domains=()),
+                                            "a@kent.police.uk")

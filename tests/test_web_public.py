@@ -645,3 +645,23 @@ def test_two_requests_at_once_cannot_both_pass_a_mail_cap(client: TestClient) ->
     # (Without the lock the second's count runs, sees nothing yet, and it mails too.)
     assert _at_once(client, may_mail, "SELECT PG_ADVISORY_XACT_LOCK", "SELECT COUNT") == [
         True, False]
+
+
+def test_a_link_for_an_erased_subscriber_answers_as_one_for_nobody(
+        client: TestClient, sink: FaultServer, engine: Engine) -> None:
+    # Erasure leaves no trace a link could reveal: whoever holds an erased person's old link
+    # (a forwarded newsletter, a log) learns nothing a link for an id never used would not.
+    erased = _active(client, sink)
+    kept = _active(client, sink, "kept.reader@essex.police.uk")
+    with session_scope(session_factory(engine)) as session:
+        store.erase(session, store.get(session, erased), ADDED)
+    web = client.app.state.web
+    nobody = erased + kept + 1000
+    for make, path in ((web.tokens.unsubscribe, "/u/"), (web.tokens.manage, "/preferences/")):
+        gone, never = client.get(path + make(erased)), client.get(path + make(nobody))
+        assert (gone.status_code, gone.text) == (never.status_code, never.text)
+        assert "kept.reader" not in gone.text and "sam.tester" not in gone.text
+        live = client.get(path + make(kept))  # the one that exists is served its own page
+        assert live.status_code == 200 and live.text != gone.text
+    own = client.get(f"/preferences/{web.tokens.manage(kept)}")
+    assert "kept.reader@essex.police.uk" in own.text
