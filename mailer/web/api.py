@@ -643,9 +643,11 @@ def _routes(api: FastAPI) -> None:
                                                               data.at) is not None, body=True)
     edition_step("send", Permission.EDITIONS_SEND,
                  lambda s, c, eid, _: edition_ops.send(s, c, settings, eid) >= 0)
+    def control(action: str) -> Callable[[Session, Caller, int, Any], bool]:
+        return lambda s, c, eid, _: edition_ops.control(s, c, eid, action)
+
     for action in edition_ops.CONTROLS:
-        edition_step(action, Permission.EDITIONS_SEND,
-                     lambda s, c, eid, _, action=action: edition_ops.control(s, c, eid, action))
+        edition_step(action, Permission.EDITIONS_SEND, control(action))
 
     @api.get("/events", response_model=Calendar)
     async def calendar(request: Request, caller: Caller = viewer,

@@ -134,9 +134,10 @@ async def subscribe_post(request: Request) -> HTMLResponse:
     if isinstance(form, HTMLResponse):
         return form
     topics = await _topics(w)
-    values = {name: text(form, name).strip() for name in FIELDS}
-    values["topics"] = [v for v in form.getlist("topics") if isinstance(v, str)][:10]
-    values["consent"] = text(form, "consent") == w.settings.consent_version
+    fields = {name: text(form, name).strip() for name in FIELDS}
+    chosen = [v for v in form.getlist("topics") if isinstance(v, str)][:10]
+    consent = text(form, "consent") == w.settings.consent_version
+    values: dict[str, Any] = {**fields, "topics": chosen, "consent": consent}
     honeypot = bool(text(form, "website"))
     network = network_of(client_ip(request))
     ctx = w.ctx(request)
@@ -146,8 +147,7 @@ async def subscribe_post(request: Request) -> HTMLResponse:
             return "limited", None
         if honeypot:  # a bot: answer exactly as for a person, do nothing else
             return "ok", []
-        done = readers.sign_up(session, w.rules, values, values["topics"], values["consent"],
-                               ctx)
+        done = readers.sign_up(session, w.rules, fields, chosen, consent, ctx)
         if done.errors or done.subscriber is None or done.outcome is None:
             return "invalid", done.errors
         assert done.subscriber.email_key is not None
@@ -420,7 +420,7 @@ async def preferences_page(request: Request, token: str) -> HTMLResponse:
 
     view = await w.run(work)
     if view is None or view["state"] != SubscriberStatus.ACTIVE:
-        return _not_active_page(request, view and view["state"])
+        return _not_active_page(request, view["state"] if view else None)
     return render(request, "preferences.html.j2", title="Your preferences", **view,
                   action=w.links.page(Purpose.MANAGE, token),
                   unsubscribe_url=w.links.unsubscribe(claims.subscriber_id))
