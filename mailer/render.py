@@ -360,6 +360,9 @@ def _table_alignment(table: Table) -> list[bool]:
 
 def _date_item(children: list[Token], r: _Renderer) -> dict[str, Any]:
     """`**14 September**: what happens` -> when / what; without bold the item is all `what`."""
+    # markdown-it opens an inline that starts with emphasis with an empty text token.
+    while children and children[0].type == "text" and not children[0].content:
+        children = children[1:]
     if children and children[0].type == "strong_open":
         end = next(i for i, c in enumerate(children) if c.type == "strong_close")
         when = r.inline_html(children[1:end])
