@@ -97,11 +97,15 @@ def check_alt(alt: str | None) -> str:
     return text
 
 
-def prepare_image(data: bytes, alt: str | None, *, where: str = "the image") -> PreparedImage:
-    """Check and re-encode an uploaded image. Raises MediaError saying why it is refused."""
+def prepare_image(data: bytes, alt: str | None, *, where: str = "the image",
+                  require_alt: bool = True) -> PreparedImage:
+    """Check and re-encode an uploaded image. Raises MediaError saying why it is refused.
+
+    `require_alt=False` is for images taken from a document, where a missing alt text is
+    the edition's problem to report (with the place it is in), not a reason to drop it."""
     from PIL import Image, ImageSequence, UnidentifiedImageError
 
-    alt_text = check_alt(alt)
+    alt_text = check_alt(alt) if require_alt or (alt or "").strip() else ""
     if len(data) > MAX_BYTES:
         raise MediaError(f"{where} is {len(data) / 1024 / 1024:.1f} MB; "
                          f"the limit is {MAX_BYTES // 1024 // 1024} MB",
