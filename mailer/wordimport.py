@@ -145,8 +145,12 @@ def open_package(data: bytes, name: str = "document.docx") -> dict[str, bytes]:
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, OSError, ValueError):
-        raise WordImportError(f"{name} is not a Word document (.docx), or it is damaged",
-                              hint="open it in Word and save it again as .docx") from None
+        if data.startswith(b"PK"):
+            raise WordImportError(f"{name} is damaged: the file is cut short or broken",
+                                  hint="open it in Word and save it again, or send it "
+                                       "again") from None
+        raise WordImportError(f"{name} is not a Word document (.docx)",
+                              hint="save it from Word as a Word Document (.docx)") from None
     with archive:
         infos = archive.infolist()
         if len(infos) > MAX_MEMBERS:
@@ -723,13 +727,13 @@ def import_docx(data: bytes, settings: Settings, *, name: str = "document.docx",
     front["topic"] = given.topic
     out = _markdown(blocks, front, problems, refused)
     source = "\n".join(out.lines)
-    problems.extend(_validate(source, out.where, name))
+    problems.extend(_validate(source, out.where, name, media.media_url(settings, "")))
     stored = [media.save_image(settings, image) for image in prepared.values()]
     return ImportResult(source=source, problems=problems, media=stored, title=title,
                         issue=issue, date=date)
 
 
-def _validate(source: str, where: list[str], name: str) -> list[Problem]:
+def _validate(source: str, where: list[str], name: str, media_prefix: str) -> list[Problem]:
     try:
         parse_edition(source, name)
     except EditionErrors as exc:
@@ -745,7 +749,12 @@ def _validate(source: str, where: list[str], name: str) -> list[Problem]:
         message = str(error.args[0])
         if error.location and message.startswith(f"{error.location}: "):
             message = message[len(error.location) + 2:]
-        if "image without alt text" in message:
+        url = re.search(re.escape(media_prefix) + r"[0-9a-f]{64}\.\w+", message)
+        if url and media_prefix.startswith("http:"):
+            # Not the author's to fix: the site's address is not https.
+            message = (f"the picture's address {url[0]} is not https: set MAILER_BASE_URL to "
+                       "the site's https:// address, which emails need")
+        elif "image without alt text" in message:
             message = ("a picture without alt text: in Word, right-click it, choose 'View Alt "
                        "Text' and say what it shows")
         problems.append(Problem(place, message))
