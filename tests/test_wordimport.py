@@ -342,3 +342,16 @@ def test_pictures_on_a_site_without_https_are_one_clear_problem(settings: Settin
     assert problem.where == f"under the heading “{PHOTO_SECTION}”"
     assert problem.message.startswith(f"the picture's address {settings.base_url}/media/")
     assert "MAILER_BASE_URL" in problem.message
+
+
+def test_slimming_styles_xml_changes_nothing_mammoth_makes_of_it(
+        good_docx: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailer import wordimport
+
+    members = wordimport.open_package(good_docx, "sample.docx")
+    slim = wordimport._to_html(members, "sample.docx")
+    assert len(wordimport._slim_styles(members["word/styles.xml"])) < len(
+        members["word/styles.xml"]) / 10
+    monkeypatch.setattr(wordimport, "_slim_styles", lambda xml: xml)
+    full = wordimport._to_html(members, "sample.docx")
+    assert slim[0] == full[0] and "<h1 class=\"title\">" in slim[0] and "<ul><li>" in slim[0]
