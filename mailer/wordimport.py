@@ -181,7 +181,8 @@ def open_package(data: bytes, name: str = "document.docx") -> dict[str, bytes]:
                                       hint="open it in Word and save it again") from None
             members[info.filename] = b"".join(chunks)
     for part, content in members.items():
-        if part.endswith((".xml", ".rels")) and _declares_dtd(content):
+        # Every part that is XML, whatever its name says (.xml, .rels, .vml, ...).
+        if content.lstrip()[:1] in (b"<", b"\xef", b"\xff", b"\xfe") and _declares_dtd(content):
             raise WordImportError(
                 f"{name} has a DOCTYPE or ENTITY declaration in {part}, which Word never "
                 "writes and which can make a reader fetch or expand other files: refused")
@@ -606,19 +607,27 @@ class _Writer:
             self.add("", self.where[-1] if self.where else "")
 
 
+def _dated_run(blocks: list[_Block]) -> int:
+    """How many blocks at the start of a section are dated lines (paragraphs, or lists
+    whose every item is one)."""
+    count = 0
+    for block in blocks:
+        lines = ([block.text] if block.kind == "paragraph"
+                 else [md for _, _, md, _ in block.items] if block.kind == "list" else [])
+        if not lines or not all(_dated(line) for line in lines):
+            break
+        count += 1
+    return count
+
+
 def _section_kind(blocks: list[_Block]) -> str:
     if any(b.kind == "table" for b in blocks):
         return "figures"
-    lines: list[str] = []
-    for block in blocks:
-        if block.kind == "list":
-            lines.extend(md for _, _, md, _ in block.items)
-        elif block.kind == "paragraph":
-            lines.append(block.text)
-        else:
-            return "prose"
-    if lines and all(_dated(line) for line in lines) and (
-            len(lines) > 1 or any(b.kind == "list" for b in blocks)):
+    run = _dated_run(blocks)
+    # The dates layout shows its table first and every list as dates: so the dated lines
+    # must open the section, and no other list may follow them.
+    if run and (run > 1 or blocks[0].kind == "list") and not any(
+            b.kind == "list" for b in blocks[run:]):
         return "dates"
     if (blocks and all(b.kind == "list" for b in blocks)
             and all(re.search(r"\]\([^)]*\)", md) for b in blocks for _, _, md, _ in b.items)):
@@ -638,18 +647,16 @@ def _write_table(out: _Writer, block: _Block, where: str) -> None:
 
 def _write_blocks(out: _Writer, blocks: list[_Block], kind: str, heading: str | None,
                   problems: list[Problem], refused: dict[str, str]) -> None:
+    run = _dated_run(blocks) if kind == "dates" else 0
     for index, block in enumerate(blocks):
         where = _where(heading, block)
         for key in block.pictures:
             if key in refused:
                 problems.append(Problem(where, f"a picture was left out: {refused[key]}"))
-        if not (kind == "dates" and index):  # dated lines stay one tight list
+        if not 0 < index < run:  # the dated lines stay one tight list
             out.blank()
         if block.kind == "paragraph":
-            text = block.text
-            if kind == "dates":
-                text = "- " + (_dated(text) or text)
-            out.add(text, where)
+            out.add(f"- {_dated(block.text)}" if index < run else block.text, where)
         elif block.kind == "list":
             for depth, ordered, md, plain in block.items:
                 if kind == "dates":

@@ -355,3 +355,25 @@ def test_slimming_styles_xml_changes_nothing_mammoth_makes_of_it(
     monkeypatch.setattr(wordimport, "_slim_styles", lambda xml: xml)
     full = wordimport._to_html(members, "sample.docx")
     assert slim[0] == full[0] and "<h1 class=\"title\">" in slim[0] and "<ul><li>" in slim[0]
+
+
+def test_a_run_of_dated_paragraphs_opening_a_section_becomes_its_dates(conf: Settings) -> None:
+    def build(document: docx.document.Document) -> None:
+        document.add_heading("Events", 1)
+        document.add_paragraph("18th October World Anti-Slavery Day")
+        document.add_paragraph("Dec 2nd: The International Day for the Abolition of Slavery")
+        document.add_paragraph("Write to us with your own events.")
+        document.add_heading("Meeting", 1)
+        document.add_paragraph("3 May we met the partners.")  # one dated line is just text
+        document.add_heading("Steps", 1)
+        document.add_paragraph("First step", style="List Number")
+        document.add_paragraph("Second step", style="List Number")
+    result = import_docx(word(build), conf, name="events.docx")
+    assert result.problems == []
+    assert ("## Events {.dates}\n\n- **18 October**: World Anti-Slavery Day\n"
+            "- **2 December**: The International Day for the Abolition of Slavery\n\n"
+            "Write to us with your own events.\n") in result.source
+    assert "## Meeting\n\n3 May we met the partners.\n" in result.source
+    assert "## Steps\n\n1. First step\n1. Second step\n" in result.source
+    kinds = [s.kind for s in parse_edition(result.source, "x.md").sections]
+    assert kinds == ["dates", "prose", "prose"]
