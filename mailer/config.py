@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(16_384, ge=1024, description="Largest request body accepted")
     archive_dir: Path | None = Field(
         None, description="Published edition sources for /archive; default var_dir/archive")
+    media_dir: Path | None = Field(
+        None, description="Images for editions, served at /media/; default var_dir/media")
 
     @classmethod
     def settings_customise_sources(

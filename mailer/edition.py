@@ -31,6 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mailer.errors import EditionError
 
 SectionKind = Literal["prose", "dates", "links", "figures"]
+# The email's column in CSS pixels (templates/editions: mj-body width): the widest an image
+# is shown, and what the media store scales uploads to (twice this, for sharp screens).
+COLUMN_WIDTH = 600
 CONTACT_HREF = "contact:"
 _KIND_MARK = re.compile(r"\s*\{\.([A-Za-z_-]+)\}\s*$")
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
@@ -59,7 +62,7 @@ class Image(BaseModel):
 
     src: str
     alt: str = Field(min_length=1, description="what the image shows, for screen readers")
-    width: int = Field(600, ge=1, le=600)
+    width: int = Field(COLUMN_WIDTH, ge=1, le=COLUMN_WIDTH)
     caption: str | None = None
 
     @field_validator("src")

@@ -40,15 +40,18 @@ import jinja2
 import markupsafe
 from markdown_it.token import Token
 
-from mailer import signing
+from mailer import media, signing
 from mailer.config import Settings
-from mailer.edition import CONTACT_HREF, Edition, Section, Table, markdown
+from mailer.edition import COLUMN_WIDTH, CONTACT_HREF, Edition, Section, Table, markdown
 from mailer.errors import EditionError, PermanentDeliveryError
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates" / "editions"
 HTML_TEMPLATE = "newsletter.mjml.j2"
 TEXT_TEMPLATE = "newsletter.txt.j2"
 SLOTS = ("name", "unsubscribe", "preferences", "view_online")
+# The text's inset from the column's edge (mj-text padding on a desk) and the width left for it.
+TEXT_INSET = 24
+TEXT_WIDTH = COLUMN_WIDTH - 2 * TEXT_INSET
 GMAIL_CLIP_BYTES = 102 * 1024
 WRAP = 78
 # policy.SMTP folds at 78 and then RFC 2047-encodes a long List-Unsubscribe; 998 keeps it one
@@ -178,15 +181,39 @@ class _Links:
         return self.numbers.setdefault(url, len(self.numbers) + 1)
 
 
+ImageSize = Callable[[str], "tuple[int, int] | None"]
+
+
+def _no_size(src: str) -> None:
+    return None
+
+
+def display_size(size: tuple[int, int], widest: int) -> tuple[int, int]:
+    """The width and height an image is shown at: its own, or scaled down to `widest`."""
+    width, height = size
+    if width <= widest:
+        return width, height
+    return widest, max(1, round(height * widest / width))
+
+
 class _Renderer:
-    def __init__(self, contact_address: str) -> None:
+    def __init__(self, contact_address: str, image_size: ImageSize = _no_size) -> None:
         self.md = markdown()
         self.contact = contact_address
         self.links = _Links()
+        self.image_size = image_size
 
     def _resolve(self, children: list[Token]) -> list[Token]:
         out: list[Token] = []
         for index, child in enumerate(children):
+            if child.type == "image":
+                size = self.image_size(str(child.attrGet("src") or ""))
+                if size is not None:
+                    # Outlook sizes by the attributes; the style lets other clients shrink it.
+                    width, height = display_size(size, TEXT_WIDTH)
+                    child = child.copy()
+                    child.attrs = {**child.attrs, "width": str(width), "height": str(height),
+                                   "style": "display: block; max-width: 100%; height: auto;"}
             if child.type == "link_open" and child.attrGet("href") == CONTACT_HREF:
                 child = child.copy()
                 child.attrs = {**child.attrs, "href": f"mailto:{self.contact}"}
@@ -360,6 +387,9 @@ def _table_alignment(table: Table) -> list[bool]:
 
 def _date_item(children: list[Token], r: _Renderer) -> dict[str, Any]:
     """`**14 September**: what happens` -> when / what; without bold the item is all `what`."""
+    # markdown-it opens an inline that starts with emphasis with an empty text token.
+    while children and children[0].type == "text" and not children[0].content:
+        children = children[1:]
     if children and children[0].type == "strong_open":
         end = next(i for i, c in enumerate(children) if c.type == "strong_close")
         when = r.inline_html(children[1:end])
@@ -387,7 +417,7 @@ def compile_edition(edition: Edition, settings: Settings, *,
     from_name = edition.meta.from_name or settings.from_name
     _check_header_text(from_name, "from_name", edition.path)
     markers = _markers()
-    r = _Renderer(settings.contact_address)
+    r = _Renderer(settings.contact_address, lambda src: media.stored_size(settings, src))
     intro_html = markupsafe.Markup("").join(
         r.block_html(b) if not isinstance(b, Table) else markupsafe.Markup("")
         for b in edition.intro)
@@ -402,6 +432,7 @@ def compile_edition(edition: Edition, settings: Settings, *,
         "from_name": from_name, "contact_address": settings.contact_address, "why": why,
         "images": [i.model_dump() for i in edition.meta.images],
         "sections": sections, "intro": intro_html, "slots": markers,
+        "column_width": COLUMN_WIDTH, "text_inset": TEXT_INSET,
     }
     mjml_source = _html_env().get_template(HTML_TEMPLATE).render(context)
     html = inline_css(mjml_to_html(mjml_source, f"{TEMPLATE_DIR / HTML_TEMPLATE} (rendered)"))
@@ -475,6 +506,9 @@ def inline_css(html: str) -> str:
     doctype = re.match(r"\s*(<!doctype[^>]*>)", html, re.IGNORECASE)
     out = Premailer(html, allow_network=False, strip_important=False, keep_style_tags=False,
                     remove_classes=False, disable_validation=True,
+                    # An <img> keeps the height attribute it was given: premailer would
+                    # overwrite it with the CSS "height: auto" that lets it shrink on a phone.
+                    disable_basic_attributes=["height"],
                     cssutils_logging_level=logging.CRITICAL).transform()
     if doctype and not re.match(r"\s*<!doctype", out, re.IGNORECASE):
         out = f"{doctype[1]}\n{out}"
@@ -1007,7 +1041,8 @@ def compile_list_email(template: str, context: dict[str, Any], settings: Setting
            f"reminders of dates of interest to first responders in Kent and Essex.")
     full = {"lang": "en-GB", "subject": subject, "preheader": preheader, "title": title,
             "from_name": settings.from_name, "contact_address": settings.contact_address,
-            "why": why, "slots": markers, **context}
+            "why": why, "slots": markers, "column_width": COLUMN_WIDTH,
+            "text_inset": TEXT_INSET, **context}
     where = f"{EMAIL_TEMPLATE_DIR / template}.mjml.j2 (rendered)"
     html = inline_css(mjml_to_html(
         _email_env(True).get_template(f"{template}.mjml.j2").render(full), where))

@@ -12,7 +12,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LEAVES = {"mailer.edition", "mailer.render", "mailer.smtp", "mailer.reference",
-          "mailer.bounces", "mailer.inbound", "mailer.errors", "mailer.config", "mailer.signing"}
+          "mailer.bounces", "mailer.inbound", "mailer.errors", "mailer.config", "mailer.signing",
+          "mailer.media", "mailer.wordimport"}
 TOP = ("mailer.web", "mailer.cli", "mailer.schedule", "mailer.demo", "mailer.__main__")
 DATABASE = ("sqlalchemy", "subscribers.db", "subscribers.store", "mailer.outbox",
             "mailer.models", "alembic")

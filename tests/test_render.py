@@ -107,6 +107,21 @@ def test_sample_compiles_with_no_warnings_and_keeps_the_phone_layout(
     assert 'style="' in html, "premailer inlined nothing"
 
 
+def test_dates_section_puts_each_date_in_its_row_header(compiled: CompiledEdition) -> None:
+    # markdown-it starts a bold-first list item with an empty text token; the date must still
+    # land in the <th> and leave the <td> with only the event.
+    table = re.search(r'<table[^>]*>(?:(?!</table>).)*?<th scope="row".*?</table>',
+                      compiled.html, re.DOTALL)
+    assert table
+    rows = re.findall(r'<th scope="row"[^>]*>(.*?)</th>\s*<td[^>]*>(.*?)</td>', table[0],
+                      re.DOTALL)
+    cells = [(re.sub(r"<[^>]+>", "", th).strip(), re.sub(r"<[^>]+>", "", td).strip())
+             for th, td in rows]
+    assert cells == [("14 September", "Operation Aidant, focus on labour exploitation"),
+                     ("18 October", "World Anti-Slavery Day"),
+                     ("2 December", "The International Day for the Abolition of Slavery")]
+
+
 def test_every_slot_marker_survives_mjml_and_premailer(compiled: CompiledEdition) -> None:
     for slot, marker in compiled.markers.items():
         assert marker in compiled.html, slot

@@ -134,6 +134,32 @@ def test_figures_stack_to_one_column_under_480px(open_page: Any) -> None:
     assert abs(desk[1]["top"] - desk[0]["top"]) < 1 and desk[1]["left"] > desk[0]["left"]
 
 
+TEXT_BOXES_JS = """
+phrases => phrases.map(phrase => {
+  const el = [...document.querySelectorAll('p, h2, .dates table')]
+    .find(e => e.innerText.trim().startsWith(phrase));
+  if (!el) return null;
+  const r = el.getBoundingClientRect();
+  return {phrase, left: r.left, right: window.innerWidth - r.right, width: r.width};
+})
+"""
+
+
+@pytest.mark.parametrize(("width", "inset"), [(375, 16), (600, 24)])
+def test_text_is_inset_16px_on_a_phone_and_24px_on_a_desk(open_page: Any, width: int,
+                                                           inset: int) -> None:
+    # One padding rule on the cell that holds the text, not on every nested layout cell
+    # (three of them on a phone gave 48 px each side and a 279 px text column at 375 px).
+    page = open_page(width)
+    boxes = page.evaluate(TEXT_BOXES_JS, ["The document focus", "Role of the Modern Slavery",
+                                          "MSHT dates of interest", "14 September",
+                                          "Useful links"])
+    assert None not in boxes, boxes
+    for box in boxes:
+        assert (round(box["left"]), round(box["right"])) == (inset, inset), box
+        assert round(box["width"]) == width - 2 * inset, box
+
+
 def test_dark_mode_keeps_text_readable(open_page: Any, artifacts: Path) -> None:
     page = open_page(375, "dark")
     page.screenshot(path=str(artifacts / "edition-2020-q3-375-dark.png"), full_page=True)

@@ -10,7 +10,7 @@ from rich.markup import escape
 from sqlalchemy.orm import Session
 
 from mailer import audience
-from mailer.cli.runtime import Runtime, console
+from mailer.cli.runtime import Runtime, console, err_console
 from mailer.config import Settings
 from mailer.edition import load_edition
 from mailer.errors import MailerError
@@ -155,3 +155,53 @@ def screenshot(
                 console.print(f"wrote {escape(str(path))}")
         finally:
             browser.close()
+
+
+@app.command("import")
+def import_word(
+    ctx: typer.Context,
+    file: Path = typer.Argument(..., help="The Word document (.docx)"),
+    output: Path | None = typer.Option(None, "-o", "--output",
+                                       help="Write the edition source here (default: print it)"),
+    title: str | None = typer.Option(None, help="The title, when the document has none"),
+    issue: int | None = typer.Option(None, min=1, help="The issue number, when it has none"),
+    date: str | None = typer.Option(None, help="The date (YYYY-MM-DD), when it has none"),
+    subject: str | None = typer.Option(None, help="The subject line (default: title, issue)"),
+    preheader: str | None = typer.Option(None, help="The inbox preview line"),
+) -> None:
+    """Turn a Word document into an edition source; its pictures go into the media store.
+
+    Each problem is named by where it is in the Word document; the exit code is 1 while there
+    are any. A .doc, .docm, password-protected, damaged or oversized file is refused and
+    nothing is stored. Example: `mailer edition import issue3.docx -o editions/issue3.md`
+    """
+    import datetime as dt
+
+    from mailer.wordimport import Details, import_docx
+
+    rt: Runtime = ctx.obj
+    try:
+        day = dt.date.fromisoformat(date) if date else None
+    except ValueError:
+        raise MailerError(f"--date {date!r} is not a date", hint="write it as YYYY-MM-DD") from None
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise MailerError(f"cannot read {file}: {exc.strerror}") from None
+    result = import_docx(data, rt.settings, name=file.name,
+                         details=Details(title=title, issue=issue, date=day, subject=subject,
+                                         preheader=preheader))
+    if output is None:
+        print(result.source, end="")
+    else:
+        output.write_text(result.source, encoding="utf-8")
+        console.print(f"wrote {escape(str(output))}")
+    status = console if output is not None else err_console  # stdout holds the source
+    for image in result.media:
+        status.print(f"stored picture {escape(image.url)} ({image.width} x {image.height})")
+    for problem in result.problems:
+        err_console.print(f"[yellow]to fix:[/] {escape(str(problem))}")
+    if result.problems:
+        err_console.print(f"{len(result.problems)} problem(s) to fix in the Word document "
+                          "(or in the source) before the edition validates")
+        raise typer.Exit(1)
