@@ -181,6 +181,9 @@ def set_status(session: Session, edition: Edition, status: EditionStatus,
     }[status]
     if edition.status == status:
         return False
+    if (status == EditionStatus.SENDING and edition.status == EditionStatus.PAUSED
+            and edition.started_at is None and edition.scheduled_for is not None):
+        status = EditionStatus.SCHEDULED  # paused before it started (a restore): rescheduled
     if edition.status not in allowed:
         raise EditionConflict(f"edition '{edition.slug}' is {edition.status}; cannot make it "
                               f"{status}")
@@ -193,6 +196,18 @@ def set_status(session: Session, edition: Edition, status: EditionStatus,
         edition.finished_at = utcnow()
     session.flush()
     return True
+
+
+def pause_all(session: Session, reason: str) -> list[str]:
+    """Pause every send that is going out or scheduled (after a restore: nothing goes out until
+    a co-ordinator has checked and resumed it). Returns the slugs paused."""
+    paused = list(session.scalars(
+        update(Edition).where(Edition.status.in_([EditionStatus.SENDING,
+                                                   EditionStatus.SCHEDULED]))
+        .values(status=EditionStatus.PAUSED, paused_reason=reason[:500])
+        .returning(Edition.slug)))
+    session.flush()
+    return sorted(paused)
 
 
 def halt(session: Session, edition_id: int, reason: str) -> bool:
