@@ -175,7 +175,9 @@ def _read_header(handle: IO[bytes], where: str) -> tuple[bytes, dict[str, Any]]:
         int(header["chunk"])
         bytes.fromhex(header["nonce_prefix"])
     except (ValueError, KeyError, TypeError):
-        raise BackupError(f"{where}: the backup's header is damaged") from None
+        raise BackupError(f"{where}: the backup is damaged or was changed (its header "
+                          "cannot be read); nothing was restored",
+                          hint="use another copy of the backup") from None
     if header.get("format") != FORMAT:
         raise BackupError(f"{where}: backup format {header.get('format')} is not one this "
                           f"version reads ({FORMAT})", hint="use the version that made it")
@@ -188,8 +190,9 @@ def _open_sealed(handle: IO[bytes], key: bytes, where: str) -> Iterator[bytes]:
     if header.get("key_id") != key_id(key):
         raise BackupError(f"{where}: the backup was made with another key "
                           f"(key id {header.get('key_id')}; MAILER_BACKUP_KEY_FILE's is "
-                          f"{key_id(key)})", hint="set MAILER_BACKUP_KEY_FILE to the key "
-                                                  "that was in use when it was made")
+                          f"{key_id(key)}), or its header was changed",
+                          hint="set MAILER_BACKUP_KEY_FILE to the key that was in use when it "
+                               "was made")
     aead = AESGCM(key)
     prefix = bytes.fromhex(header["nonce_prefix"])
     size = int(header["chunk"]) + TAG

@@ -471,3 +471,141 @@ def starttls_server(make_fault_server: Callable[..., FaultServer],
 def ssl_server(make_fault_server: Callable[..., FaultServer], tls_files: TlsFiles) -> FaultServer:
     """Implicit TLS, then AUTH required."""
     return make_fault_server(tls="ssl", tls_files=tls_files, auth=True)
+
+
+# ---- a fast counting sink, for volume tests ----
+
+class FastSink:
+    """A minimal SMTP sink for sends of tens of thousands: plain asyncio protocol code, no
+    aiosmtpd (which tops out near 300 messages/s here), PIPELINING, one recipient per message.
+    It counts what it accepted per recipient (`copies`, `total`); `hold()` stops answering new
+    transactions (MAIL FROM waits for ever) while a message already in DATA is still accepted,
+    so a test can freeze the relay at a known point."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Condition()
+        self._holding = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    def start(self) -> FastSink:
+        self._thread.start()
+        started = asyncio.run_coroutine_threadsafe(
+            self._loop.create_server(lambda: _SinkProtocol(self), "127.0.0.1", 0), self._loop)
+        self._server = started.result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}?tls=none"
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holding = True
+
+    @property
+    def holding(self) -> bool:
+        with self._lock:
+            return self._holding
+
+    def copies(self, rcpt: str) -> int:
+        with self._lock:
+            return self._counts[rcpt]
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._counts.values())
+
+    def counts(self) -> Counter[str]:
+        with self._lock:
+            return Counter(self._counts)
+
+    def _accept(self, rcpt: str) -> None:
+        with self._lock:
+            self._counts[rcpt] += 1
+            self._lock.notify_all()
+
+
+class _SinkProtocol(asyncio.Protocol):
+    END = b"\r\n.\r\n"
+
+    def __init__(self, sink: FastSink) -> None:
+        self.sink = sink
+        self.buffer = bytearray()
+        self.in_data = False
+        self.rcpt: str | None = None
+        self.stalled = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(b"220 sink.test ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.stalled:
+            return
+        out = []
+        while True:
+            if self.in_data:
+                end = self.buffer.find(self.END)
+                if end < 0:
+                    break
+                del self.buffer[:end + len(self.END)]
+                self.in_data = False
+                if self.rcpt is not None:
+                    self.sink._accept(self.rcpt)
+                self.rcpt = None
+                out.append(b"250 2.0.0 OK\r\n")
+                continue
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                break
+            line = bytes(self.buffer[:end])
+            verb = line[:4].upper()
+            if verb == b"MAIL" and self.sink.holding:
+                self.stalled = True  # the relay froze: this and what follows go unanswered
+                break
+            del self.buffer[:end + 2]
+            if verb in (b"EHLO", b"HELO"):
+                out.append(b"250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"MAIL":
+                self.rcpt = None
+                out.append(b"250 2.1.0 OK\r\n")
+            elif verb == b"RCPT":
+                address = line.split(b":", 1)[1].strip().split(b" ", 1)[0]
+                self.rcpt = address.strip(b"<>").decode()
+                out.append(b"250 2.1.5 OK\r\n")
+            elif verb == b"DATA":
+                self.in_data = True
+                out.append(b"354 go ahead\r\n")
+            elif verb == b"QUIT":
+                out.append(b"221 2.0.0 bye\r\n")
+                assert self.transport is not None
+                self.transport.write(b"".join(out))
+                self.transport.close()
+                return
+            else:  # RSET, NOOP and the rest
+                out.append(b"250 2.0.0 OK\r\n")
+        if out:
+            assert self.transport is not None
+            self.transport.write(b"".join(out))
+
+
+@pytest.fixture
+def fast_sink() -> Iterator[FastSink]:
+    sink = FastSink().start()
+    yield sink
+    sink.stop()
