@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 
 from mailer.config import Settings
 from mailer.migrations import require_current
-from mailer.web import admin, public
+from mailer.web import admin, ops, public
 from subscribers.db import make_engine, session_factory
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
         app.add_route(path, endpoint, methods=methods, include_in_schema=False)
     app.include_router(public.router)
     admin.install(app, settings)  # the co-ordinator console and /api/v1
+    ops.install(app, settings, engine)  # /metrics, /readyz, request latency
     if dev_inbox is not None:
         from mailer.web import devinbox
 
