@@ -313,8 +313,13 @@ def _sqlite_path(url: str) -> Path:
     return Path(database)
 
 
-def _count_rows(conn: Any, tables: list[str], quote: str = '"') -> dict[str, int]:
-    return {t: int(conn.execute(text(f"SELECT count(*) FROM {quote}{t}{quote}")).scalar())
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _count_rows(conn: Any, tables: list[str]) -> dict[str, int]:
+    # The names come from the database's own catalogue, quoted: nothing a person typed.
+    return {t: int(conn.execute(text(f"SELECT count(*) FROM {_quote(t)}")).scalar())  # noqa: S608
             for t in sorted(tables)}
 
 
@@ -323,7 +328,7 @@ def _sqlite_counts(path: Path) -> tuple[dict[str, int], str | None, str]:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         tables = [r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
-        counts = {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0]
+        counts = {t: conn.execute(f"SELECT count(*) FROM {_quote(t)}").fetchone()[0]  # noqa: S608
                   for t in sorted(tables)}
         schema = None
         if "alembic_version" in tables:
@@ -371,7 +376,7 @@ def _libpq(url: str) -> tuple[str, dict[str, str]]:
 
 def _server_major(engine: Engine) -> int:
     with engine.connect() as conn:
-        return int(conn.execute(text("SHOW server_version_num")).scalar()) // 10000
+        return int(str(conn.execute(text("SHOW server_version_num")).scalar())) // 10000
 
 
 def pg_tool(name: str, server_major: int, settings: Settings) -> tuple[str, str]:

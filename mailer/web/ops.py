@@ -77,7 +77,7 @@ class DatabaseCollector:
             code = Delivery.last_code
             reply_class = case((code.is_(None), "none"), (code < 300, "2xx"),
                                (code < 400, "3xx"), (code < 500, "4xx"), else_="5xx")
-            by_class = dict(conn.execute(select(reply_class, func.count())
+            by_class: dict[str, int] = dict(conn.execute(select(reply_class, func.count())
                                          .group_by(reply_class)).all())
             for name in ("2xx", "4xx", "5xx", "none"):
                 replies.add_metric([name], by_class.get(name, 0))
