@@ -486,6 +486,7 @@ class FastSink:
         self._counts: Counter[str] = Counter()
         self._lock = threading.Condition()
         self._holding = False
+        self._receiving = 0
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.AbstractServer | None = None
@@ -523,6 +524,12 @@ class FastSink:
         with self._lock:
             return self._counts[rcpt]
 
+    def receiving(self) -> int:
+        """Transactions begun (MAIL accepted) and not ended: each may still be accepted, even
+        while held, so a held sink is settled only when this is 0."""
+        with self._lock:
+            return self._receiving
+
     def total(self) -> int:
         with self._lock:
             return sum(self._counts.values())
@@ -531,10 +538,16 @@ class FastSink:
         with self._lock:
             return Counter(self._counts)
 
-    def _accept(self, rcpt: str) -> None:
+    def _accept(self, rcpt: str | None) -> None:
         with self._lock:
-            self._counts[rcpt] += 1
+            self._receiving -= 1
+            if rcpt is not None:
+                self._counts[rcpt] += 1
             self._lock.notify_all()
+
+    def _begin(self) -> None:
+        with self._lock:
+            self._receiving += 1
 
 
 class _SinkProtocol(asyncio.Protocol):
@@ -544,6 +557,8 @@ class _SinkProtocol(asyncio.Protocol):
         self.sink = sink
         self.buffer = bytearray()
         self.in_data = False
+        self.scanned = 0  # how much of the buffer is known to hold no end of message
+        self.open = False  # a transaction is under way (MAIL accepted, not yet ended)
         self.rcpt: str | None = None
         self.stalled = False
         self.transport: asyncio.Transport | None = None
@@ -553,20 +568,32 @@ class _SinkProtocol(asyncio.Protocol):
         self.transport = transport
         transport.write(b"220 sink.test ESMTP\r\n")
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()  # cut off mid-transaction: not accepted
+
+    def _end(self) -> None:
+        if self.open:
+            self.open = self.in_data = False
+            with self.sink._lock:
+                self.sink._receiving -= 1
+
     def data_received(self, data: bytes) -> None:
+        # A message is ~63 KB in many reads: look for its end only in what is new (and the
+        # four bytes before it), not from the start again on every read.
         self.buffer += data
         if self.stalled:
             return
         out = []
         while True:
             if self.in_data:
-                end = self.buffer.find(self.END)
+                end = self.buffer.find(self.END, max(0, self.scanned - 4))
                 if end < 0:
+                    self.scanned = len(self.buffer)
                     break
                 del self.buffer[:end + len(self.END)]
-                self.in_data = False
-                if self.rcpt is not None:
-                    self.sink._accept(self.rcpt)
+                self.scanned = 0
+                self.in_data = self.open = False
+                self.sink._accept(self.rcpt)
                 self.rcpt = None
                 out.append(b"250 2.0.0 OK\r\n")
                 continue
@@ -583,6 +610,9 @@ class _SinkProtocol(asyncio.Protocol):
                 out.append(b"250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
             elif verb == b"MAIL":
                 self.rcpt = None
+                if not self.open:
+                    self.open = True
+                    self.sink._begin()
                 out.append(b"250 2.1.0 OK\r\n")
             elif verb == b"RCPT":
                 address = line.split(b":", 1)[1].strip().split(b" ", 1)[0]
@@ -590,6 +620,7 @@ class _SinkProtocol(asyncio.Protocol):
                 out.append(b"250 2.1.5 OK\r\n")
             elif verb == b"DATA":
                 self.in_data = True
+                self.scanned = 0
                 out.append(b"354 go ahead\r\n")
             elif verb == b"QUIT":
                 out.append(b"221 2.0.0 bye\r\n")
@@ -598,6 +629,8 @@ class _SinkProtocol(asyncio.Protocol):
                 self.transport.close()
                 return
             else:  # RSET, NOOP and the rest
+                if verb == b"RSET":
+                    self._end()
                 out.append(b"250 2.0.0 OK\r\n")
         if out:
             assert self.transport is not None
