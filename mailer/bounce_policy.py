@@ -843,6 +843,12 @@ def count_outside(session: Session, *, kinds: tuple[str, ...] = (), scope: Scope
             - (session.scalar(every.where(_in_scope(scope, everywhere))) or 0))
 
 
+def event_counts(session: Session) -> dict[str, int]:
+    """Bounce and complaint events recorded, by kind, for monitoring."""
+    return {kind: n for kind, n in session.execute(
+        select(BounceEvent.kind, func.count()).group_by(BounceEvent.kind))}
+
+
 def events_for(session: Session, subscriber_id: int) -> list[BounceEvent]:
     """A person's bounce history, oldest first (the consent history has the changes)."""
     return list(session.scalars(select(BounceEvent).where(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -133,6 +133,23 @@ class Settings(BaseSettings):
         None, description="Published edition sources for /archive; default var_dir/archive")
     media_dir: Path | None = Field(
         None, description="Images for editions, served at /media/; default var_dir/media")
+
+    # ---- operations (issue 16): backups, metrics, logs
+    backup_key_file: Path | None = Field(
+        None, description="The key that seals backups (`mailer backup keygen` writes one); "
+                          "keep a copy away from the database's disk")
+    backup_dir: Path | None = Field(
+        None, description="Where the scheduler writes its backups; default var_dir/backups")
+    backup_every_hours: int = Field(
+        24, ge=0, description="The scheduler backs up this often when a key is set; 0: never")
+    backup_keep: int = Field(14, ge=1, description="Scheduled backups kept; older are deleted")
+    backup_pg_bin_dir: Path | None = Field(
+        None, description="Where pg_dump and pg_restore are, when not in "
+                          "/usr/lib/postgresql/<server major>/bin or on PATH")
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token for /metrics; unset, /metrics answers 404")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object a line, for log collectors")
 
     @classmethod
     def settings_customise_sources(

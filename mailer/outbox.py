@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Select, bindparam, func, literal, or_, select, text, update
+from sqlalchemy import Select, bindparam, case, func, literal, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -189,6 +189,9 @@ def set_status(session: Session, edition: Edition, status: EditionStatus,
     }[status]
     if edition.status == status:
         return False
+    if (status == EditionStatus.SENDING and edition.status == EditionStatus.PAUSED
+            and edition.started_at is None and edition.scheduled_for is not None):
+        status = EditionStatus.SCHEDULED  # paused before it started (a restore): rescheduled
     if edition.status not in allowed:
         raise EditionConflict(f"edition '{edition.slug}' is {edition.status}; cannot make it "
                               f"{status}")
@@ -202,6 +205,18 @@ def set_status(session: Session, edition: Edition, status: EditionStatus,
         edition.finished_at = utcnow()
     session.flush()
     return True
+
+
+def pause_all(session: Session, reason: str) -> list[str]:
+    """Pause every send that is going out or scheduled (after a restore: nothing goes out until
+    a co-ordinator has checked and resumed it). Returns the slugs paused."""
+    paused = list(session.scalars(
+        update(Edition).where(Edition.status.in_([EditionStatus.SENDING,
+                                                   EditionStatus.SCHEDULED]))
+        .values(status=EditionStatus.PAUSED, paused_reason=reason[:500])
+        .returning(Edition.slug)))
+    session.flush()
+    return sorted(paused)
 
 
 def halt(session: Session, edition_id: int, reason: str) -> bool:
@@ -726,6 +741,27 @@ def upcoming_editions(session: Session, limit: int = 10, scope: Scope = None
                            .limit(limit * 3)).all()
     order = {s: i for i, s in enumerate(waiting)}
     return sorted(rows, key=lambda e: order[EditionStatus(e.status)])[:limit]
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The whole outbox in counts, for monitoring."""
+
+    deliveries: dict[str, int]  # by status
+    editions: dict[str, int]  # by status
+    replies: dict[str, int]  # deliveries by the class of their last SMTP reply: 2xx ... none
+
+
+def figures(session: Session) -> Figures:
+    code = Delivery.last_code
+    reply_class = case((code.is_(None), "none"), (code < 300, "2xx"), (code < 400, "3xx"),
+                       (code < 500, "4xx"), else_="5xx")
+    def counted(column: Any) -> dict[str, int]:
+        return {str(k): n for k, n in session.execute(
+            select(column, func.count()).group_by(column))}
+
+    return Figures(deliveries=counted(Delivery.status), editions=counted(Edition.status),
+                   replies=counted(reply_class))
 
 
 def recent_sends(session: Session, limit: int = 10, scope: Scope = None) -> list[Progress]:

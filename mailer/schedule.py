@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,13 +31,13 @@ from pathlib import Path
 from typing import Protocol
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, or_, select, text, update
+from sqlalchemy import Engine, func, or_, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from mailer import alerts, audit, events, outbox
+from mailer import alerts, audit, backup, events, outbox
 from mailer.config import Settings
 from mailer.deadline import too_late
 from mailer.errors import MailerError
@@ -61,6 +62,7 @@ MISFIRE_GRACE_SECONDS = 6 * 3600  # a late wake-up still runs (the tables decide
 QUARTER_MONTHS = (1, 4, 7, 10)  # the newsletter's usual send date: first Monday of these
 NUDGE_DAYS = 21  # three weeks before it, nothing approved -> tell the co-ordinators
 SCHEDULABLE = frozenset({EditionStatus.DRAFT, EditionStatus.APPROVED, EditionStatus.SCHEDULED})
+BACKUP_CHECK_SECONDS = 900  # how often the leader asks whether a backup is due
 ADVISORY_KEY = (0x4D534854, 6)  # "MSHT", issue 6: the two-int advisory lock key
 
 
@@ -549,6 +551,36 @@ def leader_lock(url: str) -> LeaderLock:
     raise ScheduleError(f"the scheduler needs PostgreSQL or a SQLite file, not {parsed}")
 
 
+def leader_present(engine: Engine) -> bool:
+    """Whether some scheduler leads this database now (for /metrics and `mailer doctor`).
+
+    PostgreSQL: the advisory lock is granted to some session. SQLite: the lock file is locked;
+    the probe takes the lock for an instant when nobody holds it, so a scheduler starting at
+    that very instant waits one standby period (15 s) more.
+    """
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            return bool(conn.execute(text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                " AND classid = :a AND objid = :b AND objsubid = 2"),
+                {"a": ADVISORY_KEY[0], "b": ADVISORY_KEY[1]}).scalar())
+    import fcntl
+
+    database = engine.url.database
+    path = Path(str(database) + ".scheduler.lock")
+    if not database or not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock, if it got one
+    return False
+
+
 # ---------------------------------------------------------------- the clock
 
 class Scheduler:
@@ -609,13 +641,21 @@ class Scheduler:
 
         aps = BackgroundScheduler(
             timezone=LONDON, jobstores={"default": MemoryJobStore()},
-            executors={"default": ThreadPoolExecutor(1)},  # passes never overlap
+            # Passes never overlap; a long backup runs beside them, never delaying one.
+            executors={"default": ThreadPoolExecutor(1), "backup": ThreadPoolExecutor(1)},
             job_defaults={"misfire_grace_time": MISFIRE_GRACE_SECONDS, "coalesce": True,
                           "max_instances": 1})
         self._aps = aps
         aps.add_job(self._pass, IntervalTrigger(seconds=self.catch_up_seconds, timezone=LONDON),
                     id="catch-up", name="catch-up pass", replace_existing=True,
                     next_run_time=datetime.now(LONDON))
+        if self.settings.backup_every_hours and self.settings.backup_key_file is not None:
+            aps.add_job(self._backup, IntervalTrigger(seconds=BACKUP_CHECK_SECONDS,
+                                                      timezone=LONDON),
+                        id="backup", name="scheduled backup", replace_existing=True,
+                        executor="backup", next_run_time=datetime.now(LONDON))
+        elif self.settings.backup_every_hours:
+            log.warning("scheduler: no scheduled backups: MAILER_BACKUP_KEY_FILE is not set")
         aps.start()
         self.leading.set()
         try:
@@ -650,6 +690,18 @@ class Scheduler:
             log.exception("scheduler: could not tell the co-ordinators")
         if self.on_pass is not None:
             self.on_pass(report)
+
+    def _backup(self) -> None:
+        """Back up when the last backup is older than the interval; keep the newest N."""
+        if not self.lock.check():
+            return
+        try:
+            made = backup.take_scheduled(self.settings, self.clock())
+        except Exception:  # pg_dump missing, disk full: said every check until it is fixed
+            log.exception("scheduler: the scheduled backup failed; the next check tries again")
+            return
+        if made is not None:
+            log.info("scheduler: backed up to %s (%s bytes)", made.path, made.size)
 
     def _wake_at(self, when: datetime) -> None:
         from apscheduler.triggers.date import DateTrigger

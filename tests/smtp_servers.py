@@ -471,3 +471,174 @@ def starttls_server(make_fault_server: Callable[..., FaultServer],
 def ssl_server(make_fault_server: Callable[..., FaultServer], tls_files: TlsFiles) -> FaultServer:
     """Implicit TLS, then AUTH required."""
     return make_fault_server(tls="ssl", tls_files=tls_files, auth=True)
+
+
+# ---- a fast counting sink, for volume tests ----
+
+class FastSink:
+    """A minimal SMTP sink for sends of tens of thousands: plain asyncio protocol code, no
+    aiosmtpd (which tops out near 300 messages/s here), PIPELINING, one recipient per message.
+    It counts what it accepted per recipient (`copies`, `total`); `hold()` stops answering new
+    transactions (MAIL FROM waits for ever) while a message already in DATA is still accepted,
+    so a test can freeze the relay at a known point."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Condition()
+        self._holding = False
+        self._receiving = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    def start(self) -> FastSink:
+        self._thread.start()
+        started = asyncio.run_coroutine_threadsafe(
+            self._loop.create_server(lambda: _SinkProtocol(self), "127.0.0.1", 0), self._loop)
+        self._server = started.result(10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def stop(self) -> None:
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}?tls=none"
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holding = True
+
+    @property
+    def holding(self) -> bool:
+        with self._lock:
+            return self._holding
+
+    def copies(self, rcpt: str) -> int:
+        with self._lock:
+            return self._counts[rcpt]
+
+    def receiving(self) -> int:
+        """Transactions begun (MAIL accepted) and not ended: each may still be accepted, even
+        while held, so a held sink is settled only when this is 0."""
+        with self._lock:
+            return self._receiving
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._counts.values())
+
+    def counts(self) -> Counter[str]:
+        with self._lock:
+            return Counter(self._counts)
+
+    def _accept(self, rcpt: str | None) -> None:
+        with self._lock:
+            self._receiving -= 1
+            if rcpt is not None:
+                self._counts[rcpt] += 1
+            self._lock.notify_all()
+
+    def _begin(self) -> None:
+        with self._lock:
+            self._receiving += 1
+
+
+class _SinkProtocol(asyncio.Protocol):
+    END = b"\r\n.\r\n"
+
+    def __init__(self, sink: FastSink) -> None:
+        self.sink = sink
+        self.buffer = bytearray()
+        self.in_data = False
+        self.scanned = 0  # how much of the buffer is known to hold no end of message
+        self.open = False  # a transaction is under way (MAIL accepted, not yet ended)
+        self.rcpt: str | None = None
+        self.stalled = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(b"220 sink.test ESMTP\r\n")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end()  # cut off mid-transaction: not accepted
+
+    def _end(self) -> None:
+        if self.open:
+            self.open = self.in_data = False
+            with self.sink._lock:
+                self.sink._receiving -= 1
+
+    def data_received(self, data: bytes) -> None:
+        # A message is ~63 KB in many reads: look for its end only in what is new (and the
+        # four bytes before it), not from the start again on every read.
+        self.buffer += data
+        if self.stalled:
+            return
+        out = []
+        while True:
+            if self.in_data:
+                end = self.buffer.find(self.END, max(0, self.scanned - 4))
+                if end < 0:
+                    self.scanned = len(self.buffer)
+                    break
+                del self.buffer[:end + len(self.END)]
+                self.scanned = 0
+                self.in_data = self.open = False
+                self.sink._accept(self.rcpt)
+                self.rcpt = None
+                out.append(b"250 2.0.0 OK\r\n")
+                continue
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                break
+            line = bytes(self.buffer[:end])
+            verb = line[:4].upper()
+            if verb == b"MAIL" and self.sink.holding:
+                self.stalled = True  # the relay froze: this and what follows go unanswered
+                break
+            del self.buffer[:end + 2]
+            if verb in (b"EHLO", b"HELO"):
+                out.append(b"250-sink.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+            elif verb == b"MAIL":
+                self.rcpt = None
+                if not self.open:
+                    self.open = True
+                    self.sink._begin()
+                out.append(b"250 2.1.0 OK\r\n")
+            elif verb == b"RCPT":
+                address = line.split(b":", 1)[1].strip().split(b" ", 1)[0]
+                self.rcpt = address.strip(b"<>").decode()
+                out.append(b"250 2.1.5 OK\r\n")
+            elif verb == b"DATA":
+                self.in_data = True
+                self.scanned = 0
+                out.append(b"354 go ahead\r\n")
+            elif verb == b"QUIT":
+                out.append(b"221 2.0.0 bye\r\n")
+                assert self.transport is not None
+                self.transport.write(b"".join(out))
+                self.transport.close()
+                return
+            else:  # RSET, NOOP and the rest
+                if verb == b"RSET":
+                    self._end()
+                out.append(b"250 2.0.0 OK\r\n")
+        if out:
+            assert self.transport is not None
+            self.transport.write(b"".join(out))
+
+
+@pytest.fixture
+def fast_sink() -> Iterator[FastSink]:
+    sink = FastSink().start()
+    yield sink
+    sink.stop()

@@ -34,9 +34,10 @@ schedule_app = typer.Typer(help="What goes out when: scheduled editions and remi
 
 
 def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("apscheduler", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from mailer.config import load_settings
+    from mailer.logs import configure
+
+    configure(load_settings().log_format)
 
 
 # ---------------------------------------------------------------- events

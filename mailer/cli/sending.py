@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import typer
@@ -16,6 +17,7 @@ from mailer.cli.edition import app as edition_app
 from mailer.cli.edition import edition_of
 from mailer.cli.runtime import Runtime, console
 from mailer.config import Settings
+from mailer.logs import configure as configure_logs
 from mailer.models import EditionStatus
 from mailer.operations import editions as edition_ops
 from mailer.worker import run_worker
@@ -165,6 +167,7 @@ def worker(ctx: typer.Context,
            ) -> None:
     """Send what is due, until stopped (SIGTERM finishes what is in flight, then exits)."""
     rt: Runtime = ctx.obj
+    configure_logs(rt.settings.log_format, logging.WARNING)
     summary = run_worker(rt.settings, rt.sessions(), name=name, drain=drain)
     console.print(f"sent {summary.sent}, retrying {summary.retry}, bounced {summary.bounced}, "
                   f"failed {summary.failed}, unknown {summary.unknown}")

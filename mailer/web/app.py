@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 
 from mailer.config import Settings
 from mailer.migrations import require_current
-from mailer.web import admin, api, media, public, runtime
+from mailer.web import admin, api, media, ops, public, runtime
 from mailer.web.security import BodyLimits
 from subscribers.db import make_engine, session_factory
 
@@ -67,6 +67,7 @@ def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
     admin.install(app, settings, TEMPLATE_DIR)
     app.mount("/api/v1", api.create_api(app))
     app.include_router(media.router(settings))  # /media/: images of the editions
+    ops.install(app, settings, engine)  # /metrics, /readyz, request latency
     if dev_inbox is not None:
         from mailer.web import devinbox
 
