@@ -951,9 +951,9 @@ async def edition_test_send(request: Request, eid: int) -> Response:
 
 
 def _send_test(settings: Settings, edition: Edition, actor: Actor) -> Any:
+    from mailer.outgoing import send_now
     from mailer.reference import message_id
     from mailer.render import build_message
-    from mailer.smtp import deliver_once
 
     assert actor.email
     compiled = CompiledEdition.from_dict(edition.compiled)
@@ -961,8 +961,7 @@ def _send_test(settings: Settings, edition: Edition, actor: Actor) -> Any:
     domain = settings.from_address.rpartition("@")[2]
     data = build_message(compiled, reader, _preview_urls(settings, edition.slug),
                          message_id=message_id(settings.secret(), edition.id, 0, domain))
-    return deliver_once(settings.smtp_url.get_secret_value(), settings.from_address,
-                        actor.email, data)
+    return send_now(settings, actor.email, data)
 
 
 @router.post("/editions/{eid}/request-approval")
