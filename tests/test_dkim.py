@@ -228,7 +228,7 @@ def test_without_a_key_nothing_is_signed_and_a_bad_key_stops_the_worker_before_i
     bad = tmp_path / "bad.pem"
     bad.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
     broken = settings.model_copy(update={"dkim_key_file": bad, "dkim_selector": "s1"})
-    with pytest.raises(ConfigError, match="MAILER_DKIM_KEY_FILE .*not a usable PEM"):
+    with pytest.raises(ConfigError, match=r"MAILER_DKIM_KEY_FILE .*not a usable PEM"):
         Worker(broken, session_factory(engine))  # type: ignore[arg-type]
     unnamed = settings.model_copy(update={"dkim_key_file": bad})
     with pytest.raises(ConfigError, match="selector"):
