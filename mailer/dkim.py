@@ -94,7 +94,7 @@ def public_key(pem: bytes) -> str:
         raw = key.public_key().public_bytes(serialization.Encoding.Raw,
                                             serialization.PublicFormat.Raw)
     else:
-        raw = key.public_key().public_bytes(  # type: ignore[union-attr]
+        raw = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return base64.b64encode(raw).decode("ascii")
 
