@@ -396,9 +396,24 @@ def check_backup(settings: Settings, now: datetime) -> Check:
                  "hours old")
 
 
+def _missing_sqlite_file(settings: Settings) -> Path | None:
+    """The SQLite file the settings name, when it does not exist (looking must not make it)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    path = Path(str(url.database))
+    return None if path.exists() else path
+
+
 def check_scheduler(settings: Settings) -> Check:
     from mailer.schedule import leader_lock
 
+    missing = _missing_sqlite_file(settings)
+    if missing is not None:
+        return Check("scheduler", FAIL, f"no database at {missing}, so no scheduler leads it",
+                     "run `mailer db upgrade`, then start `mailer scheduler`")
     try:
         lock = leader_lock(settings.database)
         free = lock.acquire()
@@ -420,6 +435,10 @@ def check_schema(settings: Settings) -> Check:
 
     from subscribers.db import normalise_url
 
+    missing = _missing_sqlite_file(settings)
+    if missing is not None:
+        return Check("schema", FAIL, f"no database at {missing}",
+                     "check MAILER_DATABASE_URL, or run `mailer db upgrade` to create it")
     engine = create_engine(normalise_url(settings.database))
     try:
         migrations.require_current(engine)

@@ -332,3 +332,15 @@ ZONE = {
 ])
 def test_spf_check_host(ip: str, domain: str, result: str) -> None:
     assert spf.check_host(ip, domain, f"bounces@{domain}", _lookup(ZONE)).result == result
+
+
+def test_looking_at_a_database_that_is_not_there_does_not_create_it(
+        settings: Settings, tmp_path: Path) -> None:
+    from mailer.doctor import run_checks
+
+    path = tmp_path / "never" / "mailer.db"
+    absent = settings.model_copy(update={"database_url": f"sqlite:///{path}"})
+    checks = {c.name: c for c in run_checks(absent, lookup=_lookup({}))}
+    assert checks["schema"].status == checks["scheduler"].status == "FAIL"
+    assert checks["schema"].detail == f"no database at {path}"
+    assert not path.parent.exists()
