@@ -8,10 +8,18 @@ For each backend and 1, 4 and 16 SMTP connections it queues N recipients of the 
 and runs `mailer worker --drain` in a child process (on PostgreSQL also two processes sharing
 the outbox, the 16 connections split between them) against Debian's `smtp-sink` (the fast C
 sink from the postfix package) and aiosmtpd, printing messages/s, the worker's CPU and peak
-RSS. Beside it, on the same sink: the bare pipelined asyncio client pushing pre-built messages
-(the ceiling, from bench/smtp_raw.py) and the `mailmerge` tool from PyPI (installed into a
-throwaway venv under var/bench/ when the registry is reachable). `--scale` measures how enqueue
-time and worker memory grow with the audience on PostgreSQL.
+RSS, then the same again with every message DKIM-signed (an RSA-2048 key such as `mailer dkim
+keygen` makes; the worker signs in processes beside its SMTP loop, `--sign-processes` of them,
+by default one per CPU; `--sign-processes 0` signs inline). Beside it, on the same sink: the
+bare pipelined asyncio client pushing pre-built messages (the ceiling, from bench/smtp_raw.py)
+and the `mailmerge` tool from PyPI (installed into a throwaway venv under var/bench/ when the
+registry is reachable). `--scale` measures how enqueue time and worker memory grow with the
+audience on PostgreSQL.
+
+A short run on a shared machine (PostgreSQL, smtp-sink, 16 connections, signed and not):
+
+    .venv/bin/python bench/send.py --n 5000 --conns 16 --sinks smtp-sink --no-peers \\
+        --postgres postgresql://postgres@127.0.0.1:5432/test
 """
 
 from __future__ import annotations
@@ -39,13 +47,18 @@ import smtp_raw  # noqa: E402  (the sinks and the bare client)
 SAMPLE = ROOT / "editions" / "2020-q3-kent-essex.md"
 
 
-def _env(url: str, var: Path, smtp_port: int, conns: int) -> dict[str, str]:
+def _env(url: str, var: Path, smtp_port: int, conns: int, dkim_key: Path | None = None,
+         sign_processes: int | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
     env.update(MAILER_DATABASE_URL=url, MAILER_VAR_DIR=str(var), MAILER_SECRET_KEY="s" * 40,
                MAILER_SUPPRESSION_KEY="k" * 40, MAILER_RATE_PER_MINUTE="0",
                MAILER_RATE_PER_DAY="0", MAILER_SMTP_CONNECTIONS=str(conns),
                MAILER_SMTP_URL=f"smtp://127.0.0.1:{smtp_port}?tls=none",
                MAILER_SMTP_MAX_PER_CONNECTION="100000", MAILER_CONFIG=str(var / "none.toml"))
+    if dkim_key is not None:
+        env.update(MAILER_DKIM_KEY_FILE=str(dkim_key), MAILER_DKIM_SELECTOR="bench")
+        if sign_processes is not None:
+            env["MAILER_DKIM_SIGN_PROCESSES"] = str(sign_processes)
     return env
 
 
@@ -102,10 +115,12 @@ def enqueue(url: str, var: Path, slug: str, regions: list[str] | None = None
 
 
 def run_worker(url: str, var: Path, port: int, conns: int,
-               stop_after: float | None = None, processes: int = 1) -> dict[str, float]:
+               stop_after: float | None = None, processes: int = 1,
+               dkim_key: Path | None = None, sign_processes: int | None = None
+               ) -> dict[str, float]:
     """`mailer worker --drain` in `processes` child processes at once (PostgreSQL for more
-    than one); CPU is theirs together, peak RSS the largest of them."""
-    env = _env(url, var, port, conns)
+    than one); CPU is theirs together (and their signing processes'), peak RSS the largest."""
+    env = _env(url, var, port, conns, dkim_key, sign_processes)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-m", "mailer", "worker", "--drain",
@@ -210,7 +225,8 @@ def scale(base: str, work: Path, port: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--n-aiosmtpd", type=int, default=3000)
     parser.add_argument("--conns", default="1,4,16")
@@ -219,6 +235,15 @@ def main() -> None:
     parser.add_argument("--scale", action="store_true")
     parser.add_argument("--workers", type=int, default=2,
                         help="also run this many worker processes at once on PostgreSQL")
+    parser.add_argument("--no-signed", action="store_true",
+                        help="skip the signed column (DKIM, RSA-2048)")
+    parser.add_argument("--sign-processes", type=int, default=None,
+                        help="MAILER_DKIM_SIGN_PROCESSES for the signed runs (default: one "
+                             "per CPU; 0 signs inline in the worker's loop)")
+    parser.add_argument("--no-peers", action="store_true",
+                        help="skip the bare client and mailmerge (shorter runs)")
+    parser.add_argument("--sinks", default="smtp-sink,aiosmtpd",
+                        help="which sinks to measure against")
     parser.add_argument("--scale-only", action="store_true",
                         help="only the enqueue/RSS growth on PostgreSQL (needs --postgres)")
     args = parser.parse_args()
@@ -237,19 +262,38 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs; load average "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; python {sys.version.split()[0]}")
 
-    sinks = [("aiosmtpd", args.n_aiosmtpd)]
+    wanted = args.sinks.split(",")
+    sinks = [("aiosmtpd", args.n_aiosmtpd)] if "aiosmtpd" in wanted else []
     if smtp_raw.smtp_sink_path():
-        sinks.insert(0, ("smtp-sink", args.n))
+        if "smtp-sink" in wanted:
+            sinks.insert(0, ("smtp-sink", args.n))
     else:
         print("smtp-sink: not installed (apt-get install postfix; no daemon needed), skipped")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        dkim_key = None
+        if not args.no_signed:
+            from mailer import dkim
+
+            dkim_key = work / "dkim-bench.pem"
+            dkim.generate_key(dkim_key)
         backends = [("sqlite", f"sqlite:///{work / 'bench.db'}", None)]
         if args.postgres:
             name, url = _pg_database(args.postgres)
             backends.append(("postgresql", url, name))
         print(f"\n{'backend':<11}{'sink':<10}{'conns':>6}{'msgs':>8}{'msgs/s':>9}"
-              f"{'worker CPU':>12}{'peak RSS':>10}{'enqueue s':>11}")
+              f"{'worker CPU':>12}{'peak RSS':>10}{'enqueue s':>11}"
+              + ("" if dkim_key is None else f"{'signed msgs/s':>15}{'signed CPU':>12}"))
+
+        def signed(url: str, port: int, conns: int, slug: str, regions: list[str] | None,
+                   processes: int = 1) -> str:
+            if dkim_key is None:
+                return ""
+            enqueue(url, work, slug + "-signed", regions)
+            r = run_worker(url, work, port, conns, processes=processes, dkim_key=dkim_key,
+                           sign_processes=args.sign_processes)
+            return (f"{r['sent'] / r['seconds']:>15,.0f}"
+                    f"{100 * r['cpu'] / r['seconds']:>10.0f} %")
         try:
             for backend, url, _ in backends:
                 populate(url, work, max(n for _, n in sinks), args.n_aiosmtpd)
@@ -261,10 +305,13 @@ def main() -> None:
                             _, enq = enqueue(url, work, f"{sink_name}-{conns}",
                                                  ["essex"] if small else None)
                             r = run_worker(url, work, port, conns)
+                            regions = ["essex"] if small else None
                             print(f"{backend:<11}{sink_name:<10}{conns:>6}{r['sent']:>8,}"
                                   f"{r['sent'] / r['seconds']:>9,.0f}"
                                   f"{100 * r['cpu'] / r['seconds']:>10.0f} %"
-                                  f"{r['rss_mb']:>7.0f} MB{enq:>11.2f}")
+                                  f"{r['rss_mb']:>7.0f} MB{enq:>11.2f}"
+                                  + signed(url, port, conns, f"{sink_name}-{conns}", regions),
+                                  flush=True)
                         if backend == "postgresql" and args.workers > 1 and not small:
                             conns = max(conns_list)
                             _, enq = enqueue(url, work, f"{sink_name}-x{args.workers}")
@@ -274,10 +321,15 @@ def main() -> None:
                                   f"{f'{args.workers}x{conns // args.workers}':>6}"
                                   f"{r['sent']:>8,}{r['sent'] / r['seconds']:>9,.0f}"
                                   f"{100 * r['cpu'] / r['seconds']:>10.0f} %"
-                                  f"{r['rss_mb']:>7.0f} MB{enq:>11.2f}")
+                                  f"{r['rss_mb']:>7.0f} MB{enq:>11.2f}"
+                                  + signed(url, port, conns // args.workers,
+                                           f"{sink_name}-x{args.workers}", None, args.workers),
+                                  flush=True)
                     finally:
                         sink.terminate()
                         sink.wait()
+            if args.no_peers or not sinks:
+                return
             sink, port = smtp_raw.start_sink(sinks[0][0])
             try:
                 bare = smtp_raw.measure(sink, port, "bare", sinks[0][1], 8)

@@ -32,7 +32,8 @@ from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from mailer.accounts import Role, User
 from mailer.config import Settings
-from mailer.smtp import Outcome, deliver_once
+from mailer.outgoing import send_now
+from mailer.smtp import Outcome
 from subscribers.db import Base, UTCDateTime, session_scope, utcnow
 from subscribers.regions import Scope, within
 
@@ -183,8 +184,7 @@ def _send(settings: Settings, to: str, subject: str, body: str) -> str | None:
     msg["X-Auto-Response-Suppress"] = "All"
     msg.set_content(body)
     try:
-        result = deliver_once(settings.smtp_url.get_secret_value(), settings.from_address, to,
-                              msg.as_bytes(policy=POLICY))
+        result = send_now(settings, to, msg.as_bytes(policy=POLICY))
     except Exception as exc:  # a bad URL or a bug: the alert stays pending, and says why
         return f"{to}: {type(exc).__name__}: {exc}"
     if result.outcome != Outcome.SENT:

@@ -151,6 +151,30 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="json: one JSON object a line, for log collectors")
 
+    # ---- DKIM and the deployment doctor (issue 16)
+    dkim_key_file: Path | None = Field(
+        None, description="The current DKIM private key (PEM; `mailer dkim keygen`); unset: "
+                          "no DKIM signature")
+    dkim_selector: str = Field("", description="The current key's selector (DNS name part)")
+    dkim_domain: str = Field("", description="d=: the signing domain; default From's domain")
+    dkim_extra_keys: list[str] = Field(
+        default_factory=list,
+        description="More keys signing beside it, as selector=path: the next key during a "
+                    "rotation, or an Ed25519 key for an RFC 8463 co-signature")
+    dkim_sign_processes: int | None = Field(
+        None, ge=0, le=64, description="Processes the worker signs in beside its SMTP loop; "
+                                       "default one per CPU, 0 signs in the loop")
+    dns_nameservers: list[str] = Field(
+        default_factory=list,
+        description="DNS servers `mailer doctor` asks (host or host:port); default the system's")
+    relay_sending_ips: list[str] = Field(
+        default_factory=list,
+        description="Addresses the relay sends from, for the SPF check; default the relay "
+                    "host's own addresses")
+    backup_dir: Path | None = Field(
+        None, description="Where backups are kept; default var_dir/backups (the doctor "
+                          "checks the newest's age)")
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -174,6 +198,14 @@ class Settings(BaseSettings):
     @property
     def database(self) -> str:
         return self.database_url or f"sqlite:///{self.var_dir / 'mailer.db'}"
+
+    @property
+    def dkim_signing_domain(self) -> str:
+        return (self.dkim_domain or self.from_address.rpartition("@")[2]).lower()
+
+    @property
+    def backups(self) -> Path:
+        return self.backup_dir or self.var_dir / "backups"
 
     def secret(self) -> bytes:
         return self._key("secret_key", self.secret_key)

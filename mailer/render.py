@@ -42,6 +42,7 @@ from markdown_it.token import Token
 
 from mailer import media, signing
 from mailer.config import Settings
+from mailer.dkim import HEADER_LIST
 from mailer.edition import COLUMN_WIDTH, CONTACT_HREF, Edition, Section, Table, markdown
 from mailer.errors import EditionError, PermanentDeliveryError
 
@@ -58,11 +59,7 @@ WRAP = 78
 # line. cte_type="7bit" makes non-ASCII bodies quoted-printable instead of unannounced 8bit.
 POLICY = email_policy.SMTP.clone(max_line_length=998, cte_type="7bit")
 ONE_CLICK = "List-Unsubscribe=One-Click"
-DKIM_HEADERS = [b"from", b"to", b"subject", b"date", b"message-id", b"mime-version",
-                b"content-type", b"list-id", b"list-unsubscribe", b"list-unsubscribe-post",
-                # Over-signed: naming each once more than it occurs means an appended
-                # duplicate (a second From, a forged unsubscribe) breaks the signature.
-                b"from", b"subject", b"list-unsubscribe", b"list-unsubscribe-post"]
+DKIM_HEADERS = HEADER_LIST  # what h= covers, over-signed: mailer.dkim owns the list
 _VAGUE_LINK_TEXT = {"here", "click here", "click", "this", "link", "this link", "read more",
                     "more", "click this link"}
 _ENCODED_WORD = re.compile(r"=\?[^?\s]*\?[bBqQ]\?", re.ASCII)

@@ -1,4 +1,4 @@
-"""A fast DKIM signer: rsa-sha256 with relaxed/relaxed canonicalisation (RFC 6376), nothing else.
+"""A fast DKIM signer: rsa-sha256 (RFC 6376) or ed25519-sha256 (RFC 8463), relaxed/relaxed.
 
 `sign` takes the same arguments as dkimpy's `dkim.sign` for the subset we use and returns the
 same kind of DKIM-Signature header field (same tags, same order), so dkimpy and any other
@@ -55,6 +55,27 @@ def rsa_signer(pem: bytes) -> Callable[[bytes], bytes]:
     if not isinstance(key, RSAPrivateKey):
         raise SigningError(f"DKIM key is {type(key).__name__}, rsa-sha256 needs an RSA key")
     return functools.partial(key.sign, padding=padding.PKCS1v15(), algorithm=hashes.SHA256())
+
+
+@functools.lru_cache(maxsize=16)
+def ed25519_signer(pem: bytes) -> Callable[[bytes], bytes]:
+    """RFC 8463 §3: PureEdDSA Ed25519 over the SHA-256 of the data to be signed (the hash DKIM
+    computes for rsa-sha256 is the message Ed25519 signs), cached by PEM bytes."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise SigningError(f"unusable DKIM private key: {e}") from e
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SigningError(f"DKIM key is {type(key).__name__}, ed25519-sha256 needs an "
+                           "Ed25519 key")
+    return lambda data: key.sign(hashlib.sha256(data).digest())
+
+
+SIGNERS: dict[bytes, Callable[[bytes], Callable[[bytes], bytes]]] = {
+    b"rsa-sha256": rsa_signer, b"ed25519-sha256": ed25519_signer}
 
 
 def canonical_body(body: bytes) -> bytes:
@@ -164,13 +185,32 @@ def _fold(first: bytes, tags: list[bytes], signature: bytes) -> bytes:
 def sign(message: bytes, selector: bytes, domain: bytes, privkey: bytes, *,
          include_headers: Sequence[bytes],
          canonicalize: tuple[bytes, bytes] = (b"relaxed", b"relaxed"),
-         identity: bytes | None = None, timestamp: int | None = None) -> bytes:
+         identity: bytes | None = None, timestamp: int | None = None,
+         algorithm: bytes = b"rsa-sha256") -> bytes:
     """The `DKIM-Signature: ...\\r\\n` field to prepend to `message` (CRLF line endings).
 
     A drop-in for the `dkim.sign` call mailer.render makes: same positional arguments, h= in
     the order given (repeat a name to over-sign it), tags v a c d i q s t h bh b as dkimpy
-    writes them. Only rsa-sha256 and relaxed/relaxed. `timestamp` fixes t= (tests).
+    writes them. rsa-sha256 (the default) or ed25519-sha256 (RFC 8463), relaxed/relaxed only.
+    `timestamp` fixes t= (tests).
     """
+    if algorithm not in SIGNERS:
+        raise SigningError(f"unknown DKIM algorithm {algorithm!r}")
+    key = SIGNERS[algorithm](privkey)  # before the work: a bad key fails fast
+    tags, data = signing_input(message, selector, domain, include_headers=include_headers,
+                               canonicalize=canonicalize, identity=identity,
+                               timestamp=timestamp, algorithm=algorithm)
+    return finish(tags, key(data))
+
+
+def signing_input(message: bytes, selector: bytes, domain: bytes, *,
+                  include_headers: Sequence[bytes],
+                  canonicalize: tuple[bytes, bytes] = (b"relaxed", b"relaxed"),
+                  identity: bytes | None = None, timestamp: int | None = None,
+                  algorithm: bytes = b"rsa-sha256") -> tuple[list[bytes], bytes]:
+    """(the signature's tags, the bytes its private-key operation signs): everything `sign`
+    does but the key operation, so that operation (~1 ms for RSA-2048, 98 % of the cost) can
+    run in another process on a few hundred bytes; `finish` makes the header field."""
     if tuple(canonicalize) != (b"relaxed", b"relaxed"):
         raise SigningError(f"only relaxed/relaxed is implemented, not {canonicalize!r}")
     if not _TOKEN.fullmatch(selector) or not _TOKEN.fullmatch(domain):
@@ -193,13 +233,16 @@ def sign(message: bytes, selector: bytes, domain: bytes, privkey: bytes, *,
     identity = identity if identity is not None else b"@" + domain
     if not identity.endswith(domain):
         raise SigningError("i= must be in d= or a subdomain of it")
-    tags = [b"v=1;", b"a=rsa-sha256;", b"c=relaxed/relaxed;", b"d=" + domain + b";",
+    tags = [b"v=1;", b"a=" + algorithm + b";", b"c=relaxed/relaxed;", b"d=" + domain + b";",
             b"i=" + identity + b";", b"q=dns/txt;", b"s=" + selector + b";",
             b"t=%d;" % (int(time.time()) if timestamp is None else timestamp),
             b"h=" + b" : ".join(names) + b";", b"bh=" + body_hash + b";"]
     signed = b"".join(_select(_header_fields(head), names))
     # The signature's own field, relaxed, with b= empty and no CRLF (RFC 6376 §3.7).
     signed += b"dkim-signature:" + b" ".join(tags) + b" b="
-    signature = rsa_signer(privkey)(signed)
-    return _fold(b"DKIM-Signature:", tags, base64.b64encode(signature))
+    return tags, signed
 
+
+def finish(tags: list[bytes], signature: bytes) -> bytes:
+    """The folded `DKIM-Signature:` field from `signing_input`'s tags and the key's output."""
+    return _fold(b"DKIM-Signature:", tags, base64.b64encode(signature))

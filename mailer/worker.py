@@ -44,13 +44,14 @@ from filelock import FileLock, Timeout
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailer import alerts, outbox, reference
+from mailer import alerts, dkim, outbox, reference
 from mailer.config import Settings
 from mailer.deadline import too_late
 from mailer.errors import MailerError
 from mailer.links import Links
 from mailer.models import DeliveryReason, DeliveryStatus, Edition
 from mailer.render import CompiledEdition, MessageRefused, Recipient, build_message
+from mailer.signing import SigningError
 from mailer.smtp import NOT_STARTED, Outcome, SendResult, SmtpPool
 from subscribers import store
 from subscribers.db import session_scope, utcnow
@@ -177,6 +178,8 @@ class Worker:
         self.links = Links(settings)
         self.secret = settings.secret()
         self.domain = settings.from_address.rpartition("@")[2] or "localhost"
+        # Read now, so a missing or unusable key stops the worker before it claims anything.
+        self.signer = dkim.Signer(dkim.load_keys(settings), dkim.signing_processes(settings))
         self.plans: dict[int, _EditionPlan] = {}
         self.summary = Summary()
         self.stopping = asyncio.Event()
@@ -227,6 +230,7 @@ class Worker:
         finally:
             self._release()
             self._db.shutdown(wait=True)
+            self.signer.close()
         return self.summary
 
     async def _loop(self, drain: bool) -> None:
@@ -399,7 +403,9 @@ class Worker:
                 self.links.recipient(claim.subscriber_id, plan.topic_id, plan.slug),
                 message_id=reference.message_id(self.secret, claim.edition_id,
                                                 claim.subscriber_id, self.domain))
-        except MessageRefused as exc:
+            if self.signer:
+                raw = await self.signer.sign_async(raw)
+        except (MessageRefused, SigningError) as exc:
             return claim, SendResult(Outcome.FAILED, None, None, f"not sent: {exc}", BUILD)
         return claim, await pool.send(self._envelope_from(claim), claim.email, raw,
                                       prepared=True, start_by=start_by)

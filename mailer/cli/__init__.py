@@ -38,6 +38,8 @@ _PARTS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     "scheduler": ("schedule_cmd", "scheduler", False, ()),
     "run": ("schedule_cmd", "run", False, ()),
     "demo": ("schedule_cmd", "demo", False, ()),
+    "dkim": ("deploy_cmd", "dkim_app", True, ()),
+    "doctor": ("deploy_cmd", "doctor", False, ()),
 }
 
 

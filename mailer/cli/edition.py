@@ -105,10 +105,10 @@ def preview(
     for path in paths.values():
         console.print(f"wrote {escape(str(path))}")
     if to:
-        from mailer.smtp import Outcome, deliver_once
+        from mailer.outgoing import send_now
+        from mailer.smtp import Outcome
 
-        result = deliver_once(settings.smtp_url.get_secret_value(), settings.from_address, to,
-                              data)
+        result = send_now(settings, to, data)
         if result.outcome != Outcome.SENT:
             console.print(f"[red]not sent[/] to {escape(to)}: {result.outcome} "
                           f"{escape(result.reply)}")

@@ -204,9 +204,9 @@ def test_send(sessions: sessionmaker[Session], caller: Caller, settings: Setting
     """One copy to the caller's own address through the real relay; returns the address.
     The message is built and sent outside any transaction (a relay may take a while), and
     recorded, sent or refused, after."""
+    from mailer.outgoing import send_now
     from mailer.reference import message_id
     from mailer.render import build_message
-    from mailer.smtp import deliver_once
 
     caller.require(Permission.EDITIONS_EDIT)
     to = caller.actor.email
@@ -223,8 +223,7 @@ def test_send(sessions: sessionmaker[Session], caller: Caller, settings: Setting
                              Recipient(email=to, name=caller.actor.name),
                              Links(settings).preview(slug),
                              message_id=message_id(settings.secret(), eid, 0, domain))
-        result: SendResult = deliver_once(settings.smtp_url.get_secret_value(),
-                                          settings.from_address, to, data)
+        result: SendResult = send_now(settings, to, data)
     except MailerError as exc:  # a header refused, or the relay's address is wrong
         with session_scope(sessions) as session:
             caller.record(session, "edition.test_send", target, to=to, outcome="refused",

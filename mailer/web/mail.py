@@ -17,7 +17,8 @@ from typing import Any
 import jinja2
 
 from mailer.config import Settings
-from mailer.smtp import Outcome, deliver_once
+from mailer.outgoing import send_now
+from mailer.smtp import Outcome
 from subscribers.db import utcnow
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def _env() -> jinja2.Environment:
 
 
 class Mailer:
-    """Builds and sends the web's transactional messages through `mailer.smtp.deliver_once`."""
+    """Builds the web's transactional messages; `mailer.outgoing.send_now` signs and sends."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -82,8 +83,7 @@ class Mailer:
 
         try:
             data = self.build(item).as_bytes(policy=POLICY)
-            result = deliver_once(self.settings.smtp_url.get_secret_value(),
-                                  self.settings.from_address, item.to, data)
+            result = send_now(self.settings, item.to, data)
         except Exception:  # a bug or bad config must not kill the server's background task
             log.exception("could not send the %s mail", item.kind)
             self.sent.append((item.kind, "error"))
