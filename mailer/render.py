@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 import jinja2
 import markupsafe
+from markdown_it.renderer import RendererHTML
 from markdown_it.token import Token
 
 from mailer import media, signing
@@ -123,8 +124,11 @@ class CompiledEdition:
 
 
 class RecipientLike(Protocol):
-    email: str
-    name: str | None
+    # Read-only, so a frozen dataclass (Recipient) and an ORM row both fit.
+    @property
+    def email(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -224,7 +228,9 @@ class _Renderer:
         return out
 
     def inline_html(self, tokens: Sequence[Token]) -> markupsafe.Markup:
-        html = self.md.renderer.renderInline(self._resolve(list(tokens)), self.md.options, {})
+        renderer = self.md.renderer
+        assert isinstance(renderer, RendererHTML)  # markdown() makes the HTML renderer
+        html = renderer.renderInline(self._resolve(list(tokens)), self.md.options, {})
         return markupsafe.Markup(html)  # noqa: S704 - markdown-it escapes; raw HTML is refused
 
     def block_html(self, tokens: list[Token]) -> markupsafe.Markup:
@@ -943,8 +949,8 @@ def _fields(block: bytes) -> list[tuple[str, str]]:
     fields: list[tuple[str, str]] = []
     for line in block.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + line.decode("ascii", "replace"))
+            field, unfolded = fields[-1]
+            fields[-1] = (field, unfolded + line.decode("ascii", "replace"))
             continue
         name, colon, value = line.partition(b":")
         if not colon or not _FIELD_NAME.fullmatch(name):
