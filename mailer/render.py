@@ -510,12 +510,13 @@ def inline_css(html: str) -> str:
     from premailer import Premailer  # ~150 ms to import (cssutils): only compiling needs it
 
     doctype = re.match(r"\s*(<!doctype[^>]*>)", html, re.IGNORECASE)
-    out = Premailer(html, allow_network=False, strip_important=False, keep_style_tags=False,
-                    remove_classes=False, disable_validation=True,
-                    # An <img> keeps the height attribute it was given: premailer would
-                    # overwrite it with the CSS "height: auto" that lets it shrink on a phone.
-                    disable_basic_attributes=["height"],
-                    cssutils_logging_level=logging.CRITICAL).transform()
+    out: str = Premailer(
+        html, allow_network=False, strip_important=False, keep_style_tags=False,
+        remove_classes=False, disable_validation=True,
+        # An <img> keeps the height attribute it was given: premailer would overwrite it with
+        # the CSS "height: auto" that lets it shrink on a phone.
+        disable_basic_attributes=["height"],
+        cssutils_logging_level=logging.CRITICAL).transform()
     if doctype and not re.match(r"\s*<!doctype", out, re.IGNORECASE):
         out = f"{doctype[1]}\n{out}"
     return out
@@ -698,7 +699,8 @@ def _fold(name: str, value: str) -> str:
     # policy.fold() passes a short str through as "source", non-ASCII and all; going
     # through the header factory makes it encode. (On 3.11.7 this is also where the
     # CVE-2024-6923 line break would appear; the round-trip check is the net.)
-    return POLICY.header_factory(name, value).fold(policy=POLICY)
+    folded: str = POLICY.header_factory(name, value).fold(policy=POLICY)
+    return folded
 
 
 # ---- the fast build: a pre-encoded skeleton ----

@@ -162,7 +162,8 @@ def reminder_ics(event: Event, occurrence: date, settings: Settings, now: dateti
         item.add("url", event.link)
     item.add("transp", "TRANSPARENT")
     cal.add_component(item)
-    return cal.to_ical()
+    data: bytes = cal.to_ical()
+    return data
 
 
 def build_reminder(session: Session, settings: Settings, reminder: Reminder, event: Event,
