@@ -139,7 +139,8 @@ def mail_pending(sessions: sessionmaker[Session], settings: Settings,
                                bool(alert.mailed_to)))
     done = 0
     for mail in mails:
-        accepted, errors = [], []
+        accepted: list[str] = []
+        errors: list[str] = []
         for address in mail.to:
             problem = _send(settings, address, mail.subject, mail.body)
             (errors if problem else accepted).append(problem or address)
@@ -147,16 +148,16 @@ def mail_pending(sessions: sessionmaker[Session], settings: Settings,
             errors.append("no admin or co-ordinator account has an email address, and "
                           "MAILER_CONTACT_ADDRESS is empty")
         with session_scope(sessions) as session:
-            alert = session.get(CoordinatorAlert, mail.alert_id)
-            assert alert is not None
-            alert.attempts += 1
-            alert.mailed_to = [*alert.mailed_to, *accepted]
-            alert.last_error = "; ".join(errors)[:1000] or None
+            row = session.get(CoordinatorAlert, mail.alert_id)
+            assert row is not None
+            row.attempts += 1
+            row.mailed_to = [*row.mailed_to, *accepted]
+            row.last_error = "; ".join(errors)[:1000] or None
             if not errors:
-                alert.mailed_at = now
+                row.mailed_at = now
                 done += 1
             else:
-                log.warning("alert %s not mailed to everyone: %s", alert.key, alert.last_error)
+                log.warning("alert %s not mailed to everyone: %s", row.key, row.last_error)
     return done
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from mailer.config import Settings
@@ -95,8 +95,11 @@ def known_without_session(settings: Settings) -> tuple[Known, str | None]:
             return known(session, settings), None
     except MailerError as exc:
         return Known.of(settings.rules(), None), str(exc)
+    except DBAPIError as exc:  # the driver's own words say why (refused, no such database)
+        reason = str(exc.orig).splitlines()[0]
+        return Known.of(settings.rules(), None), f"the database could not be read ({reason})"
     except SQLAlchemyError as exc:
-        reason = str(exc.orig if getattr(exc, "orig", None) else exc).splitlines()[0]
+        reason = str(exc).splitlines()[0]
         return Known.of(settings.rules(), None), f"the database could not be read ({reason})"
     finally:
         engine.dispose()

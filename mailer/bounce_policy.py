@@ -70,7 +70,7 @@ from mailer.errors import ConfigError, MailerError
 from mailer.inbound import InboundMessage
 from mailer.models import Delivery, DeliveryStatus, Edition
 from subscribers import store
-from subscribers.db import Base, UTCDateTime, utcnow
+from subscribers.db import Base, UTCDateTime, changed_rows, utcnow
 from subscribers.models import Channel, Subscriber, SubscriberStatus, Topic, _check_in
 from subscribers.regions import Scope, within
 from subscribers.rules import Rules
@@ -547,11 +547,11 @@ def settle(session: Session, policy: BouncePolicy, *, now: datetime | None = Non
 def _settle_one(session: Session, policy: BouncePolicy, event: BounceEvent,
                 now: datetime) -> Settled | None:
     decision, detail = _judge(session, policy, event, now)
-    claimed = session.execute(
+    claimed = changed_rows(session.execute(
         update(BounceEvent).where(BounceEvent.id == event.id,
                                   BounceEvent.action == Decision.PENDING)
         .values(action=decision, counted=event.counted, settled_at=now)
-        .execution_options(synchronize_session=False)).rowcount
+        .execution_options(synchronize_session=False)))
     if not claimed:  # another settle acted on it meanwhile
         return None
     session.refresh(event)
@@ -873,25 +873,25 @@ def purge(session: Session, policy: BouncePolicy, *, now: datetime | None = None
     `record_retention`, and resolved alerts as old. Pending events are never deleted."""
     now = now or utcnow()
     raw_before, record_before = now - policy.raw_retention, now - policy.record_retention
-    cleared = session.execute(
+    cleared = changed_rows(session.execute(
         update(InboundRecord).where(InboundRecord.received_at < raw_before,
                                     InboundRecord.raw.is_not(None))
         .values(raw=None, raw_purged_at=now)
-        .execution_options(synchronize_session=False)).rowcount or 0
+        .execution_options(synchronize_session=False))) or 0
     old = select(InboundRecord.id).where(InboundRecord.received_at < record_before)
     # Explicitly, not through ON DELETE CASCADE: SQLite honours that only with foreign_keys on.
     session.execute(delete(BounceEvent).where(BounceEvent.inbound_id.in_(old),
                                               BounceEvent.action != Decision.PENDING)
                     .execution_options(synchronize_session=False))
     pending = select(BounceEvent.inbound_id).where(BounceEvent.action == Decision.PENDING)
-    deleted = session.execute(
+    deleted = changed_rows(session.execute(
         delete(InboundRecord).where(InboundRecord.received_at < record_before,
                                     InboundRecord.id.not_in(pending))
-        .execution_options(synchronize_session=False)).rowcount or 0
-    alerts = session.execute(
+        .execution_options(synchronize_session=False))) or 0
+    alerts = changed_rows(session.execute(
         delete(BounceAlert).where(BounceAlert.resolved_at.is_not(None),
                                   BounceAlert.resolved_at < record_before)
-        .execution_options(synchronize_session=False)).rowcount or 0
+        .execution_options(synchronize_session=False))) or 0
     return Purged(cleared, deleted, alerts)
 
 
@@ -901,7 +901,7 @@ def forget_subscriber(session: Session, subscriber_id: int) -> int:
     # The reason and the diagnostic can quote the address too ("550 <jo@...>: unknown").
     session.execute(update(BounceEvent).where(BounceEvent.subscriber_id == subscriber_id)
                     .values(diagnostic=None).execution_options(synchronize_session=False))
-    return session.execute(
+    return changed_rows(session.execute(
         update(InboundRecord).where(InboundRecord.subscriber_id == subscriber_id)
         .values(raw=None, raw_purged_at=utcnow(), reason="(erased)")
-        .execution_options(synchronize_session=False)).rowcount or 0
+        .execution_options(synchronize_session=False))) or 0

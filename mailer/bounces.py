@@ -34,6 +34,7 @@ from email import policy
 from email.message import Message
 from email.utils import getaddresses, parseaddr
 from enum import StrEnum
+from typing import TypedDict
 
 from flufl.bounce import all_failures
 
@@ -195,10 +196,21 @@ def classify_inbound(
                        detector="error", notes=tuple(notes))
 
 
+class _Common(TypedDict):
+    """What every verdict on one message carries, whichever detector decides it."""
+
+    reference: DeliveryRef | None
+    original_message_id: str | None
+    original_subject: str | None
+    message_id: str | None
+    subject: str | None
+    notes: tuple[str, ...]
+
+
 def _classify(msg: Message, secret: bytes, envelope: Sequence[str], notes: list[str],
               token_keys: Sequence[bytes]) -> Verdict:
     reference = find_reference(msg, secret, envelope, token_keys=token_keys)
-    common = {
+    common: _Common = {
         "reference": reference,
         "original_message_id": _original_message_id(msg),
         "original_subject": _original_subject(msg),
@@ -282,7 +294,7 @@ def _auto_reply_reason(msg: Message) -> str | None:
 _NOT_COMPLAINTS = {"not-spam", "auth-failure", "virus"}
 
 
-def _arf(msg: Message, common: dict[str, object]) -> Verdict:
+def _arf(msg: Message, common: _Common) -> Verdict:
     fields = _report_fields(_first_part(msg, "message/feedback-report"))
     feedback_type = (fields.get("feedback-type") or "abuse").strip().lower()
     recipient = _addr(fields.get("original-rcpt-to", "")) or _original_recipient(msg)
@@ -323,7 +335,7 @@ _STATUS_TYPES = ("message/delivery-status", "message/global-delivery-status")
 _CODE = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 
 
-def _dsn(msg: Message, common: dict[str, object]) -> Verdict | None:
+def _dsn(msg: Message, common: _Common) -> Verdict | None:
     failures: list[Failure] = []
     skipped: list[str] = []
     for part in msg.walk():
@@ -468,7 +480,7 @@ def _unescape_utf8_addr(text: str) -> str:
 
 # ---- everything else: flufl.bounce's heuristics ----
 
-def _heuristic(msg: Message, common: dict[str, object]) -> Verdict:
+def _heuristic(msg: Message, common: _Common) -> Verdict:
     try:
         temporary, permanent = all_failures(msg)
     except Exception as exc:  # a detector tripping over odd input is "unknown", not a crash

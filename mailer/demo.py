@@ -103,7 +103,7 @@ def demo_settings(directory: Path, smtp_url: str, host: str = "127.0.0.1",
                   port: int = 8000) -> Settings:
     """The demo's own settings: everything under `directory`, mail to the dev sink, no limits."""
     directory = directory.resolve()
-    defaults = Settings.model_fields["trusted_domains"].default_factory()  # type: ignore[misc]
+    defaults = Settings.model_fields["trusted_domains"].get_default(call_default_factory=True)
     return load_settings(
         var_dir=directory, database_url=f"sqlite:///{directory / 'mailer.db'}",
         smtp_url=smtp_url, base_url=f"http://{host}:{port}", rate_per_minute=0,

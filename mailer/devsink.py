@@ -56,12 +56,14 @@ class _Handler:
 @functools.cache
 def _controller_class() -> type[Controller]:
     # aiosmtpd costs ~120 ms to import, and every CLI command imports this module.
+    import asyncio
+
     from aiosmtpd.controller import Controller
 
     class _Controller(Controller):
         def _trigger_server(self) -> None:
             # With port 0 the OS picks one: learn it before aiosmtpd's start-up probe connects.
-            assert self.server is not None
+            assert isinstance(self.server, asyncio.Server)
             self.port = self.server.sockets[0].getsockname()[1]
             super()._trigger_server()
 

@@ -47,7 +47,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from mailer import alerts
 from mailer.errors import MailerError
 from subscribers import store
-from subscribers.db import Base, UTCDateTime, utcnow
+from subscribers.db import Base, UTCDateTime, changed_rows, utcnow
 from subscribers.models import _check_in
 from subscribers.rules import slug_of
 
@@ -384,9 +384,9 @@ def take_reminder(session: Session, reminder: Reminder, status: ReminderStatus,
     values: dict[str, Any] = {"status": status, "updated_at": now, "note": note}
     if edition_id is not None:
         values["edition_id"] = edition_id
-    changed = session.execute(update(Reminder).where(
+    changed = changed_rows(session.execute(update(Reminder).where(
         Reminder.id == reminder.id, Reminder.status == ReminderStatus.PLANNED).values(**values)
-    ).rowcount
+    ))
     if changed:
         session.refresh(reminder)
     return bool(changed)

@@ -265,7 +265,7 @@ def read_imap(host: str, user: str, password: str, *, folder: str = "INBOX",
             if typ != "OK":
                 raise MailerError(f"IMAP folder {folder!r} could not be opened")
             criteria = ("SINCE", _imap_date(since)) if since is not None else ("ALL",)
-            typ, data = conn.uid("SEARCH", None, *criteria)
+            typ, data = conn.uid("SEARCH", *criteria)
         except imaplib.IMAP4.error as exc:
             raise MailerError(f"IMAP server {host} refused: {exc}",
                               hint="check the user, password and folder") from None

@@ -40,7 +40,7 @@ from mailer.models import (
 )
 from mailer.render import compile_edition
 from subscribers import store
-from subscribers.db import utcnow
+from subscribers.db import changed_rows, utcnow
 from subscribers.models import Subscriber, Topic
 from subscribers.regions import Scope, within
 
@@ -119,7 +119,7 @@ def list_editions(session: Session, limit: int = 50, scope: Scope = None) -> Seq
                            .order_by(Edition.id.desc()).limit(limit)).all()
 
 
-def audience(edition: Edition) -> Select[tuple[int]]:
+def audience(edition: Edition) -> Select[int]:
     return store.segment([edition.topic], edition.regions, edition.roles,
                          edition.organisation_types)
 
@@ -151,11 +151,11 @@ def enqueue(session: Session, edition: Edition, *, now: datetime | None = None) 
                               hint="`mailer edition resume` continues a paused send")
     now = now or utcnow()
     ids = audience(edition).subquery()
-    rows = select(literal(edition.id), ids.c.id, literal(DeliveryStatus.QUEUED.value),
-                  literal(0), literal(False), literal(now), literal(now)).select_from(ids)
+    chosen = select(literal(edition.id), ids.c.id, literal(DeliveryStatus.QUEUED.value),
+                    literal(0), literal(False), literal(now), literal(now)).select_from(ids)
     stmt = _insert(session).from_select(
         ["edition_id", "subscriber_id", "status", "attempts", "ambiguous", "queued_at",
-         "next_attempt_at"], rows.where(literal(True))).on_conflict_do_nothing()
+         "next_attempt_at"], chosen.where(literal(True))).on_conflict_do_nothing()
     # rowcount of INSERT ... SELECT is not reported by every driver (psycopg gives -1 here):
     # the edition's row count before and after is, and costs one index scan each.
     def rows() -> int:
@@ -222,20 +222,20 @@ def pause_all(session: Session, reason: str) -> list[str]:
 def halt(session: Session, edition_id: int, reason: str) -> bool:
     """Stop a send because our side is broken (the relay refused us): pause it with the reason.
     True for the one caller that stopped it (several sessions may see the refusal at once)."""
-    return session.execute(update(Edition).where(Edition.id == edition_id,
+    return changed_rows(session.execute(update(Edition).where(Edition.id == edition_id,
                                                  Edition.status == EditionStatus.SENDING)
                            .values(status=EditionStatus.PAUSED, paused_reason=reason[:500])
-                           ).rowcount == 1
+                           )) == 1
 
 
 def requeue_failed(session: Session, edition: Edition, include_unknown: bool = False) -> int:
     """Give failed (and optionally unknown) deliveries another go; the send resumes."""
     statuses = [DeliveryStatus.FAILED] + ([DeliveryStatus.UNKNOWN] if include_unknown else [])
-    moved = session.execute(
+    moved = changed_rows(session.execute(
         update(Delivery).where(Delivery.edition_id == edition.id,
                                Delivery.status.in_(statuses))
         .values(status=DeliveryStatus.QUEUED, next_attempt_at=utcnow(), attempts=0,
-                reason=None)).rowcount
+                reason=None)))
     if moved and edition.status in (EditionStatus.SENT, EditionStatus.PAUSED):
         edition.status = EditionStatus.SENDING
         edition.finished_at = None
@@ -267,9 +267,9 @@ class Claim:
 def release_orphans(session: Session, now: datetime | None = None) -> int:
     """Make every claimed delivery claimable now. Only for SQLite, where the worker holds the
     file lock and so knows that no other worker is alive to own them."""
-    return session.execute(update(Delivery).where(Delivery.status == DeliveryStatus.SENDING)
-                           .values(lease_until=(now or utcnow()) - timedelta(seconds=1))
-                           ).rowcount or 0
+    return changed_rows(session.execute(
+        update(Delivery).where(Delivery.status == DeliveryStatus.SENDING)
+        .values(lease_until=(now or utcnow()) - timedelta(seconds=1))))
 
 
 def _due(status: DeliveryStatus) -> Select[Any]:
@@ -394,7 +394,7 @@ def record(session: Session, worker: str, results: Sequence[Result],
                "b_sent": now if r.status == DeliveryStatus.SENT else None,
                "b_ambiguous": r.ambiguous, "b_worker": worker, "b_now": now,
                "b_reason": r.reason} for r in results]
-    return session.execute(_RECORD, params).rowcount or 0
+    return changed_rows(session.execute(_RECORD, params)) or 0
 
 
 _RECORD = (update(_table)
@@ -516,11 +516,11 @@ def note_bounce(session: Session, delivery_id: int, reply: str, *, bounced: bool
         values["status"] = DeliveryStatus.BOUNCED
     if code is not None:
         values["last_code"] = code
-    return bool(session.execute(
+    return bool(changed_rows(session.execute(
         update(Delivery).where(Delivery.id == delivery_id,
                                Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.UNKNOWN,
                                                     DeliveryStatus.BOUNCED]))
-        .values(**values)).rowcount)
+        .values(**values))))
 
 
 def recipients_at_domain(session: Session, edition_id: int, domain: str) -> int:
@@ -789,7 +789,7 @@ class Published:
     compiled_at: str
 
 
-def _published() -> Select[Any]:
+def _published() -> Select[int, str, str, str, datetime, str]:
     return select(Edition.id, Edition.slug, Edition.subject,
                   Edition.compiled["preheader"].as_string(), Edition.started_at,
                   Edition.compiled["compiled_at"].as_string()).where(

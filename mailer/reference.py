@@ -11,14 +11,13 @@ import functools
 import hashlib
 import hmac
 import re
-from typing import Any
 
 _PURPOSE = b"mailer.delivery-ref.v1"
 _REF = re.compile(r"e(\d{1,12})\.s(\d{1,12})\.([0-9a-f]{16})")
 
 
 @functools.lru_cache(maxsize=8)
-def _key(secret: bytes) -> Any:
+def _key(secret: bytes) -> hmac.HMAC:
     """The keyed HMAC for this purpose, copied per use: keying it is half the cost."""
     return hmac.new(hmac.new(secret, _PURPOSE, hashlib.sha256).digest(), None, hashlib.sha256)
 

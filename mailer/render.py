@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 import jinja2
 import markupsafe
+from markdown_it.renderer import RendererHTML
 from markdown_it.token import Token
 
 from mailer import media, signing
@@ -120,8 +121,11 @@ class CompiledEdition:
 
 
 class RecipientLike(Protocol):
-    email: str
-    name: str | None
+    # Read-only, so a frozen dataclass (Recipient) and an ORM row both fit.
+    @property
+    def email(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -221,7 +225,9 @@ class _Renderer:
         return out
 
     def inline_html(self, tokens: Sequence[Token]) -> markupsafe.Markup:
-        html = self.md.renderer.renderInline(self._resolve(list(tokens)), self.md.options, {})
+        renderer = self.md.renderer
+        assert isinstance(renderer, RendererHTML)  # markdown() makes the HTML renderer
+        html = renderer.renderInline(self._resolve(list(tokens)), self.md.options, {})
         return markupsafe.Markup(html)  # noqa: S704 - markdown-it escapes; raw HTML is refused
 
     def block_html(self, tokens: list[Token]) -> markupsafe.Markup:
@@ -501,12 +507,13 @@ def inline_css(html: str) -> str:
     from premailer import Premailer  # ~150 ms to import (cssutils): only compiling needs it
 
     doctype = re.match(r"\s*(<!doctype[^>]*>)", html, re.IGNORECASE)
-    out = Premailer(html, allow_network=False, strip_important=False, keep_style_tags=False,
-                    remove_classes=False, disable_validation=True,
-                    # An <img> keeps the height attribute it was given: premailer would
-                    # overwrite it with the CSS "height: auto" that lets it shrink on a phone.
-                    disable_basic_attributes=["height"],
-                    cssutils_logging_level=logging.CRITICAL).transform()
+    out: str = Premailer(
+        html, allow_network=False, strip_important=False, keep_style_tags=False,
+        remove_classes=False, disable_validation=True,
+        # An <img> keeps the height attribute it was given: premailer would overwrite it with
+        # the CSS "height: auto" that lets it shrink on a phone.
+        disable_basic_attributes=["height"],
+        cssutils_logging_level=logging.CRITICAL).transform()
     if doctype and not re.match(r"\s*<!doctype", out, re.IGNORECASE):
         out = f"{doctype[1]}\n{out}"
     return out
@@ -689,7 +696,8 @@ def _fold(name: str, value: str) -> str:
     # policy.fold() passes a short str through as "source", non-ASCII and all; going
     # through the header factory makes it encode. (On 3.11.7 this is also where the
     # CVE-2024-6923 line break would appear; the round-trip check is the net.)
-    return POLICY.header_factory(name, value).fold(policy=POLICY)
+    folded: str = POLICY.header_factory(name, value).fold(policy=POLICY)
+    return folded
 
 
 # ---- the fast build: a pre-encoded skeleton ----
@@ -940,8 +948,8 @@ def _fields(block: bytes) -> list[tuple[str, str]]:
     fields: list[tuple[str, str]] = []
     for line in block.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + line.decode("ascii", "replace"))
+            field, unfolded = fields[-1]
+            fields[-1] = (field, unfolded + line.decode("ascii", "replace"))
             continue
         name, colon, value = line.partition(b":")
         if not colon or not _FIELD_NAME.fullmatch(name):

@@ -53,7 +53,7 @@ from mailer.models import (
 from mailer.outbox import LONDON, ScheduleError, check_send_at, uk_time, utc_time
 from mailer.render import Attachment, compile_list_email
 from mailer.web import ratelimit
-from subscribers.db import normalise_url, session_scope, utcnow
+from subscribers.db import changed_rows, normalise_url, session_scope, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,9 @@ def schedule_edition(session: Session, edition: Edition, at: datetime, actor: st
 
 def _start_scheduled(session: Session, edition: Edition, now: datetime) -> int | None:
     """Enqueue a due scheduled edition once: the guarded UPDATE is the one-winner step."""
-    won = session.execute(update(Edition).where(Edition.id == edition.id,
+    won = changed_rows(session.execute(update(Edition).where(Edition.id == edition.id,
                                                 Edition.status == EditionStatus.SCHEDULED)
-                          .values(status=EditionStatus.SENDING, started_at=now)).rowcount
+                          .values(status=EditionStatus.SENDING, started_at=now)))
     if not won:
         return None
     session.refresh(edition)
@@ -164,7 +164,8 @@ def reminder_ics(event: Event, occurrence: date, settings: Settings, now: dateti
         item.add("url", event.link)
     item.add("transp", "TRANSPARENT")
     cal.add_component(item)
-    return cal.to_ical()
+    data: bytes = cal.to_ical()
+    return data
 
 
 def build_reminder(session: Session, settings: Settings, reminder: Reminder, event: Event,
@@ -355,9 +356,9 @@ def catch_up(session: Session, settings: Settings, now: datetime | None = None) 
         report.reminders.append(edition.slug)
         report.queued += added
         log.info("reminder for %s: queued %s message(s)", label, added)
-    for late in check_late_reminders(session, now):
-        report.notices.append(late)
-        report.told.append(late)
+    for notice in check_late_reminders(session, now):
+        report.notices.append(notice)
+        report.told.append(notice)
     message = check_quarter(session, now)
     if message:
         report.notices.append(message)

@@ -674,6 +674,7 @@ class SmtpPool:
                 if not stale:
                     break
                 # an idle session that the server had closed: try once on a fresh one
+            assert conn is not None  # each pass above ends holding a session, or returned
             if not conn.usable or conn.transactions >= self.max_per_connection or self._closed:
                 await conn.close(quit_first=conn.usable)
                 conn = None

@@ -298,7 +298,8 @@ def _slim_styles(xml: bytes) -> bytes:
         if num_id is not None:
             ET.SubElement(ET.SubElement(ET.SubElement(kept, f"{_W}pPr"), f"{_W}numPr"),
                           f"{_W}numId", num_id.attrib)
-    return ET.tostring(slim, encoding="utf-8")
+    data: bytes = ET.tostring(slim, encoding="utf-8")
+    return data
 
 
 # ---- 3. HTML -> blocks ----

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -302,9 +303,8 @@ class Worker:
                     if wanted > 0:
                         allowed = await self._allowance()
                         if allowed > 0:
-                            claims = await self._db_call(
-                                lambda session, n=min(wanted, allowed, self.batch):
-                                self._claim(session, n))
+                            claims = await self._db_call(functools.partial(
+                                self._claim, n=min(wanted, allowed, self.batch)))
                     for claim in claims:
                         task = asyncio.create_task(self._send(pool, claim))
                         inflight.add(task)

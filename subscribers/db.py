@@ -5,9 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import (
+    CursorResult,
+    DateTime,
+    Engine,
+    MetaData,
+    Result,
+    Table,
+    create_engine,
+    event,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -24,10 +33,23 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
+    if TYPE_CHECKING:
+        # Every model here maps one Table (DeclarativeBase types it as any FromClause), which
+        # the Core statements of the store and the outbox are built on.
+        __table__: ClassVar[Table]
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def changed_rows(result: Result[Any]) -> int:
+    """How many rows an UPDATE, DELETE or INSERT changed, as the driver reports it.
+
+    `Session.execute` is typed to return a `Result` whatever the statement; for these it is a
+    `CursorResult`, the one that carries the count."""
+    assert isinstance(result, CursorResult)
+    return result.rowcount
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -53,6 +53,8 @@ class Rules:
     allow_smtputf8: bool = False
     check_deliverability: bool = False
     trusted_domains: tuple[str, ...] = ("police.uk", "gov.uk", "nhs.net", "nhs.uk")
+    # slug_of(slug or label) -> slug, per vocabulary; built from the above, not compared.
+    _lookups: dict[str, dict[str, str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Matching a typed value is per row of an import: build each lookup once.
@@ -71,7 +73,7 @@ class Rules:
 
     def match(self, name: str, typed: str) -> str | None:
         """The slug in vocabulary `name` that `typed` names (by slug or label, any case)."""
-        return self._lookups[name].get(slug_of(typed))  # type: ignore[attr-defined]
+        return self._lookups[name].get(slug_of(typed))
 
 
 def slug_of(text: str) -> str:

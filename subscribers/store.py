@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import ReturningUpdate
 
-from subscribers.db import utcnow
+from subscribers.db import changed_rows, utcnow
 from subscribers.errors import AddressSuppressed, InvalidInput, NotFound, SubscriberError
 from subscribers.models import (
     LEFT,
@@ -280,9 +280,9 @@ def confirm(session: Session, rules: Rules, subscriber: Subscriber,
     if subscriber.status != SubscriberStatus.PENDING:
         return SubscriberStatus(subscriber.status)
     assert subscriber.email_key is not None and subscriber.email_hmac is not None
-    lifted = session.execute(
+    lifted = changed_rows(session.execute(
         delete(Suppression).where(Suppression.email_hmac == subscriber.email_hmac)
-    ).rowcount
+    ))
     if lifted:
         _record(session, subscriber, ConsentAction.UNSUPPRESS, ctx,
                 reason="a fresh double opt-in confirmed the address")
@@ -442,7 +442,7 @@ def unsubscribe_ids(session: Session, subscriber_id: int, topic_id: int | None,
         if row.slug is not None:
             return Unsubscribed(False, row.name)
         status = row.status  # the topic is gone: leave everything, under the lock already held
-    changed = conn.execute(q.leave, {**ids, "now": utcnow()}).rowcount == 1
+    changed = changed_rows(conn.execute(q.leave, {**ids, "now": utcnow()})) == 1
     if changed:
         conn.execute(q.leave_topics, ids)
         _insert_unsubscribe_event(conn, subscriber_id, ctx, None)
@@ -561,7 +561,7 @@ def erase(session: Session, subscriber: Subscriber, ctx: Context) -> None:
 
 def segment(topics: Sequence[str], regions: Sequence[str] = (),
             roles: Sequence[str] = (),
-            organisation_types: Sequence[str] = ()) -> Select[tuple[int]]:
+            organisation_types: Sequence[str] = ()) -> Select[int]:
     """The ids of subscribers an edition goes to: active, on one of the topics, in the regions,
     roles and organisation types if given (empty: all), and not suppressed. A SELECT for the
     outbox's INSERT ... SELECT."""
@@ -659,7 +659,7 @@ class Filter:
     scope: tuple[str, ...] | None = None
 
 
-def _filtered(flt: Filter) -> Select[tuple[Subscriber]]:
+def _filtered(flt: Filter) -> Select[Subscriber]:
     query = select(Subscriber).where(Subscriber.status != SubscriberStatus.ERASED)
     if flt.scope is not None:
         query = query.where(within(flt.scope, Subscriber.region))
@@ -762,9 +762,9 @@ def _among(session: Session, column: Any, values: Sequence[str]) -> Any:
 
 def existing_by_key(session: Session, keys: Sequence[str]) -> dict[str, str]:
     """Status of each key that is already a subscriber."""
-    return dict(session.execute(
-        select(Subscriber.email_key, Subscriber.status)
-        .where(_among(session, Subscriber.email_key, keys))).all())
+    rows = session.execute(select(Subscriber.email_key, Subscriber.status)
+                           .where(_among(session, Subscriber.email_key, keys)))
+    return {key: status for key, status in rows if key is not None}  # erased rows have none
 
 
 def suppressed_among(session: Session, digests: Sequence[str]) -> set[str]:

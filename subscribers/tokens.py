@@ -61,7 +61,7 @@ class _Serializer(URLSafeTimedSerializer):
         return base64_encode(text.encode("utf-8") if isinstance(text, str) else text)
 
     def make_signer(self, salt: str | bytes | None = None) -> Signer:
-        cache = self.__dict__.setdefault("_signers", {})
+        cache: dict[str | bytes | None, Signer] = self.__dict__.setdefault("_signers", {})
         key = self.salt if salt is None else salt
         if key not in cache:  # a Signer holds only keys and salt: sharing one is safe
             cache[key] = super().make_signer(salt)

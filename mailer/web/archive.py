@@ -66,13 +66,13 @@ class Archive:
                 cached = self._entries.get(path)
             if cached is None or cached[0] != mtime:
                 try:
-                    edition = load_edition(path)
+                    source = load_edition(path)
                 except MailerError:
                     entry = None
                 else:
-                    date = edition.meta.date
-                    entry = Entry(slug=path.stem, subject=edition.meta.subject,
-                                  preheader=edition.meta.preheader,
+                    date = source.meta.date
+                    entry = Entry(slug=path.stem, subject=source.meta.subject,
+                                  preheader=source.meta.preheader,
                                   date_text=f"{date.day} {date:%B %Y}",
                                   updated=f"{date.isoformat()}T00:00:00Z")
                 with self._lock:

@@ -45,7 +45,7 @@ def _parsed(sink: DevSink, key: str) -> EmailMessage:
 
 def _part(message: EmailMessage, kind: str) -> str:
     body = message.get_body((kind,))
-    return body.get_content() if body is not None else ""  # type: ignore[attr-defined]
+    return body.get_content() if body is not None else ""
 
 
 def router(directory: Path) -> APIRouter:

@@ -45,7 +45,7 @@ def _env() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
         # The text parts must not be HTML-escaped; the HTML parts always are.
-        autoescape=lambda name: bool(name) and name.endswith(".html.j2"),  # noqa: S701
+        autoescape=lambda name: name is not None and name.endswith(".html.j2"),  # noqa: S701
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
