@@ -451,7 +451,7 @@ def default_path(settings: Settings, now: datetime | None = None) -> Path:
 
 
 def backup_dir(settings: Settings) -> Path:
-    return settings.backup_dir or settings.var_dir / "backups"
+    return settings.backups
 
 
 def create(settings: Settings, path: Path | None = None, *, now: datetime | None = None) -> Made:
@@ -622,9 +622,9 @@ def _restore_sqlite(url: str, dump: Path) -> None:
 def _restore_postgresql(engine: Engine, url: str, dump: Path, settings: Settings,
                         manifest: Manifest) -> None:
     with engine.connect() as conn:
-        others = conn.execute(text(
+        others: list[str] = list(conn.execute(text(
             "SELECT coalesce(nullif(application_name, ''), 'a client') FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalars().all()
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalars())
     if others:
         raise BackupError(f"{len(others)} other session(s) use the database "
                           f"({', '.join(sorted(set(others)))}); stop them before restoring",

@@ -171,9 +171,6 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Addresses the relay sends from, for the SPF check; default the relay "
                     "host's own addresses")
-    backup_dir: Path | None = Field(
-        None, description="Where backups are kept; default var_dir/backups (the doctor "
-                          "checks the newest's age)")
 
     @classmethod
     def settings_customise_sources(

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import dns.exception
 import dns.resolver
 
-from mailer import dkim, migrations, spf
+from mailer import backup, dkim, migrations, spf
 from mailer.config import Settings
 from mailer.errors import ConfigError, MailerError
 from mailer.smtp import parse_smtp_url
@@ -102,8 +102,7 @@ class Dns:
         except dns.exception.DNSException as exc:
             raise spf.TempError(f"DNS did not answer for {name} {rdtype}: {exc}") from None
         if rdtype == "TXT":
-            return [b"".join(r.strings).decode("utf-8", "replace")  # type: ignore[attr-defined]
-                    for r in answer]
+            return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
         return [r.to_text() for r in answer]
 
 
@@ -372,23 +371,12 @@ def _too_open(path: Path) -> bool:
     return bool(path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO))
 
 
-def last_backup_at(settings: Settings) -> datetime | None:
-    """When the newest file in the backup folder was written; None when there is none.
-    The hook for `mailer backup` (issue 16 part B), which writes its backups there."""
-    folder = settings.backups
-    if not folder.is_dir():
-        return None
-    times = [p.stat().st_mtime for p in folder.iterdir() if p.is_file()]
-    return datetime.fromtimestamp(max(times), UTC) if times else None
-
-
 def check_backup(settings: Settings, now: datetime) -> Check:
-    taken = last_backup_at(settings)
-    if taken is None:
+    age = backup.last_backup_age(settings, now)
+    if age is None:
         return Check("backup", WARN, f"no backup taken yet in {settings.backups}",
                      "take one now (`mailer backup create`) and let the scheduler take them "
                      "daily")
-    age = now - taken
     if age > BACKUP_MAX_AGE:
         return Check("backup", WARN, f"the newest backup is {age.days} days "
                      f"{age.seconds // 3600} hours old", "check the scheduler's daily backup")

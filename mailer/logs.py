@@ -16,14 +16,14 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 QUIET = ("apscheduler", "alembic")  # their INFO lines say nothing an operator needs
 
 
-class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+class _Stderr(logging.StreamHandler):
     """Writes to whatever sys.stderr is when a record comes (tests swap it), as the logging
     module's own last-resort handler does."""
 
     def __init__(self) -> None:
         super().__init__()
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> Any:
         return sys.stderr
 
@@ -38,7 +38,7 @@ def json_formatter() -> logging.Formatter:
     formatter = JsonFormatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s",
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})
-    formatter.converter = time.gmtime  # type: ignore[assignment]
+    formatter.converter = time.gmtime
     formatter.default_time_format = "%Y-%m-%dT%H:%M:%S"
     formatter.default_msec_format = "%s.%03dZ"
     return formatter

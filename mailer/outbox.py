@@ -756,9 +756,10 @@ def figures(session: Session) -> Figures:
     code = Delivery.last_code
     reply_class = case((code.is_(None), "none"), (code < 300, "2xx"), (code < 400, "3xx"),
                        (code < 500, "4xx"), else_="5xx")
+
     def counted(column: Any) -> dict[str, int]:
-        return {str(k): n for k, n in session.execute(
-            select(column, func.count()).group_by(column))}
+        rows = session.execute(select(column, func.count()).group_by(column)).all()
+        return {str(row[0]): int(row[1]) for row in rows}
 
     return Figures(deliveries=counted(Delivery.status), editions=counted(Edition.status),
                    replies=counted(reply_class))

@@ -133,7 +133,8 @@ def deployment(settings: Settings, pki: Pki, https_url: str, dkim_keys: dict[str
     relay = make_fault_server(tls="starttls", tls_files=pki.files, auth=True)
     backups = tmp_path / "backups"
     backups.mkdir()
-    (backups / "mailer-backup.tar").write_bytes(b"a backup")
+    taken = dt.datetime.now(dt.UTC) - dt.timedelta(hours=3)  # what the scheduler names them
+    (backups / f"mailer-{taken:%Y%m%dT%H%M%SZ}.mbak").write_bytes(b"a backup")
     env = {
         "MAILER_FROM_ADDRESS": FROM, "MAILER_BOUNCE_ADDRESS": BOUNCE,
         "MAILER_SMTP_URL": relay.url(TEST_USER, TEST_PASSWORD, trust=False)

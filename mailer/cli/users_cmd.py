@@ -21,7 +21,7 @@ def _password(stdin: bool) -> str:
     """From stdin (one line, for scripts) or typed twice without echo."""
     if stdin:
         return sys.stdin.readline().rstrip("\r\n")
-    return typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
 
 
 @app.command()

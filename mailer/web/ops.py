@@ -127,7 +127,7 @@ class Timing:
 def install(app: FastAPI, settings: Settings, engine: Engine) -> None:
     """Add /metrics, /readyz and the latency middleware to the web app."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DatabaseCollector(settings, engine))  # type: ignore[arg-type]
+    registry.register(DatabaseCollector(settings, engine))
     latency = Histogram("mailer_http_request_duration_seconds",
                         "Web request latency, by route template", ["method", "route", "status"],
                         registry=registry, buckets=LATENCY_BUCKETS)
