@@ -391,3 +391,37 @@ def test_a_late_result_cannot_reopen_a_closed_row(
             select(Delivery).where(Delivery.edition_id == edition_id))}
     assert rows == {done.delivery_id: (DeliveryStatus.SENT, "250 ok"),
                     other.delivery_id: (DeliveryStatus.SKIPPED, "cancelled")}
+
+
+def test_resending_the_failures_takes_only_the_failed_unless_asked(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules) -> None:
+    # A message that may have arrived (unknown) is resent only on request: resending it with
+    # the failures could deliver it twice.
+    _people(sessions, rules, [f"rs{i}@kent.police.uk" for i in range(4)])
+    edition_id = _edition(sessions, settings)
+    with sessions() as s:
+        ids = list(s.scalars(select(Delivery.id).where(Delivery.edition_id == edition_id)
+                             .order_by(Delivery.id)))
+        for delivery_id, status in zip(ids, ("sent", "failed", "unknown", "bounced"),
+                                       strict=True):
+            s.execute(update(Delivery).where(Delivery.id == delivery_id)
+                      .values(status=status, attempts=3))
+        edition = s.get(Edition, edition_id)
+        edition.status = EditionStatus.SENT
+        s.commit()
+    with sessions() as s:
+        edition = s.get(Edition, edition_id)
+        assert outbox.requeue_failed(s, edition) == 1
+        assert edition.status == EditionStatus.SENDING and edition.finished_at is None
+        s.commit()
+    with sessions() as s:
+        rows = {r.id: (r.status, r.attempts) for r in s.scalars(
+            select(Delivery).where(Delivery.edition_id == edition_id))}
+        assert [rows[i] for i in ids] == [("sent", 3), ("queued", 0), ("unknown", 3),
+                                          ("bounced", 3)]
+        assert outbox.requeue_failed(s, s.get(Edition, edition_id)) == 0
+        assert outbox.requeue_failed(s, s.get(Edition, edition_id), include_unknown=True) == 1
+        s.commit()
+    with sessions() as s:
+        assert [s.get(Delivery, i).status for i in ids] == ["sent", "queued", "queued",
+                                                            "bounced"]
