@@ -334,3 +334,47 @@ def _error_text(page: str) -> str:
     found = re.search(r'class="error-summary"[^>]*>.*?<p>(.*?)</p>', page, re.S)
     assert found, "the sign-in page shows its error"
     return found.group(1).strip()
+
+
+def test_a_new_password_unlocks_and_signs_out_everywhere(session: Session) -> None:
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    cookie = accounts.start_session(session, user, None)
+    for _ in range(accounts.LOCK_AFTER):
+        accounts.authenticate(session, "jo", "not the password at all")
+    assert accounts.authenticate(session, "jo", PASSWORD).outcome == LoginOutcome.LOCKED
+    with pytest.raises(AccountError, match="too short"):
+        accounts.set_password(session, user, "x" * (accounts.MIN_PASSWORD - 1))
+    accounts.set_password(session, user, "a new long passphrase")
+    assert (user.failed_logins, user.locked_until) == (0, None)
+    assert user.password_changed_at is not None
+    assert accounts.session_user(session, cookie) is None
+    assert accounts.authenticate(session, "jo", PASSWORD).outcome == LoginOutcome.BAD
+    assert accounts.authenticate(session, "jo", "a new long passphrase").outcome == \
+        LoginOutcome.OK
+
+
+def test_a_revoked_token_stops_working_and_revoking_twice_says_so(session: Session) -> None:
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="coordinator",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    row, token = accounts.create_token(session, user, name="script")
+    kept, other = accounts.create_token(session, user, name="other")
+    assert accounts.revoke_token(session, row.prefix) is True
+    assert row.revoked_at is not None and kept.revoked_at is None
+    assert accounts.token_actor(session, token) is None
+    assert accounts.token_actor(session, other) is not None
+    assert accounts.revoke_token(session, row.prefix) is False
+    with pytest.raises(AccountError, match="no token 'nope'"):
+        accounts.revoke_token(session, "nope")
+
+
+def test_a_coordinator_covers_only_their_own_regions() -> None:
+    kent = accounts.Actor(1, "jo", "Jo", accounts.Role.COORDINATOR, ("kent",))
+    both = accounts.Actor(2, "al", "Al", accounts.Role.COORDINATOR, ("kent", "essex"))
+    admin = accounts.Actor(3, "ad", "Ad", accounts.Role.ADMIN, None)
+    assert kent.covers(["kent"]) and kent.covers(["kent", "kent"])
+    assert not kent.covers(["kent", "essex"]) and not kent.covers(["essex"])
+    assert both.covers(["kent", "essex"])
+    # an edition for no region goes to everyone: only one who covers every region may act
+    assert not kent.covers([]) and not both.covers([]) and admin.covers([])
+    assert admin.covers(["kent", "essex", "anywhere"])

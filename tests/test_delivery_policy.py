@@ -391,3 +391,76 @@ def test_a_late_result_cannot_reopen_a_closed_row(
             select(Delivery).where(Delivery.edition_id == edition_id))}
     assert rows == {done.delivery_id: (DeliveryStatus.SENT, "250 ok"),
                     other.delivery_id: (DeliveryStatus.SKIPPED, "cancelled")}
+
+
+def test_resending_the_failures_takes_only_the_failed_unless_asked(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules) -> None:
+    # A message that may have arrived (unknown) is resent only on request: resending it with
+    # the failures could deliver it twice.
+    _people(sessions, rules, [f"rs{i}@kent.police.uk" for i in range(4)])
+    edition_id = _edition(sessions, settings)
+    with sessions() as s:
+        ids = list(s.scalars(select(Delivery.id).where(Delivery.edition_id == edition_id)
+                             .order_by(Delivery.id)))
+        for delivery_id, status in zip(ids, ("sent", "failed", "unknown", "bounced"),
+                                       strict=True):
+            s.execute(update(Delivery).where(Delivery.id == delivery_id)
+                      .values(status=status, attempts=3))
+        edition = s.get(Edition, edition_id)
+        edition.status = EditionStatus.SENT
+        s.commit()
+    with sessions() as s:
+        edition = s.get(Edition, edition_id)
+        assert outbox.requeue_failed(s, edition) == 1
+        assert edition.status == EditionStatus.SENDING and edition.finished_at is None
+        s.commit()
+    with sessions() as s:
+        rows = {r.id: (r.status, r.attempts) for r in s.scalars(
+            select(Delivery).where(Delivery.edition_id == edition_id))}
+        assert [rows[i] for i in ids] == [("sent", 3), ("queued", 0), ("unknown", 3),
+                                          ("bounced", 3)]
+        assert outbox.requeue_failed(s, s.get(Edition, edition_id)) == 0
+        assert outbox.requeue_failed(s, s.get(Edition, edition_id), include_unknown=True) == 1
+        s.commit()
+    with sessions() as s:
+        assert [s.get(Delivery, i).status for i in ids] == ["sent", "queued", "queued",
+                                                            "bounced"]
+
+
+def test_pause_resume_and_cancel_move_only_as_allowed(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules) -> None:
+    # Cancel closes every row still waiting ("cancelled"), leaves the finished ones and other
+    # editions alone, and is final; pause and resume only toggle a send in progress.
+    _people(sessions, rules, [f"cx{i}@kent.police.uk" for i in range(4)])
+    edition_id = _edition(sessions, settings)
+    with sessions() as s:
+        first, second = outbox.claim_due(s, "w", 2, timedelta(minutes=5))
+        outbox.record(s, "w", [outbox.Result(first.delivery_id, DeliveryStatus.SENT, 250, "ok")])
+        s.execute(update(Edition).where(Edition.id == edition_id).values(slug="first"))
+        s.commit()
+    other = _edition(sessions, settings)  # another send, under way at the same time
+    with sessions() as s:
+        edition = s.get(Edition, edition_id)
+        assert outbox.set_status(s, edition, EditionStatus.SENDING) is False  # already sending
+        assert outbox.set_status(s, edition, EditionStatus.PAUSED, "a wrong date") is True
+        assert edition.paused_reason == "a wrong date"
+        assert outbox.set_status(s, edition, EditionStatus.PAUSED, "again") is False
+        assert edition.paused_reason == "a wrong date"
+        assert outbox.set_status(s, edition, EditionStatus.SENDING) is True
+        assert edition.paused_reason is None
+        assert edition.finished_at is None
+        assert outbox.set_status(s, edition, EditionStatus.CANCELLED) is True
+        assert edition.status == EditionStatus.CANCELLED and edition.finished_at is not None
+        assert outbox.set_status(s, edition, EditionStatus.CANCELLED) is False
+        for status in (EditionStatus.SENDING, EditionStatus.PAUSED):
+            with pytest.raises(outbox.EditionConflict, match="is cancelled; cannot make it"):
+                outbox.set_status(s, edition, status)
+        s.commit()
+    with sessions() as s:
+        rows = {r.id: (r.status, r.last_reply) for r in s.scalars(
+            select(Delivery).where(Delivery.edition_id == edition_id))}
+    assert rows.pop(first.delivery_id) == (DeliveryStatus.SENT, "ok")
+    # the row a worker holds is left to its result; every waiting row is closed
+    assert rows.pop(second.delivery_id)[0] == DeliveryStatus.SENDING
+    assert set(rows.values()) == {(DeliveryStatus.SKIPPED, "cancelled")} and len(rows) == 2
+    assert _statuses(sessions, other) == ["queued"] * 4

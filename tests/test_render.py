@@ -32,6 +32,7 @@ from mailer.render import (
     build_reference_message,
     check_round_trip,
     compile_edition,
+    list_unsubscribe,
     mjml_to_html,
     personalise,
     preflight,
@@ -541,3 +542,38 @@ def test_a_skeleton_that_breaks_what_messages_rely_on_is_refused_once_per_editio
 
     with pytest.raises(EditionError):
         dataclasses.replace(compiled.skeleton(), **change).check("edition.md")
+
+
+@pytest.mark.parametrize(("name", "word"), [
+    ("Zoë Ångström!", "=?utf-8?q?Zo=C3=AB_=C3=85ngstr=C3=B6m!?="),
+    ("a" * 57 + "é", "=?utf-8?q?" + "a" * 57 + "=C3=A9?="),  # 75 characters: the most in one
+    ("Ünïcödé " * 12, None),
+])
+def test_a_non_ascii_name_reaches_the_reader_as_written(conf: Settings, name: str,
+                                                        word: str | None) -> None:
+    # Short names are one RFC 2047 Q encoded-word (at most 75 characters, `_` for a space);
+    # longer ones are encoded by the email package. Either way every reader sees the name.
+    c = compile_source(conf, "Body.\n")
+    raw = build_message(c, Recipient("z@example.org", name), urls_for(), message_id=mid(conf))
+    to = next(x for x in re.split(rb"\r\n(?![ \t])", raw) if x.startswith(b"To:"))
+    if word is not None:
+        assert to == f"To: {word} <z@example.org>".encode()
+    assert " ".join(parse(raw)["To"].addresses[0].display_name.split()) == " ".join(name.split())
+
+
+@pytest.mark.parametrize(("url", "ok"), [
+    ("https://news.example.org/u/é", False),  # not ASCII
+    ("https://news.example.org/u/a b", False),
+    ("https://news.example.org/u/a<b", False),
+    ("https:///u/token", False),  # no host
+    ("http://[::1]:8000/u/token", True),  # plain http only for a loopback dev server
+    ("http://news.example.org/u/token", False),
+])
+def test_only_usable_unsubscribe_urls_go_into_the_header(url: str, ok: bool) -> None:
+    urls = RecipientUrls(url, "https://p.example.org", "https://v.example.org",
+                         unsubscribe_mailto="mailto:unsubscribe+Xy@news.example.org")
+    if ok:
+        assert list_unsubscribe(urls) == f"<{url}>, <mailto:unsubscribe+Xy@news.example.org>"
+    else:
+        with pytest.raises(MessageRefused, match="unsubscribe URL"):
+            list_unsubscribe(urls)

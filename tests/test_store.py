@@ -196,3 +196,34 @@ def test_consent_events_are_append_only_in_the_store(session: Session, rules: Ru
     events = session.scalars(select(ConsentEvent).order_by(ConsentEvent.id)).all()
     assert [e.action for e in events] == ["add", "profile"]
     assert events[1].detail == {"fields": ["name", "region"]}
+
+
+def test_a_rejected_sign_up_leaves_unsuppressed_and_only_once(session: Session,
+                                                               rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter", "reminders"])
+    waiting, _ = store.subscribe(session, rules, _profile(rules, "helper@charity.example.org"),
+                                 topics, WEB)
+    assert store.reject(session, waiting, ADMIN) is False  # not confirmed yet: nothing to reject
+    assert waiting.status == SubscriberStatus.PENDING
+    store.confirm(session, rules, waiting, WEB)
+    assert store.reject(session, waiting, ADMIN) is True
+    assert waiting.status == SubscriberStatus.UNSUBSCRIBED and waiting.left_at is not None
+    assert store.active_topics(session, waiting.id) == []
+    assert store.reject(session, waiting, ADMIN) is False
+    assert store.approve(session, waiting, ADMIN) is False
+    assert _actions(session, waiting) == ["subscribe", "confirm", "reject"]
+    # turned down, not suppressed: the person may sign up again and be approved later
+    assert not store.is_suppressed(session, rules, "helper@charity.example.org")
+
+
+def test_suppressed_among_finds_exactly_the_suppressed_digests(session: Session,
+                                                               rules: Rules) -> None:
+    from subscribers.validation import email_hmac
+
+    topics = store.topics_by_slug(session, ["newsletter"])
+    gone = store.add_active(session, rules, _profile(rules, "gone@kent.police.uk"), topics, ADMIN)
+    store.mark_bounced(session, gone, store.Context(channel=Channel.BOUNCE))
+    digests = [email_hmac(rules, f"{n}@kent.police.uk") for n in ("gone", "here", "new")]
+    assert store.suppressed_among(session, digests) == {digests[0]}
+    assert store.suppressed_among(session, digests[1:]) == set()
+    assert store.suppressed_among(session, []) == set()

@@ -663,5 +663,17 @@ def test_a_link_for_an_erased_subscriber_answers_as_one_for_nobody(
         assert "kept.reader" not in gone.text and "sam.tester" not in gone.text
         live = client.get(path + make(kept))  # the one that exists is served its own page
         assert live.status_code == 200 and live.text != gone.text
+    # what both say: nothing about the person, and a way on
+    unsubscribe = client.get(f"/u/{web.tokens.unsubscribe(nobody)}")
+    assert unsubscribe.status_code == 200
+    assert "If this address was subscribed, it will not receive any more mail" in \
+        unsubscribe.text
+    assert f'href="{BASE}/manage"' in unsubscribe.text
+    assert web.settings.contact_address in unsubscribe.text
+    preferences = client.get(f"/preferences/{web.tokens.manage(nobody)}")
+    assert preferences.status_code == 200
+    assert "You are not subscribed" in preferences.text
+    assert "This address is not subscribed at the moment." in preferences.text
+    assert f'href="{BASE}/subscribe"' in preferences.text
     own = client.get(f"/preferences/{web.tokens.manage(kept)}")
     assert "kept.reader@essex.police.uk" in own.text
