@@ -47,6 +47,7 @@ from mailer.errors import (
 from mailer.models import Edition, EditionStatus
 from mailer.operations import Caller
 from mailer.operations import alerts as alert_ops
+from mailer.operations import audit_log as audit_ops
 from mailer.operations import editions as edition_ops
 from mailer.operations import subscribers as subscriber_ops
 from mailer.operations import users as user_ops
@@ -1014,7 +1015,7 @@ async def audit_page(request: Request) -> HTMLResponse:
     page = _int(q.get("page"))
 
     def work(session: Session) -> tuple[int, list[Any], list[str]]:
-        total, rows = audit.entries(session, flt, limit=PAGE, offset=page * PAGE)
+        total, rows = audit_ops.entries(session, caller, flt, limit=PAGE, offset=page * PAGE)
         return total, list(rows), audit.actions(session)
 
     total, rows, known = await _run(request, work)

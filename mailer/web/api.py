@@ -44,6 +44,7 @@ from mailer.errors import (
 from mailer.models import Edition
 from mailer.operations import Caller
 from mailer.operations import alerts as alert_ops
+from mailer.operations import audit_log as audit_ops
 from mailer.operations import editions as edition_ops
 from mailer.operations import subscribers as subscriber_ops
 from mailer.operations import users as user_ops
@@ -736,6 +737,6 @@ def _routes(api: FastAPI) -> None:
                                 until=until)
 
         def work(session: Session) -> AuditPage:
-            total, rows = audit.entries(session, flt, limit=limit, offset=offset)
-            return AuditPage(total=total, items=[AuditOut(**audit.as_dict(r)) for r in rows])
+            total, rows = audit_ops.entries(session, caller, flt, limit=limit, offset=offset)
+            return AuditPage(total=total, items=[AuditOut(**vars(r)) for r in rows])
         return await _run(request, work)
