@@ -908,7 +908,8 @@ async def edition_progress_json(request: Request, eid: int) -> Response:
     c = console(request)
     _edition, p = await _run(request, _progress_view(request, caller, eid), "edition")
     return JSONResponse({"status": str(p.status), "counts": p.counts, "total": p.total,
-                         "ambiguous": p.ambiguous, "remaining": p.remaining,
+                         "ambiguous": p.ambiguous, "taken_over": p.taken_over,
+                         "once": p.once, "remaining": p.remaining,
                          "eta": outbox.eta_text(c.settings, p.remaining),
                          "live": p.status in LIVE,
                          "updated": dt.datetime.now(c.zone).strftime("%H:%M:%S")})

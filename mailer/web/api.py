@@ -177,7 +177,11 @@ class ProgressOut(BaseModel):
     edition_id: int
     status: str
     counts: dict[str, int]
-    ambiguous: int
+    ambiguous: int = Field(description="May have been sent twice: a copy may have arrived "
+                                       "before the one sent (docs/design.md, crash policy)")
+    taken_over: int = Field(description="Resent after a crash: claims taken over from a "
+                                        "worker that died")
+    once: int = Field(description="Certainly sent once")
     total: int
     remaining: int
 
@@ -613,7 +617,8 @@ def _routes(api: FastAPI) -> None:
         def work(session: Session) -> ProgressOut:
             p = edition_ops.progress(session, caller, eid)
             return ProgressOut(edition_id=p.edition_id, status=p.status, counts=p.counts,
-                               ambiguous=p.ambiguous, total=p.total, remaining=p.remaining)
+                               ambiguous=p.ambiguous, taken_over=p.taken_over, once=p.once,
+                               total=p.total, remaining=p.remaining)
         return await _run(request, work)
 
     def edition_step(name: str, permission: Permission,
