@@ -43,7 +43,9 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from mailer.errors import MailerError
 from subscribers.db import Base, UTCDateTime, utcnow
+from subscribers.errors import InvalidInput
 from subscribers.models import _check_in
+from subscribers.validation import normalise_name
 
 
 class AccountError(MailerError):
@@ -224,8 +226,12 @@ def add_user(session: Session, *, login: str, display_name: str, role: Role | st
                            hint="2-60 characters: lower-case letters, digits, '.', '_' or '-'")
     if session.scalar(select(User.id).where(User.login == login)) is not None:
         raise AccountError(f"there is already a user '{login}'")
-    name = " ".join(display_name.split())
-    if not name or len(name) > 100:
+    try:
+        # A user's name comes in like a reader's: the same normal form, one home.
+        name = normalise_name(" ".join(display_name.split()))
+    except InvalidInput as exc:
+        raise AccountError(str(exc)) from None
+    if not name:
         raise AccountError("give the person's name (up to 100 characters)")
     role = Role(role)
     _check_password(password)

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Index, Integer, String, func, select
+from sqlalchemy import JSON, ColumnElement, Index, Integer, String, cast, func, literal, or_, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from mailer.models import Edition
 from subscribers.db import Base, UTCDateTime, utcnow
+from subscribers.models import Subscriber
+from subscribers.regions import Scope, within
 
 
 class AuditEntry(Base):
@@ -61,10 +64,25 @@ class AuditFilter:
     until: datetime | None = None
 
 
+def _within(scope: Scope) -> ColumnElement[bool]:
+    """Entries about a subscriber or an edition in the scope (`regions.within`), and those
+    about neither. An entry about an erased subscriber, who has no region left, is in no
+    region's scope: only those who see every region see it."""
+    if scope is None:
+        return within(scope, AuditEntry.target)
+    subscribers = select(literal("subscriber:", String) + cast(Subscriber.id, String)).where(
+        within(scope, Subscriber.region))
+    editions = select(literal("edition:", String) + cast(Edition.id, String)).where(
+        within(scope, Edition.regions))
+    return or_(AuditEntry.target.is_(None),
+               ~AuditEntry.target.like("subscriber:%") & ~AuditEntry.target.like("edition:%"),
+               AuditEntry.target.in_(subscribers), AuditEntry.target.in_(editions))
+
+
 def entries(session: Session, flt: AuditFilter = AuditFilter(), limit: int = 100,
-            offset: int = 0) -> tuple[int, Sequence[AuditEntry]]:
-    """Matching entries, newest first, and how many match in all."""
-    query = select(AuditEntry)
+            offset: int = 0, scope: Scope = None) -> tuple[int, Sequence[AuditEntry]]:
+    """Matching entries within a region scope, newest first, and how many match in all."""
+    query = select(AuditEntry).where(_within(scope))
     if flt.actor:
         query = query.where(AuditEntry.actor == flt.actor)
     if flt.action:
@@ -87,7 +105,29 @@ def actions(session: Session) -> list[str]:
     return list(session.scalars(select(AuditEntry.action).distinct().order_by(AuditEntry.action)))
 
 
-def as_dict(entry: AuditEntry) -> dict[str, Any]:
+def as_dict(entry: AuditEntry, with_ip: bool = True) -> dict[str, Any]:
     return {"id": entry.id, "at": entry.at.isoformat(), "actor": entry.actor,
-            "actor_name": entry.actor_name, "via": entry.via, "ip": entry.ip,
+            "actor_name": entry.actor_name, "via": entry.via,
+            "ip": entry.ip if with_ip else None,
             "action": entry.action, "target": entry.target, "detail": entry.detail}
+
+
+@dataclass(frozen=True)
+class AuditView:
+    """An entry as shown to one reader: a copy, so that hiding its IP address never touches
+    the (append-only) row."""
+
+    id: int
+    at: datetime
+    actor: str
+    actor_name: str | None
+    via: str
+    ip: str | None
+    action: str
+    target: str | None
+    detail: dict[str, Any] | None
+
+
+def view(entry: AuditEntry, with_ip: bool) -> AuditView:
+    return AuditView(entry.id, entry.at, entry.actor, entry.actor_name, entry.via,
+                     entry.ip if with_ip else None, entry.action, entry.target, entry.detail)

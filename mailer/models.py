@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -127,9 +128,15 @@ class Delivery(Base):
     subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscriber.id", ondelete="CASCADE"))
     status: Mapped[str] = mapped_column(String(20), default=DeliveryStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    # True once a copy may already have reached the person (a reply never came, or a worker
-    # died mid-send) and we sent again: the count a co-ordinator sees as "possible duplicates".
+    # True once a copy may already have reached the person and we sent again: a reply never
+    # came after the final dot, or a worker died after writing it (`dot_at`). The count a
+    # co-ordinator sees as "may have been sent twice".
     ambiguous: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Set, and committed, just before an attempt's final dot is written: a row its worker left
+    # `sending` without it reached nobody, so resending it cannot make a duplicate.
+    dot_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The claim was taken over from a worker that died, and the message sent again.
+    taken_over: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     queued_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())

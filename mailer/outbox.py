@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Select, bindparam, case, func, literal, or_, select, text, update
+from sqlalchemy import Select, and_, bindparam, case, func, literal, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -289,19 +289,27 @@ _SENDING_EDITIONS = select(Edition.id).where(
 _DUE = [_due(DeliveryStatus.RETRY), _due(DeliveryStatus.QUEUED), _due(DeliveryStatus.SENDING)]
 _CLAIMED_ROWS = (
     select(Delivery.id, Delivery.edition_id, Delivery.subscriber_id, Delivery.status,
-           Delivery.attempts, Delivery.ambiguous, Delivery.queued_at, Edition.topic,
+           Delivery.attempts, Delivery.ambiguous, Delivery.dot_at, Delivery.queued_at,
+           Edition.topic,
            Edition.not_after, Subscriber.email, Subscriber.name)
     .join(Edition, Edition.id == Delivery.edition_id)
     .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
     .where(Delivery.id.in_(bindparam("ids", expanding=True))).order_by(Delivery.id))
 _table = Delivery.__table__
-# SET reads the old row, so a row still `sending` (an orphan) turns ambiguous, as its Claim
-# says; one set-based statement instead of parameters per row (~40 µs a row).
+# SET reads the old row, so a row still `sending` (an orphan) is taken over, and turns
+# ambiguous only if its final dot may have been written (`dot_at`), as its Claim says; the new
+# attempt starts without a dot. One set-based statement instead of parameters per row.
+_ORPHAN = _table.c.status == DeliveryStatus.SENDING
 _MARK_CLAIMED = update(_table).where(_table.c.id.in_(bindparam("ids", expanding=True))).values(
     status=DeliveryStatus.SENDING, worker=bindparam("worker"), lease_until=bindparam("lease"),
     attempts=_table.c.attempts + 1,
-    ambiguous=or_(_table.c.ambiguous, _table.c.status == DeliveryStatus.SENDING),
+    ambiguous=or_(_table.c.ambiguous, and_(_ORPHAN, _table.c.dot_at.is_not(None))),
+    taken_over=or_(_table.c.taken_over, _ORPHAN), dot_at=None,
     last_attempt_at=bindparam("now"))
+_MARK_DOTTED = update(_table).where(_table.c.id.in_(bindparam("ids", expanding=True)),
+                                    _table.c.status == DeliveryStatus.SENDING,
+                                    _table.c.worker == bindparam("d_worker")).values(
+    dot_at=bindparam("d_now"))
 _CLOSE_UNSENT = update(_table).where(_table.c.id.in_(bindparam("ids", expanding=True))).values(
     status=bindparam("status"), last_reply=bindparam("reply"), reason=bindparam("reason"),
     lease_until=None)
@@ -347,9 +355,9 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
         elif (r.subscriber_id, r.topic) not in sendable:
             skipped.append(r.id)
         else:
-            orphan = r.status == DeliveryStatus.SENDING
+            dotted_orphan = r.status == DeliveryStatus.SENDING and r.dot_at is not None
             claims.append(Claim(r.id, r.edition_id, r.subscriber_id, r.email or "", r.name,
-                                r.attempts + 1, r.ambiguous or orphan, r.queued_at,
+                                r.attempts + 1, r.ambiguous or dotted_orphan, r.queued_at,
                                 now + lease))
     if claims:
         session.execute(_MARK_CLAIMED, {"ids": [c.delivery_id for c in claims],
@@ -362,6 +370,13 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
             session.execute(_CLOSE_UNSENT, {"ids": ids_, "status": status, "reply": reply,
                                             "reason": reason})
     return claims
+
+
+def mark_dotted(session: Session, worker: str, ids: Sequence[int], now: datetime) -> None:
+    """Record that these deliveries' final dots are about to be written; the caller commits
+    before writing them, so a crash after this can be told from one before it."""
+    if ids:
+        session.execute(_MARK_DOTTED, {"ids": list(ids), "d_worker": worker, "d_now": now})
 
 
 @dataclass(frozen=True)
@@ -452,8 +467,10 @@ class Progress:
     status: str
     paused_reason: str | None
     counts: dict[str, int]
-    ambiguous: int
+    ambiguous: int  # "may have been sent twice": a copy may have arrived before the one sent
     total: int
+    taken_over: int = 0  # "resent after a crash": claims taken over from a worker that died
+    once: int = 0  # "certainly sent once": accepted by the relay, and no copy before it
 
     @property
     def remaining(self) -> int:
@@ -465,11 +482,15 @@ def progress(session: Session, edition: Edition) -> Progress:
     counts = dict(session.execute(
         select(Delivery.status, func.count()).where(Delivery.edition_id == edition.id)
         .group_by(Delivery.status)).all())
-    ambiguous = session.scalar(select(func.count()).select_from(Delivery).where(
-        Delivery.edition_id == edition.id, Delivery.ambiguous.is_(True))) or 0
+    ambiguous, taken_over, once = session.execute(
+        select(func.count().filter(Delivery.ambiguous.is_(True)),
+               func.count().filter(Delivery.taken_over.is_(True)),
+               func.count().filter(and_(Delivery.status == DeliveryStatus.SENT,
+                                        Delivery.ambiguous.is_not(True))))
+        .where(Delivery.edition_id == edition.id)).one()
     return Progress(edition.id, edition.slug, edition.status, edition.paused_reason,
-                    {s.value: counts.get(s.value, 0) for s in DeliveryStatus}, ambiguous,
-                    sum(counts.values()))
+                    {s.value: counts.get(s.value, 0) for s in DeliveryStatus}, ambiguous or 0,
+                    sum(counts.values()), taken_over or 0, once or 0)
 
 
 def deliveries_for(session: Session, subscriber_id: int) -> list[dict[str, Any]]:

@@ -33,6 +33,7 @@ import ipaddress
 import re
 import socket
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
@@ -278,6 +279,7 @@ class _Refused(Exception):
 
 
 NOT_STARTED = "not-started"  # the stage of a send that never began (see SmtpPool.send)
+BeforeDot = Callable[[], Awaitable[None]]  # what a send awaits just before its final dot
 
 
 def _local_result(stage: str, detail: str, outcome: Outcome) -> SendResult:
@@ -459,10 +461,11 @@ class _Connection:
     # -- transactions --
 
     async def transact(self, mail_from: str, rcpt: str, data: bytes,
-                       prepared: bool = False) -> SendResult:
+                       prepared: bool = False, before_dot: BeforeDot | None = None
+                       ) -> SendResult:
         """One message to one recipient. Marks itself unusable when the session is in doubt."""
         try:
-            return await self._transact(mail_from, rcpt, data, prepared)
+            return await self._transact(mail_from, rcpt, data, prepared, before_dot)
         except _Lost as lost:
             self.usable = False
             outcome = Outcome.UNKNOWN if lost.stage == "end" else Outcome.RETRY
@@ -474,7 +477,7 @@ class _Connection:
             self.transactions += 1
 
     async def _transact(self, mail_from: str, rcpt: str, data: bytes,
-                        prepared: bool) -> SendResult:
+                        prepared: bool, before_dot: BeforeDot | None) -> SendResult:
         smtputf8 = not (mail_from.isascii() and rcpt.isascii())
         if smtputf8 and "SMTPUTF8" not in self.extensions:
             return _local_result("mail", "a non-ASCII address needs SMTPUTF8, which the server "
@@ -525,6 +528,10 @@ class _Connection:
         if r_data.code != 354:
             return await self._after_refusal("data", r_data)
         # From here the final dot may reach the server: a failure is no longer a clean retry.
+        # The caller records that first (before_dot), so that after a crash it can tell a
+        # message that may have arrived from one that certainly did not.
+        if before_dot is not None:
+            await before_dot()
         await self._write("end", _stuff(data, prepared))
         final = await self._read_reply("end", self.data_timeout)
         if final.code == 421:
@@ -637,7 +644,8 @@ class SmtpPool:
         return conn
 
     async def send(self, mail_from: str, rcpt: str, data: bytes, *,
-                   prepared: bool = False, start_by: float | None = None) -> SendResult:
+                   prepared: bool = False, start_by: float | None = None,
+                   before_dot: BeforeDot | None = None) -> SendResult:
         """Submit `data` from envelope sender `mail_from` to the one recipient `rcpt`.
 
         `prepared`: the caller has proved that `data` has CRLF line ends only, no line that
@@ -645,7 +653,9 @@ class SmtpPool:
         `mailer.render.build_message` have), so it goes out as it stands; anything else is
         normalised and dot-stuffed here.
         `start_by` (the event loop's clock): when no session is free before then, nothing is
-        sent and the result has stage "not-started" (the caller's claim on it has lapsed)."""
+        sent and the result has stage "not-started" (the caller's claim on it has lapsed).
+        `before_dot`: awaited just before the final dot is written (after the server has
+        accepted the envelope and DATA); the worker records it durably there."""
         if self._closed:
             raise RuntimeError("the SMTP pool is closed")
         if _FORBIDDEN_IN_ADDRESS.search(mail_from) or _FORBIDDEN_IN_ADDRESS.search(rcpt):
@@ -668,7 +678,7 @@ class SmtpPool:
                         conn = None
                         return opened
                     conn = opened
-                result = await conn.transact(mail_from, rcpt, data, prepared)
+                result = await conn.transact(mail_from, rcpt, data, prepared, before_dot)
                 stale = (reused and result.code is None and result.stage == "mail"
                          and result.outcome is Outcome.RETRY)
                 if not stale:

@@ -8,11 +8,12 @@ first of them, so a commit is shared by many messages without holding any result
 The crash window, honestly: a message whose reply has arrived but whose result is not yet
 committed, or whose final dot was sent but no reply read, is in the relay and still `sending`
 here. If the worker dies, that row's lease runs out, and it is sent again with the same
-Message-ID and marked `ambiguous`: at most the messages in flight at the crash (never more than
-the worker's capacity, max(2 x smtp_connections, batch), since results not yet committed
-count against it) can arrive twice, and `status` counts them. Most of those rows were only
-claimed, not sent: what can truly arrive twice is what was on a session or awaiting its commit,
-at most smtp_connections plus a quarter of the capacity. A reply that never comes
+Message-ID and marked `taken_over`: at most the messages in flight at the crash (never more
+than the worker's capacity, max(2 x smtp_connections, batch), since results not yet committed
+count against it). Most of those rows were only claimed, not sent, so before each final dot
+the worker commits `dot_at` (`_mark_dot`), and only a taken-over row with `dot_at` set is
+marked `ambiguous` ("may have been sent twice"): what was on a session or awaiting its
+commit, at most smtp_connections plus a quarter of the capacity. A reply that never comes
 after the final dot ends as `unknown` after `unknown_resends` resends, also counted.
 
 Rate limits are derived from the outbox (messages claimed or answered in the last minute and
@@ -188,6 +189,8 @@ class Worker:
         self._throttled_until: datetime | None = None
         self._halted: set[int] = set()
         self._lock: FileLock | None = None
+        self._dots: list[tuple[int, asyncio.Future[None]]] = []
+        self._dot_writer: asyncio.Task[None] | None = None
 
     # ---- database, always on the one helper thread
 
@@ -408,7 +411,36 @@ class Worker:
         except (MessageRefused, SigningError) as exc:
             return claim, SendResult(Outcome.FAILED, None, None, f"not sent: {exc}", BUILD)
         return claim, await pool.send(self._envelope_from(claim), claim.email, raw,
-                                      prepared=True, start_by=start_by)
+                                      prepared=True, start_by=start_by,
+                                      before_dot=lambda: self._mark_dot(claim.delivery_id))
+
+    async def _mark_dot(self, delivery_id: int) -> None:
+        """Commit `dot_at` for this delivery before its final dot is written. Marks that come
+        while a commit is under way share the next one, so the sessions wait about one commit
+        each rather than one apiece (the D4 bound: docs/design.md, crash policy)."""
+        done = asyncio.get_running_loop().create_future()
+        self._dots.append((delivery_id, done))
+        if self._dot_writer is None or self._dot_writer.done():
+            self._dot_writer = asyncio.create_task(self._write_dots())
+        await done
+
+    async def _write_dots(self) -> None:
+        while self._dots:
+            batch, self._dots = self._dots, []
+            ids = [i for i, _ in batch]
+
+            def mark(session: Session, ids: list[int] = ids) -> None:
+                outbox.mark_dotted(session, self.name, ids, self.clock())
+            try:
+                await self._db_call(mark)
+            except Exception as exc:  # each waiting send gets the error
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
 
     async def _record(self, done: list[tuple[outbox.Claim, SendResult]]) -> None:
         now = self.clock()

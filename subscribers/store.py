@@ -253,22 +253,38 @@ def subscribe(session: Session, rules: Rules, profile: Profile, topics: Sequence
         outcome = SubscribeOutcome.RETURNING
         subscriber.status = SubscriberStatus.PENDING
         subscriber.left_at = None
-    _apply_profile(subscriber, profile)
+    profile_changed = _apply_profile(subscriber, profile)
     subscriber.email_hmac = email_hmac(rules, profile.key)
     session.flush()
-    _set_topics(session, subscriber, topics, ctx)
-    _record(session, subscriber, ConsentAction.SUBSCRIBE, ctx,
-            topics=[t.slug for t in topics])
+    topics_changed = _set_topics(session, subscriber, topics, ctx)
+    # One consent event per change of state: asking again with the same topics, profile and
+    # consent wording while still pending changes nothing the record needs to show.
+    if (outcome != SubscribeOutcome.STILL_PENDING or profile_changed or topics_changed
+            or _last_consent_version(session, subscriber.id) != ctx.consent_version):
+        _record(session, subscriber, ConsentAction.SUBSCRIBE, ctx,
+                topics=[t.slug for t in topics])
     session.flush()
     return subscriber, outcome
 
 
-def _apply_profile(subscriber: Subscriber, profile: Profile) -> None:
+def _last_consent_version(session: Session, subscriber_id: int) -> str | None:
+    return session.scalar(
+        select(ConsentEvent.consent_version)
+        .where(ConsentEvent.subscriber_id == subscriber_id,
+               ConsentEvent.action == ConsentAction.SUBSCRIBE)
+        .order_by(ConsentEvent.id.desc()).limit(1))
+
+
+def _apply_profile(subscriber: Subscriber, profile: Profile) -> bool:
+    """Copy the fields given; whether any of them changed."""
+    changed = subscriber.email != profile.email
     subscriber.email = profile.email
     for name in ("name", "organisation", "organisation_type", "role", "region"):
         value = getattr(profile, name)
-        if value is not None:
+        if value is not None and value != getattr(subscriber, name):
             setattr(subscriber, name, value)
+            changed = True
+    return changed
 
 
 def confirm(session: Session, rules: Rules, subscriber: Subscriber,

@@ -30,6 +30,13 @@ _EDGE_JUNK = " \t\r\n\u00a0\u200b\u200c\u200d\u2060\ufeff"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Characters that can make text display as something other than what it is.
 _BIDI = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# Unicode's own line and paragraph separators: a name with one prints on two lines in a header.
+_LINE_SEPARATOR = re.compile("[\u2028\u2029\u0085]")
+# Invisible characters: trimmed from the ends (pasted text carries them), refused inside, where
+# they would make two names that look the same compare different. ZWJ and ZWNJ (U+200C, U+200D)
+# stay allowed inside: some scripts and emoji need them.
+_INVISIBLE_EDGE = " \u00a0\u200b\u200c\u200d\u2060\ufeff"
+_INVISIBLE = re.compile("[\u200b\u2060\ufeff\u00ad]")
 _FORMULA_START = ("=", "+", "@", "\t", "\r", "\0")
 
 MAX_NAME = 100
@@ -149,17 +156,21 @@ def _mixed_scripts(domain: str) -> bool:
 
 
 def normalise_text(raw: str | None, field: str, limit: int) -> str | None:
-    """NFC, trimmed, at most `limit` characters, no control or bidi characters; None if empty."""
+    """NFC, trimmed (of spaces and invisible characters), at most `limit` characters, no
+    control, line-separator, invisible or bidi characters inside; None if empty."""
     if raw is None:
         return None
-    text = unicodedata.normalize("NFC", raw).strip(" \u00a0")
+    text = unicodedata.normalize("NFC", raw).strip(_INVISIBLE_EDGE)
     if not text:
         return None
     label = field.replace("_", " ")
     if len(text) > limit:
         raise InvalidInput(field, f"the {label} is longer than {limit} characters")
-    if _CONTROL.search(text):
+    if _CONTROL.search(text) or _LINE_SEPARATOR.search(text):
         raise InvalidInput(field, f"the {label} contains a control character or line break")
+    if _INVISIBLE.search(text):
+        raise InvalidInput(field, f"the {label} contains an invisible character (zero-width "
+                                  f"space, word joiner, soft hyphen or byte-order mark)")
     if _BIDI.search(text):
         raise InvalidInput(field, f"the {label} contains a text-direction control character")
     if text.startswith(_FORMULA_START):

@@ -337,6 +337,9 @@ def test_a_worker_whose_lease_ran_out_cannot_overwrite_its_successors_result(
     start = datetime.now(UTC)
     with sessions() as s:
         (first,) = outbox.claim_due(s, "slow", 5, timedelta(seconds=30), now=start)
+        # The slow worker got as far as its final dot (D4: a takeover before the dot is
+        # certainly no duplicate; test_a_takeover_before_the_final_dot_is_no_duplicate).
+        outbox.mark_dotted(s, "slow", [first.delivery_id], start)
         s.commit()
     later = start + timedelta(seconds=31)
     with sessions() as s:  # the lease ran out: another worker takes the row over
@@ -357,6 +360,36 @@ def test_a_worker_whose_lease_ran_out_cannot_overwrite_its_successors_result(
         assert (row.status, row.worker, row.last_reply, row.ambiguous) == (
             DeliveryStatus.SENT, "fast", "250 ok", True)
         assert row.edition_id == edition_id
+
+
+def test_a_takeover_before_the_final_dot_is_no_duplicate(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules) -> None:
+    """D4: a row whose worker died before committing `dot_at` reached nobody: resent, it is
+    "resent after a crash" but not "may have been sent twice"; once dotted, it is both."""
+    _people(sessions, rules, ["a@kent.police.uk", "b@kent.police.uk"])
+    edition_id = _edition(sessions, settings)
+    start = datetime.now(UTC)
+    with sessions() as s:
+        undotted, dotted = outbox.claim_due(s, "dead", 5, timedelta(seconds=30), now=start)
+        outbox.mark_dotted(s, "dead", [dotted.delivery_id], start)
+        outbox.mark_dotted(s, "someone-else", [undotted.delivery_id], start)  # not its holder
+        s.commit()
+    later = start + timedelta(seconds=31)
+    with sessions() as s:
+        claims = {c.delivery_id: c for c in
+                  outbox.claim_due(s, "next", 5, timedelta(seconds=30), now=later)}
+        s.commit()
+    assert not claims[undotted.delivery_id].ambiguous and claims[dotted.delivery_id].ambiguous
+    with sessions() as s:
+        outbox.record(s, "next", [outbox.Result(c.delivery_id, DeliveryStatus.SENT, 250, "ok",
+                                                ambiguous=c.ambiguous)
+                                  for c in claims.values()], now=later)
+        s.commit()
+        rows = {d.id: d for d in s.scalars(select(Delivery))}
+        figures = outbox.progress(s, s.get(Edition, edition_id))
+    assert rows[undotted.delivery_id].taken_over and rows[dotted.delivery_id].taken_over
+    assert rows[undotted.delivery_id].dot_at is None  # the new attempt starts without a dot
+    assert (figures.once, figures.ambiguous, figures.taken_over) == (1, 1, 2)
 
 
 def test_a_late_result_cannot_reopen_a_closed_row(

@@ -76,7 +76,9 @@ def _status_table(p: outbox.Progress, settings: Settings) -> Table:
     for name in ("sent", "queued", "sending", "retry", "failed", "bounced", "unknown",
                  "skipped"):
         table.add_row(name, str(p.counts[name]))
-    table.add_row("possible duplicates", str(p.ambiguous))
+    table.add_row("certainly sent once", str(p.once))
+    table.add_row("may have been sent twice", str(p.ambiguous))
+    table.add_row("resent after a crash", str(p.taken_over))
     table.add_row("ETA", outbox.eta_text(settings, p.remaining))
     return table
 

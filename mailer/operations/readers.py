@@ -24,22 +24,31 @@ PAUSES = ("keep", "0", "1", "3", "6", "12")  # months; 0 ends a pause
 
 
 @dataclass
-class SignUp:
-    """A sign-up form's outcome: what was wrong with it, or who it names now."""
+class SignUpForm:
+    """A sign-up form checked: what was wrong with it, or the profile and topics it asks for.
+    Checking touches nothing that depends on the address, so it takes the same time for an
+    address we know and one we do not."""
 
     errors: dict[str, str] = field(default_factory=dict)
-    subscriber: Subscriber | None = None
-    outcome: SubscribeOutcome | None = None
+    profile: store.Profile | None = None
+    topics: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SignUp:
+    """A sign-up's outcome: who it names now, and what it found."""
+
+    subscriber: Subscriber
+    outcome: SubscribeOutcome
     topic_names: list[str] = field(default_factory=list)
 
 
-def sign_up(session: Session, rules: Rules, values: Mapping[str, str], topics: list[str],
-            consent: bool, ctx: Context) -> SignUp:
-    """Check a sign-up form and, when it is good, subscribe (pending a confirmation)."""
-    result = SignUp()
-    profile = None
+def check_sign_up(session: Session, rules: Rules, values: Mapping[str, str], topics: list[str],
+                  consent: bool) -> SignUpForm:
+    """Check a sign-up form; nothing is written."""
+    result = SignUpForm()
     try:
-        profile = store.profile_from(rules, **{n: values.get(n) or None for n in FIELDS})
+        result.profile = store.profile_from(rules, **{n: values.get(n) or None for n in FIELDS})
     except InvalidInput as exc:
         result.errors[exc.field] = str(exc)
     chosen = []
@@ -52,11 +61,17 @@ def sign_up(session: Session, rules: Rules, values: Mapping[str, str], topics: l
     if not consent:
         result.errors["consent"] = ("tick the box to agree, so that we may send you the "
                                     "newsletter")
-    if result.errors or profile is None:
-        return result
-    result.subscriber, result.outcome = store.subscribe(session, rules, profile, chosen, ctx)
-    result.topic_names = [t.name for t in chosen]
+    result.topics = [t.slug for t in chosen]
     return result
+
+
+def sign_up(session: Session, rules: Rules, form: SignUpForm, ctx: Context) -> SignUp:
+    """Subscribe (pending a confirmation) as a checked form asks. The web does this after it
+    has answered, so that the answer's time does not tell whether the address was known."""
+    assert form.profile is not None and not form.errors
+    chosen = store.topics_by_slug(session, form.topics)
+    subscriber, outcome = store.subscribe(session, rules, form.profile, chosen, ctx)
+    return SignUp(subscriber, outcome, [t.name for t in chosen])
 
 
 def confirm(session: Session, rules: Rules, subscriber_id: int, ctx: Context) -> str | None:

@@ -47,6 +47,7 @@ from mailer.errors import (
 from mailer.models import Edition, EditionStatus
 from mailer.operations import Caller
 from mailer.operations import alerts as alert_ops
+from mailer.operations import audit_log as audit_ops
 from mailer.operations import editions as edition_ops
 from mailer.operations import subscribers as subscriber_ops
 from mailer.operations import users as user_ops
@@ -907,7 +908,8 @@ async def edition_progress_json(request: Request, eid: int) -> Response:
     c = console(request)
     _edition, p = await _run(request, _progress_view(request, caller, eid), "edition")
     return JSONResponse({"status": str(p.status), "counts": p.counts, "total": p.total,
-                         "ambiguous": p.ambiguous, "remaining": p.remaining,
+                         "ambiguous": p.ambiguous, "taken_over": p.taken_over,
+                         "once": p.once, "remaining": p.remaining,
                          "eta": outbox.eta_text(c.settings, p.remaining),
                          "live": p.status in LIVE,
                          "updated": dt.datetime.now(c.zone).strftime("%H:%M:%S")})
@@ -1014,7 +1016,7 @@ async def audit_page(request: Request) -> HTMLResponse:
     page = _int(q.get("page"))
 
     def work(session: Session) -> tuple[int, list[Any], list[str]]:
-        total, rows = audit.entries(session, flt, limit=PAGE, offset=page * PAGE)
+        total, rows = audit_ops.entries(session, caller, flt, limit=PAGE, offset=page * PAGE)
         return total, list(rows), audit.actions(session)
 
     total, rows, known = await _run(request, work)

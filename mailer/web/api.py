@@ -44,6 +44,7 @@ from mailer.errors import (
 from mailer.models import Edition
 from mailer.operations import Caller
 from mailer.operations import alerts as alert_ops
+from mailer.operations import audit_log as audit_ops
 from mailer.operations import editions as edition_ops
 from mailer.operations import subscribers as subscriber_ops
 from mailer.operations import users as user_ops
@@ -176,7 +177,11 @@ class ProgressOut(BaseModel):
     edition_id: int
     status: str
     counts: dict[str, int]
-    ambiguous: int
+    ambiguous: int = Field(description="May have been sent twice: a copy may have arrived "
+                                       "before the one sent (docs/design.md, crash policy)")
+    taken_over: int = Field(description="Resent after a crash: claims taken over from a "
+                                        "worker that died")
+    once: int = Field(description="Certainly sent once")
     total: int
     remaining: int
 
@@ -612,7 +617,8 @@ def _routes(api: FastAPI) -> None:
         def work(session: Session) -> ProgressOut:
             p = edition_ops.progress(session, caller, eid)
             return ProgressOut(edition_id=p.edition_id, status=p.status, counts=p.counts,
-                               ambiguous=p.ambiguous, total=p.total, remaining=p.remaining)
+                               ambiguous=p.ambiguous, taken_over=p.taken_over, once=p.once,
+                               total=p.total, remaining=p.remaining)
         return await _run(request, work)
 
     def edition_step(name: str, permission: Permission,
@@ -736,6 +742,6 @@ def _routes(api: FastAPI) -> None:
                                 until=until)
 
         def work(session: Session) -> AuditPage:
-            total, rows = audit.entries(session, flt, limit=limit, offset=offset)
-            return AuditPage(total=total, items=[AuditOut(**audit.as_dict(r)) for r in rows])
+            total, rows = audit_ops.entries(session, caller, flt, limit=limit, offset=offset)
+            return AuditPage(total=total, items=[AuditOut(**vars(r)) for r in rows])
         return await _run(request, work)

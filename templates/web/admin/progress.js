@@ -46,6 +46,8 @@
         text("progress-status", data.status);
         text("progress-eta", data.eta);
         text("progress-ambiguous", data.ambiguous);
+        text("progress-taken-over", data.taken_over);
+        text("progress-once", data.once);
         text("progress-updated", data.updated);
         if (!data.live) {
           stop(data.status === "sent" ? "Finished: these are the final figures."
