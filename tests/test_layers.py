@@ -72,7 +72,7 @@ FACES = ("mailer.web", "mailer.cli")
 # The library modules that own tables: a face may read through them for display, never write.
 STORES = ("subscribers.store", "subscribers.importer", "mailer.outbox", "mailer.accounts",
           "mailer.audit", "mailer.events", "mailer.bounce_policy", "mailer.alerts",
-          "mailer.privacy")
+          "mailer.privacy", "mailer.revisions")
 # What a face may use of them: reads for display, and types and constants.
 READS = {
     "subscribers.store": {"list_topics", "find", "find_by_email", "topic_by_id",
@@ -84,7 +84,8 @@ READS = {
     "mailer.audit": {"AuditFilter", "entries", "actions", "as_dict"},
     "mailer.events": {"list_events", "next_occurrence", "upcoming", "get_event",
                       "reminders_for", "load_file", "EventSpec", "EventError",
-                      "DEFAULT_SEND_TIME", "PLAN_HORIZON_DAYS"},
+                      "DEFAULT_SEND_TIME", "PLAN_HORIZON_DAYS", "Event",
+                      "parse_date", "parse_offsets"},
     "mailer.accounts": {"list_tokens", "list_users", "Actor", "Permission", "Role",
                         "LoginOutcome", "SESSION_LIFETIME"},
     "mailer.bounce_policy": {"recent", "events_for", "open_alerts", "event_counts",
@@ -92,6 +93,7 @@ READS = {
                              "Decision", "Outcome", "Purged"},
     "mailer.alerts": {"recent"},
     "mailer.privacy": set(),
+    "mailer.revisions": set(),
 }
 # The system's own machinery, which commands start (the bounce receiver and its retention,
 # the alert mailer, the reminder planner): no co-ordinator decides these, so they are no

@@ -48,6 +48,7 @@ from mailer.models import Edition, EditionStatus
 from mailer.operations import Caller
 from mailer.operations import alerts as alert_ops
 from mailer.operations import editions as edition_ops
+from mailer.operations import events as event_ops
 from mailer.operations import subscribers as subscriber_ops
 from mailer.operations import users as user_ops
 from mailer.outbox import ApprovalRefused
@@ -745,7 +746,9 @@ async def edition_view(request: Request, eid: int) -> HTMLResponse:
         e = seen.edition
         return {"e": e, "text": seen.text, "warnings": seen.warnings,
                 "audience": seen.audience, "progress": outbox.progress(session, e),
-                "covers": caller.actor.covers(e.regions)}
+                "covers": caller.actor.covers(e.regions),
+                "changes": edition_ops.changes(session, caller, eid),
+                "history": list(edition_ops.history(session, caller, eid))}
 
     view = await _run(request, work, "edition")
     return _page(request, caller.actor, "edition.html.j2", title=view["e"].title, **view,
@@ -974,20 +977,112 @@ async def bounce_alert_resolve(request: Request, aid: int) -> Response:
 
 # ---------------------------------------------------------------- events
 
+EVENT_FIELDS = ("name", "date", "until", "offsets", "at", "text", "description", "link",
+                "topic", "weekend")
+
+
+def _event_values(e: events.Event | None = None) -> dict[str, Any]:
+    """An event's form fields as typed (empty for a new one)."""
+    if e is None:
+        return {"name": "", "date": "", "until": "", "yearly": False, "offsets": "14, 1",
+                "at": events.DEFAULT_SEND_TIME, "text": "", "description": "", "link": "",
+                "topic": "reminders", "weekend": "friday"}
+    return {"name": e.name, "date": e.starts_on.isoformat(),
+            "until": e.ends_on.isoformat() if e.ends_on else "", "yearly": e.yearly,
+            "offsets": ", ".join(str(o) for o in e.offsets or ()), "at": e.send_time,
+            "text": e.reminder_text, "description": e.description, "link": e.link or "",
+            "topic": e.topic, "weekend": e.weekend}
+
+
+def _event_spec(values: dict[str, Any]) -> events.EventSpec:
+    """The form as an `EventSpec`; the CLI's parsing and validation decide what is wrong."""
+    until = values["until"]
+    return events.EventSpec(
+        name=values["name"], starts_on=events.parse_date(values["date"], "date"),
+        ends_on=events.parse_date(until, "last day") if until else None,
+        yearly=values["yearly"], offsets=events.parse_offsets(values["offsets"], "reminders"),
+        send_time=values["at"], reminder_text=values["text"],
+        description=values["description"], link=values["link"] or None,
+        topic=values["topic"], weekend=values["weekend"])
+
+
+def _calendar(session: Session, zone: ZoneInfo) -> dict[str, Any]:
+    now = utcnow()
+    today = now.astimezone(zone).date()
+    rows = [(e, events.next_occurrence(e, today)) for e in events.list_events(session)]
+    return {"calendar": rows,
+            "reminders": events.upcoming(session, now, now + dt.timedelta(days=400))[:30]}
+
+
+async def _events_page(request: Request, caller: Caller, status: int = 200, *,
+                       values: dict[str, Any] | None = None, problems: list[str] | None = None,
+                       editing: int | None = None) -> HTMLResponse:
+    c = console(request)
+    view = await _run(request, lambda s: _calendar(s, c.zone))
+    title = "Change an event" if editing is not None else "Events and reminders"
+    return _page(request, caller.actor, "events.html.j2", status, title=title, **view,
+                 values=values or _event_values(), problems=problems or [], editing=editing,
+                 notice=_notice(request))
+
+
 @router.get("/events")
 async def events_page(request: Request) -> HTMLResponse:
     caller = await _signed_in(request, Permission.VIEW)
-    c = console(request)
+    return await _events_page(request, caller)
 
-    def work(session: Session) -> dict[str, Any]:
-        now = utcnow()
-        today = now.astimezone(c.zone).date()
-        rows = [(e, events.next_occurrence(e, today)) for e in events.list_events(session)]
-        return {"calendar": rows,
-                "reminders": events.upcoming(session, now, now + dt.timedelta(days=400))[:30]}
 
-    view = await _run(request, work)
-    return _page(request, caller.actor, "events.html.j2", title="Events and reminders", **view)
+async def _event_change(request: Request, editing: int | None) -> Response:
+    """Add (editing None) or change an event from the form; a refusal shows the form again
+    with what was typed and the problem, and nothing is stored."""
+    caller = await _signed_in(request, Permission.EDITIONS_SEND)
+    form = await _form(request)
+    values: dict[str, Any] = {name: _text(form, name, 2000) for name in EVENT_FIELDS}
+    values["yearly"] = _text(form, "yearly", 5) == "yes"
+
+    def work(session: Session) -> str:
+        spec = _event_spec(values)
+        if editing is None:
+            return event_ops.add(session, caller, spec).name
+        return event_ops.update(session, caller, editing, spec).name
+
+    try:
+        name = await runtime.web(request).run(work)
+    except (NotAllowed, NotFound) as exc:
+        raise _refusal(exc, "event") from None
+    except (MailerError, SubscriberError) as exc:
+        return await _events_page(request, caller, 400, values=values,
+                                  problems=_problems(exc), editing=editing)
+    return _see_other(request, "/admin/events",
+                      f"Event '{name}' {'added' if editing is None else 'changed'}; "
+                      "its reminders are planned.")
+
+
+@router.post("/events/new")
+async def event_add(request: Request) -> Response:
+    return await _event_change(request, None)
+
+
+@router.get("/events/{event_id}/edit")
+async def event_edit_form(request: Request, event_id: int) -> HTMLResponse:
+    caller = await _signed_in(request, Permission.EDITIONS_SEND)
+    values = await _run(request, lambda s: _event_values(event_ops.get(s, caller, event_id)),
+                        "event")
+    return await _events_page(request, caller, values=values, editing=event_id)
+
+
+@router.post("/events/{event_id}/edit")
+async def event_edit(request: Request, event_id: int) -> Response:
+    return await _event_change(request, event_id)
+
+
+@router.post("/events/{event_id}/remove")
+async def event_remove(request: Request, event_id: int) -> Response:
+    caller = await _signed_in(request, Permission.EDITIONS_SEND)
+    await _form(request)
+    name, dropped = await _run(request, lambda s: event_ops.remove(s, caller, event_id),
+                               "event")
+    return _see_other(request, "/admin/events",
+                      f"Event '{name}' removed, with {dropped} planned reminder(s).")
 
 
 # ---------------------------------------------------------------- audit
