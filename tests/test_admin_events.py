@@ -53,6 +53,11 @@ def _changes(engine: Engine) -> list[tuple[str, str, str | None]]:
             .order_by(audit.AuditEntry.id))]
 
 
+def _count(engine: Engine) -> int:
+    with Session(engine) as session:
+        return session.scalar(select(func.count()).select_from(Event)) or 0
+
+
 def _form(token: str, **fields: str) -> dict[str, str]:
     base = {"csrf_token": token, "name": "", "date": "", "until": "", "offsets": "14, 1",
             "at": "09:00", "text": "", "description": "", "link": "", "topic": "reminders",
@@ -134,12 +139,12 @@ def test_a_bad_event_is_shown_again_with_its_problem_and_nothing_is_stored(
     make_user(engine, "cora", regions=("kent",))
     assert login(app_client, "cora").status_code == 303
     token = csrf_of(app_client.get("/admin/events").text)
+    before = _count(engine)
     page = app_client.post("/admin/events/new", data=_form(token, **fields))
     assert page.status_code == 400
     assert "There is a problem" in page.text and problem in page.text
     assert f'value="{fields["name"]}"' in page.text  # what was typed is kept
-    with Session(engine) as session:
-        assert session.scalar(select(func.count()).select_from(Event)) == 0
+    assert _count(engine) == before
     assert _changes(engine) == []
 
 
@@ -161,16 +166,16 @@ def test_events_through_the_api(app_client: TestClient, engine: Engine) -> None:
     make_user(engine, "cora", regions=("kent",))
     make_user(engine, "vic", role="viewer", regions=("kent",))
     cora, vic = _token(engine, "cora"), _token(engine, "vic", role="viewer")
-    body = {"name": "Anti-Slavery Day", "starts_on": "2010-10-18", "yearly": True,
-            "offsets": [14, 1], "link": "https://www.gov.uk/modern-slavery"}
+    body = {"name": "Harbour watch day", "starts_on": "2020-10-20", "yearly": True,
+            "offsets": [14, 1], "link": "https://example.org/harbour-watch"}
     assert app_client.post("/api/v1/events", json=body, headers=vic).status_code == 403
     made = app_client.post("/api/v1/events", json=body, headers=cora)
     assert made.status_code == 201, made.text
     event = made.json()
     assert (event["slug"], event["next_date"], event["offsets"]) == \
-        ("anti-slavery-day", "2027-10-18", [14, 1])
+        ("harbour-watch-day", "2027-10-20", [14, 1])
     again = app_client.post("/api/v1/events", json=body, headers=cora)
-    assert again.status_code == 422 and "already an event 'anti-slavery-day'" in again.text
+    assert again.status_code == 422 and "already an event 'harbour-watch-day'" in again.text
     night = app_client.put(f"/api/v1/events/{event['id']}", headers=cora,
                            json={**body, "send_time": "02:00"})
     assert night.status_code == 422 and "between 01:00 and 02:59" in night.text
@@ -178,8 +183,10 @@ def test_events_through_the_api(app_client: TestClient, engine: Engine) -> None:
                            json={**body, "offsets": [7]})
     assert moved.status_code == 200 and moved.json()["offsets"] == [7]
     calendar = app_client.get("/api/v1/events", headers=vic).json()
-    assert [e["name"] for e in calendar["events"]] == ["Anti-Slavery Day"]
-    assert [r["offset_days"] for r in calendar["reminders"]] == [7]
+    (ours,) = [e for e in calendar["events"] if e["id"] == event["id"]]
+    assert (ours["name"], ours["offsets"]) == ("Harbour watch day", [7])
+    assert [r["offset_days"] for r in calendar["reminders"]
+            if r["event"] == "harbour-watch-day"] == [7]
     gone = app_client.delete(f"/api/v1/events/{event['id']}", headers=cora)
     assert gone.status_code == 200 and "1 planned reminder(s)" in gone.json()["detail"]
     assert app_client.delete(f"/api/v1/events/{event['id']}", headers=cora).status_code == 404

@@ -20,7 +20,7 @@ from mailer import events, schedule
 from mailer.cli.edition import app as edition_app
 from mailer.cli.edition import edition_of
 from mailer.cli.runtime import Runtime, console
-from mailer.events import EventError, EventSpec
+from mailer.events import EventSpec
 from mailer.models import Edition
 from mailer.operations import editions as edition_ops
 from mailer.operations import events as event_ops

@@ -95,6 +95,33 @@ def history(session: Session, caller: Caller, ident: int | str
     return revisions.listing(session, get(session, caller, ident))
 
 
+@dataclass(frozen=True)
+class Draft:
+    """Edition text as it would go out, not stored: the editor's live preview."""
+
+    html: str
+    text: str
+    warnings: list[str]
+
+
+def draft_preview(session: Session, caller: Caller, settings: Settings, slug: str,
+                  source: str) -> Draft:
+    """Validate and render text the author has not saved yet (raises the edition's errors)."""
+    caller.require(Permission.EDITIONS_EDIT)
+    _parsed, compiled = outbox.compile_source(session, settings, source.replace("\r\n", "\n"),
+                                              f"{slug or 'new-edition'}.md")
+    page = personalise(compiled, PREVIEW_READER, Links(settings).preview(slug or "preview"))
+    return Draft(page.html, page.text, compiled.warnings)
+
+
+def last_source(session: Session, caller: Caller) -> str | None:
+    """The newest newsletter the caller can see: the start of the next one."""
+    for edition in outbox.list_editions(session, 20, caller.scope):
+        if edition.kind == "newsletter":
+            return edition.source
+    return None
+
+
 # ---------------------------------------------------------------- writing and approval
 
 def save(session: Session, caller: Caller, settings: Settings, slug: str, source: str
