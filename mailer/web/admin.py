@@ -856,8 +856,9 @@ def _reshape(model: ef.EditionForm, action: str) -> None:
         sections[i + 1], sections[i] = sections[i], sections[i + 1]
     elif verb == "remove":
         del sections[i]
-    elif verb == "add-table":
+    elif verb == "add-table":  # a grid makes the section a figures section
         section.tables.append([["", ""], ["", ""]])
+        section.layout = "figures"
     elif len(numbers) > 1 and numbers[1] < len(section.tables):
         grid = section.tables[numbers[1]]
         if verb == "add-row":
