@@ -142,3 +142,84 @@ def test_an_edition_written_in_the_editor_without_markdown_is_saved_and_kept(
         assert "| Division | No. |\n|---|--:|\n| Kent North | 74 |\n| Kent East | 63 |" \
             in edition.source
         assert [r.number for r in revisions.listing(session, edition)] == [1]
+
+
+def test_each_save_keeps_a_revision_and_the_approver_sees_an_escaped_diff(
+        client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    from mailer.operations import Caller
+    from mailer.operations import editions as edition_ops
+    from subscribers.db import session_factory
+
+    make_user(engine, "alice", regions=("kent", "essex"))
+    make_user(engine, "bob", regions=("kent", "essex"))
+    source = SAMPLE.read_text(encoding="utf-8")
+    with session_factory(engine)() as session:
+        from mailer.accounts import actor_of, get_user
+
+        alice, bob = (Caller(actor=actor_of(get_user(session, who)), via="console")
+                      for who in ("alice", "bob"))
+        edition, _ = edition_ops.save(session, alice, web_settings, SAMPLE.stem, source)
+        edition_ops.request_approval(session, alice, edition.id)
+        edition_ops.approve(session, bob, edition.id)
+        edited = source.replace("| Kent North | 74 |", "| Kent North | 80 (<5 & rising) |")
+        edition_ops.save(session, alice, web_settings, SAMPLE.stem, edited)
+        assert edition.status == "draft" and edition.approved_by is None  # withdrawn
+        edition_ops.request_approval(session, alice, edition.id)
+        eid = edition.id
+        session.commit()
+        assert [(r.number, r.put_forward_by, r.approved_by)
+                for r in revisions.listing(session, edition)] == \
+            [(2, "alice", None), (1, "alice", "bob")]
+    assert login(client, "bob").status_code == 303
+    page = client.get(f"/admin/editions/{eid}").text
+    assert "Changes since revision 1 (approved by bob)" in page
+    row = re.search(r'<tr class="changed">(.*?)</tr>', page, re.S)
+    assert row is not None
+    assert "| Kent North | 74 |" in row[1]
+    assert "| Kent North | 80 (&lt;5 &amp; rising) |" in row[1]
+    assert "(<5 & rising)" not in page
+    assert page.count('<tr class="changed">') == 1
+
+
+def test_an_image_needs_its_alt_text_and_goes_into_the_saved_edition(
+        web_settings: Settings, engine: Engine) -> None:
+    import io
+
+    from PIL import Image
+
+    from mailer import media
+
+    https = web_settings.model_copy(update={"base_url": "https://news.example.org"})
+    png = io.BytesIO()
+    Image.new("RGB", (90, 60), (20, 90, 200)).save(png, "PNG")
+    with TestClient(create_app(https), base_url="https://news.example.org") as client:
+        make_user(engine, "cora", regions=("kent",))
+        assert login(client, "cora").status_code == 303
+        fields = {**_fields(client.get("/admin/editions/compose").text), "regions": "kent",
+                  "title": "Kent MSHT newsletter", "issue": "5", "date": "2027-06-01",
+                  "subject": "Kent MSHT newsletter, issue 5", "topic": "newsletter",
+                  "s0.heading": "A picture", "s0.body": "The new office.",
+                  "image_section": "1"}
+        upload = {"image": ("office.png", png.getvalue(), "image/png")}
+        refused = client.post("/admin/editions/compose", data={**fields, "do": "add-image"},
+                              files=upload)
+        assert refused.status_code == 400 and "an image needs alt text" in refused.text
+        folder = media.media_dir(https)
+        assert not folder.exists() or not any(folder.iterdir())
+        added = client.post("/admin/editions/compose", files=upload, data={
+            **fields, "do": "add-image", "image_alt": "The front of the new office"})
+        assert "Image added (90 × 60), with its alt text." in added.text
+        fields = {**_fields(added.text), "regions": "kent"}
+        assert re.fullmatch(r"The new office\.\n\n!\[The front of the new office\]\("
+                            r"https://news\.example\.org/media/[0-9a-f]{64}\.png\)",
+                            fields["s0.body"])
+        saved = client.post("/admin/editions/compose", data={**fields, "do": "save"},
+                            follow_redirects=False)
+        assert saved.status_code == 303, saved.text
+        url = fields["s0.body"].rsplit("(", 1)[1].rstrip(")")
+        served = client.get(url.removeprefix("https://news.example.org"))
+        assert served.status_code == 200 and served.headers["content-type"] == "image/png"
+    with Session(engine) as session:
+        edition = session.scalar(select(Edition).where(Edition.slug == "2027-06-01-issue-5"))
+        assert edition is not None and "![The front of the new office](" in edition.source
+        assert 'alt="The front of the new office"' in edition.compiled["html"]
