@@ -154,7 +154,8 @@ def _section(heading_line: str, body: str) -> FormSection:
 def from_source(source: str) -> EditionForm:
     """The editor's form for an edition's source."""
     meta, body = _split(source)
-    audience = meta.get("audience") if isinstance(meta.get("audience"), dict) else {}
+    given = meta.get("audience")
+    audience: dict[str, Any] = given if isinstance(given, dict) else {}
     form = EditionForm(
         title=_text(meta.get("title")), issue=_text(meta.get("issue")),
         date=_text(meta.get("date")), subject=_text(meta.get("subject")),
