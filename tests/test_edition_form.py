@@ -223,3 +223,29 @@ def test_an_image_needs_its_alt_text_and_goes_into_the_saved_edition(
         edition = session.scalar(select(Edition).where(Edition.slug == "2027-06-01-issue-5"))
         assert edition is not None and "![The front of the new office](" in edition.source
         assert 'alt="The front of the new office"' in edition.compiled["html"]
+
+
+def test_a_word_document_opens_in_the_editor_with_its_problems_and_a_doc_is_refused(
+        web_settings: Settings, engine: Engine) -> None:
+    from tests.word_documents import sample_docx
+
+    https = web_settings.model_copy(update={"base_url": "https://news.example.org"})
+    with TestClient(create_app(https), base_url="https://news.example.org") as client:
+        make_user(engine, "cora", regions=("kent",))
+        assert login(client, "cora").status_code == 303
+        token = csrf_of(client.get("/admin/editions/compose").text)
+        page = client.post("/admin/editions/compose/word", data={"csrf_token": token},
+                           files={"document": ("issue2.docx", sample_docx(photo_alt=None),
+                                               "application/octet-stream")})
+        assert page.status_code == 200
+        assert "Imported issue2.docx: check each section, then save." in page.text
+        fields = _fields(page.text)
+        layouts = [fields[f"s{i}.layout"] for i in range(int(fields["sections"]))]
+        assert "dates" in layouts and "figures" in layouts and "links" in layouts
+        assert 'value="Kent North"' in page.text
+        assert "There is a problem" in page.text and "alt text" in page.text  # flagged
+        refused = client.post("/admin/editions/compose/word", data={"csrf_token": token},
+                              files={"document": ("old.doc", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+                                                  + b"\0" * 600, "application/msword")})
+        assert refused.status_code == 400 and "There is a problem" in refused.text
+        assert ".doc" in refused.text
