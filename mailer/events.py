@@ -252,6 +252,23 @@ class EventSpec:
         return self
 
 
+def parse_date(value: str, where: str) -> date:
+    """A date typed by a person (YYYY-MM-DD), or an error naming the field."""
+    try:
+        return date.fromisoformat(value.strip())
+    except ValueError:
+        raise EventError(f'{where} "{value}": not a date like 2027-10-18') from None
+
+
+def parse_offsets(value: str, where: str) -> list[int]:
+    """Reminder offsets typed as "14, 1" (days before), or an error naming the field."""
+    try:
+        return [int(part) for part in value.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise EventError(f'{where} "{value}": give days before as numbers, e.g. 14,1'
+                         ) from None
+
+
 def add_event(session: Session, spec: EventSpec, *, replace: bool = False,
               now: datetime | None = None) -> tuple[Event, bool]:
     """Store an event (validated); returns (event, created). With `replace`, an event of the

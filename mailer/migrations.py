@@ -24,7 +24,8 @@ def metadata() -> MetaData:
     import mailer.audit
     import mailer.bounce_policy
     import mailer.events
-    import mailer.models  # noqa: F401
+    import mailer.models
+    import mailer.revisions  # noqa: F401
     import subscribers.models  # noqa: F401
     from subscribers.db import Base
 

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from mailer import audience as audience_rule
 from mailer.config import Settings
 from mailer.deadline import too_late
+from mailer.edition import Edition as ParsedEdition
 from mailer.errors import Conflict, EditionError, MailerError, NotAllowed, NotFound
 from mailer.models import (
     DUE,
@@ -38,7 +39,7 @@ from mailer.models import (
     EditionKind,
     EditionStatus,
 )
-from mailer.render import compile_edition
+from mailer.render import CompiledEdition, compile_edition
 from subscribers import store
 from subscribers.db import changed_rows, utcnow
 from subscribers.models import Subscriber, Topic
@@ -575,6 +576,17 @@ def check_slug(slug: str) -> str:
     return slug
 
 
+def compile_source(session: Session, settings: Settings, source: str, where: str
+                   ) -> tuple[ParsedEdition, CompiledEdition]:
+    """Validate and compile edition text without storing it (what a save would store, and the
+    editor's preview). Raises `EditionError` (each problem with its line)."""
+    from mailer.edition import parse_edition
+
+    parsed = parse_edition(source, where=where)
+    audience_rule.check(parsed, audience_rule.known(session, settings))
+    return parsed, compile_edition(parsed, settings)
+
+
 def store_edition_source(session: Session, settings: Settings, slug: str, source: str,
                          actor: str | None, where: str | None = None) -> tuple[Edition, bool]:
     """Validate, compile and record edition text (an upload or an edit in the console).
@@ -583,12 +595,8 @@ def store_edition_source(session: Session, settings: Settings, slug: str, source
     schedule: what was approved is exactly the text that goes out, never a later edit.
     Raises `EditionError` (each problem with its line) for text that does not validate.
     """
-    from mailer.edition import parse_edition
-
     slug = check_slug(slug)
-    parsed = parse_edition(source, where=where or f"{slug}.md")
-    audience_rule.check(parsed, audience_rule.known(session, settings))
-    compiled = compile_edition(parsed, settings)
+    parsed, compiled = compile_source(session, settings, source, where or f"{slug}.md")
     meta = parsed.meta
     before = session.scalar(select(Edition.source_sha256).where(Edition.slug == slug))
     edition, _created = store_edition(

@@ -218,8 +218,8 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
         for name in ("approved", "sending", "sent"):
             outbox.approve(session, editions[name], "bob")
         outbox.send_approved(session, editions["sending"], "bob")
-        events.add_event(session, events.EventSpec(name="Harbour watch day", yearly=True,
-                                                   starts_on=today + dt.timedelta(days=20)))
+        event_id = events.add_event(session, events.EventSpec(
+            name="Harbour watch day", yearly=True, starts_on=today + dt.timedelta(days=20)))[0].id
         events.plan_reminders(session)
         session.commit()
     with session_factory(engine)() as session:  # one finished send, with its figures
@@ -312,8 +312,18 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
                 ("/admin/events", "/admin/events"), ("/admin/audit", "/admin/audit"),
                 ("/admin/audit?actor=root&action=login.ok", None),
                 ("/admin/users", "/admin/users"), ("/admin/subscribers/999999", None),
-                ("/admin/audit?since=yesterday", None)):  # 404 and 400 pages
+                ("/admin/audit?since=yesterday", None),  # 404 and 400 pages
+                ("/admin/editions/compose", "/admin/editions/compose"),
+                ("/admin/editions/compose?start=last", None),
+                (f"/admin/editions/{eid}/compose", "/admin/editions/{eid}/compose"),
+                (f"/admin/events/{event_id}/edit", "/admin/events/{event_id}/edit")):
             check(path, route)
+        page.goto(f"{base}/admin/editions/{eid}/compose")  # the editor's preview, no save
+        page.get_by_role("button", name="Preview without saving").click()
+        draft = page.locator("#preview-phone").get_attribute("src")
+        check()
+        assert draft is not None and "/admin/editions/draft/" in draft
+        check(draft.removeprefix(base), "/admin/editions/draft/{key}.html")
 
         page.goto(f"{base}/admin/subscribers/new")
         page.get_by_role("button", name="Add subscriber").click()  # empty: the errors
@@ -346,6 +356,7 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
     assert problems == []
     pages = {path for method, path in _console_routes(served) if method == "GET"}
     pages -= {"/admin/static/admin.css", "/admin/static/progress.js",  # not pages
+              "/admin/static/editor.js",
               "/admin/subscribers/export.csv", "/admin/editions/{eid}/progress.json"}
     assert pages - visited == set()
 

@@ -65,7 +65,8 @@ API_VIEWER_MAY = {("GET", "/me"), ("GET", "/counts"), ("GET", "/subscribers"),
                   ("GET", "/editions/{eid}/preview"), ("GET", "/editions/{eid}/progress"),
                   ("GET", "/events"), ("GET", "/bounce-alerts"), ("GET", "/alerts")}
 API_ADMIN_ONLY: set[tuple[str, str]] = set()
-OPEN = {"/admin/login", "/admin/static/admin.css", "/admin/static/progress.js"}
+OPEN = {"/admin/login", "/admin/static/admin.css", "/admin/static/progress.js",
+        "/admin/static/editor.js"}
 REFUSED = "You do not have permission to do this"  # the console's permission refusal
 BAD_FORM = "This form could not be accepted"  # its CSRF refusal
 
@@ -214,7 +215,8 @@ def _api_routes(app: Any) -> list[tuple[str, str]]:
 
 
 def _concrete(path: str) -> str:
-    return path.replace("{sid}", "1").replace("{eid}", "1").replace("{aid}", "1")
+    return (path.replace("{sid}", "1").replace("{eid}", "1").replace("{aid}", "1")
+            .replace("{event_id}", "1").replace("{key}", "unknown"))
 
 
 def test_the_route_table_is_not_empty(app_client: TestClient) -> None:

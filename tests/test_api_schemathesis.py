@@ -12,6 +12,7 @@ that only ever collected 401s, 404s and 422s would prove nothing about the authe
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 from schemathesis import checks as st_checks
 from sqlalchemy import Engine
 
-from mailer import outbox
+from mailer import events, outbox
 from mailer.config import Settings
 from mailer.web.app import create_app
 from subscribers.db import session_factory
@@ -72,11 +73,15 @@ def api(web_settings: Settings, engine: Engine) -> Iterator[tuple[TestClient, di
         outbox.send_approved(session, sending, "bob")
         outbox.send_approved(session, paused, "bob")
         outbox.set_status(session, paused, outbox.EditionStatus.PAUSED)
+        # Events to change and remove (one each may go: removing runs last).
+        event_ids = [events.add_event(session, events.EventSpec(
+            name=f"Day {i}", starts_on=dt.date(2099, 6, 1 + i)))[0].id for i in range(3)]
         session.commit()
     tokens = {"admin": _token(engine, "root", role="admin"), "coordinator": _token(engine, "cora"),
               "viewer": _token(engine, "vic", role="viewer")}
     with TestClient(create_app(local)) as client:
         yield client, {"sid": [*sids, 999_999], "eid": [*eids, 999_999],
+                        "event_id": [*event_ids, 999_999],
                         "aid": [*aids, 999_999], "tokens": tokens}
 
 
@@ -89,6 +94,10 @@ VALID_BODIES: dict[tuple[str, str], list[Any]] = {
     ("POST", "/subscribers/import"): ["email,name,region\nimp@kent.police.uk,Imp,kent\n"],
     ("POST", "/editions/{eid}/schedule"): [{"at": "2099-01-05T09:00:00+00:00"}],
     ("POST", "/bounce-alerts/{aid}/resolve"): [{"apply": True}, {"apply": False}],
+    ("POST", "/events"): [{"name": f"Added day {i}", "starts_on": "2099-03-0" + str(i + 1)}
+                          for i in range(3)],
+    ("PUT", "/events/{event_id}"): [{"name": "Changed day", "starts_on": "2099-04-01",
+                                     "offsets": [7]}],
 }
 
 

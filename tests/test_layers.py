@@ -13,7 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LEAVES = {"mailer.edition", "mailer.render", "mailer.smtp", "mailer.reference",
           "mailer.bounces", "mailer.inbound", "mailer.errors", "mailer.config", "mailer.signing",
-          "mailer.media", "mailer.wordimport", "mailer.dkim", "mailer.spf", "mailer.outgoing"}
+          "mailer.media", "mailer.wordimport", "mailer.dkim", "mailer.spf", "mailer.outgoing",
+          "mailer.edition_form"}
 # The doctor looks at everything (the scheduler's leader lock too), and nothing looks at it.
 TOP = ("mailer.web", "mailer.cli", "mailer.schedule", "mailer.demo", "mailer.__main__",
        "mailer.doctor")
@@ -72,7 +73,7 @@ FACES = ("mailer.web", "mailer.cli")
 # The library modules that own tables: a face may read through them for display, never write.
 STORES = ("subscribers.store", "subscribers.importer", "mailer.outbox", "mailer.accounts",
           "mailer.audit", "mailer.events", "mailer.bounce_policy", "mailer.alerts",
-          "mailer.privacy")
+          "mailer.privacy", "mailer.revisions")
 # What a face may use of them: reads for display, and types and constants.
 READS = {
     "subscribers.store": {"list_topics", "find", "find_by_email", "topic_by_id",
@@ -84,7 +85,8 @@ READS = {
     "mailer.audit": {"AuditFilter", "entries", "actions", "as_dict"},
     "mailer.events": {"list_events", "next_occurrence", "upcoming", "get_event",
                       "reminders_for", "load_file", "EventSpec", "EventError",
-                      "DEFAULT_SEND_TIME", "PLAN_HORIZON_DAYS"},
+                      "DEFAULT_SEND_TIME", "PLAN_HORIZON_DAYS", "Event",
+                      "parse_date", "parse_offsets"},
     "mailer.accounts": {"list_tokens", "list_users", "Actor", "Permission", "Role",
                         "LoginOutcome", "SESSION_LIFETIME"},
     "mailer.bounce_policy": {"recent", "events_for", "open_alerts", "event_counts",
@@ -92,6 +94,7 @@ READS = {
                              "Decision", "Outcome", "Purged"},
     "mailer.alerts": {"recent"},
     "mailer.privacy": set(),
+    "mailer.revisions": set(),
 }
 # The system's own machinery, which commands start (the bounce receiver and its retention,
 # the alert mailer, the reminder planner): no co-ordinator decides these, so they are no

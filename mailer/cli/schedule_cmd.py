@@ -20,7 +20,7 @@ from mailer import events, schedule
 from mailer.cli.edition import app as edition_app
 from mailer.cli.edition import edition_of
 from mailer.cli.runtime import Runtime, console
-from mailer.events import EventError, EventSpec
+from mailer.events import EventSpec
 from mailer.models import Edition
 from mailer.operations import editions as edition_ops
 from mailer.operations import events as event_ops
@@ -43,18 +43,11 @@ def _logging() -> None:
 # ---------------------------------------------------------------- events
 
 def _date(value: str, what: str) -> date:
-    try:
-        return date.fromisoformat(value.strip())
-    except ValueError:
-        raise EventError(f'{what} "{value}": not a date like 2027-10-18') from None
+    return events.parse_date(value, what)
 
 
 def _offsets(value: str) -> list[int]:
-    try:
-        return [int(part) for part in value.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise EventError(f'--offsets "{value}": give days before as numbers, e.g. 14,1'
-                         ) from None
+    return events.parse_offsets(value, "--offsets")
 
 
 @events_app.command("add")

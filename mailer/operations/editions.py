@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailer import outbox
+from mailer import outbox, revisions
 from mailer.accounts import Permission
 from mailer.config import Settings
 from mailer.errors import Conflict, MailerError, RelayRefused
@@ -73,6 +73,55 @@ def preview(session: Session, caller: Caller, settings: Settings, ident: int | s
                    outbox.audience_breakdown(session, edition))
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What changed in an edition since the text last approved (or put forward)."""
+
+    baseline: revisions.EditionRevision | None
+    current: revisions.EditionRevision | None
+    rows: list[revisions.DiffRow]
+
+
+def changes(session: Session, caller: Caller, ident: int | str) -> Changes:
+    edition = get(session, caller, ident)
+    base = revisions.baseline(session, edition)
+    now = revisions.current(session, edition)
+    rows = revisions.side_by_side(base.source, edition.source) if base is not None else []
+    return Changes(base, now, rows)
+
+
+def history(session: Session, caller: Caller, ident: int | str
+            ) -> Sequence[revisions.EditionRevision]:
+    return revisions.listing(session, get(session, caller, ident))
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Edition text as it would go out, not stored: the editor's live preview."""
+
+    html: str
+    text: str
+    warnings: list[str]
+
+
+def draft_preview(session: Session, caller: Caller, settings: Settings, slug: str,
+                  source: str) -> Draft:
+    """Validate and render text the author has not saved yet (raises the edition's errors)."""
+    caller.require(Permission.EDITIONS_EDIT)
+    _parsed, compiled = outbox.compile_source(session, settings, source.replace("\r\n", "\n"),
+                                              f"{slug or 'new-edition'}.md")
+    page = personalise(compiled, PREVIEW_READER, Links(settings).preview(slug or "preview"))
+    return Draft(page.html, page.text, compiled.warnings)
+
+
+def last_source(session: Session, caller: Caller) -> str | None:
+    """The newest newsletter the caller can see: the start of the next one."""
+    for edition in outbox.list_editions(session, 20, caller.scope):
+        if edition.kind == "newsletter":
+            return edition.source
+    return None
+
+
 # ---------------------------------------------------------------- writing and approval
 
 def save(session: Session, caller: Caller, settings: Settings, slug: str, source: str
@@ -96,8 +145,9 @@ def _saved(session: Session, caller: Caller, edition: Edition, changed: bool
            ) -> tuple[Edition, bool]:
     caller.require_cover(edition.regions)
     if changed:
+        revision = revisions.keep(session, edition, caller.actor.login)
         caller.record(session, "edition.save", _target(edition), slug=edition.slug,
-                      sha256=edition.source_sha256)
+                      sha256=edition.source_sha256, revision=revision.number)
     return edition, changed
 
 
@@ -106,6 +156,7 @@ def request_approval(session: Session, caller: Caller, ident: int | str) -> bool
     edition = _acting_on(session, caller, ident)
     changed = outbox.request_approval(session, edition, caller.actor.login)
     if changed:
+        revisions.mark(session, edition, put_forward_by=caller.actor.login)
         caller.record(session, "edition.request_approval", _target(edition),
                       sha256=edition.source_sha256)
     return changed
@@ -125,6 +176,7 @@ def approve(session: Session, caller: Caller, ident: int | str) -> bool:
                           reason=str(exc))
         raise
     if changed:
+        revisions.mark(session, edition, approved_by=caller.actor.login)
         caller.record(session, "edition.approve", _target(edition),
                       sha256=edition.source_sha256, author=edition.created_by,
                       requested_by=edition.approval_requested_by)

@@ -1,4 +1,4 @@
-"""Dates of interest: add, remove and import events; their reminders are planned at once."""
+"""Dates of interest: add, change, remove and import events; their reminders are planned at once."""
 
 from __future__ import annotations
 
@@ -9,14 +9,43 @@ from sqlalchemy.orm import Session
 
 from mailer import events
 from mailer.accounts import Permission
-from mailer.events import Event, EventSpec
+from mailer.errors import NotFound
+from mailer.events import Event, EventError, EventSpec
 from mailer.operations import Caller
+
+
+def _event(session: Session, ident: str | int) -> Event:
+    """An event by id or slug; a missing one is `NotFound`, which every face shows as such."""
+    try:
+        return events.get_event(session, ident)
+    except EventError as exc:
+        raise NotFound(str(exc), hint=exc.hint) from None
+
+
+def get(session: Session, caller: Caller, ident: str | int) -> Event:
+    return _event(session, ident)
 
 
 def add(session: Session, caller: Caller, spec: EventSpec) -> Event:
     caller.require(Permission.EDITIONS_SEND)
     event, _ = events.add_event(session, spec)
-    caller.record(session, "event.add", f"event:{event.id}", name=event.name)
+    caller.record(session, "event.add", f"event:{event.id}", name=event.name,
+                  starts_on=event.starts_on.isoformat(), offsets=list(event.offsets))
+    events.plan_reminders(session)
+    return event
+
+
+def update(session: Session, caller: Caller, ident: str | int, spec: EventSpec) -> Event:
+    """Change an event (it keeps its slug); its reminders not yet sent are planned again."""
+    caller.require(Permission.EDITIONS_SEND)
+    current = _event(session, ident)
+    spec.slug = current.slug
+    before = {"name": current.name, "starts_on": current.starts_on.isoformat(),
+              "offsets": list(current.offsets or ())}
+    event, _ = events.add_event(session, spec, replace=True)
+    caller.record(session, "event.update", f"event:{event.id}", name=event.name,
+                  before=before, offsets=list(event.offsets),
+                  starts_on=event.starts_on.isoformat())
     events.plan_reminders(session)
     return event
 
@@ -24,7 +53,7 @@ def add(session: Session, caller: Caller, spec: EventSpec) -> Event:
 def remove(session: Session, caller: Caller, ident: str | int) -> tuple[str, int]:
     """Remove an event and its reminders not yet sent; returns its name and how many."""
     caller.require(Permission.EDITIONS_SEND)
-    event = events.get_event(session, ident)
+    event = _event(session, ident)
     name = event.name
     caller.record(session, "event.remove", f"event:{event.id}", name=name)
     return name, events.remove_event(session, event)

@@ -17,6 +17,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import json
+import re
+import secrets
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +35,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
-from mailer import audit, events, outbox
+from mailer import audit, events, outbox, wordimport
+from mailer import edition_form as ef
 from mailer.accounts import SESSION_LIFETIME, Actor, LoginOutcome, Permission
 from mailer.bounce_policy import BouncePolicy
 from mailer.config import Settings
@@ -49,6 +54,8 @@ from mailer.operations import Caller
 from mailer.operations import alerts as alert_ops
 from mailer.operations import audit_log as audit_ops
 from mailer.operations import editions as edition_ops
+from mailer.operations import events as event_ops
+from mailer.operations import media as media_ops
 from mailer.operations import subscribers as subscriber_ops
 from mailer.operations import users as user_ops
 from mailer.outbox import ApprovalRefused
@@ -67,7 +74,7 @@ PAGE = 50
 LOGIN_ATTEMPTS_PER_NETWORK = 30  # failed sign-ins per 15 minutes, whatever the account
 LOGIN_WINDOW = dt.timedelta(minutes=15)
 PUBLIC_PATHS = frozenset({"/admin/login", "/admin/static/admin.css",
-                          "/admin/static/progress.js"})
+                          "/admin/static/progress.js", "/admin/static/editor.js"})
 # The preview frame shows an email's own HTML: inline styles allowed, still no script.
 PREVIEW_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src https: data:; "
                "frame-ancestors 'self'; base-uri 'none'; form-action 'none'")
@@ -75,6 +82,10 @@ PAGE_CSP = ("default-src 'none'; style-src 'self'; img-src 'self' https: data:; 
             "frame-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 # The live progress page alone runs a script: our own file, fetching our own JSON.
 PROGRESS_CSP = PAGE_CSP + "; script-src 'self'; connect-src 'self'"
+# The structured editor runs one script too (editor.js): the live preview as the author types.
+EDITOR_CSP = PROGRESS_CSP
+EDITOR_FIELDS = 3000  # a long edition's cards and figures cells, each a form field
+DRAFTS_KEPT = 64
 LIVE = frozenset({EditionStatus.SCHEDULED, EditionStatus.SENDING})
 LAWFUL_BASES = tuple(subscriber_ops.LAWFUL_BASES.items())
 ALERTS_SHOWN = 10
@@ -96,6 +107,25 @@ class LoginNeeded(Exception):
         self.next_path = next_path
 
 
+class DraftPreviews:
+    """The editor's previews of text not saved yet, kept a short while in memory for the
+    preview frames to load: each under a random key, for the person who asked only."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[str, tuple[str, str]] = OrderedDict()
+
+    def put(self, login: str, html: str) -> str:
+        key = secrets.token_urlsafe(18)
+        self._items[key] = (login, html)
+        while len(self._items) > DRAFTS_KEPT:
+            self._items.popitem(last=False)
+        return key
+
+    def get(self, login: str, key: str) -> str | None:
+        item = self._items.get(key)
+        return item[1] if item is not None and item[0] == login else None
+
+
 @dataclass
 class Console:
     settings: Settings
@@ -104,8 +134,10 @@ class Console:
     zone: ZoneInfo
     css: bytes
     progress_js: bytes
+    editor_js: bytes
     import_dir: Path
     region_names: dict[str, str] = field(default_factory=dict)
+    drafts: DraftPreviews = field(default_factory=lambda: DraftPreviews())
 
 
 def install(app: FastAPI, settings: Settings, template_dir: Path) -> None:
@@ -116,6 +148,7 @@ def install(app: FastAPI, settings: Settings, template_dir: Path) -> None:
         zone=ZoneInfo(settings.timezone),
         css=(template_dir / "admin" / "admin.css").read_bytes(),
         progress_js=(template_dir / "admin" / "progress.js").read_bytes(),
+        editor_js=(template_dir / "admin" / "editor.js").read_bytes(),
         import_dir=settings.var_dir / "console-imports", region_names=dict(settings.regions))
     app.include_router(router)
 
@@ -252,9 +285,9 @@ def _notice(request: Request) -> str | None:
     return value[:300] if value else None
 
 
-async def _form(request: Request, files: int = 0) -> FormData:
+async def _form(request: Request, files: int = 0, fields: int = 60) -> FormData:
     try:
-        form = await request.form(max_files=files, max_fields=60,
+        form = await request.form(max_files=files, max_fields=fields,
                                   max_part_size=CONSOLE_MAX_BODY)
     except HTTPException:
         raise
@@ -300,6 +333,12 @@ def _every_region(request: Request) -> tuple[str, ...]:
 async def stylesheet(request: Request) -> Response:
     return Response(console(request).css, media_type="text/css",
                     headers={"Cache-Control": "public, max-age=3600"})
+
+
+@router.get("/static/editor.js", include_in_schema=False)
+async def editor_script(request: Request) -> Response:
+    return Response(console(request).editor_js, media_type="text/javascript",
+                    headers={"Cache-Control": "no-cache"})
 
 
 @router.get("/static/progress.js", include_in_schema=False)
@@ -736,6 +775,339 @@ async def edition_upload(request: Request) -> Response:
     return await _save_source(request, caller, slug, source, "/admin/editions/new")
 
 
+# ---------------------------------------------------------------- the structured editor
+#
+# A face over `mailer.edition_form`: the form's fields become an `EditionForm`, a button's
+# `do` value changes its shape (a card moved, a grid row added), and "save" turns it into the
+# edition source and saves it through `edition_ops.save`, like the raw-source page. Every
+# button is a plain submit: the editor works without JavaScript; editor.js only adds the live
+# preview.
+
+_CELL = re.compile(r"^s(\d+)\.t(\d+)\.r(\d+)c(\d+)$")
+
+
+def _number(value: str) -> int:
+    """A count or an index from the editor's own hidden fields (0 when not a number)."""
+    return int(value) if value.isdigit() else 0
+
+
+def _words_of(value: str) -> list[str]:
+    return [w for w in re.split(r"[,\s]+", value.strip().lower()) if w]
+
+
+def _read_editor(form: FormData) -> ef.EditionForm:
+    """The editor's fields as an `EditionForm` (whatever was typed, checked only on save)."""
+    try:
+        extra = json.loads(_text(form, "extra", 100_000) or "{}")
+    except ValueError:
+        extra = {}
+    model = ef.EditionForm(
+        title=_text(form, "title", 200), issue=_text(form, "issue", 10),
+        date=_text(form, "date", 10), subject=_text(form, "subject", 300),
+        preheader=_text(form, "preheader", 300), topic=_text(form, "topic", 40),
+        regions=[r for r in form.getlist("regions") if isinstance(r, str)][:50],
+        roles=_words_of(_text(form, "roles", 500)),
+        organisation_types=_words_of(_text(form, "organisation_types", 500)),
+        from_name=_text(form, "from_name", 200), intro=_long(form, "intro"),
+        extra=extra if isinstance(extra, dict) else {})
+    count = min(_number(_text(form, "sections", 5)), 200)
+    cells: dict[tuple[int, int], dict[tuple[int, int], str]] = {}
+    for name, value in form.multi_items():
+        match = _CELL.match(name)
+        if match and isinstance(value, str):
+            i, t, r, c = (int(g) for g in match.groups())
+            if r < 200 and c < 30:
+                cells.setdefault((i, t), {})[(r, c)] = value.strip()[:500]
+    for i in range(count):
+        layout = _text(form, f"s{i}.layout", 10)
+        section = ef.FormSection(heading=_text(form, f"s{i}.heading", 200),
+                                 layout=layout if layout in ef.LAYOUTS else "text",
+                                 body=_long(form, f"s{i}.body"))
+        for t in range(min(_number(_text(form, f"s{i}.tables", 3)), 20)):
+            grid = cells.get((i, t), {})
+            rows = max(_number(_text(form, f"s{i}.t{t}.rows", 3)), 1)
+            cols = max(_number(_text(form, f"s{i}.t{t}.cols", 3)), 1)
+            section.tables.append([[grid.get((r, c), "") for c in range(min(cols, 30))]
+                                   for r in range(min(rows, 200))])
+        model.sections.append(section)
+    return model
+
+
+def _long(form: FormData, name: str) -> str:
+    value = form.get(name)
+    return value.replace("\r\n", "\n")[:200_000] if isinstance(value, str) else ""
+
+
+def _reshape(model: ef.EditionForm, action: str) -> None:
+    """Apply one of the editor's buttons to the form (an unknown one changes nothing)."""
+    parts = action.split("-")
+    numbers = [int(p) for p in parts if p.isdigit()]
+    sections = model.sections
+    if action == "add-section":
+        sections.append(ef.FormSection())
+        return
+    if not numbers or numbers[0] >= len(sections):
+        return
+    i = numbers[0]
+    section = sections[i]
+    verb = "-".join(p for p in parts if not p.isdigit())
+    if verb == "up" and i > 0:
+        sections[i - 1], sections[i] = sections[i], sections[i - 1]
+    elif verb == "down" and i + 1 < len(sections):
+        sections[i + 1], sections[i] = sections[i], sections[i + 1]
+    elif verb == "remove":
+        del sections[i]
+    elif verb == "add-table":  # a grid makes the section a figures section
+        section.tables.append([["", ""], ["", ""]])
+        section.layout = "figures"
+    elif len(numbers) > 1 and numbers[1] < len(section.tables):
+        grid = section.tables[numbers[1]]
+        if verb == "add-row":
+            grid.append([""] * max(len(r) for r in grid))
+        elif verb == "add-col":
+            for row in grid:
+                row.append("")
+        elif verb == "remove-table":
+            del section.tables[numbers[1]]
+
+
+def _placed(model: ef.EditionForm, warnings: list[str]) -> tuple[dict[int, list[str]], list[str]]:
+    """Each preflight warning on the section it is about (found by the text it quotes), the
+    rest for the whole edition."""
+    on: dict[int, list[str]] = {}
+    general: list[str] = []
+    for warning in warnings:
+        quoted = [q for q in re.findall(r"'([^']+)'|\(([^)]+)\)|: (\S+)$", warning)
+                  for q in q if q]
+        index = next((i for i, s in enumerate(model.sections)
+                      if any(q in ef.section_markdown(s) for q in quoted)), None)
+        if index is None:
+            general.append(warning)
+        else:
+            on.setdefault(index, []).append(warning)
+    return on, general
+
+
+def _editor_problems(exc: MailerError | SubscriberError, model: ef.EditionForm) -> list[str]:
+    """The edition's problems named by the editor's parts (the author never sees the source's
+    line numbers): "About this issue", "Introduction" or "Section 2 (Kent picture)"."""
+    errors = exc.errors if isinstance(exc, EditionErrors) else [exc]
+    places = ef.places(model)
+    out = []
+    for error in errors:
+        location = getattr(error, "location", None) or ""
+        line = location.rpartition(":")[2]
+        message = str(error)
+        message = message[len(location) + 2:] if location and message.startswith(
+            location + ": ") else message
+        where = ef.place_of(places, int(line)) if line.isdigit() else None
+        out.append(f"{where}: {message}" if where else _sentence(message))
+        hint = getattr(error, "hint", None)
+        if hint and not isinstance(exc, EditionErrors):
+            out.append(_sentence(hint))
+    return out
+
+
+def _editor_page(request: Request, caller: Caller, model: ef.EditionForm, *, eid: int | None,
+                 slug: str, status: int = 200, problems: list[str] | None = None,
+                 warnings: list[str] | None = None, preview: str | None = None,
+                 notice: str | None = None) -> HTMLResponse:
+    c = console(request)
+    on, general = _placed(model, warnings or [])
+    action = f"/admin/editions/{eid}/compose" if eid is not None else "/admin/editions/compose"
+    return _page(request, caller.actor, "edition_editor.html.j2", status,
+                 headers={"Content-Security-Policy": EDITOR_CSP},
+                 title=f"Edit {slug}" if eid is not None else "Write an edition",
+                 f=model, eid=eid, slug=slug, action=action, layouts=ef.LAYOUTS,
+                 problems=problems or [], section_warnings=on, general_warnings=general,
+                 preview=preview, extra=json.dumps(model.extra, default=str),
+                 every_region=[(r, c.region_names.get(r, r)) for r in _every_region(request)],
+                 notice=notice)
+
+
+def _new_slug(model: ef.EditionForm, typed: str) -> str:
+    if typed:
+        return typed
+    words = re.sub(r"[^a-z0-9]+", "-", f"{model.date} issue {model.issue}".lower()).strip("-")
+    return words or "new-edition"
+
+
+async def _preview_of(request: Request, caller: Caller, slug: str, model: ef.EditionForm
+                      ) -> tuple[str | None, list[str], list[str]]:
+    """(preview key, preflight warnings, problems) for the form as it stands."""
+    c = console(request)
+    source = ef.to_source(model)
+    try:
+        draft = await runtime.web(request).run(
+            lambda s: edition_ops.draft_preview(s, caller, c.settings, slug, source))
+    except (NotAllowed, OutOfScope) as exc:
+        raise _refusal(exc, "edition") from None
+    except (MailerError, SubscriberError) as exc:
+        return None, [], _editor_problems(exc, model)
+    return c.drafts.put(caller.actor.login, draft.html), draft.warnings, []
+
+
+@router.get("/editions/compose")
+async def compose_new(request: Request) -> HTMLResponse:
+    caller = await _signed_in(request, Permission.EDITIONS_EDIT)
+    model = ef.EditionForm(regions=list(caller.scope or ()),
+                           sections=[ef.FormSection()])
+    notice = None
+    if request.query_params.get("start") == "last":
+        last = await _run(request, lambda s: edition_ops.last_source(s, caller), "edition")
+        if last is None:
+            notice = "There is no earlier issue to start from: this is a blank page."
+        else:
+            try:
+                model = ef.next_issue(ef.from_source(last))
+                notice = ("Started from the last issue: its dates, links and the headings of "
+                          "its figures tables are here to update.")
+            except ef.FormSourceError:
+                notice = "The last issue could not be read: this is a blank page."
+    return _editor_page(request, caller, model, eid=None, slug="", notice=notice)
+
+
+@router.get("/editions/{eid}/compose")
+async def compose_existing(request: Request, eid: int) -> HTMLResponse:
+    caller = await _signed_in(request, Permission.EDITIONS_EDIT)
+    edition = await _run(request, lambda s: edition_ops.get(s, caller, eid), "edition")
+    try:
+        model = ef.from_source(edition.source)
+    except ef.FormSourceError as exc:
+        raise Refusal(409, "This edition cannot be shown in the editor",
+                      _sentence(str(exc)) + ".", "Use the source page instead.") from None
+    return _editor_page(request, caller, model, eid=eid, slug=edition.slug)
+
+
+async def _compose(request: Request, eid: int | None) -> Response:
+    caller = await _signed_in(request, Permission.EDITIONS_EDIT)
+    c = console(request)
+    form = await _form(request, files=1, fields=EDITOR_FIELDS)
+    model = _read_editor(form)
+    action = _text(form, "do", 40)
+    if eid is not None:
+        slug = (await _run(request, lambda s: edition_ops.get(s, caller, eid), "edition")).slug
+    else:
+        slug = _text(form, "slug", 120)
+
+    def again(status: int = 200, **kw: Any) -> HTMLResponse:
+        return _editor_page(request, caller, model, eid=eid, slug=slug, status=status, **kw)
+
+    if action == "add-image":
+        upload = await _upload(form, "image")
+        where = _number(_text(form, "image_section", 5)) - 1  # 0: the introduction
+        if upload is None:
+            return again(400, problems=["Choose an image file to add."])
+        name, data = upload
+        alt = _text(form, "image_alt", 300)
+        try:
+            stored = await runtime.web(request).run(
+                lambda s: media_ops.upload_image(s, caller, c.settings, data, alt, name))
+        except (NotAllowed, OutOfScope) as exc:
+            raise _refusal(exc, "edition") from None
+        except MailerError as exc:
+            return again(400, problems=_problems(exc))
+        markdown = f"![{stored.alt.replace(']', ' ')}]({stored.url})"
+        if 0 <= where < len(model.sections):
+            target = model.sections[where]
+            target.body = f"{target.body.rstrip()}\n\n{markdown}".lstrip()
+        else:
+            model.intro = f"{model.intro.rstrip()}\n\n{markdown}".lstrip()
+        return again(notice=f"Image added ({stored.width} × {stored.height}), with its alt "
+                            "text.")
+    if action not in ("save", "preview"):
+        _reshape(model, action)
+        return again()
+    if action == "preview":
+        key, warnings, problems = await _preview_of(request, caller, _new_slug(model, slug),
+                                                    model)
+        return again(400 if problems else 200, problems=problems, warnings=warnings,
+                     preview=key)
+    slug = _new_slug(model, slug)
+    source = ef.to_source(model)
+    try:
+        edition, changed = await runtime.web(request).run(
+            lambda s: edition_ops.save(s, caller, c.settings, slug, source))
+    except OutOfScope as exc:
+        raise _refusal(exc, "edition") from None
+    except (MailerError, SubscriberError) as exc:
+        return again(400, problems=_editor_problems(exc, model))
+    return _see_other(request, f"/admin/editions/{edition.id}",
+                      "Saved. Check the preview below." if changed else "No change.")
+
+
+@router.post("/editions/compose")
+async def compose_new_post(request: Request) -> Response:
+    return await _compose(request, None)
+
+
+@router.post("/editions/{eid}/compose")
+async def compose_existing_post(request: Request, eid: int) -> Response:
+    return await _compose(request, eid)
+
+
+@router.post("/editions/compose/preview")
+async def compose_preview(request: Request) -> Response:
+    """The editor's live preview (editor.js): the form as it stands, rendered by the server;
+    the frames then load the draft by its key. Nothing is stored."""
+    caller = await _signed_in(request, Permission.EDITIONS_EDIT)
+    form = await _form(request, files=0, fields=EDITOR_FIELDS)
+    model = _read_editor(form)
+    slug = _new_slug(model, _text(form, "slug", 120))
+    key, warnings, problems = await _preview_of(request, caller, slug, model)
+    on, general = _placed(model, warnings)
+    return JSONResponse({
+        "preview": _url(request, f"/admin/editions/draft/{key}.html") if key else None,
+        "problems": problems, "general": general,
+        "sections": {str(i): w for i, w in on.items()}})
+
+
+@router.get("/editions/draft/{key}.html")
+async def draft_preview(request: Request, key: str) -> HTMLResponse:
+    caller = await _signed_in(request, Permission.EDITIONS_EDIT)
+    html = console(request).drafts.get(caller.actor.login, key[:40])
+    if html is None:
+        raise Refusal(404, "This preview has gone", "Preview the edition again.")
+    return HTMLResponse(html, headers={"Content-Security-Policy": PREVIEW_CSP,
+                                       "X-Frame-Options": "SAMEORIGIN"})
+
+
+@router.post("/editions/compose/word")
+async def compose_from_word(request: Request) -> Response:
+    """A Word document turned into the editor's form, its problems listed; saved only when
+    the author saves."""
+    caller = await _signed_in(request, Permission.EDITIONS_EDIT)
+    c = console(request)
+    form = await _form(request, files=1)
+    upload = await _upload(form, "document")
+    if upload is None:
+        raise Refusal(400, "No document", "Choose the Word document (.docx) to import.")
+    name, data = upload
+    details = wordimport.Details(title=_text(form, "title", 200) or None,
+                                 issue=_number(_text(form, "issue", 6)) or None)
+    day = _text(form, "date", 10)
+    if day:
+        try:
+            details.date = dt.date.fromisoformat(day)
+        except ValueError:
+            raise Refusal(400, "Unknown date", "Give the date as YYYY-MM-DD.") from None
+    try:
+        result = await runtime.web(request).run(
+            lambda s: media_ops.import_word(s, caller, c.settings, data, name, details))
+    except (NotAllowed, OutOfScope) as exc:
+        raise _refusal(exc, "edition") from None
+    except MailerError as exc:
+        blank = ef.EditionForm(regions=list(caller.scope or ()), sections=[ef.FormSection()])
+        return _editor_page(request, caller, blank, eid=None, slug="", status=400,
+                            problems=_problems(exc))
+    model = ef.from_source(result.source)
+    if not model.regions:
+        model.regions = list(caller.scope or ())
+    return _editor_page(request, caller, model, eid=None, slug="",
+                        problems=[str(p) for p in result.problems],
+                        notice=f"Imported {name}: check each section, then save.")
+
+
 @router.get("/editions/{eid}")
 async def edition_view(request: Request, eid: int) -> HTMLResponse:
     caller = await _signed_in(request, Permission.VIEW)
@@ -746,7 +1118,9 @@ async def edition_view(request: Request, eid: int) -> HTMLResponse:
         e = seen.edition
         return {"e": e, "text": seen.text, "warnings": seen.warnings,
                 "audience": seen.audience, "progress": outbox.progress(session, e),
-                "covers": caller.actor.covers(e.regions)}
+                "covers": caller.actor.covers(e.regions),
+                "changes": edition_ops.changes(session, caller, eid),
+                "history": list(edition_ops.history(session, caller, eid))}
 
     view = await _run(request, work, "edition")
     return _page(request, caller.actor, "edition.html.j2", title=view["e"].title, **view,
@@ -976,20 +1350,112 @@ async def bounce_alert_resolve(request: Request, aid: int) -> Response:
 
 # ---------------------------------------------------------------- events
 
+EVENT_FIELDS = ("name", "date", "until", "offsets", "at", "text", "description", "link",
+                "topic", "weekend")
+
+
+def _event_values(e: events.Event | None = None) -> dict[str, Any]:
+    """An event's form fields as typed (empty for a new one)."""
+    if e is None:
+        return {"name": "", "date": "", "until": "", "yearly": False, "offsets": "14, 1",
+                "at": events.DEFAULT_SEND_TIME, "text": "", "description": "", "link": "",
+                "topic": "reminders", "weekend": "friday"}
+    return {"name": e.name, "date": e.starts_on.isoformat(),
+            "until": e.ends_on.isoformat() if e.ends_on else "", "yearly": e.yearly,
+            "offsets": ", ".join(str(o) for o in e.offsets or ()), "at": e.send_time,
+            "text": e.reminder_text, "description": e.description, "link": e.link or "",
+            "topic": e.topic, "weekend": e.weekend}
+
+
+def _event_spec(values: dict[str, Any]) -> events.EventSpec:
+    """The form as an `EventSpec`; the CLI's parsing and validation decide what is wrong."""
+    until = values["until"]
+    return events.EventSpec(
+        name=values["name"], starts_on=events.parse_date(values["date"], "date"),
+        ends_on=events.parse_date(until, "last day") if until else None,
+        yearly=values["yearly"], offsets=events.parse_offsets(values["offsets"], "reminders"),
+        send_time=values["at"], reminder_text=values["text"],
+        description=values["description"], link=values["link"] or None,
+        topic=values["topic"], weekend=values["weekend"])
+
+
+def _calendar(session: Session, zone: ZoneInfo) -> dict[str, Any]:
+    now = utcnow()
+    today = now.astimezone(zone).date()
+    rows = [(e, events.next_occurrence(e, today)) for e in events.list_events(session)]
+    return {"calendar": rows,
+            "reminders": events.upcoming(session, now, now + dt.timedelta(days=400))[:30]}
+
+
+async def _events_page(request: Request, caller: Caller, status: int = 200, *,
+                       values: dict[str, Any] | None = None, problems: list[str] | None = None,
+                       editing: int | None = None) -> HTMLResponse:
+    c = console(request)
+    view = await _run(request, lambda s: _calendar(s, c.zone))
+    title = "Change an event" if editing is not None else "Events and reminders"
+    return _page(request, caller.actor, "events.html.j2", status, title=title, **view,
+                 values=values or _event_values(), problems=problems or [], editing=editing,
+                 notice=_notice(request))
+
+
 @router.get("/events")
 async def events_page(request: Request) -> HTMLResponse:
     caller = await _signed_in(request, Permission.VIEW)
-    c = console(request)
+    return await _events_page(request, caller)
 
-    def work(session: Session) -> dict[str, Any]:
-        now = utcnow()
-        today = now.astimezone(c.zone).date()
-        rows = [(e, events.next_occurrence(e, today)) for e in events.list_events(session)]
-        return {"calendar": rows,
-                "reminders": events.upcoming(session, now, now + dt.timedelta(days=400))[:30]}
 
-    view = await _run(request, work)
-    return _page(request, caller.actor, "events.html.j2", title="Events and reminders", **view)
+async def _event_change(request: Request, editing: int | None) -> Response:
+    """Add (editing None) or change an event from the form; a refusal shows the form again
+    with what was typed and the problem, and nothing is stored."""
+    caller = await _signed_in(request, Permission.EDITIONS_SEND)
+    form = await _form(request)
+    values: dict[str, Any] = {name: _text(form, name, 2000) for name in EVENT_FIELDS}
+    values["yearly"] = _text(form, "yearly", 5) == "yes"
+
+    def work(session: Session) -> str:
+        spec = _event_spec(values)
+        if editing is None:
+            return event_ops.add(session, caller, spec).name
+        return event_ops.update(session, caller, editing, spec).name
+
+    try:
+        name = await runtime.web(request).run(work)
+    except (NotAllowed, NotFound) as exc:
+        raise _refusal(exc, "event") from None
+    except (MailerError, SubscriberError) as exc:
+        return await _events_page(request, caller, 400, values=values,
+                                  problems=_problems(exc), editing=editing)
+    return _see_other(request, "/admin/events",
+                      f"Event '{name}' {'added' if editing is None else 'changed'}; "
+                      "its reminders are planned.")
+
+
+@router.post("/events/new")
+async def event_add(request: Request) -> Response:
+    return await _event_change(request, None)
+
+
+@router.get("/events/{event_id}/edit")
+async def event_edit_form(request: Request, event_id: int) -> HTMLResponse:
+    caller = await _signed_in(request, Permission.EDITIONS_SEND)
+    values = await _run(request, lambda s: _event_values(event_ops.get(s, caller, event_id)),
+                        "event")
+    return await _events_page(request, caller, values=values, editing=event_id)
+
+
+@router.post("/events/{event_id}/edit")
+async def event_edit(request: Request, event_id: int) -> Response:
+    return await _event_change(request, event_id)
+
+
+@router.post("/events/{event_id}/remove")
+async def event_remove(request: Request, event_id: int) -> Response:
+    caller = await _signed_in(request, Permission.EDITIONS_SEND)
+    await _form(request)
+    name, dropped = await _run(request, lambda s: event_ops.remove(s, caller, event_id),
+                               "event")
+    return _see_other(request, "/admin/events",
+                      f"Event '{name}' removed, with {dropped} planned reminder(s).")
 
 
 # ---------------------------------------------------------------- audit

@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path as FilePath
 from typing import Annotated, Any, Literal, TypeVar
+from zoneinfo import ZoneInfo
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,6 +47,7 @@ from mailer.operations import Caller
 from mailer.operations import alerts as alert_ops
 from mailer.operations import audit_log as audit_ops
 from mailer.operations import editions as edition_ops
+from mailer.operations import events as event_ops
 from mailer.operations import subscribers as subscriber_ops
 from mailer.operations import users as user_ops
 from mailer.web import runtime
@@ -211,11 +213,44 @@ class PreviewOut(BaseModel):
 
 
 class EventOut(BaseModel):
+    id: int
     slug: str
     name: str
+    starts_on: dt.date
+    ends_on: dt.date | None
     next_date: dt.date | None
     yearly: bool
     offsets: list[int]
+    send_time: str = Field(description="UK wall-clock time, HH:MM")
+    reminder_text: str
+    description: str
+    link: str | None
+    topic: str
+    weekend: str
+
+
+class EventIn(BaseModel):
+    """A date of interest as typed; checked by the same rules as `mailer events add`."""
+
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    starts_on: dt.date
+    ends_on: dt.date | None = None
+    yearly: bool = False
+    offsets: Annotated[list[Annotated[int, Field(ge=0, le=366)]],
+                       Field(min_length=1, max_length=20)] = [14, 1]
+    send_time: Annotated[str, Field(pattern=r"^\d\d:\d\d$")] = "09:00"
+    reminder_text: Annotated[str, Field(max_length=2000)] = ""
+    description: Annotated[str, Field(max_length=5000)] = ""
+    link: Annotated[str | None, Field(max_length=500)] = None
+    topic: Annotated[str, Field(min_length=1, max_length=40)] = "reminders"
+    weekend: Literal["friday", "as_scheduled"] = "friday"
+
+    def spec(self) -> events.EventSpec:
+        return events.EventSpec(name=self.name, starts_on=self.starts_on, ends_on=self.ends_on,
+                                yearly=self.yearly, offsets=list(self.offsets),
+                                send_time=self.send_time, reminder_text=self.reminder_text,
+                                description=self.description, link=self.link,
+                                topic=self.topic, weekend=self.weekend)
 
 
 class ReminderOut(BaseModel):
@@ -355,6 +390,8 @@ def _refusal(exc: MailerError | SubscriberError) -> HTTPException:
         return _invalid(str(exc), "source")
     if isinstance(exc, InvalidInput):
         return _invalid(f"{exc.field}: {exc}", exc.field)
+    if isinstance(exc, events.EventError):
+        return _invalid(str(exc), "event")
     if isinstance(exc, RelayRefused):
         return HTTPException(502, str(exc))
     return HTTPException(409, str(exc))
@@ -392,6 +429,14 @@ def _edition_out(e: Edition) -> EditionOut:
                       regions=list(e.regions), status=e.status, created_by=e.created_by,
                       approval_requested_by=e.approval_requested_by, approved_by=e.approved_by,
                       scheduled_by=e.scheduled_by, scheduled_for=e.scheduled_for)
+
+
+def _event_out(e: events.Event, today: dt.date) -> EventOut:
+    return EventOut(id=e.id, slug=e.slug, name=e.name, starts_on=e.starts_on, ends_on=e.ends_on,
+                    next_date=events.next_occurrence(e, today), yearly=e.yearly,
+                    offsets=list(e.offsets or ()), send_time=e.send_time,
+                    reminder_text=e.reminder_text, description=e.description, link=e.link,
+                    topic=e.topic, weekend=e.weekend)
 
 
 def _subscriber_out(s: Any, topics: list[str]) -> SubscriberOut:
@@ -663,20 +708,43 @@ def _routes(api: FastAPI) -> None:
         zone = _web(request).settings.timezone
 
         def work(session: Session) -> Calendar:
-            from zoneinfo import ZoneInfo
-
             now = utcnow()
             today = now.astimezone(ZoneInfo(zone)).date()
             return Calendar(
-                events=[EventOut(slug=e.slug, name=e.name, yearly=e.yearly,
-                                 next_date=events.next_occurrence(e, today),
-                                 offsets=list(e.offsets or ()))
-                        for e in events.list_events(session)],
+                events=[_event_out(e, today) for e in events.list_events(session)],
                 reminders=[ReminderOut(event=e.slug, occurrence=r.occurrence,
                                        offset_days=r.offset_days, send_at=r.send_at,
                                        not_after=r.not_after, status=r.status)
                            for r, e in events.upcoming(session, now,
                                                        now + dt.timedelta(days=days))])
+        return await _run(request, work)
+
+    def today_uk() -> dt.date:
+        return utcnow().astimezone(ZoneInfo(settings.timezone)).date()
+
+    @api.post("/events", response_model=EventOut, status_code=201)
+    async def event_add(request: Request, data: EventIn, caller: Caller = Depends(
+            _needs(Permission.EDITIONS_SEND))) -> EventOut:
+        """Add a date of interest; its reminders are planned at once."""
+        return await _run(request, lambda s: _event_out(
+            event_ops.add(s, caller, data.spec()), today_uk()))
+
+    @api.put("/events/{event_id}", response_model=EventOut)
+    async def event_update(request: Request, event_id: Id, data: EventIn,
+                           caller: Caller = Depends(_needs(Permission.EDITIONS_SEND))
+                           ) -> EventOut:
+        """Change an event (it keeps its slug); its unsent reminders are planned again."""
+        return await _run(request, lambda s: _event_out(
+            event_ops.update(s, caller, event_id, data.spec()), today_uk()))
+
+    @api.delete("/events/{event_id}", response_model=Done)
+    async def event_remove(request: Request, event_id: Id, caller: Caller = Depends(
+            _needs(Permission.EDITIONS_SEND))) -> Done:
+        """Remove an event and its reminders not yet sent."""
+        def work(session: Session) -> Done:
+            name, dropped = event_ops.remove(session, caller, event_id)
+            return Done(changed=True, detail=f"removed '{name}' and {dropped} planned "
+                                             "reminder(s)")
         return await _run(request, work)
 
     @api.get("/bounce-alerts", response_model=list[BounceAlertOut])
