@@ -93,14 +93,16 @@ def enqueue(url: str, var: Path, slug: str, regions: list[str] | None = None
     """Store the sample edition under `slug` and queue it; returns (rows, seconds)."""
     from mailer import outbox
     from mailer.config import Settings
+    from mailer.edition import load_edition
+    from mailer.render import compile_edition
     from subscribers.db import make_engine, session_factory
 
     settings = Settings(var_dir=var, database_url=url, secret_key="s" * 40,
                         suppression_key="k" * 40)
     engine = make_engine(url)
     with session_factory(engine)() as s:
-        parsed = outbox.load_edition(SAMPLE)
-        compiled = outbox.compile_edition(parsed, settings)
+        parsed = load_edition(SAMPLE)
+        compiled = compile_edition(parsed, settings)
         edition, _ = outbox.store_edition(
             s, slug=slug, title=parsed.meta.title, subject=parsed.meta.subject,
             topic="newsletter", regions=regions or [], roles=[], source=SAMPLE.read_text() + slug,
