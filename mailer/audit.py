@@ -64,9 +64,10 @@ class AuditFilter:
     until: datetime | None = None
 
 
-def _within(scope: Scope) -> ColumnElement[bool]:
-    """Entries about a subscriber or an edition in the scope (`regions.within`), and those
-    about neither. An entry about an erased subscriber, who has no region left, is in no
+def _within(scope: Scope, own: str | None = None) -> ColumnElement[bool]:
+    """Entries about a subscriber or an edition in the scope (`regions.within`), those about
+    neither, and the reader's own (`own`, their login: what they did themselves is theirs to
+    read). An entry about an erased subscriber, who has no region left, is otherwise in no
     region's scope: only those who see every region see it."""
     if scope is None:
         return within(scope, AuditEntry.target)
@@ -76,13 +77,16 @@ def _within(scope: Scope) -> ColumnElement[bool]:
         within(scope, Edition.regions))
     return or_(AuditEntry.target.is_(None),
                ~AuditEntry.target.like("subscriber:%") & ~AuditEntry.target.like("edition:%"),
-               AuditEntry.target.in_(subscribers), AuditEntry.target.in_(editions))
+               AuditEntry.target.in_(subscribers), AuditEntry.target.in_(editions),
+               AuditEntry.actor == (own or ""))
 
 
 def entries(session: Session, flt: AuditFilter = AuditFilter(), limit: int = 100,
-            offset: int = 0, scope: Scope = None) -> tuple[int, Sequence[AuditEntry]]:
-    """Matching entries within a region scope, newest first, and how many match in all."""
-    query = select(AuditEntry).where(_within(scope))
+            offset: int = 0, scope: Scope = None, own: str | None = None
+            ) -> tuple[int, Sequence[AuditEntry]]:
+    """Matching entries within a region scope (and the reader `own`'s), newest first, and
+    how many match in all."""
+    query = select(AuditEntry).where(_within(scope, own))
     if flt.actor:
         query = query.where(AuditEntry.actor == flt.actor)
     if flt.action:

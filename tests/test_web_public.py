@@ -639,7 +639,7 @@ def test_two_requests_at_once_cannot_both_pass_a_mail_cap(client: TestClient) ->
     w = client.app.state.web  # type: ignore[attr-defined]
 
     def may_mail(session: Session) -> bool:
-        return w.may_mail(session, "signup", "someone@kent.police.uk", "192.0.2.0/24")
+        return w.limits.may_mail(session, "signup", "someone@kent.police.uk", "192.0.2.0/24")
 
     # The cap is one a day: the second counts only after the first has added its mail.
     # (Without the lock the second's count runs, sees nothing yet, and it mails too.)
