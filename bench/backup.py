@@ -17,15 +17,16 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 from sqlalchemy.pool import NullPool
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import pgdb  # noqa: E402  (a throwaway PostgreSQL database)
 
 SAMPLE = ROOT / "editions" / "2020-q3-kent-essex.md"
 
@@ -101,24 +102,6 @@ def measure(backend: str, url: str, fresh: str, work: Path, n: int) -> None:
           f"{counts['delivery']:,} deliveries, {counts['consent_event']:,} consent events")
 
 
-def _pg(base: str) -> tuple[str, str]:
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(make_url(base).set(drivername="postgresql+psycopg"),
-                          isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return name, make_url(base).set(database=name).render_as_string(hide_password=False)
-
-
-def _pg_drop(base: str, name: str) -> None:
-    admin = create_engine(make_url(base).set(drivername="postgresql+psycopg"),
-                          isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100_000)
@@ -133,13 +116,13 @@ def main() -> None:
         measure("sqlite", f"sqlite:///{work / 'bench.db'}",
                 f"sqlite:///{work / 'restored.db'}", work, args.n)
         if args.postgres:
-            source, url = _pg(args.postgres)
-            target, fresh = _pg(args.postgres)
+            source, url = pgdb.create(args.postgres)
+            target, fresh = pgdb.create(args.postgres)
             try:
                 measure("postgresql", url, fresh, work, args.n)
             finally:
-                _pg_drop(args.postgres, source)
-                _pg_drop(args.postgres, target)
+                pgdb.drop(args.postgres, source)
+                pgdb.drop(args.postgres, target)
         else:
             print("postgresql: skipped (give --postgres or MAILER_TEST_POSTGRES_URL)")
 

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+import pgdb  # noqa: E402  (a throwaway PostgreSQL database)
 import smtp_raw  # noqa: E402  (the sinks and the bare client)
 
 SAMPLE = ROOT / "editions" / "2020-q3-kent-essex.md"
@@ -176,29 +176,11 @@ def mailmerge_rate(port: int, n: int, work: Path) -> float | None:
     return n / (time.perf_counter() - started)
 
 
-def _pg_database(base: str) -> tuple[str, str]:
-    name = f"bench_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(make_url(base).set(drivername="postgresql+psycopg"),
-                          isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return name, make_url(base).set(database=name).render_as_string(hide_password=False)
-
-
-def _pg_drop(base: str, name: str) -> None:
-    admin = create_engine(make_url(base).set(drivername="postgresql+psycopg"),
-                          isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
 def scale(base: str, work: Path, port: int) -> None:
     """Enqueue time and worker peak RSS as the audience grows, on PostgreSQL."""
     print(f"\n{'recipients':>12} {'populate s':>11} {'enqueue s':>10} {'worker RSS':>11}")
     for n in (10_000, 100_000, 1_000_000):
-        name, url = _pg_database(base)
+        name, url = pgdb.create(base)
         try:
             from mailer import migrations
 
@@ -223,7 +205,7 @@ def scale(base: str, work: Path, port: int) -> None:
             print(f"{n:>12,} {populated:>11.1f} {enqueue_seconds:>10.1f} "
                   f"{worker['rss_mb']:>8.0f} MB  (sent {worker['sent']:,} in 15 s)")
         finally:
-            _pg_drop(base, name)
+            pgdb.drop(base, name)
 
 
 def main() -> None:
@@ -281,7 +263,7 @@ def main() -> None:
             dkim.generate_key(dkim_key)
         backends = [("sqlite", f"sqlite:///{work / 'bench.db'}", None)]
         if args.postgres:
-            name, url = _pg_database(args.postgres)
+            name, url = pgdb.create(args.postgres)
             backends.append(("postgresql", url, name))
         print(f"\n{'backend':<11}{'sink':<10}{'conns':>6}{'msgs':>8}{'msgs/s':>9}"
               f"{'worker CPU':>12}{'peak RSS':>10}{'enqueue s':>11}"
@@ -348,7 +330,7 @@ def main() -> None:
         finally:
             for _, _, name in backends:
                 if name:
-                    _pg_drop(args.postgres, name)
+                    pgdb.drop(args.postgres, name)
 
 
 if __name__ == "__main__":
