@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy import Select, and_, bindparam, case, func, literal, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from mailer import audience as audience_rule
@@ -373,11 +374,25 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
     return claims
 
 
-def mark_dotted(session: Session, worker: str, ids: Sequence[int], now: datetime) -> None:
-    """Record that these deliveries' final dots are about to be written; the caller commits
-    before writing them, so a crash after this can be told from one before it."""
+def dot_marker(engine: Engine) -> Connection:
+    """The connection a worker writes its dot marks on (`mark_dotted`): in autocommit, so a
+    mark is one round trip, and on PostgreSQL without waiting for the WAL flush
+    (`synchronous_commit` off). A mark is there for a crash of the worker, which it survives
+    either way; a crash of the database server itself may lose the last marks before it (up to
+    three times `wal_writer_delay`, 0.6 s by default), and those rows are then reported as
+    resent after a crash instead of as possibly sent twice (docs/design.md, crash policy)."""
+    conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET synchronous_commit TO OFF")
+    return conn
+
+
+def mark_dotted(db: Session | Connection, worker: str, ids: Sequence[int],
+                now: datetime) -> None:
+    """Record that these deliveries' final dots may soon be written; the caller has this
+    committed before writing them, so a crash after this can be told from one before it."""
     if ids:
-        session.execute(_MARK_DOTTED, {"ids": list(ids), "d_worker": worker, "d_now": now})
+        db.execute(_MARK_DOTTED, {"ids": list(ids), "d_worker": worker, "d_now": now})
 
 
 @dataclass(frozen=True)

@@ -282,6 +282,13 @@ NOT_STARTED = "not-started"  # the stage of a send that never began (see SmtpPoo
 BeforeDot = Callable[[], Awaitable[None]]  # what a send awaits just before its final dot
 
 
+def _consume(future: asyncio.Future[None]) -> None:
+    """Read the outcome of a record no longer awaited (the transaction ended before its dot),
+    so that its error is not logged as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _local_result(stage: str, detail: str, outcome: Outcome) -> SendResult:
     return SendResult(outcome, None, None, detail, stage)
 
@@ -478,6 +485,17 @@ class _Connection:
 
     async def _transact(self, mail_from: str, rcpt: str, data: bytes,
                         prepared: bool, before_dot: BeforeDot | None) -> SendResult:
+        # The caller's record (before_dot) must be done before the final dot; started now, it
+        # overlaps the envelope's round trip instead of adding to it.
+        marking = asyncio.ensure_future(before_dot()) if before_dot is not None else None
+        try:
+            return await self._exchange(mail_from, rcpt, data, prepared, marking)
+        finally:
+            if marking is not None and not marking.done():
+                marking.add_done_callback(_consume)
+
+    async def _exchange(self, mail_from: str, rcpt: str, data: bytes, prepared: bool,
+                        marking: asyncio.Future[None] | None) -> SendResult:
         smtputf8 = not (mail_from.isascii() and rcpt.isascii())
         if smtputf8 and "SMTPUTF8" not in self.extensions:
             return _local_result("mail", "a non-ASCII address needs SMTPUTF8, which the server "
@@ -530,8 +548,8 @@ class _Connection:
         # From here the final dot may reach the server: a failure is no longer a clean retry.
         # The caller records that first (before_dot), so that after a crash it can tell a
         # message that may have arrived from one that certainly did not.
-        if before_dot is not None:
-            await before_dot()
+        if marking is not None:
+            await marking
         await self._write("end", _stuff(data, prepared))
         final = await self._read_reply("end", self.data_timeout)
         if final.code == 421:
@@ -654,8 +672,9 @@ class SmtpPool:
         normalised and dot-stuffed here.
         `start_by` (the event loop's clock): when no session is free before then, nothing is
         sent and the result has stage "not-started" (the caller's claim on it has lapsed).
-        `before_dot`: awaited just before the final dot is written (after the server has
-        accepted the envelope and DATA); the worker records it durably there."""
+        `before_dot`: started when the transaction starts and awaited just before the final
+        dot is written (after the server has accepted the envelope and DATA); the worker
+        records there that the message may soon have arrived."""
         if self._closed:
             raise RuntimeError("the SMTP pool is closed")
         if _FORBIDDEN_IN_ADDRESS.search(mail_from) or _FORBIDDEN_IN_ADDRESS.search(rcpt):

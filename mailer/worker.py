@@ -11,10 +11,11 @@ here. If the worker dies, that row's lease runs out, and it is sent again with t
 Message-ID and marked `taken_over`: at most the messages in flight at the crash (never more
 than the worker's capacity, max(2 x smtp_connections, batch), since results not yet committed
 count against it). Most of those rows were only claimed, not sent, so before each final dot
-the worker commits `dot_at` (`_mark_dot`), and only a taken-over row with `dot_at` set is
-marked `ambiguous` ("may have been sent twice"): what was on a session or awaiting its
-commit, at most smtp_connections plus a quarter of the capacity. A reply that never comes
-after the final dot ends as `unknown` after `unknown_resends` resends, also counted.
+the worker commits `dot_at` (`_mark_dot`, begun as the transaction starts), and only a
+taken-over row with `dot_at` set is marked `ambiguous` ("may have been sent twice"): what was
+on a session or awaiting its commit, at most smtp_connections plus a quarter of the capacity.
+A reply that never comes after the final dot ends as `unknown` after `unknown_resends`
+resends, also counted.
 
 Rate limits are derived from the outbox (messages claimed or answered in the last minute and
 the last 24 hours; each counts from its result, as the relay counts it), so they hold across
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailer import alerts, dkim, outbox, reference
@@ -186,6 +187,10 @@ class Worker:
         self.summary = Summary()
         self.stopping = asyncio.Event()
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mailer-db")
+        # Dot marks hold up a session each until written: they get their own thread and
+        # connection (outbox.dot_marker), not a place in the queue behind claims and results.
+        self._dot_db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mailer-dots")
+        self._dot_conn: Connection | None = None
         self._throttled_until: datetime | None = None
         self._halted: set[int] = set()
         self._lock: FileLock | None = None
@@ -234,6 +239,9 @@ class Worker:
         finally:
             self._release()
             self._db.shutdown(wait=True)
+            if self._dot_conn is not None:
+                self._dot_db.submit(self._dot_conn.close).result()
+            self._dot_db.shutdown(wait=True)
             self.signer.close()
         return self.summary
 
@@ -415,7 +423,7 @@ class Worker:
                                       before_dot=lambda: self._mark_dot(claim.delivery_id))
 
     async def _mark_dot(self, delivery_id: int) -> None:
-        """Commit `dot_at` for this delivery before its final dot is written. Marks that come
+        """Commit `dot_at` for this delivery; its final dot waits for this. Marks that come
         while a commit is under way share the next one, so the sessions wait about one commit
         each rather than one apiece (the D4 bound: docs/design.md, crash policy)."""
         done = asyncio.get_running_loop().create_future()
@@ -429,10 +437,12 @@ class Worker:
             batch, self._dots = self._dots, []
             ids = [i for i, _ in batch]
 
-            def mark(session: Session, ids: list[int] = ids) -> None:
-                outbox.mark_dotted(session, self.name, ids, self.clock())
+            def mark(ids: list[int] = ids) -> None:
+                if self._dot_conn is None:
+                    self._dot_conn = outbox.dot_marker(self.sessions.kw["bind"])
+                outbox.mark_dotted(self._dot_conn, self.name, ids, self.clock())
             try:
-                await self._db_call(mark)
+                await asyncio.get_running_loop().run_in_executor(self._dot_db, mark)
             except Exception as exc:  # each waiting send gets the error
                 for _, done in batch:
                     if not done.done():

@@ -198,6 +198,37 @@ def test_the_message_arrives_byte_for_byte_after_dot_stuffing(fault_server: Faul
     assert fault_server.handler.envelopes() == [(FROM, "ok@example.org")]
 
 
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_the_final_dot_waits_for_the_record_and_a_failed_record_sends_nothing(
+        make_fault_server: MakeServer, pipelining: bool) -> None:
+    """The worker's crash accounting (docs/design.md, crash policy) rests on this: nothing
+    can arrive before `before_dot` has finished, and if it fails nothing arrives at all."""
+    server = make_fault_server(pipelining=pipelining)
+    seen_at_record: list[int] = []
+
+    async def run() -> tuple[SendResult, BaseException | None]:
+        async with SmtpPool(server.url(), size=1) as pool:
+            async def record() -> None:
+                await asyncio.sleep(0)  # let the envelope go out first
+                seen_at_record.append(server.handler.accepted())
+
+            sent = await pool.send(FROM, "ok@example.org", MESSAGE, before_dot=record)
+
+            async def broken() -> None:
+                raise OSError("the database is gone")
+            try:
+                await pool.send(FROM, "kept-back@example.org", MESSAGE, before_dot=broken)
+            except OSError as exc:
+                return sent, exc
+            return sent, None
+
+    sent, error = asyncio.run(run())
+    assert sent.outcome is Outcome.SENT and seen_at_record == [0]
+    assert server.handler.copies("ok@example.org") == 1
+    assert isinstance(error, OSError)
+    assert server.handler.copies("kept-back@example.org") == 0
+
+
 def test_a_prepared_message_goes_as_it_stands_and_arrives_byte_for_byte(
         fault_server: FaultServer) -> None:
     # What build_message writes: CRLF only, no line starting with a dot (QP writes =2E).
