@@ -549,7 +549,14 @@ class _Connection:
         # The caller records that first (before_dot), so that after a crash it can tell a
         # message that may have arrived from one that certainly did not.
         if marking is not None:
-            await marking
+            try:
+                await marking
+            except Exception as exc:  # whatever failed in the caller's record
+                # Unrecorded, the message must not be completed. The session is inside DATA
+                # and cannot be reused; closed without the dot, the server discards it.
+                self.usable = False
+                return _local_result("data", f"not sent: could not record it first ({exc})",
+                                     Outcome.RETRY)
         await self._write("end", _stuff(data, prepared))
         final = await self._read_reply("end", self.data_timeout)
         if final.code == 421:

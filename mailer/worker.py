@@ -37,6 +37,7 @@ import os
 import random
 import signal
 import socket
+import threading
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -187,21 +188,28 @@ class Worker:
         self.summary = Summary()
         self.stopping = asyncio.Event()
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mailer-db")
-        # Dot marks hold up a session each until written: they get their own thread and
-        # connection (outbox.dot_marker), not a place in the queue behind claims and results.
+        # Dot marks hold up a session each until written: they have their own connection
+        # (outbox.dot_marker) and thread, not a place in the queue behind claims and results.
+        # On SQLite a mark is one local statement, quicker than the hop to a thread, so the
+        # loop writes it itself when the helper thread is not in a transaction (this lock
+        # says; other processes hold the file for a few milliseconds at most); else the marks'
+        # thread waits for the lock, not for SQLite's busy handler, which sleeps 1, 2, 5... ms.
         self._dot_db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mailer-dots")
         self._dot_conn: Connection | None = None
+        self._sqlite_turns = (threading.Lock() if sqlite_lock_path(settings.database)
+                              else None)
         self._throttled_until: datetime | None = None
         self._halted: set[int] = set()
         self._lock: FileLock | None = None
-        self._dots: list[tuple[int, asyncio.Future[None]]] = []
+        self._next_dots: tuple[list[int], asyncio.Future[None]] | None = None
         self._dot_writer: asyncio.Task[None] | None = None
 
-    # ---- database, always on the one helper thread
+    # ---- database, on the helper threads
 
     async def _db_call(self, work: Callable[[Session], T]) -> T:
         def unit() -> T:
-            with session_scope(self.sessions) as session:
+            with self._sqlite_turns or contextlib.nullcontext(), \
+                    session_scope(self.sessions) as session:
                 return work(session)
         return await asyncio.get_running_loop().run_in_executor(self._db, unit)
 
@@ -422,35 +430,46 @@ class Worker:
                                       prepared=True, start_by=start_by,
                                       before_dot=lambda: self._mark_dot(claim.delivery_id))
 
-    async def _mark_dot(self, delivery_id: int) -> None:
-        """Commit `dot_at` for this delivery; its final dot waits for this. Marks that come
-        while a commit is under way share the next one, so the sessions wait about one commit
-        each rather than one apiece (the D4 bound: docs/design.md, crash policy)."""
-        done = asyncio.get_running_loop().create_future()
-        self._dots.append((delivery_id, done))
+    def _mark_dot(self, delivery_id: int) -> asyncio.Future[None]:
+        """Have `dot_at` committed for this delivery; its final dot waits for the future. Marks
+        that come while a commit is under way share the next one (one future for them all),
+        so the sessions wait about one commit each rather than one apiece (the D4 bound:
+        docs/design.md, crash policy)."""
+        if self._next_dots is None:
+            self._next_dots = ([], asyncio.get_running_loop().create_future())
+        ids, written = self._next_dots
+        ids.append(delivery_id)
         if self._dot_writer is None or self._dot_writer.done():
             self._dot_writer = asyncio.create_task(self._write_dots())
-        await done
+        return written
 
     async def _write_dots(self) -> None:
-        while self._dots:
-            batch, self._dots = self._dots, []
-            ids = [i for i, _ in batch]
-
-            def mark(ids: list[int] = ids) -> None:
-                if self._dot_conn is None:
-                    self._dot_conn = outbox.dot_marker(self.sessions.kw["bind"])
-                outbox.mark_dotted(self._dot_conn, self.name, ids, self.clock())
+        while self._next_dots is not None:
+            ids, written = self._next_dots
+            self._next_dots = None
             try:
-                await asyncio.get_running_loop().run_in_executor(self._dot_db, mark)
+                turns = self._sqlite_turns
+                if turns is not None and turns.acquire(blocking=False):
+                    try:
+                        self._write_marks(ids)
+                    finally:
+                        turns.release()
+                else:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._dot_db, self._write_marks_in_turn, ids)
             except Exception as exc:  # each waiting send gets the error
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-                continue
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(None)
+                written.set_exception(exc)
+            else:
+                written.set_result(None)
+
+    def _write_marks_in_turn(self, ids: list[int]) -> None:
+        with self._sqlite_turns or contextlib.nullcontext():
+            self._write_marks(ids)
+
+    def _write_marks(self, ids: list[int]) -> None:
+        if self._dot_conn is None:
+            self._dot_conn = outbox.dot_marker(self.sessions.kw["bind"])
+        outbox.mark_dotted(self._dot_conn, self.name, ids, self.clock())
 
     async def _record(self, done: list[tuple[outbox.Claim, SendResult]]) -> None:
         now = self.clock()

@@ -206,7 +206,7 @@ def test_the_final_dot_waits_for_the_record_and_a_failed_record_sends_nothing(
     server = make_fault_server(pipelining=pipelining)
     seen_at_record: list[int] = []
 
-    async def run() -> tuple[SendResult, BaseException | None]:
+    async def run() -> tuple[SendResult, SendResult, SendResult, int]:
         async with SmtpPool(server.url(), size=1) as pool:
             async def record() -> None:
                 await asyncio.sleep(0)  # let the envelope go out first
@@ -216,17 +216,20 @@ def test_the_final_dot_waits_for_the_record_and_a_failed_record_sends_nothing(
 
             async def broken() -> None:
                 raise OSError("the database is gone")
-            try:
-                await pool.send(FROM, "kept-back@example.org", MESSAGE, before_dot=broken)
-            except OSError as exc:
-                return sent, exc
-            return sent, None
+            kept_back = await pool.send(FROM, "kept-back@example.org", MESSAGE,
+                                        before_dot=broken)
+            after = await pool.send(FROM, "after@example.org", MESSAGE)
+            return sent, kept_back, after, pool.connections_opened
 
-    sent, error = asyncio.run(run())
+    sent, kept_back, after, sessions = asyncio.run(run())
     assert sent.outcome is Outcome.SENT and seen_at_record == [0]
     assert server.handler.copies("ok@example.org") == 1
-    assert isinstance(error, OSError)
+    # Not sent, and a plain retry: nothing can have arrived.
+    assert (kept_back.outcome, kept_back.stage, kept_back.code) == (Outcome.RETRY, "data", None)
+    assert "the database is gone" in kept_back.reply
     assert server.handler.copies("kept-back@example.org") == 0
+    # The abandoned session is not reused mid-DATA: the next message goes on a new one.
+    assert after.outcome is Outcome.SENT and sessions == 2
 
 
 def test_a_prepared_message_goes_as_it_stands_and_arrives_byte_for_byte(
