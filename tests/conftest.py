@@ -43,20 +43,6 @@ if IN_CI:
     hypothesis_settings.load_profile("ci")
 
 
-# MAILER_TEST_NOW (an ISO time with its offset) starts every test process's clock there, and
-# lets it run: the way to show that no test depends on the hour or the day it runs at, e.g.
-#   MAILER_TEST_NOW=2027-03-27T01:30:00+00:00 bash .ci/test   (the night before the clocks go
-# forward, when "tomorrow at this time" does not exist). Processes the tests start (a worker, the
-# CLI) keep the machine's clock; the monotonic clock is never moved.
-if os.environ.get("MAILER_TEST_NOW"):
-    import datetime as _dt
-
-    import time_machine
-
-    time_machine.travel(_dt.datetime.fromisoformat(os.environ["MAILER_TEST_NOW"]),
-                        tick=True).start()
-
-
 def _require_or_skip(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason}, and CI=true requires it", pytrace=False)
