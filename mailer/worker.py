@@ -208,10 +208,14 @@ class Worker:
 
     async def _db_call(self, work: Callable[[Session], T]) -> T:
         def unit() -> T:
-            with self._sqlite_turns or contextlib.nullcontext(), \
-                    session_scope(self.sessions) as session:
+            with self._turn(), session_scope(self.sessions) as session:
                 return work(session)
         return await asyncio.get_running_loop().run_in_executor(self._db, unit)
+
+    def _turn(self) -> contextlib.AbstractContextManager[object]:
+        """SQLite's one writer at a time, taken in turns by the helper threads (a no-op on
+        PostgreSQL, where rows are locked one by one)."""
+        return self._sqlite_turns or contextlib.nullcontext()
 
     def _acquire(self) -> None:
         path = sqlite_lock_path(self.settings.database)
@@ -463,7 +467,7 @@ class Worker:
                 written.set_result(None)
 
     def _write_marks_in_turn(self, ids: list[int]) -> None:
-        with self._sqlite_turns or contextlib.nullcontext():
+        with self._turn():
             self._write_marks(ids)
 
     def _write_marks(self, ids: list[int]) -> None:
