@@ -546,17 +546,22 @@ def latest_delivery_to(session: Session, subscriber_id: int) -> Delivery | None:
 def note_bounce(session: Session, delivery_id: int, reply: str, *, bounced: bool,
                 code: int | None = None) -> bool:
     """Record a later report on a delivery: its reply text, and `bounced` when the message did
-    not arrive after all. Only deliveries the relay took (sent, unknown, bounced) change: a row
-    still queued or sending is the worker's, and a resend would overwrite this anyway."""
+    not arrive after all. Deliveries the relay took (sent, unknown, bounced) change, and so does
+    one still `sending` whose final dot has been marked: a relay that bounces at once can report
+    before the worker has written the relay's reply, and that reply must not turn the bounce
+    back into `sent`. A bounced row leaves its worker's hands (the worker's result then finds no
+    `sending` row and changes nothing). A row queued, or sending before its dot, is the
+    worker's: a resend would overwrite this anyway."""
     values: dict[str, Any] = {"last_reply": reply[:500]}
     if bounced:
-        values["status"] = DeliveryStatus.BOUNCED
+        values.update(status=DeliveryStatus.BOUNCED, lease_until=None)
     if code is not None:
         values["last_code"] = code
+    taken = Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.UNKNOWN,
+                                 DeliveryStatus.BOUNCED])
+    handed_over = and_(Delivery.status == DeliveryStatus.SENDING, Delivery.dot_at.is_not(None))
     return bool(changed_rows(session.execute(
-        update(Delivery).where(Delivery.id == delivery_id,
-                               Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.UNKNOWN,
-                                                    DeliveryStatus.BOUNCED]))
+        update(Delivery).where(Delivery.id == delivery_id, or_(taken, handed_over))
         .values(**values))))
 
 

@@ -31,6 +31,7 @@ from mailer.inbound import InboundMessage
 from mailer.models import Delivery, DeliveryStatus
 from mailer.reference import message_id, return_path
 from subscribers import store
+from subscribers.db import utcnow
 from subscribers.models import Channel, ConsentAction, SubscriberStatus
 from subscribers.rules import Rules
 
@@ -229,6 +230,32 @@ def test_the_same_bounce_read_twice_counts_once(world: World) -> None:
     assert again.duplicate and again.inbound_id == first.inbound_id
     assert world.session.scalar(select(func.count()).select_from(InboundRecord)) == 1
     assert len(bounce_policy.events_for(world.session, ids["twice@kent.police.uk"])) == 1
+
+
+def test_a_bounce_that_beats_the_relays_reply_is_not_undone_by_it(world: World) -> None:
+    """A relay may bounce before the worker has written its reply: once the final dot is
+    marked the bounce stands and the late "sent" changes nothing; before the dot the row is
+    still the worker's."""
+    ids = world.people(["quick@kent.police.uk", "early@kent.police.uk"])
+    edition, _ = outbox.store_edition(
+        world.session, slug="race", title="race", subject="race", topic="newsletter",
+        regions=["kent"], roles=[], source="race", compiled={}, actor="tester")
+    outbox.enqueue(world.session, edition)
+    claims = {c.subscriber_id: c for c in
+              outbox.claim_due(world.session, "w", 5, timedelta(minutes=5))}
+    quick, early = claims[ids["quick@kent.police.uk"]], claims[ids["early@kent.police.uk"]]
+    outbox.mark_dotted(world.session, "w", [quick.delivery_id], utcnow())
+    for email, claim in (("quick@kent.police.uk", quick), ("early@kent.police.uk", early)):
+        world.bounce(edition.id, claim.subscriber_id, email, "5.1.1")
+    assert world.delivery(edition.id, quick.subscriber_id).status == DeliveryStatus.BOUNCED
+    assert world.delivery(edition.id, early.subscriber_id).status == DeliveryStatus.SENDING
+    assert outbox.record(world.session, "w", [
+        outbox.Result(c.delivery_id, DeliveryStatus.SENT, 250, "250 queued")
+        for c in (quick, early)]) == 1  # only the row still in the worker's hands
+    row = world.delivery(edition.id, quick.subscriber_id)
+    assert (row.status, row.last_code, row.lease_until) == (DeliveryStatus.BOUNCED, 550, None)
+    assert "5.1.1" in (row.last_reply or "")
+    assert world.subscriber(quick.subscriber_id).status == SubscriberStatus.BOUNCED
 
 
 def test_an_expired_delivery_is_soft_a_dead_domain_is_hard(world: World) -> None:
