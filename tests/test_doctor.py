@@ -41,13 +41,15 @@ STRONG = "Vq3x9LmZ2pT7rKc4YwN8bHs6JdF1gQe5"  # 32 characters, 32 different
 
 class Pki:
     def __init__(self, folder: Path) -> None:
+        # Valid a year either side: the handshake checks it against OpenSSL's clock, which a
+        # suite run at another time of day (tests/clock) does not move.
         now = dt.datetime.now(dt.UTC)
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "doctor test CA")])
         ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-              .not_valid_before(now - dt.timedelta(days=1))
-              .not_valid_after(now + dt.timedelta(days=2))
+              .not_valid_before(now - dt.timedelta(days=365))
+              .not_valid_after(now + dt.timedelta(days=365))
               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
               .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
                                            False), critical=True)
@@ -57,8 +59,8 @@ class Pki:
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
                 .issuer_name(ca_name).public_key(key.public_key())
                 .serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(days=1))
-                .not_valid_after(now + dt.timedelta(days=2))
+                .not_valid_before(now - dt.timedelta(days=365))
+                .not_valid_after(now + dt.timedelta(days=365))
                 .add_extension(x509.SubjectAlternativeName(
                     [x509.DNSName("localhost"),
                      x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
