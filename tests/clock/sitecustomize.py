@@ -14,15 +14,21 @@ Without TESTS_NOW this does nothing.
 import os
 import time
 
-_wanted = os.environ.get("TESTS_NOW")
-if _wanted:
-    import datetime as _dt
 
-    import time_machine
+def _travel(wanted: str) -> None:
+    try:
+        import time_machine
+    except ImportError:  # a Python without the project installed (.ci/setup's pip, say)
+        return
+    import datetime
 
     # The first process fixes the offset; its children inherit it, so a worker started ten
     # minutes into the run sees the same moved time as the test that started it.
-    _offset = os.environ.setdefault(
+    offset = os.environ.setdefault(
         "TESTS_CLOCK_OFFSET",
-        repr(_dt.datetime.fromisoformat(_wanted).timestamp() - time.time()))
-    time_machine.travel(time.time() + float(_offset), tick=True).start()
+        repr(datetime.datetime.fromisoformat(wanted).timestamp() - time.time()))
+    time_machine.travel(time.time() + float(offset), tick=True).start()
+
+
+if os.environ.get("TESTS_NOW"):
+    _travel(os.environ["TESTS_NOW"])
