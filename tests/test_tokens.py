@@ -39,18 +39,37 @@ def test_a_token_works_only_for_its_own_purpose(made: Purpose, read: Purpose) ->
             tokens.read(read, token)
 
 
-def test_tampered_truncated_and_foreign_tokens_are_refused() -> None:
+def test_tampered_truncated_and_foreign_tokens_are_refused_and_say_why() -> None:
     tokens = Tokens([NEW])
     token = tokens.unsubscribe(5, 1)
     # a character in the middle of the signature: the last one may only carry padding bits
     flipped = token[:-10] + ("A" if token[-10] != "A" else "B") + token[-9:]
     _, _, rest = token.partition(".")
     other_payload = base64.urlsafe_b64encode(b"[6,1]").rstrip(b"=").decode()
-    for bad in (flipped, token[:-5], token + "x", other_payload + "." + rest, "", "...",
-                "not a token", "é" * 10, "a" * (MAX_TOKEN_LENGTH + 1),
-                Tokens([OTHER]).unsubscribe(5, 1)):
-        with pytest.raises(InvalidToken):
+    # Refused before any signature is checked: empty, too long to be ours, or not ASCII.
+    for bad in ("", "é" * 10, "a" * (MAX_TOKEN_LENGTH + 1), token + "é"):
+        with pytest.raises(InvalidToken, match="^malformed token$") as info:
             tokens.read(Purpose.UNSUBSCRIBE, bad)
+        assert not info.value.expired  # the page must not say "expired" for these
+    for bad in (flipped, token[:-5], token + "x", other_payload + "." + rest, "...",
+                "not a token", "a" * MAX_TOKEN_LENGTH, Tokens([OTHER]).unsubscribe(5, 1)):
+        with pytest.raises(InvalidToken, match="^the link is not valid$") as info:
+            tokens.read(Purpose.UNSUBSCRIBE, bad)
+        assert not info.value.expired
+
+
+@pytest.mark.parametrize("payload", [[], [0], [-3], [5, 0], [1, 2, 3], ["5"], [True], [5.0],
+                                     {"id": 5}, 5, None],
+                         ids=repr)
+def test_a_token_signed_with_our_key_but_not_made_by_us_is_refused(payload: object) -> None:
+    """A valid signature over a payload `make` never writes (no id, a zero or negative id, three
+    ids, text, a flag, a number that is not a whole one, an object) reaches nobody."""
+    upstream = URLSafeTimedSerializer([NEW], salt="msht-mailer/unsubscribe",
+                                      signer_kwargs={"digest_method": hashlib.sha256})
+    with pytest.raises(InvalidToken, match="^the link is not valid$") as info:
+        Tokens([NEW]).read(Purpose.UNSUBSCRIBE, upstream.dumps(payload))
+    assert not info.value.expired
+    assert Tokens([NEW]).read(Purpose.UNSUBSCRIBE, upstream.dumps([5, 1])) == Claims(5, 1)
 
 
 def test_no_address_or_name_inside_the_token() -> None:
@@ -83,7 +102,7 @@ def test_confirm_tokens_expire_after_their_lifetime() -> None:
     with time_machine.travel(dt.datetime(2026, 1, 7, 23, tzinfo=dt.UTC), tick=False):
         assert tokens.read(Purpose.CONFIRM, token) == Claims(1)
     with time_machine.travel(dt.datetime(2026, 1, 8, 1, tzinfo=dt.UTC), tick=False):
-        with pytest.raises(InvalidToken) as info:
+        with pytest.raises(InvalidToken, match="^the link has expired$") as info:
             tokens.read(Purpose.CONFIRM, token)
         assert info.value.expired
 
