@@ -48,12 +48,12 @@ def test_tampered_truncated_and_foreign_tokens_are_refused_and_say_why() -> None
     other_payload = base64.urlsafe_b64encode(b"[6,1]").rstrip(b"=").decode()
     # Refused before any signature is checked: empty, too long to be ours, or not ASCII.
     for bad in ("", "é" * 10, "a" * (MAX_TOKEN_LENGTH + 1), token + "é"):
-        with pytest.raises(InvalidToken, match="^malformed token$") as info:
+        with pytest.raises(InvalidToken, match=r"^malformed token$") as info:
             tokens.read(Purpose.UNSUBSCRIBE, bad)
         assert not info.value.expired  # the page must not say "expired" for these
     for bad in (flipped, token[:-5], token + "x", other_payload + "." + rest, "...",
                 "not a token", "a" * MAX_TOKEN_LENGTH, Tokens([OTHER]).unsubscribe(5, 1)):
-        with pytest.raises(InvalidToken, match="^the link is not valid$") as info:
+        with pytest.raises(InvalidToken, match=r"^the link is not valid$") as info:
             tokens.read(Purpose.UNSUBSCRIBE, bad)
         assert not info.value.expired
 
@@ -66,7 +66,7 @@ def test_a_token_signed_with_our_key_but_not_made_by_us_is_refused(payload: obje
     ids, text, a flag, a number that is not a whole one, an object) reaches nobody."""
     upstream = URLSafeTimedSerializer([NEW], salt="msht-mailer/unsubscribe",
                                       signer_kwargs={"digest_method": hashlib.sha256})
-    with pytest.raises(InvalidToken, match="^the link is not valid$") as info:
+    with pytest.raises(InvalidToken, match=r"^the link is not valid$") as info:
         Tokens([NEW]).read(Purpose.UNSUBSCRIBE, upstream.dumps(payload))
     assert not info.value.expired
     assert Tokens([NEW]).read(Purpose.UNSUBSCRIBE, upstream.dumps([5, 1])) == Claims(5, 1)
@@ -102,7 +102,7 @@ def test_confirm_tokens_expire_after_their_lifetime() -> None:
     with time_machine.travel(dt.datetime(2026, 1, 7, 23, tzinfo=dt.UTC), tick=False):
         assert tokens.read(Purpose.CONFIRM, token) == Claims(1)
     with time_machine.travel(dt.datetime(2026, 1, 8, 1, tzinfo=dt.UTC), tick=False):
-        with pytest.raises(InvalidToken, match="^the link has expired$") as info:
+        with pytest.raises(InvalidToken, match=r"^the link has expired$") as info:
             tokens.read(Purpose.CONFIRM, token)
         assert info.value.expired
 
