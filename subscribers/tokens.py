@@ -130,9 +130,9 @@ class Tokens:
     def make(self, purpose: Purpose, subscriber_id: int, topic_id: int | None = None) -> str:
         # A list, not a dict: the shortest JSON, so the URL stays short in plain-text mail.
         payload: list[int] = [subscriber_id] if topic_id is None else [subscriber_id, topic_id]
+        if any(type(i) is not int for i in payload):  # read() refuses anything else
+            raise TypeError(f"token ids are whole numbers, not {payload!r}")
         serializer = self._serializers[purpose]
-        if any(type(i) is not int for i in payload):
-            return str(serializer.dumps(payload))
         # The bytes `serializer.dumps(payload)` gives (compact JSON of ints, then
         # TimestampSigner's `value.timestamp.signature`) without its layers: the worker makes
         # two tokens a message, and this is half their cost.

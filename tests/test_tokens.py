@@ -117,6 +117,13 @@ def test_unsubscribe_tokens_do_expire_eventually() -> None:
         assert info.value.expired
 
 
+def test_only_whole_number_ids_make_a_token() -> None:
+    tokens = Tokens([NEW])
+    for bad in (("7",), (7, "1"), (True,), (7.0,)):
+        with pytest.raises(TypeError, match="token ids are whole numbers"):
+            tokens.make(Purpose.MANAGE, *bad)  # type: ignore[arg-type]
+
+
 def test_keys_must_be_given_and_long_enough() -> None:
     with pytest.raises(ValueError, match="at least one"):
         Tokens([])
