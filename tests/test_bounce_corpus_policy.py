@@ -29,7 +29,7 @@ from mailer.reference import delivery_ref, parse_delivery_ref
 from subscribers import store
 from subscribers.models import Channel, SubscriberStatus
 from subscribers.tokens import InvalidToken, Purpose, Tokens
-from tests.test_bounces import CORPUS, EXPECTED, SECRET
+from tests.test_bounces import CORPUS, EXPECTED, SECRET, corpus_clock  # noqa: F401 (a fixture)
 
 _REF = re.compile(rb"e(\d+)\.s(\d+)\.[0-9a-f]{16}")
 _TOKEN = re.compile(rb"/u/([A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+)")
@@ -70,6 +70,7 @@ def _resign(raw: bytes, ids: dict[int, int], edition_id: int, topic_id: int,
     return _TOKEN.sub(token, _REF.sub(ref, raw))
 
 
+@pytest.mark.usefixtures("corpus_clock")
 def test_each_corpus_message_gets_the_policy_the_manifest_says(session: Session,
                                                                settings: Settings) -> None:
     settings = settings.model_copy(update={"allow_smtputf8": True})  # jörg.müller@, søren@
@@ -141,6 +142,7 @@ def test_each_corpus_message_gets_the_policy_the_manifest_says(session: Session,
 
 @pytest.mark.parametrize("name", ["postfix_no_verp_list_unsubscribe.eml",
                                   "arf_headers_only_list_unsubscribe.eml"])
+@pytest.mark.usefixtures("corpus_clock")
 def test_a_token_from_another_key_names_nobody(name: str) -> None:
     from mailer.bounces import classify_inbound
 
