@@ -512,12 +512,12 @@ def progress(session: Session, edition: Edition) -> Progress:
 def deliveries_for(session: Session, subscriber_id: int) -> list[dict[str, Any]]:
     """A person's delivery history, for their subject-access export and the console."""
     rows = session.execute(
-        select(Edition.slug, Edition.subject, Delivery.status, Delivery.sent_at,
+        select(Edition.slug, Edition.title, Edition.subject, Delivery.status, Delivery.sent_at,
                Delivery.attempts, Delivery.last_code)
         .join(Edition).where(Delivery.subscriber_id == subscriber_id).order_by(Delivery.id))
-    return [{"edition": slug, "subject": subject, "status": status,
+    return [{"edition": slug, "title": title, "subject": subject, "status": status,
              "sent_at": sent.isoformat() if sent else None, "attempts": attempts, "code": code}
-            for slug, subject, status, sent, attempts, code in rows]
+            for slug, title, subject, status, sent, attempts, code in rows]
 
 
 def topic_id(session: Session, slug: str) -> int:

@@ -1,16 +1,20 @@
 """What a reader does for themself on the recipient pages: sign up, confirm, unsubscribe (and
-undo it), change their preferences. A reader acts through a signed link (the token names
-them) or a form, not a console account, so there is no permission or audit entry here: each
-change writes its consent event, in `subscribers.store`, in the change's transaction."""
+undo it), change their preferences, take a copy of their data, erase themself. A reader acts
+through a signed link (the token names them) or a form, not a console account, so there is no
+permission check here: each change writes its consent event, in `subscribers.store`, in the
+change's transaction. Erasure alone also writes an audit entry, because the audit log is where
+every erasure is answered for, whoever asked for it."""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session
 
+from mailer import audit, privacy
 from subscribers import store
 from subscribers.db import utcnow
 from subscribers.errors import InvalidInput, SubscriberError
@@ -138,3 +142,29 @@ def set_preferences(session: Session, rules: Rules, subscriber: Subscriber,
         until = None if pause == "0" else months_from(utcnow(), int(pause))
         store.pause(session, subscriber, ctx, until)
     return errors
+
+
+def own_data(session: Session, subscriber_id: int) -> dict[str, Any] | None:
+    """Everything held on the reader a link names (UK GDPR Art. 15 and 20): the co-ordinators'
+    subject-access export of them, the same document whoever asks. None when the link names
+    nobody, or someone already erased."""
+    subscriber = store.find(session, subscriber_id)
+    if subscriber is None:
+        return None
+    return {"exported_at": utcnow().isoformat(), **privacy.subject_access(session, subscriber)}
+
+
+def erase(session: Session, subscriber_id: int, ctx: Context) -> bool:
+    """Erase the reader a link names, as a co-ordinator's erase does (UK GDPR Art. 17): only a
+    keyed hash of the address stays, on the suppression list. False when the link names
+    nobody, or someone already erased, so a second press changes nothing."""
+    subscriber = store.find(session, subscriber_id)
+    if subscriber is None:
+        return False
+    privacy.erase(session, subscriber, ctx)
+    # The co-ordinators' entry, with the reader as the actor. Named by id only, and without
+    # the IP address: the erasure has just removed that from their consent history, and the
+    # audit log outlives it.
+    target = f"subscriber:{subscriber_id}"
+    audit.record(session, actor=target, via="web", action="subscriber.erase", target=target)
+    return True

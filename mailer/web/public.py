@@ -1,5 +1,5 @@
-"""The recipient pages: subscribe, confirm, unsubscribe (RFC 8058 one-click), preferences,
-manage-by-email, archive, health.
+"""The recipient pages: subscribe, confirm, unsubscribe (RFC 8058 one-click), preferences
+(with a copy of the reader's data, and erasure), manage-by-email, archive, health.
 
 Rules every route keeps:
 - a GET never changes anything (Microsoft 365 and other scanners fetch every link in a mail);
@@ -13,6 +13,7 @@ Rules every route keeps:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -433,8 +434,14 @@ async def preferences_page(request: Request, token: str) -> HTMLResponse:
     if view is None or view["state"] != SubscriberStatus.ACTIVE:
         return _not_active_page(request, view["state"] if view else None)
     return render(request, "preferences.html.j2", title="Your preferences", **view,
-                  action=w.links.page(Purpose.MANAGE, token),
-                  unsubscribe_url=w.links.unsubscribe(claims.subscriber_id))
+                  **_preferences_links(w, token, claims.subscriber_id))
+
+
+def _preferences_links(w: Web, token: str, subscriber_id: int) -> dict[str, Any]:
+    return {"action": w.links.page(Purpose.MANAGE, token),
+            "download_action": w.links.page(Purpose.MANAGE, token, "/download"),
+            "erase_url": w.links.page(Purpose.MANAGE, token, "/erase"),
+            "unsubscribe_url": w.links.unsubscribe(subscriber_id)}
 
 
 @router.post("/preferences/{token}")
@@ -470,8 +477,76 @@ async def preferences_post(request: Request, token: str) -> HTMLResponse:
         else "Your preferences are saved. You have no topics chosen, so you will get no mail.")
     return render(request, "preferences.html.j2", 400 if errors else 200,
                   title="Your preferences", **view, notice=notice,
-                  action=w.links.page(Purpose.MANAGE, token),
-                  unsubscribe_url=w.links.unsubscribe(claims.subscriber_id))
+                  **_preferences_links(w, token, claims.subscriber_id))
+
+
+# ---------------------------------------------------------------- the reader's own data
+# Both live on the preferences page and answer as it does: a bad link gets the bad-link page,
+# a link for nobody (never there, or erased) the page for someone not subscribed. Each acts
+# only on a POST with the page's CSRF token, so a link scanner opening every URL acts on
+# nothing. Unlike the preferences form, they serve anyone the link still names, subscribed or
+# not: the right to a copy and to erasure does not end with the subscription.
+
+async def _manage_form(request: Request, token: str) -> tuple[FormData, Claims] | HTMLResponse:
+    return await _link_form(request, Purpose.MANAGE, token, "/manage", "Get a new link by email")
+
+
+@router.post("/preferences/{token}/download")
+async def download_own_data(request: Request, token: str) -> Response:
+    w = web(request)
+    checked = await _manage_form(request, token)
+    if isinstance(checked, HTMLResponse):
+        return checked
+    _form, claims = checked
+    data = await w.run(lambda s: readers.own_data(s, claims.subscriber_id))
+    if data is None:
+        return _not_active_page(request, None)
+    body = json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n"
+    return Response(body.encode(), media_type="application/json", headers={
+        "Content-Disposition": 'attachment; filename="msht-bulletin-my-data.json"',
+        "Cache-Control": "no-store"})
+
+
+@router.get("/preferences/{token}/erase")
+async def erase_page(request: Request, token: str) -> HTMLResponse:
+    w = web(request)
+    try:
+        claims = w.tokens.read(Purpose.MANAGE, token)
+    except InvalidToken as exc:
+        return _bad_link(request, exc, "/manage", "Get a new link by email")
+
+    def work(session: Session) -> str | None:
+        subscriber = store.find(session, claims.subscriber_id)
+        return None if subscriber is None else subscriber.email
+
+    email = await w.run(work)
+    if email is None:
+        return _not_active_page(request, None)
+    return render(request, "erase.html.j2", title="Erase your data", email=email,
+                  action=w.links.page(Purpose.MANAGE, token, "/erase"),
+                  download_action=w.links.page(Purpose.MANAGE, token, "/download"),
+                  preferences_url=w.links.page(Purpose.MANAGE, token))
+
+
+@router.post("/preferences/{token}/erase")
+async def erase_post(request: Request, token: str) -> HTMLResponse:
+    w = web(request)
+    checked = await _manage_form(request, token)
+    if isinstance(checked, HTMLResponse):
+        return checked
+    _form, claims = checked
+    ctx = w.ctx(request)
+    if not await w.run(lambda s: readers.erase(s, claims.subscriber_id, ctx)):
+        return _not_active_page(request, None)
+    return message(request, "Your data has been erased",
+                   "We have deleted your address, your name and your other details, and what "
+                   "you subscribed to. You will get no more mail from us.",
+                   "What we keep says nothing about who you are: a keyed hash of your address, "
+                   "which cannot be turned back into it, so that no list we are given can add "
+                   "you again; and an anonymous record of what was sent and when.",
+                   "If you want the newsletter again one day, you can subscribe again with "
+                   "the same address.",
+                   links=[("Subscribe again", w.url("/subscribe"))])
 
 
 # ---------------------------------------------------------------- manage by email
