@@ -161,3 +161,15 @@ def test_only_the_configured_trusted_domains_count() -> None:
     assert not validation.is_trusted_domain(rules, "a@kent.police.uk")
     assert not validation.is_trusted_domain(Rules(suppression_key=b"k" * 40, trusted_domains=()),
                                             "a@kent.police.uk")
+
+
+@pytest.mark.parametrize(("typed", "slug"), [
+    ("Single point of contact (SPOC)", "spoc"), ("single point of contact (spoc)", "spoc"),
+    ("  Support worker. ", "support_worker"), ("support-worker", "support_worker"),
+    ("_first_responder_", "first_responder"), ("Other", "other"),
+    ("Supportworker", None), ("", None), ("SP OC", None)])
+def test_a_role_typed_in_a_spreadsheet_matches_by_slug_or_label_whatever_the_punctuation(
+        typed: str, slug: str | None) -> None:
+    # What an import or a form accepts for a vocabulary: the slug or the label, in any case,
+    # with punctuation and spaces around or between the words; nothing looser.
+    assert Rules(suppression_key=b"k" * 32).match("role", typed) == slug
