@@ -34,7 +34,7 @@ CORPUS = Path(__file__).parent / "bounce_corpus"
 SECRET = b"test-secret-for-the-bounce-corpus-0001"
 EXPECTED: dict[str, dict] = yaml.safe_load((CORPUS / "expected.yaml").read_text())
 # The corpus was written on 1 December 2026 and its List-Unsubscribe tokens carry that time:
-# read at a later moment, fixed, so that no run (the suite on a moved clock, tests/clock; or
+# read at a later moment, fixed, so that no run (the suite on a moved clock, tests/moved_clock; or
 # in 2036, when the tokens expire) sees a token from the future or an expired one.
 CORPUS_READ_AT = datetime(2026, 12, 1, 17, 0, tzinfo=UTC)
 

@@ -42,7 +42,7 @@ STRONG = "Vq3x9LmZ2pT7rKc4YwN8bHs6JdF1gQe5"  # 32 characters, 32 different
 class Pki:
     def __init__(self, folder: Path) -> None:
         # Valid a year either side: the handshake checks it against OpenSSL's clock, which a
-        # suite run at another time of day (tests/clock) does not move.
+        # suite run at another time of day (tests/moved_clock) does not move.
         now = dt.datetime.now(dt.UTC)
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "doctor test CA")])

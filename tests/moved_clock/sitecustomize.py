@@ -3,7 +3,7 @@ hour it runs at (issue 13). Python imports this module at start-up when this fol
 PYTHONPATH, in the test process and in every Python process it starts (workers, the CLI, the
 scheduler), so they all share one moved clock:
 
-    TESTS_NOW=2026-03-28T01:30:00+00:00 PYTHONPATH=tests/clock bash .ci/test
+    TESTS_NOW=2026-03-28T01:30:00+00:00 PYTHONPATH=tests/moved_clock bash .ci/test
 
 Every process's wall clock (`time.time`, `datetime.now`) reads TESTS_NOW plus however long
 ago the first process started, and runs on from there; the monotonic clock is never moved, and
