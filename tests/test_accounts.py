@@ -10,6 +10,7 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import time_machine
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text, update
 from sqlalchemy.exc import DBAPIError
@@ -366,6 +367,36 @@ def test_a_revoked_token_stops_working_and_revoking_twice_says_so(session: Sessi
     assert accounts.revoke_token(session, row.prefix) is False
     with pytest.raises(AccountError, match="no token 'nope'"):
         accounts.revoke_token(session, "nope")
+
+
+def test_an_api_token_lives_a_year_by_default_as_long_as_asked_or_for_ever(
+        session: Session) -> None:
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="coordinator",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    made = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    with time_machine.travel(made, tick=False):
+        yearly = accounts.create_token(session, user, name="nightly export")[1]
+        monthly = accounts.create_token(session, user, name="trial", days=30)[1]
+        lasting = accounts.create_token(session, user, name="kiosk", days=None)[1]
+    for token, lifetime in ((yearly, timedelta(days=365)), (monthly, timedelta(days=30))):
+        assert accounts.token_actor(session, token, now=made + lifetime - timedelta(minutes=1))
+        assert accounts.token_actor(session, token, now=made + lifetime) is None
+    assert accounts.token_actor(session, lasting, now=made + timedelta(days=3650)) is not None
+
+
+def test_a_token_is_named_and_made_only_for_an_enabled_user(session: Session) -> None:
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="coordinator",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    blank, _ = accounts.create_token(session, user, name="   ")
+    long, _ = accounts.create_token(session, user, name=" " + "n" * 150)
+    assert (blank.name, long.name) == ("token", "n" * 100)
+    token = accounts.create_token(session, user, name="script")[1]
+    _label, prefix, secret = token.split("_", 2)
+    # 48 bits to find the row, 256 to prove it: 12 hex digits and 43 URL-safe characters
+    assert re.fullmatch(r"[0-9a-f]{12}", prefix) and re.fullmatch(r"[\w-]{43}", secret)
+    accounts.disable_user(session, user)
+    with pytest.raises(AccountError, match=r"^user 'jo' is disabled$"):
+        accounts.create_token(session, user, name="after")
 
 
 def test_a_coordinator_covers_only_their_own_regions() -> None:
