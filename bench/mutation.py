@@ -8,6 +8,7 @@ hours for every module. Run it before reshaping these modules, and monthly (READ
     export MAILER_TEST_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/test
     .venv/bin/python bench/mutation.py                      # every module below
     .venv/bin/python bench/mutation.py --module tokens --module worker
+    .venv/bin/python bench/mutation.py --module tokens --survivors  # after new tests
     .venv/bin/python bench/mutation.py --report             # the last results, run nothing
 
 The tool is mutmut 3 (configured in pyproject.toml's [tool.mutmut]); it works in mutants/
@@ -184,9 +185,15 @@ def drop_template(name: str) -> None:
     admin.dispose()
 
 
-def run(modules: list[str], max_children: int | None) -> float:
+def run(modules: list[str], max_children: int | None, survivors: bool = False) -> float:
     tool = ensure_mutmut()
-    names = [p for m in modules for p in patterns(m)]
+    if survivors:  # after writing tests: only what the last run left alive, by name
+        equivalent = equivalents()
+        names = [n for m in modules for n in score(m, equivalent).survived]
+        if not names:
+            return 0.0
+    else:
+        names = [p for m in modules for p in patterns(m)]
     command = [str(tool), "run", *names]
     if max_children:
         command[2:2] = ["--max-children", str(max_children)]
@@ -235,6 +242,8 @@ def main() -> None:
     parser.add_argument("--module", action="append", choices=sorted(SCOPE),
                         help="only this module (repeatable); default: all")
     parser.add_argument("--report", action="store_true", help="print the last results only")
+    parser.add_argument("--survivors", action="store_true",
+                        help="run again only the mutants the last run left alive")
     parser.add_argument("--max-children", type=int, help="parallel mutants (default: CPUs)")
     args = parser.parse_args()
     modules = args.module or list(SCOPE)
@@ -242,7 +251,7 @@ def main() -> None:
         if not os.environ.get("MAILER_TEST_POSTGRES_URL"):
             sys.exit("set MAILER_TEST_POSTGRES_URL (e.g. postgresql://postgres@127.0.0.1:5432/"
                      "test): the PostgreSQL tests are part of the net")
-        seconds = run(modules, args.max_children)
+        seconds = run(modules, args.max_children, args.survivors)
         print(f"mutmut ran {', '.join(modules)} in {seconds / 60:.1f} min")
     sys.exit(0 if report(modules) else 1)
 
