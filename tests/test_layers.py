@@ -81,7 +81,7 @@ READS = {
     "subscribers.importer": {"Options", "ImportReport"},
     "mailer.outbox": {"Progress", "progress", "eta_text", "audience_breakdown", "published",
                       "published_compiled", "Published", "ApprovalRefused", "LONDON",
-                      "figures"},
+                      "figures", "uk_time"},
     "mailer.audit": {"AuditFilter", "entries", "actions", "as_dict"},
     "mailer.events": {"list_events", "next_occurrence", "upcoming", "get_event",
                       "reminders_for", "load_file", "EventSpec", "EventError",
