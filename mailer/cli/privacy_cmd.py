@@ -33,8 +33,10 @@ def report(ctx: typer.Context,
         console.print_json(json.dumps([r.as_dict() for r in rows]))
         return
     now = utcnow()
-    table = Table("records", "held", "oldest (UK)", "next purge (UK)", "retention",
-                  title="Records held and their retention")
+    table = Table(title="Records held and their retention")
+    table.add_column("records", no_wrap=True)  # a status cut short reads as another one
+    for heading in ("held", "oldest (UK)", "next purge (UK)", "retention"):
+        table.add_column(heading)
     for r in rows:
         if r.next_purge is None:
             next_purge = "-"
