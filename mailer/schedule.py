@@ -13,6 +13,10 @@ split second) enqueues once. A reminder past its "not after" time is marked miss
 co-ordinators are told (logged, listed by `mailer schedule list`, and mailed after the pass by
 `mailer.alerts`, which also mails halts and bounce alerts); it is never sent late.
 
+After each pass the leader runs the daily retention purge (`mailer.retention.run_due`): in
+its own small transactions, asking the leader lock before each batch, so a big first purge
+neither holds a long transaction nor outlives the leadership.
+
 Exactly one scheduler works per database: it holds a PostgreSQL advisory lock on a connection
 of its own (checked every few seconds; losing it stops scheduling at once), or a lock file next
 to a SQLite database. Any other scheduler waits as a standby and takes over when the lock frees.
