@@ -72,9 +72,12 @@ class Permission(StrEnum):
     EDITIONS_SEND = "editions.send"
     AUDIT_VIEW = "audit.view"
     USERS_MANAGE = "users.manage"
+    PRIVACY_REPORT = "privacy.report"
 
 
-_COORDINATOR = frozenset(Permission) - {Permission.USERS_MANAGE}
+# The privacy report counts every region's records at once, so it is not a region-scoped
+# co-ordinator's to read.
+_COORDINATOR = frozenset(Permission) - {Permission.USERS_MANAGE, Permission.PRIVACY_REPORT}
 PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.VIEWER: frozenset({Permission.VIEW}),
     Role.COORDINATOR: _COORDINATOR,

@@ -1,9 +1,12 @@
 """The append-only audit log: who did what, when and from where, in the console, API and CLI.
 
-There is a function to add an entry and functions to read them, and nothing else: no code path
-in the application updates or deletes one. Migration 0005 also installs triggers that make the
-database itself refuse UPDATE and DELETE on the table, so that even a bug (or a hand-typed
-query through the app's own connection) cannot rewrite history.
+There is a function to add an entry, functions to read them, and the retention purge's
+`delete_before`, and nothing else: no code path in the application updates one, and only the
+purge deletes, entries older than `retention_audit_years`. Migration 0005 installs triggers
+that make the database itself refuse UPDATE and DELETE on the table, so that even a bug (or a
+hand-typed query through the app's own connection) cannot rewrite history; migration 0012 lets
+DELETE through for entries over a year old only (the shortest period the settings allow), so
+the last year stays beyond the reach of any code.
 
 Entries name subscribers by id only (`subscriber:17`), never by address: the log outlives an
 erasure, and must not keep the personal data the erasure removed.
@@ -16,11 +19,23 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ColumnElement, Index, Integer, String, cast, func, literal, or_, select
+from sqlalchemy import (
+    JSON,
+    ColumnElement,
+    Index,
+    Integer,
+    String,
+    cast,
+    delete,
+    func,
+    literal,
+    or_,
+    select,
+)
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from mailer.models import Edition
-from subscribers.db import Base, UTCDateTime, utcnow
+from subscribers.db import Base, UTCDateTime, changed_rows, utcnow
 from subscribers.models import Subscriber
 from subscribers.regions import Scope, within
 
@@ -53,6 +68,18 @@ def record(session: Session, *, actor: str, action: str, via: str = "console",
     session.add(entry)
     session.flush()
     return entry
+
+
+def delete_before(session: Session, cutoff: datetime, limit: int) -> int:
+    """The retention purge: delete up to `limit` of the oldest entries from before `cutoff`;
+    returns how many. Nothing else deletes from the log."""
+    ids = list(session.scalars(select(AuditEntry.id).where(AuditEntry.at < cutoff)
+                               .order_by(AuditEntry.id).limit(limit)))
+    if not ids:
+        return 0
+    return changed_rows(session.execute(
+        delete(AuditEntry).where(AuditEntry.id.in_(ids), AuditEntry.at < cutoff)
+        .execution_options(synchronize_session=False)))
 
 
 @dataclass(frozen=True)

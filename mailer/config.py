@@ -107,6 +107,19 @@ class Settings(BaseSettings):
         400, ge=1, description="Days the decisions and bounce events are kept (at least the "
                                "soft window)")
 
+    # ---- retention (issue 17): the scheduler's daily purge, `mailer.retention`
+    retention_unconfirmed_days: int = Field(
+        30, description="Days an unconfirmed sign-up is kept after it was last asked for; "
+                        "then deleted, with nothing kept")
+    retention_left_months: int = Field(
+        12, description="Months a person who left (unsubscribed, bounced, complained) is kept; "
+                        "then erased to the keyed hash on the suppression list")
+    retention_replies_months: int = Field(
+        3, description="Months a delivery keeps the relay's reply (it can quote the address); "
+                       "the delivery row and its status stay for the counts")
+    retention_audit_years: int = Field(
+        6, description="Years the audit log is kept; older entries are deleted")
+
     timezone: str = Field("Europe/London", description="The time zone people see")
 
     # ---- web (issue 5)
@@ -191,6 +204,17 @@ class Settings(BaseSettings):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("must be an absolute http(s) URL such as https://news.example.org")
         return value.rstrip("/")
+
+    @field_validator("retention_unconfirmed_days", "retention_left_months",
+                     "retention_replies_months", "retention_audit_years")
+    @classmethod
+    def _positive_period(cls, value: int) -> int:
+        # Said in words rather than as pydantic's "greater than or equal to 1": a zero here
+        # would make the next purge delete everything of its kind at once.
+        if value < 1:
+            raise ValueError("a retention period must be 1 or more; zero or less would "
+                             "delete every record of its kind at the next purge")
+        return value
 
     @property
     def database(self) -> str:

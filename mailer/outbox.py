@@ -251,6 +251,29 @@ def forget_subscriber(session: Session, subscriber_id: int) -> None:
                     .values(last_reply=None))
 
 
+def reply_clock() -> Any:
+    """When a delivery's reply came: its last attempt (or, never tried, its queueing)."""
+    return func.coalesce(Delivery.last_attempt_at, Delivery.queued_at)
+
+
+def replies_before(cutoff: datetime | None = None) -> Any:
+    """Finished deliveries with a relay reply (it can quote the address), with `cutoff` one
+    from before it: the reply goes, the row, its status and its reason stay for the counts."""
+    held = Delivery.status.in_(sorted(s.value for s in FINAL)) & Delivery.last_reply.is_not(None)
+    return held if cutoff is None else held & (reply_clock() < cutoff)
+
+
+def forget_replies(session: Session, cutoff: datetime, limit: int) -> int:
+    """Clear up to `limit` replies older than `cutoff` (`replies_before`); returns how many."""
+    ids = list(session.scalars(select(Delivery.id).where(replies_before(cutoff))
+                               .order_by(Delivery.id).limit(limit)))
+    if not ids:
+        return 0
+    return changed_rows(session.execute(
+        update(Delivery).where(Delivery.id.in_(ids)).values(last_reply=None)
+        .execution_options(synchronize_session=False)))
+
+
 # ---------------------------------------------------------------- claim and record
 
 @dataclass(frozen=True)

@@ -13,6 +13,10 @@ split second) enqueues once. A reminder past its "not after" time is marked miss
 co-ordinators are told (logged, listed by `mailer schedule list`, and mailed after the pass by
 `mailer.alerts`, which also mails halts and bounce alerts); it is never sent late.
 
+After each pass the leader runs the daily retention purge (`mailer.retention.run_due`): in
+its own small transactions, asking the leader lock before each batch, so a big first purge
+neither holds a long transaction nor outlives the leadership.
+
 Exactly one scheduler works per database: it holds a PostgreSQL advisory lock on a connection
 of its own (checked every few seconds; losing it stops scheduling at once), or a lock file next
 to a SQLite database. Any other scheduler waits as a standby and takes over when the lock frees.
@@ -37,7 +41,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from mailer import alerts, audit, backup, events, outbox
+from mailer import alerts, audit, backup, events, outbox, retention
 from mailer.config import Settings
 from mailer.deadline import too_late
 from mailer.errors import MailerError
@@ -299,6 +303,7 @@ class CatchUp:
     queued: int = 0  # deliveries added
     told: list[str] = field(default_factory=list)  # new notices: mail them after the commit
     pruned: int = 0  # rate events forgotten
+    purged: retention.Purged | None = None  # the day's retention purge, when this pass ran it
 
 
 def catch_up(session: Session, settings: Settings, now: datetime | None = None) -> CatchUp:
@@ -682,6 +687,7 @@ class Scheduler:
         except Exception:
             log.exception("scheduler: the catch-up pass failed; the next one tries again")
             return
+        report.purged = self._retention(now)
         self.passes += 1
         if wake is not None and wake > now:
             self._wake_at(wake)
@@ -691,6 +697,20 @@ class Scheduler:
             log.exception("scheduler: could not tell the co-ordinators")
         if self.on_pass is not None:
             self.on_pass(report)
+
+    def _retention(self, now: datetime) -> retention.Purged | None:
+        """The daily retention purge, after the pass has committed: leader-only (it stops
+        between batches once the lock goes), and in its own transactions."""
+        try:
+            purged = retention.run_due(self.sessions, retention.Periods.from_settings(
+                self.settings), now, keep_going=self.lock.check)
+        except Exception:  # the pass's own work is committed; tomorrow's run tries again
+            log.exception("scheduler: the retention purge failed; the next pass tries again")
+            return None
+        if purged is not None:
+            log.info("scheduler: retention purge: %s", ", ".join(
+                f"{k} {v}" for k, v in purged.counts().items()))
+        return purged
 
     def _backup(self) -> None:
         """Back up when the last backup is older than the interval; keep the newest N."""

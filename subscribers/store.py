@@ -24,6 +24,7 @@ from sqlalchemy import (
     Update,
     any_,
     bindparam,
+    case,
     delete,
     exists,
     func,
@@ -249,6 +250,9 @@ def subscribe(session: Session, rules: Rules, profile: Profile, topics: Sequence
         outcome = SubscribeOutcome.NEW
     elif subscriber.status == SubscriberStatus.PENDING:
         outcome = SubscribeOutcome.STILL_PENDING
+        # An unconfirmed sign-up is deleted a while after it was last asked for
+        # (`unconfirmed`); asking again mails a fresh link, so the wait starts again.
+        subscriber.updated_at = utcnow()
     else:
         outcome = SubscribeOutcome.RETURNING
         subscriber.status = SubscriberStatus.PENDING
@@ -571,6 +575,57 @@ def erase(session: Session, subscriber: Subscriber, ctx: Context) -> None:
     _record(session, subscriber, ConsentAction.ERASE, Context(channel=ctx.channel, actor=ctx.actor))
     session.flush()
     session.expire(subscriber)
+
+
+# ---------------------------------------------------------------- retention
+
+def unconfirmed(cutoff: datetime | None = None) -> Any:
+    """Sign-ups never confirmed (and, with `cutoff`, not asked for again since: `updated_at`
+    moves with every request and change). Such a person never joined: nothing of them is
+    kept once the wait is over."""
+    never = (Subscriber.status == SubscriberStatus.PENDING) & Subscriber.confirmed_at.is_(None)
+    return never if cutoff is None else never & (Subscriber.updated_at < cutoff)
+
+
+def left_clock() -> Any:
+    """When a person who left did so: `left_at`, or for one who asked to come back and never
+    confirmed, that last request."""
+    return case((Subscriber.status == SubscriberStatus.PENDING, Subscriber.updated_at),
+                else_=func.coalesce(Subscriber.left_at, Subscriber.updated_at))
+
+
+def departed(cutoff: datetime | None = None) -> Any:
+    """People who left (unsubscribed, bounced, complained, or asked to come back and never
+    confirmed), with `cutoff` before it: due to be erased to the keyed hash."""
+    gone = Subscriber.status.in_(sorted(s.value for s in LEFT - {SubscriberStatus.ERASED}))
+    returning = (Subscriber.status == SubscriberStatus.PENDING) & Subscriber.confirmed_at.is_not(
+        None)
+    who = gone | returning
+    return who if cutoff is None else who & (left_clock() < cutoff)
+
+
+def delete_unconfirmed(session: Session, cutoff: datetime, limit: int) -> int:
+    """Delete up to `limit` unconfirmed sign-ups (`unconfirmed`) with their topics and
+    consent events; returns how many. No suppression entry: the address never confirmed, so it
+    may be added later on a lawful basis or sign up again."""
+    ids = list(session.scalars(select(Subscriber.id).where(unconfirmed(cutoff))
+                               .order_by(Subscriber.id).limit(limit)))
+    if not ids:
+        return 0
+    # Explicitly, not through ON DELETE CASCADE, which SQLite honours only with foreign_keys on.
+    session.execute(delete(Subscription).where(Subscription.subscriber_id.in_(ids)))
+    session.execute(delete(ConsentEvent).where(ConsentEvent.subscriber_id.in_(ids)))
+    done = changed_rows(session.execute(
+        delete(Subscriber).where(Subscriber.id.in_(ids), unconfirmed(cutoff))
+        .execution_options(synchronize_session=False)))
+    session.expire_all()
+    return done
+
+
+def departed_ids(session: Session, cutoff: datetime, limit: int) -> list[int]:
+    """The ids of up to `limit` people who left before `cutoff` (`departed`)."""
+    return list(session.scalars(select(Subscriber.id).where(departed(cutoff))
+                                .order_by(Subscriber.id).limit(limit)))
 
 
 # ---------------------------------------------------------------- segments and counts

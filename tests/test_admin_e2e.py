@@ -313,7 +313,8 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
                 ("/admin/bounces", "/admin/bounces"),
                 ("/admin/events", "/admin/events"), ("/admin/audit", "/admin/audit"),
                 ("/admin/audit?actor=root&action=login.ok", None),
-                ("/admin/users", "/admin/users"), ("/admin/subscribers/999999", None),
+                ("/admin/users", "/admin/users"), ("/admin/privacy", "/admin/privacy"),
+                ("/admin/subscribers/999999", None),
                 ("/admin/audit?since=yesterday", None),  # 404 and 400 pages
                 ("/admin/editions/compose", "/admin/editions/compose"),
                 ("/admin/editions/compose?start=last", None),

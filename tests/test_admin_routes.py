@@ -58,7 +58,7 @@ VIEWER_MAY = {("GET", "/admin"), ("GET", "/admin/"), ("GET", "/admin/subscribers
               ("GET", "/admin/editions/{eid}/progress.json"), ("GET", "/admin/events"),
               ("GET", "/admin/bounces"), ("POST", "/admin/logout")}
 # Console routes only an administrator may use; a co-ordinator is refused these and no others.
-ADMIN_ONLY = {("GET", "/admin/users")}
+ADMIN_ONLY = {("GET", "/admin/users"), ("GET", "/admin/privacy")}
 API_VIEWER_MAY = {("GET", "/me"), ("GET", "/counts"), ("GET", "/subscribers"),
                   ("GET", "/subscribers/{sid}"), ("GET", "/subscribers/{sid}/history"),
                   ("GET", "/editions"), ("GET", "/editions/{eid}"),

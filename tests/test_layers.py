@@ -73,7 +73,7 @@ FACES = ("mailer.web", "mailer.cli")
 # The library modules that own tables: a face may read through them for display, never write.
 STORES = ("subscribers.store", "subscribers.importer", "mailer.outbox", "mailer.accounts",
           "mailer.audit", "mailer.events", "mailer.bounce_policy", "mailer.alerts",
-          "mailer.privacy", "mailer.revisions")
+          "mailer.privacy", "mailer.revisions", "mailer.retention")
 # What a face may use of them: reads for display, and types and constants.
 READS = {
     "subscribers.store": {"list_topics", "find", "find_by_email", "topic_by_id",
@@ -81,7 +81,7 @@ READS = {
     "subscribers.importer": {"Options", "ImportReport"},
     "mailer.outbox": {"Progress", "progress", "eta_text", "audience_breakdown", "published",
                       "published_compiled", "Published", "ApprovalRefused", "LONDON",
-                      "figures"},
+                      "figures", "uk_time"},
     "mailer.audit": {"AuditFilter", "entries", "actions", "as_dict"},
     "mailer.events": {"list_events", "next_occurrence", "upcoming", "get_event",
                       "reminders_for", "load_file", "EventSpec", "EventError",
@@ -95,6 +95,7 @@ READS = {
     "mailer.alerts": {"recent"},
     "mailer.privacy": set(),
     "mailer.revisions": set(),
+    "mailer.retention": {"Holding", "Periods", "Purged"},
 }
 # The system's own machinery, which commands start (the bounce receiver and its retention,
 # the alert mailer, the reminder planner): no co-ordinator decides these, so they are no
@@ -103,6 +104,7 @@ MACHINERY = {
     "mailer.bounce_policy": {"receive", "settle", "purge"},
     "mailer.alerts": {"mail_pending"},
     "mailer.events": {"plan_reminders"},
+    "mailer.retention": {"run_due"},
 }
 
 

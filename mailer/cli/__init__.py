@@ -30,6 +30,7 @@ _PARTS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     "alerts": ("alerts_cmd", "app", True, ()),
     "users": ("users_cmd", "app", True, ()),
     "backup": ("backup_cmd", "app", True, ()),
+    "privacy": ("privacy_cmd", "app", True, ()),
     "dev-sink": ("dev_sink", "dev_sink", False, ()),
     "worker": ("sending", "worker", False, ()),
     "web": ("web_cmd", "web", False, ()),

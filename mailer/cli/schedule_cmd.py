@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mailer import events, schedule
+from mailer import events, retention, schedule
 from mailer.cli.edition import app as edition_app
 from mailer.cli.edition import edition_of
 from mailer.cli.runtime import Runtime, console
@@ -259,10 +259,14 @@ def scheduler(ctx: typer.Context,
     if once:
         with rt.session() as session:
             report = schedule.catch_up(session, rt.settings)
+        purged = retention.run_due(rt.sessions(), retention.Periods.from_settings(rt.settings))
         told = schedule.tell_coordinators(rt.settings, rt.sessions())
         console.print(f"editions started: {len(report.editions)}, reminders queued: "
                       f"{len(report.reminders)}, missed: {len(report.missed)}, "
                       f"messages queued: {report.queued}")
+        if purged is not None:
+            console.print("retention purge: " + ", ".join(
+                f"{k.replace('_', ' ')} {v}" for k, v in purged.counts().items()))
         for notice in report.told:
             console.print(f"[yellow]co-ordinators:[/] {escape(notice)}")
         if told:

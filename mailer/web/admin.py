@@ -56,6 +56,7 @@ from mailer.operations import audit_log as audit_ops
 from mailer.operations import editions as edition_ops
 from mailer.operations import events as event_ops
 from mailer.operations import media as media_ops
+from mailer.operations import retention as retention_ops
 from mailer.operations import subscribers as subscriber_ops
 from mailer.operations import users as user_ops
 from mailer.outbox import ApprovalRefused
@@ -1500,3 +1501,14 @@ async def users_page(request: Request) -> HTMLResponse:
     caller = await _signed_in(request, Permission.USERS_MANAGE)
     rows = await _run(request, lambda s: list(user_ops.listing(s, caller)))
     return _page(request, caller.actor, "users.html.j2", title="Users", rows=rows)
+
+
+# ---------------------------------------------------------------- privacy (read-only)
+
+@router.get("/privacy")
+async def privacy_page(request: Request) -> HTMLResponse:
+    caller = await _signed_in(request, Permission.PRIVACY_REPORT)
+    settings = console(request).settings
+    rows = await _run(request, lambda s: retention_ops.privacy_report(s, caller, settings))
+    return _page(request, caller.actor, "privacy.html.j2", title="Privacy: records held",
+                 rows=rows, now=utcnow())
