@@ -54,6 +54,14 @@ def test_a_totp_code_works_once_and_only_near_its_time() -> None:
     assert accounts.totp_match(RFC_SECRET, "12345", now, None) is None
 
 
+def test_a_totp_code_is_accepted_as_the_app_shows_it_with_a_space() -> None:
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    code = accounts.totp_code(RFC_SECRET, accounts.totp_step(now))
+    for typed in (f"{code[:3]} {code[3:]}", f" {code} ", f"{code[:2]} {code[2:4]} {code[4:]}"):
+        assert accounts.totp_match(RFC_SECRET, typed, now, None) == accounts.totp_step(now)
+    assert accounts.totp_match(RFC_SECRET, f"{code[:3]}-{code[3:]}", now, None) is None
+
+
 def test_passwords_are_argon2id_and_weak_ones_are_refused(session: Session) -> None:
     user = accounts.add_user(session, login="Jo", display_name="Jo  Smith", role="coordinator",
                              password=PASSWORD, regions=["kent"], known_regions=["kent"])
@@ -111,6 +119,35 @@ def test_disabling_ends_sessions_and_revokes_tokens(session: Session) -> None:
     assert accounts.session_user(session, cookie) is None
     assert accounts.token_actor(session, token) is None
     assert accounts.authenticate(session, "jo", PASSWORD).outcome == LoginOutcome.DISABLED
+
+
+def test_disabling_one_user_leaves_everyone_else_signed_in(session: Session) -> None:
+    users = [accounts.add_user(session, login=login, display_name=login, role="coordinator",
+                               password=PASSWORD, regions=["kent"], known_regions=["kent"])
+             for login in ("jo", "al")]
+    cookies = [accounts.start_session(session, u, None) for u in users]
+    tokens = [accounts.create_token(session, u, name="script") for u in users]
+    assert accounts.disable_user(session, users[0]) is True
+    assert accounts.disable_user(session, users[0]) is False  # already: nothing more to do
+    assert accounts.session_user(session, cookies[0]) is None
+    assert accounts.session_user(session, cookies[1]) is users[1]
+    assert accounts.token_actor(session, tokens[0][1]) is None
+    assert tokens[0][0].revoked_at is not None  # the token list shows it revoked, and when
+    assert tokens[1][0].revoked_at is None
+    assert accounts.token_actor(session, tokens[1][1]) is not None
+
+
+def test_a_tokens_last_use_is_kept_to_the_minute(session: Session) -> None:
+    # Shown beside each token so that an unused one can be revoked; written at most once a
+    # minute, so a script calling the API in a loop does not write on every call.
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="coordinator",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    row, token = accounts.create_token(session, user, name="script")
+    first = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    for at, seen in ((first, first), (first + timedelta(seconds=60), first),
+                     (first + timedelta(seconds=61), first + timedelta(seconds=61))):
+        assert accounts.token_actor(session, token, now=at) is not None
+        assert row.last_used_at == seen
 
 
 def test_an_idle_session_expires(session: Session) -> None:
