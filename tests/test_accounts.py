@@ -62,6 +62,17 @@ def test_a_totp_code_is_accepted_as_the_app_shows_it_with_a_space() -> None:
     assert accounts.totp_match(RFC_SECRET, f"{code[:3]}-{code[3:]}", now, None) is None
 
 
+def test_a_totp_code_works_one_step_either_side_for_clock_drift_and_no_further() -> None:
+    now = datetime(2026, 1, 5, 9, 0, 10, tzinfo=UTC)
+    step = accounts.totp_step(now)
+    for drift in (-1, 0, 1):
+        code = accounts.totp_code(RFC_SECRET, step + drift)
+        assert accounts.totp_match(RFC_SECRET, code, now, None) == step + drift
+    for drift in (-2, 2):
+        code = accounts.totp_code(RFC_SECRET, step + drift)
+        assert accounts.totp_match(RFC_SECRET, code, now, None) is None
+
+
 def test_passwords_are_argon2id_and_weak_ones_are_refused(session: Session) -> None:
     user = accounts.add_user(session, login="Jo", display_name="Jo  Smith", role="coordinator",
                              password=PASSWORD, regions=["kent"], known_regions=["kent"])
@@ -150,13 +161,22 @@ def test_a_tokens_last_use_is_kept_to_the_minute(session: Session) -> None:
         assert row.last_used_at == seen
 
 
-def test_an_idle_session_expires(session: Session) -> None:
+def test_a_session_ends_after_an_idle_hour_and_after_an_eight_hour_shift(
+        session: Session) -> None:
     user = accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
                              password=PASSWORD, regions=["kent"], known_regions=["kent"])
     now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
-    cookie = accounts.start_session(session, user, None, now=now)
-    assert accounts.session_user(session, cookie, now=now + timedelta(minutes=30)) is user
-    assert accounts.session_user(session, cookie, now=now + timedelta(hours=3)) is None
+    idle = accounts.start_session(session, user, None, now=now)
+    assert accounts.session_user(session, idle, now=now + timedelta(minutes=59)) is user
+    # an hour after that last request, and not a moment later, it is over
+    assert accounts.session_user(session, idle, now=now + timedelta(minutes=119)) is None
+    busy = accounts.start_session(session, user, None, now=now)
+    at = now
+    while at < now + timedelta(hours=8) - timedelta(minutes=50):
+        at += timedelta(minutes=50)  # a request every 50 minutes keeps it alive...
+        assert accounts.session_user(session, busy, now=at) is user
+    # ...until the shift's eight hours are up, however busy
+    assert accounts.session_user(session, busy, now=now + timedelta(hours=8)) is None
 
 
 def test_the_audit_log_refuses_update_and_delete_in_the_database(engine: Engine) -> None:
