@@ -336,6 +336,21 @@ def next_dates(session: Session, today: date, limit: int = 3) -> list[tuple[Even
     return [(event, day) for day, _, event in sorted(found, key=lambda f: f[:2])[:limit]]
 
 
+def when_text(event: Event, occurrence: date) -> str:
+    """The occurrence as people read it: "Sunday 18 October 2026", or a first and last day."""
+    def day_text(day: date) -> str:
+        return f"{day:%A} {day.day} {day:%B %Y}"
+    when = day_text(occurrence)
+    if event.ends_on and event.ends_on > event.starts_on:
+        when = f"{when} to {day_text(occurrence + (event.ends_on - event.starts_on))}"
+    return when
+
+
+def ics_name(event: Event, occurrence: date) -> str:
+    """The file name of an occurrence's `.ics` attachment."""
+    return f"{event.slug[:60]}-{occurrence.isoformat()}.ics"
+
+
 def occurrence_ics(event: Event, occurrence: date, settings: Settings, now: datetime) -> bytes:
     """The occurrence as an all-day iCalendar event a reader can add to their calendar: the one
     builder for every mail that carries a date (reminders, the welcome mail)."""

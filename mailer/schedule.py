@@ -149,12 +149,10 @@ def build_reminder(session: Session, settings: Settings, reminder: Reminder, eve
     occurrence = reminder.occurrence
     sent_on = reminder.send_at.astimezone(ZoneInfo(event.timezone)).date()
     countdown = _countdown((occurrence - sent_on).days)
-    when = _day_text(occurrence)
-    if event.ends_on and event.ends_on > event.starts_on:
-        when = f"{when} to {_day_text(occurrence + (event.ends_on - event.starts_on))}"
+    when = events.when_text(event, occurrence)
     subject = f"Reminder: {event.name}, {occurrence:%A} {occurrence.day} {occurrence:%B}"
     subject += f" ({countdown})"
-    ics_name = f"{event.slug[:60]}-{occurrence.isoformat()}.ics"
+    ics_name = events.ics_name(event, occurrence)
     compiled = compile_list_email(
         "reminder",
         {"event_name": event.name, "when_text": when, "countdown": countdown,
