@@ -614,8 +614,10 @@ async def subscriber_unsubscribe(request: Request, sid: int) -> Response:
 
 @router.post("/subscribers/{sid}/approve")
 async def subscriber_approve(request: Request, sid: int) -> Response:
+    settings = console(request).settings
+
     def change(session: Session, caller: Caller, form: FormData) -> str:
-        if subscriber_ops.decide(session, caller, sid, approve=True):
+        if subscriber_ops.decide(session, caller, settings, sid, approve=True):
             return "Approved: they will receive the next send."
         return "Nothing to approve: this sign-up is not waiting."
 
@@ -624,8 +626,10 @@ async def subscriber_approve(request: Request, sid: int) -> Response:
 
 @router.post("/subscribers/{sid}/reject")
 async def subscriber_reject(request: Request, sid: int) -> Response:
+    settings = console(request).settings
+
     def change(session: Session, caller: Caller, form: FormData) -> str:
-        if subscriber_ops.decide(session, caller, sid, approve=False):
+        if subscriber_ops.decide(session, caller, settings, sid, approve=False):
             return "The sign-up was turned down."
         return "Nothing to turn down: this sign-up is not waiting."
 

@@ -255,7 +255,8 @@ async def confirm_post(request: Request, token: str) -> HTMLResponse:
     _form, claims = checked
     ctx = w.ctx(request)
 
-    status = await w.run(lambda s: readers.confirm(s, w.rules, claims.subscriber_id, ctx))
+    status = await w.run(lambda s: readers.confirm(s, w.settings, w.rules, claims.subscriber_id,
+                                                     ctx))
     if status == SubscriberStatus.ACTIVE:
         return message(request, "You are subscribed",
                        "Thank you: your address is confirmed and you will receive the next "
