@@ -19,6 +19,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailer import events, outbox, welcome
+from mailer.cli import run
 from mailer.config import Settings
 from mailer.events import Event, EventSpec
 from mailer.links import tokens_for
@@ -317,3 +318,21 @@ def test_queueing_again_for_the_same_sign_up_adds_nothing(
         assert welcome.queue_welcome(s, settings, sub) is not None
         assert welcome.queue_welcome(s, settings, sub) is None
         assert s.scalar(select(func.count()).select_from(Delivery)) == 1
+
+
+def test_the_command_line_approves_and_turns_down_with_one_mail_each(
+        settings: Settings, sessions: sessionmaker[Session]) -> None:
+    rules = settings.rules()
+    with time_machine.travel(AT), sessions() as s:
+        for email in (CHARITY, "volunteer@ngo.example.org"):
+            sub, _ = store.subscribe(s, rules, store.profile_from(rules, email=email),
+                                     store.topics_by_slug(s, ["newsletter"]), WEB)
+            readers.confirm(s, settings, rules, sub.id, WEB)
+        s.commit()
+    with time_machine.travel(AT):
+        assert run(["subscribers", "approve", CHARITY]) == 0
+        assert run(["subscribers", "approve", CHARITY]) == 1  # nothing to do
+        assert run(["subscribers", "approve", "--reject", "volunteer@ngo.example.org"]) == 0
+        assert run(["subscribers", "approve", "--reject", "volunteer@ngo.example.org"]) == 1
+    assert len(_personal(sessions, EditionKind.WELCOME)) == 1
+    assert len(_personal(sessions, EditionKind.DECLINED)) == 1

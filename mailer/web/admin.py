@@ -618,7 +618,7 @@ async def subscriber_approve(request: Request, sid: int) -> Response:
 
     def change(session: Session, caller: Caller, form: FormData) -> str:
         if subscriber_ops.decide(session, caller, settings, sid, approve=True):
-            return "Approved: they will receive the next send."
+            return "Approved: a welcome mail is on its way, and they will receive the next send."
         return "Nothing to approve: this sign-up is not waiting."
 
     return await _subscriber_change(request, sid, Permission.SUBSCRIBERS_EDIT, change)
@@ -630,7 +630,7 @@ async def subscriber_reject(request: Request, sid: int) -> Response:
 
     def change(session: Session, caller: Caller, form: FormData) -> str:
         if subscriber_ops.decide(session, caller, settings, sid, approve=False):
-            return "The sign-up was turned down."
+            return "The sign-up was turned down: a short, kind note is on its way to them."
         return "Nothing to turn down: this sign-up is not waiting."
 
     return await _subscriber_change(request, sid, Permission.SUBSCRIBERS_EDIT, change)
