@@ -45,6 +45,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from mailer import alerts
+from mailer.config import Settings
 from mailer.errors import MailerError
 from subscribers import store
 from subscribers.db import Base, UTCDateTime, changed_rows, utcnow
@@ -326,6 +327,54 @@ def next_occurrence(event: Event, today: date) -> date | None:
         if day is not None and day >= today:
             return day
     return event.starts_on if not event.yearly and event.starts_on >= today else None
+
+
+def next_dates(session: Session, today: date, limit: int = 3) -> list[tuple[Event, date]]:
+    """The next `limit` dates of interest from `today` (a local date) on, soonest first."""
+    found = [(day, event.id, event) for event in list_events(session)
+             if (day := next_occurrence(event, today)) is not None]
+    return [(event, day) for day, _, event in sorted(found, key=lambda f: f[:2])[:limit]]
+
+
+def when_text(event: Event, occurrence: date) -> str:
+    """The occurrence as people read it: "Sunday 18 October 2026", or a first and last day."""
+    def day_text(day: date) -> str:
+        return f"{day:%A} {day.day} {day:%B %Y}"
+    when = day_text(occurrence)
+    if event.ends_on and event.ends_on > event.starts_on:
+        when = f"{when} to {day_text(occurrence + (event.ends_on - event.starts_on))}"
+    return when
+
+
+def ics_name(event: Event, occurrence: date) -> str:
+    """The file name of an occurrence's `.ics` attachment."""
+    return f"{event.slug[:60]}-{occurrence.isoformat()}.ics"
+
+
+def occurrence_ics(event: Event, occurrence: date, settings: Settings, now: datetime) -> bytes:
+    """The occurrence as an all-day iCalendar event a reader can add to their calendar: the one
+    builder for every mail that carries a date (reminders, the welcome mail)."""
+    import icalendar
+
+    span = (event.ends_on - event.starts_on) if event.ends_on else timedelta(0)
+    cal = icalendar.Calendar()
+    cal.add("prodid", f"-//{settings.from_name}//mailer//EN")
+    cal.add("version", "2.0")
+    cal.add("method", "PUBLISH")
+    item = icalendar.Event()
+    item.add("uid", f"{event.slug}-{occurrence.isoformat()}@{settings.list_id}")
+    item.add("dtstamp", now)
+    item.add("dtstart", occurrence)
+    item.add("dtend", occurrence + span + timedelta(days=1))  # exclusive, as RFC 5545 says
+    item.add("summary", event.name)
+    if event.description:
+        item.add("description", event.description)
+    if event.link:
+        item.add("url", event.link)
+    item.add("transp", "TRANSPARENT")
+    cal.add_component(item)
+    data: bytes = cal.to_ical()
+    return data
 
 
 def reminders_for(session: Session, event_id: int) -> Sequence[Reminder]:

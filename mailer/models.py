@@ -27,6 +27,13 @@ from subscribers.models import _check_in
 class EditionKind(StrEnum):
     NEWSLETTER = "newsletter"
     REMINDER = "reminder"
+    WELCOME = "welcome"  # to one reader whose sign-up has just become active
+    DECLINED = "declined"  # to one reader whose sign-up a co-ordinator turned down
+
+
+# Mail to one person about their own sign-up: an edition of one delivery, so it is recorded,
+# retried and never doubled like the rest, but it is no send a co-ordinator runs or lists.
+PERSONAL = frozenset({EditionKind.WELCOME, EditionKind.DECLINED})
 
 
 class EditionStatus(StrEnum):

@@ -32,6 +32,7 @@ from mailer.errors import Conflict, EditionError, MailerError, NotAllowed, NotFo
 from mailer.models import (
     DUE,
     FINAL,
+    PERSONAL,
     STARTABLE,
     Delivery,
     DeliveryReason,
@@ -117,8 +118,13 @@ def get_edition(session: Session, ident: str | int, scope: Scope = None) -> Edit
 
 
 def list_editions(session: Session, limit: int = 50, scope: Scope = None) -> Sequence[Edition]:
-    return session.scalars(select(Edition).where(within(scope, Edition.regions))
+    return session.scalars(select(Edition).where(within(scope, Edition.regions), _NOT_PERSONAL)
                            .order_by(Edition.id.desc()).limit(limit)).all()
+
+
+# Welcome and declined mails are one delivery each, as many as sign-ups: kept out of the lists
+# of sends, where they would bury the newsletters and reminders.
+_NOT_PERSONAL = Edition.kind.not_in(sorted(PERSONAL))
 
 
 def audience(edition: Edition) -> Select[int]:
@@ -179,6 +185,17 @@ def enqueue(session: Session, edition: Edition, *, now: datetime | None = None) 
         edition.finished_at = None
     session.flush()
     return added
+
+
+def enqueue_one(session: Session, edition: Edition, subscriber_id: int, *,
+                now: datetime | None = None) -> None:
+    """Queue a mail to one person (a welcome, a declined notice) and start its send: the
+    worker's claim re-checks it at send time like any other delivery."""
+    now = now or utcnow()
+    session.add(Delivery(edition_id=edition.id, subscriber_id=subscriber_id,
+                         status=DeliveryStatus.QUEUED, queued_at=now, next_attempt_at=now))
+    edition.status, edition.started_at = EditionStatus.SENDING, now
+    session.flush()
 
 
 def set_status(session: Session, edition: Edition, status: EditionStatus,
@@ -315,7 +332,7 @@ _DUE = [_due(DeliveryStatus.RETRY), _due(DeliveryStatus.QUEUED), _due(DeliverySt
 _CLAIMED_ROWS = (
     select(Delivery.id, Delivery.edition_id, Delivery.subscriber_id, Delivery.status,
            Delivery.attempts, Delivery.ambiguous, Delivery.dot_at, Delivery.queued_at,
-           Edition.topic,
+           Edition.topic, Edition.kind,
            Edition.not_after, Subscriber.email, Subscriber.name)
     .join(Edition, Edition.id == Delivery.edition_id)
     .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
@@ -370,14 +387,20 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
         return []
     rows = session.execute(_CLAIMED_ROWS, {"ids": ids}).all()
     sendable: set[tuple[int, str]] = set()
-    for topic in {r.topic for r in rows}:
-        members = [r.subscriber_id for r in rows if r.topic == topic]
+    listed = [r for r in rows if r.kind != EditionKind.DECLINED]
+    for topic in {r.topic for r in listed}:
+        members = [r.subscriber_id for r in listed if r.topic == topic]
         sendable.update((sid, topic) for sid in store.sendable_among(session, members, topic))
+    # A declined notice goes to someone on no topic any more: its re-check is that they are
+    # still as the refusal left them.
+    told = [r.subscriber_id for r in rows if r.kind == EditionKind.DECLINED]
+    declined = store.declined_among(session, told) if told else set()
     claims, skipped, late = [], [], []
     for r in rows:
         if too_late(r.not_after, now):
             late.append(r.id)
-        elif (r.subscriber_id, r.topic) not in sendable:
+        elif not (r.subscriber_id in declined if r.kind == EditionKind.DECLINED
+                  else (r.subscriber_id, r.topic) in sendable):
             skipped.append(r.id)
         else:
             dotted_orphan = r.status == DeliveryStatus.SENDING and r.dot_at is not None
@@ -843,7 +866,7 @@ def recent_sends(session: Session, limit: int = 10, scope: Scope = None) -> list
                EditionStatus.CANCELLED]
     rows = session.scalars(select(Edition).where(Edition.status.in_(started),
                                                  within(scope, Edition.regions),
-                                                 Edition.started_at.is_not(None))
+                                                 Edition.started_at.is_not(None), _NOT_PERSONAL)
                            .order_by(Edition.started_at.desc()).limit(limit)).all()
     return [progress(session, e) for e in rows]
 

@@ -1032,18 +1032,20 @@ def _email_env(autoescape: bool) -> jinja2.Environment:
 def compile_list_email(template: str, context: dict[str, Any], settings: Settings, *,
                        subject: str, title: str, preheader: str | None = None,
                        attachments: Sequence[Attachment] = (),
-                       now: dt.datetime | None = None) -> CompiledEdition:
-    """A list message other than an edition (a reminder), through the same MJML, premailer,
-    slots, unsubscribe headers and skeleton as editions: `<template>.mjml.j2` and
-    `<template>.txt.j2` under templates/emails/. Context values are escaped in the HTML."""
+                       now: dt.datetime | None = None,
+                       why: str | None = None) -> CompiledEdition:
+    """A list message other than an edition (a reminder, a welcome), through the same MJML,
+    premailer, slots, unsubscribe headers and skeleton as editions: `<template>.mjml.j2` and
+    `<template>.txt.j2` under templates/emails/. Context values are escaped in the HTML.
+    `why` says why the reader gets it (by default: they asked for reminders)."""
     _check_header_text(subject, "subject", template)
     for item in attachments:
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", item.filename):
             raise EditionError(f"attachment name {item.filename!r} is not a plain file name",
                                template)
     markers = _markers()
-    why = (f"You are getting this email because you asked {settings.from_name} for "
-           f"reminders of dates of interest to first responders in Kent and Essex.")
+    why = why or (f"You are getting this email because you asked {settings.from_name} for "
+                  f"reminders of dates of interest to first responders in Kent and Essex.")
     full = {"lang": "en-GB", "subject": subject, "preheader": preheader, "title": title,
             "from_name": settings.from_name, "contact_address": settings.contact_address,
             "why": why, "slots": markers, "column_width": COLUMN_WIDTH,

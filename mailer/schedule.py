@@ -147,43 +147,16 @@ def _day_text(day: date) -> str:
     return f"{day:%A} {day.day} {day:%B %Y}"
 
 
-def reminder_ics(event: Event, occurrence: date, settings: Settings, now: datetime) -> bytes:
-    """The occurrence as an all-day iCalendar event a reader can add to their calendar."""
-    import icalendar
-
-    span = (event.ends_on - event.starts_on) if event.ends_on else timedelta(0)
-    cal = icalendar.Calendar()
-    cal.add("prodid", f"-//{settings.from_name}//mailer//EN")
-    cal.add("version", "2.0")
-    cal.add("method", "PUBLISH")
-    item = icalendar.Event()
-    item.add("uid", f"{event.slug}-{occurrence.isoformat()}@{settings.list_id}")
-    item.add("dtstamp", now)
-    item.add("dtstart", occurrence)
-    item.add("dtend", occurrence + span + timedelta(days=1))  # exclusive, as RFC 5545 says
-    item.add("summary", event.name)
-    if event.description:
-        item.add("description", event.description)
-    if event.link:
-        item.add("url", event.link)
-    item.add("transp", "TRANSPARENT")
-    cal.add_component(item)
-    data: bytes = cal.to_ical()
-    return data
-
-
 def build_reminder(session: Session, settings: Settings, reminder: Reminder, event: Event,
                    now: datetime) -> Edition:
     """The reminder as an edition of kind reminder, compiled once, with its `.ics`."""
     occurrence = reminder.occurrence
     sent_on = reminder.send_at.astimezone(ZoneInfo(event.timezone)).date()
     countdown = _countdown((occurrence - sent_on).days)
-    when = _day_text(occurrence)
-    if event.ends_on and event.ends_on > event.starts_on:
-        when = f"{when} to {_day_text(occurrence + (event.ends_on - event.starts_on))}"
+    when = events.when_text(event, occurrence)
     subject = f"Reminder: {event.name}, {occurrence:%A} {occurrence.day} {occurrence:%B}"
     subject += f" ({countdown})"
-    ics_name = f"{event.slug[:60]}-{occurrence.isoformat()}.ics"
+    ics_name = events.ics_name(event, occurrence)
     compiled = compile_list_email(
         "reminder",
         {"event_name": event.name, "when_text": when, "countdown": countdown,
@@ -192,7 +165,7 @@ def build_reminder(session: Session, settings: Settings, reminder: Reminder, eve
         settings, subject=subject, title=f"{event.name} reminder",
         preheader=f"{event.name}: {when}",
         attachments=[Attachment(ics_name, "text/calendar; charset=utf-8; method=PUBLISH",
-                                reminder_ics(event, occurrence, settings, now))],
+                                events.occurrence_ics(event, occurrence, settings, now))],
         now=now)
     # The source records what the reminder said; the same reminder has the same source.
     source = (f"reminder {reminder.id}: event {event.id} '{event.slug}', occurrence "

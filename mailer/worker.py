@@ -53,7 +53,7 @@ from mailer.config import Settings
 from mailer.deadline import too_late
 from mailer.errors import MailerError
 from mailer.links import Links
-from mailer.models import DeliveryReason, DeliveryStatus, Edition
+from mailer.models import PERSONAL, DeliveryReason, DeliveryStatus, Edition
 from mailer.render import CompiledEdition, MessageRefused, Recipient, build_message
 from mailer.signing import SigningError
 from mailer.smtp import NOT_STARTED, Outcome, SendResult, SmtpPool
@@ -143,7 +143,7 @@ class Policy:
 class _EditionPlan:
     edition_id: int
     slug: str
-    topic_id: int
+    topic_id: int | None  # what its unsubscribe link leaves; None: everything
     kind: str
     not_after: datetime | None
     compiled: CompiledEdition
@@ -336,7 +336,10 @@ class Worker:
                         await self._settled(writer, idle)
                         if self.stopping.is_set():
                             return
-                        await self._db_call(outbox.finish_done)
+                        # A finished send's plan is not needed again (a resend builds it
+                        # anew); welcomes make one edition per reader, so forget them.
+                        for finished_id in await self._db_call(outbox.finish_done):
+                            self.plans.pop(finished_id, None)
                         if drain and not await self._due_soon():
                             return
                         await self._idle()
@@ -399,7 +402,9 @@ class Worker:
                 edition = session.get(Edition, claim.edition_id)
                 assert edition is not None
                 self.plans[claim.edition_id] = _EditionPlan(
-                    edition.id, edition.slug, outbox.topic_id(session, edition.topic),
+                    edition.id, edition.slug,
+                    # A mail about the whole subscription offers to leave all of it.
+                    None if edition.kind in PERSONAL else outbox.topic_id(session, edition.topic),
                     edition.kind, edition.not_after, CompiledEdition.from_dict(edition.compiled),
                     list(edition.regions or []))
         return claims

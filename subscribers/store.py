@@ -279,6 +279,16 @@ def _last_consent_version(session: Session, subscriber_id: int) -> str | None:
         .order_by(ConsentEvent.id.desc()).limit(1))
 
 
+def latest_sign_up(session: Session, subscriber_id: int) -> int | None:
+    """The id of the consent event of this person's latest sign-up: what a confirmation and
+    an approval complete, so the key of anything that must happen once per sign-up."""
+    return session.scalar(
+        select(ConsentEvent.id)
+        .where(ConsentEvent.subscriber_id == subscriber_id,
+               ConsentEvent.action == ConsentAction.SUBSCRIBE)
+        .order_by(ConsentEvent.id.desc()).limit(1))
+
+
 def _apply_profile(subscriber: Subscriber, profile: Profile) -> bool:
     """Copy the fields given; whether any of them changed."""
     changed = subscriber.email != profile.email
@@ -680,6 +690,19 @@ def sendable_among(session: Session, ids: Sequence[int], topic_slug: str) -> set
     rows = session.execute(_SENDABLE_CANDIDATES, {"ids": list(ids), "topic": topic_slug})
     return {r.id for r in rows if r.status in SENDABLE
             and (r.paused_until is None or r.paused_until <= now)}
+
+
+_DECLINED_CANDIDATES = select(Subscriber.id).where(
+    Subscriber.id.in_(bindparam("ids", expanding=True)),
+    Subscriber.status == SubscriberStatus.UNSUBSCRIBED,
+    ~exists().where(Suppression.email_hmac == Subscriber.email_hmac))
+
+
+def declined_among(session: Session, ids: Sequence[int]) -> set[int]:
+    """Which of these people may still be told that their sign-up was turned down: still left
+    as `reject` left them (not signed up again, bounced, complained or erased since), and not
+    suppressed."""
+    return set(session.scalars(_DECLINED_CANDIDATES, {"ids": list(ids)}))
 
 
 def segment_count(session: Session, topics: Sequence[str], regions: Sequence[str] = (),

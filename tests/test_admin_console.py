@@ -204,15 +204,19 @@ def test_pending_sign_ups_are_approved_or_turned_down(
     assert "2 subscriber(s)" in listed
     assert "Approve sign-up" in app_client.get(f"/admin/subscribers/{one}").text
     ok = app_client.post(f"/admin/subscribers/{one}/approve", data={"csrf_token": token})
-    assert "Approved: they will receive the next send." in ok.text
+    assert "Approved: a welcome mail is on its way" in ok.text
     no = app_client.post(f"/admin/subscribers/{two}/reject", data={"csrf_token": token})
-    assert "The sign-up was turned down." in no.text
+    assert "The sign-up was turned down: a short, kind note" in no.text
     again = app_client.post(f"/admin/subscribers/{one}/approve", data={"csrf_token": token})
     assert "Nothing to approve" in again.text
     with Session(engine) as session:
         assert [store.get(session, s).status for s in (one, two)] == ["active", "unsubscribed"]
     assert [a for _w, a, _t in _audit(engine)] == ["subscriber.approve", "subscriber.reject"]
     assert [e[0] for e in events_of(engine, one)][-1] == "approve"
+    with Session(engine) as session:  # the welcome and the note, once each, in the outbox
+        assert sorted(session.execute(select(Edition.kind, Delivery.subscriber_id)
+                                      .join(Delivery)).all()) == [("declined", two),
+                                                                   ("welcome", one)]
 
 
 def test_a_csv_import_shows_its_report_and_writes_nothing_until_confirmed(

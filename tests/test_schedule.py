@@ -253,7 +253,7 @@ def test_the_ics_of_a_week_long_event_is_valid_icalendar_and_reads_back_in(
                   description="A national week of action, led by the NCA.",
                   link="https://www.nationalcrimeagency.gov.uk/", offsets=[14, 1],
                   send_time="09:00", timezone="Europe/London", topic="reminders")
-    raw = schedule.reminder_ics(event, date(2027, 3, 15), settings, _utc(2027, 3, 1, 9, 0))
+    raw = events.occurrence_ics(event, date(2027, 3, 15), settings, _utc(2027, 3, 1, 9, 0))
     assert raw.startswith(b"BEGIN:VCALENDAR\r\n") and raw.endswith(b"END:VCALENDAR\r\n")
     assert all(len(line) <= 75 for line in raw.split(b"\r\n"))  # RFC 5545 3.1 folding
     calendar = icalendar.Calendar.from_ical(raw)

@@ -110,12 +110,18 @@ def test_a_reader_downloads_everything_held_on_them_and_nothing_of_anyone_else(
     assert [(s["topic"], s["status"]) for s in data["subscriptions"]] == [
         ("newsletter", "active"), ("reminders", "active")]
     with Session(_engine(client)) as session:
-        held = [(e.action, e.channel) for e in store.consent_history(session, reader)]
+        history = store.consent_history(session, reader)
+        held = [(e.action, e.channel) for e in history]
+        held_ids = [e.id for e in history]
     assert held == [("subscribe", "web"), ("confirm", "web")]
     assert [(e["action"], e["channel"]) for e in data["consent_history"]] == held
-    assert [(d["edition"], d["title"], d["status"], d["sent_at"])
-            for d in data["deliveries"]] == [
-        ("2026-q3-bulletin", "Autumn 2026 bulletin", "sent", "2026-09-30T08:15:00+00:00")]
+    delivered = sorted((d["title"], d["edition"], d["status"], d["sent_at"])
+                       for d in data["deliveries"])
+    # The welcome their confirmation queued was sent to them too, and is theirs to see.
+    assert [d[0] for d in delivered] == ["Autumn 2026 bulletin", "Welcome: you are now subscribed"]
+    assert delivered[0] == ("Autumn 2026 bulletin", "2026-q3-bulletin", "sent",
+                            "2026-09-30T08:15:00+00:00")
+    assert delivered[1][1] == f"welcome-{reader}-{held_ids[0]}"
     exported = dt.datetime.fromisoformat(data["exported_at"])
     assert exported.utcoffset() == dt.timedelta(0)
     for theirs in (OTHER, "Olive Other", "Essex Police", "essex-only-notice", "coord.essex"):

@@ -244,12 +244,14 @@ def approve(ctx: typer.Context, subscriber: str = typer.Argument(..., help="Addr
     rt: Runtime = ctx.obj
     with rt.session() as session:
         found = subscriber_ops.resolve(session, rt.caller, rt.settings.rules(), subscriber)
-        changed = subscriber_ops.decide(session, rt.caller, found.id, approve=not reject)
+        changed = subscriber_ops.decide(session, rt.caller, rt.settings, found.id,
+                                        approve=not reject)
         status = found.status
     if not changed:
         console.print(f"nothing to do: the subscriber is {status}")
         raise typer.Exit(1)
-    console.print("rejected" if reject else "approved: they will receive the next send")
+    console.print("rejected: they will be told kindly" if reject
+                  else "approved: a welcome is queued, and they will receive the next send")
 
 
 @app.command()

@@ -14,7 +14,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from mailer import audit, privacy
+from mailer import audit, privacy, welcome
+from mailer.config import Settings
 from subscribers import store
 from subscribers.db import utcnow
 from subscribers.errors import InvalidInput, SubscriberError
@@ -78,12 +79,19 @@ def sign_up(session: Session, rules: Rules, form: SignUpForm, ctx: Context) -> S
     return SignUp(subscriber, outcome, [t.name for t in chosen])
 
 
-def confirm(session: Session, rules: Rules, subscriber_id: int, ctx: Context) -> str | None:
-    """Confirm a sign-up from its link; the status it leads to, or None if nobody is left."""
+def confirm(session: Session, settings: Settings, rules: Rules, subscriber_id: int,
+            ctx: Context) -> str | None:
+    """Confirm a sign-up from its link; the status it leads to, or None if nobody is left.
+    A sign-up this makes active is welcomed (`mailer.welcome`); a second press changes
+    nothing, so it queues nothing."""
     subscriber = store.find(session, subscriber_id)
     if subscriber is None:
         return None
-    return str(store.confirm(session, rules, subscriber, ctx))
+    was = subscriber.status
+    status = store.confirm(session, rules, subscriber, ctx)
+    if was == SubscriberStatus.PENDING and status == SubscriberStatus.ACTIVE:
+        welcome.queue_welcome(session, settings, subscriber)
+    return str(status)
 
 
 def unsubscribe(session: Session, subscriber_id: int, topic_id: int | None, ctx: Context

@@ -9,8 +9,9 @@ from typing import IO, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailer import bounce_policy, outbox, privacy
+from mailer import bounce_policy, outbox, privacy, welcome
 from mailer.accounts import Permission
+from mailer.config import Settings
 from mailer.errors import OutOfScope
 from mailer.operations import Caller
 from mailer.spreadsheet import write_csv
@@ -148,8 +149,11 @@ def unsubscribe(session: Session, caller: Caller, sid: int, topic: str | None = 
     return changed
 
 
-def decide(session: Session, caller: Caller, sid: int, *, approve: bool) -> bool:
-    """Approve or turn down a confirmed sign-up from an untrusted domain."""
+def decide(session: Session, caller: Caller, settings: Settings, sid: int, *,
+           approve: bool) -> bool:
+    """Approve or turn down a confirmed sign-up from an untrusted domain. The reader is
+    welcomed, or told kindly, in the same transaction (`mailer.welcome`); a decision made
+    again changes nothing and mails nothing."""
     caller.require(Permission.SUBSCRIBERS_EDIT)
     subscriber = get(session, caller, sid)
     act = store.approve if approve else store.reject
@@ -157,6 +161,10 @@ def decide(session: Session, caller: Caller, sid: int, *, approve: bool) -> bool
     if changed:
         caller.record(session, f"subscriber.{'approve' if approve else 'reject'}",
                       f"subscriber:{sid}")
+        if approve:
+            welcome.queue_welcome(session, settings, subscriber, approved=True)
+        else:
+            welcome.queue_declined(session, settings, subscriber)
     return changed
 
 

@@ -615,9 +615,11 @@ async def subscriber_unsubscribe(request: Request, sid: int) -> Response:
 
 @router.post("/subscribers/{sid}/approve")
 async def subscriber_approve(request: Request, sid: int) -> Response:
+    settings = console(request).settings
+
     def change(session: Session, caller: Caller, form: FormData) -> str:
-        if subscriber_ops.decide(session, caller, sid, approve=True):
-            return "Approved: they will receive the next send."
+        if subscriber_ops.decide(session, caller, settings, sid, approve=True):
+            return "Approved: a welcome mail is on its way, and they will receive the next send."
         return "Nothing to approve: this sign-up is not waiting."
 
     return await _subscriber_change(request, sid, Permission.SUBSCRIBERS_EDIT, change)
@@ -625,9 +627,11 @@ async def subscriber_approve(request: Request, sid: int) -> Response:
 
 @router.post("/subscribers/{sid}/reject")
 async def subscriber_reject(request: Request, sid: int) -> Response:
+    settings = console(request).settings
+
     def change(session: Session, caller: Caller, form: FormData) -> str:
-        if subscriber_ops.decide(session, caller, sid, approve=False):
-            return "The sign-up was turned down."
+        if subscriber_ops.decide(session, caller, settings, sid, approve=False):
+            return "The sign-up was turned down: a short, kind note is on its way to them."
         return "Nothing to turn down: this sign-up is not waiting."
 
     return await _subscriber_change(request, sid, Permission.SUBSCRIBERS_EDIT, change)

@@ -601,9 +601,11 @@ def _routes(api: FastAPI) -> None:
                          caller: Caller = Depends(_needs(Permission.SUBSCRIBERS_EDIT))) -> Done:
             return await _run(request, lambda s: Done(changed=act(s, caller, sid)))
 
-    subscriber_change("approve", lambda s, c, sid: subscriber_ops.decide(s, c, sid, approve=True))
-    subscriber_change("reject", lambda s, c, sid: subscriber_ops.decide(s, c, sid,
-                                                                        approve=False))
+    settings = api.state.main.state.web.settings  # built before the API is mounted
+    subscriber_change("approve", lambda s, c, sid: subscriber_ops.decide(
+        s, c, settings, sid, approve=True))
+    subscriber_change("reject", lambda s, c, sid: subscriber_ops.decide(
+        s, c, settings, sid, approve=False))
     subscriber_change("unsubscribe", subscriber_ops.unsubscribe)
 
     @api.get("/editions", response_model=list[EditionOut])
@@ -684,7 +686,6 @@ def _routes(api: FastAPI) -> None:
             async def without_body(request: Request, eid: Id, caller: Caller = needs) -> Done:
                 return await perform(request, eid, caller, None)
 
-    settings = api.state.main.state.web.settings  # built before the API is mounted
     edition_step("request-approval", Permission.EDITIONS_EDIT,
                  lambda s, c, eid, _: edition_ops.request_approval(s, c, eid))
     edition_step("approve", Permission.EDITIONS_APPROVE,

@@ -255,16 +255,20 @@ async def confirm_post(request: Request, token: str) -> HTMLResponse:
     _form, claims = checked
     ctx = w.ctx(request)
 
-    status = await w.run(lambda s: readers.confirm(s, w.rules, claims.subscriber_id, ctx))
+    status = await w.run(lambda s: readers.confirm(s, w.settings, w.rules, claims.subscriber_id,
+                                                     ctx))
     if status == SubscriberStatus.ACTIVE:
         return message(request, "You are subscribed",
                        "Thank you: your address is confirmed and you will receive the next "
-                       "newsletter.", links=[("Past newsletters", w.url("/archive"))])
+                       "newsletter.",
+                       "We are sending you a welcome email with the next dates of interest, "
+                       "which you can add to your calendar.",
+                       links=[("Past newsletters", w.url("/archive"))])
     if status == SubscriberStatus.AWAITING_APPROVAL:
         return message(request, "Thank you, your address is confirmed",
                        "Because your address is not on a police, government or NHS domain, a "
                        "co-ordinator will check your sign-up before we send you anything. You "
-                       "do not need to do anything else.")
+                       "do not need to do anything else: we will email you either way.")
     return message(request, "This sign-up is no longer waiting",
                    "This link was for a sign-up that has since been cancelled or finished.",
                    links=[("Subscribe again", w.url("/subscribe"))], status=400)

@@ -27,9 +27,9 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 
+from mailer.archive import Archive
 from mailer.config import Settings
 from mailer.links import Links, tokens_for
-from mailer.web.archive import Archive
 from mailer.web.mail import Mailer, Outgoing
 from mailer.web.ratelimit import Limits
 from mailer.web.security import CSRF_FIELD, Csrf

@@ -1,4 +1,4 @@
-"""The public archive: every newsletter that has gone out, as its view-online page and a feed.
+"""The public archive: every newsletter that has gone out, its view-online pages and its listing.
 
 Editions sent through the outbox are read from the editions table (public ones that have
 started going out: their view-online links are in people's inboxes); older issues that never
