@@ -73,6 +73,34 @@ def test_a_totp_code_works_one_step_either_side_for_clock_drift_and_no_further()
         assert accounts.totp_match(RFC_SECRET, code, now, None) is None
 
 
+def test_after_a_lock_ends_it_takes_five_new_wrong_passwords_to_lock_again(
+        session: Session) -> None:
+    accounts.add_user(session, login="jo", display_name="Jo", role="viewer", password=PASSWORD,
+                      regions=["kent"], known_regions=["kent"])
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    for _ in range(5):
+        accounts.authenticate(session, "jo", "wrong password!", now=now)
+    later = now + accounts.LOCK_FOR + timedelta(seconds=1)
+    outcomes = [accounts.authenticate(session, "jo", "wrong password!", now=later).outcome
+                for _ in range(5)]
+    assert outcomes == [LoginOutcome.BAD] * 4 + [LoginOutcome.LOCKED]
+
+
+def test_a_session_records_when_and_where_it_was_signed_in(session: Session) -> None:
+    # For an investigation of a misused account: the audit log says who signed in, the
+    # session row where from and since when, until it ends.
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    long_ip = "fe80:0000:0000:0000:0204:61ff:fe9d:f156%ethernet0"  # 49 characters
+    cookies = [accounts.start_session(session, user, ip, now=now)
+               for ip in ("203.0.113.7", long_ip, "", None)]
+    assert all(re.fullmatch(r"[\w-]{43}", c) for c in cookies)  # 256 bits
+    rows = session.execute(text("SELECT ip, created_at FROM console_session ORDER BY id")).all()
+    assert [r.ip for r in rows] == ["203.0.113.7", long_ip[:45], None, None]
+    assert all(str(r.created_at).startswith("2026-01-05 09:00:00") for r in rows)
+
+
 def test_passwords_are_argon2id_and_weak_ones_are_refused(session: Session) -> None:
     user = accounts.add_user(session, login="Jo", display_name="Jo  Smith", role="coordinator",
                              password=PASSWORD, regions=["kent"], known_regions=["kent"])
