@@ -17,8 +17,10 @@ backlog shrinks, instead of asking fewer each day and trailing on for months.
 
 Each request is sent first and recorded after (the record is the guard that the cycle is
 asked): a crash between the two can send one reader a second copy, which is harmless, where
-recording first could lapse a reader who was never mailed. A refused or failed send records
-nothing and stops the run (the relay is likely down); the next pass tries again.
+recording first could lapse a reader who was never mailed. A temporary failure records
+nothing and stops the run (the relay is likely down); the next pass tries again. A permanent
+refusal for one address is recorded as asked with the refusal (see `ask`); one after the
+final dot with no reply (`unknown`) as asked, since it may have arrived.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ class Ran:
 
     lapsed: int = 0
     asked: int = 0
-    failed: int = 0  # a send the relay did not take; asked again on a later pass
+    failed: int = 0  # a send the relay did not take for now; asked again on a later pass
+    refused: int = 0  # refused for good (a dead address): counted as asked, with the refusal
 
 
 def uk_day_start(now: datetime) -> datetime:
@@ -175,13 +178,22 @@ def ask(settings: Settings, sessions: sessionmaker[Session], plan: Plan, now: da
             log.exception("reconfirm: could not send a request")
             ran.failed += 1
             break
-        if result.outcome != Outcome.SENT:
+        if result.outcome in (Outcome.RETRY, Outcome.HALT):
             log.warning("reconfirm: the relay did not take a request: %s %s", result.code,
                         result.reply)
             ran.failed += 1
             break
+        asked = ctx
+        if result.outcome in (Outcome.BOUNCED, Outcome.FAILED):
+            # Refused for this address for good: asking again every pass would only hammer
+            # it. Recorded as asked, with the refusal, so the cycle runs on and the reader
+            # lapses unless they answer some other way (a dead address should stop getting
+            # mail anyway).
+            asked = store.Context(channel=ctx.channel, actor=ctx.actor,
+                                  detail={"refused": (result.reply or str(result.code))[:200]})
+            ran.refused += 1
         with session_scope(sessions) as session:
-            if store.mark_reconfirm_asked(session, subscriber_id, now, plan.after, ctx):
+            if store.mark_reconfirm_asked(session, subscriber_id, now, plan.after, asked):
                 ran.asked += 1
     return ran
 

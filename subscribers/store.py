@@ -978,8 +978,10 @@ def reconfirm_cycle_start() -> Any:
 
 
 def _asked_this_cycle() -> Any:
+    # Strictly after: a request always comes a cycle after its start, while a "yes" at the
+    # very moment of the request (a frozen clock, a coarse one) must start a new cycle.
     return Subscriber.reconfirm_asked_at.is_not(None) & (
-        Subscriber.reconfirm_asked_at >= reconfirm_cycle_start())
+        Subscriber.reconfirm_asked_at > reconfirm_cycle_start())
 
 
 def reconfirm_due(now: datetime, after: timedelta) -> Any:
