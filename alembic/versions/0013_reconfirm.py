@@ -29,22 +29,52 @@ def _check(statuses: Sequence[str]) -> str:
     return "status IN (" + ", ".join(f"'{s}'" for s in statuses) + ")"
 
 
+def _columns() -> list[sa.Column[object]]:
+    return [sa.Column(name, subscribers.db.UTCDateTime(timezone=True), nullable=True)
+            for name in ("reconfirmed_at", "reconfirm_asked_at")]
+
+
+def _sqlite_recheck(old: Sequence[str], new: Sequence[str]) -> None:
+    """Change the status CHECK in place, as SQLite's manual describes for changes that leave
+    the stored rows as they are (section 7 of "ALTER TABLE"). Batch mode would copy the
+    table and drop the original, and with foreign keys on that drop deletes every reader's
+    subscriptions and consent history through their ON DELETE CASCADE."""
+    bind = op.get_bind()
+    sql = bind.exec_driver_sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'subscriber'").scalar()
+    assert isinstance(sql, str) and _check(old) in sql, "unexpected subscriber table"
+    version = bind.exec_driver_sql("PRAGMA schema_version").scalar()
+    assert isinstance(version, int)
+    bind.exec_driver_sql("PRAGMA writable_schema = ON")
+    bind.exec_driver_sql(
+        "UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'subscriber'",
+        (sql.replace(_check(old), _check(new)),))
+    bind.exec_driver_sql(f"PRAGMA schema_version = {version + 1}")
+    bind.exec_driver_sql("PRAGMA writable_schema = OFF")
+
+
 def upgrade() -> None:
-    with op.batch_alter_table("subscriber", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("reconfirmed_at", subscribers.db.UTCDateTime(timezone=True),
-                                      nullable=True))
-        batch_op.add_column(sa.Column("reconfirm_asked_at",
-                                      subscribers.db.UTCDateTime(timezone=True), nullable=True))
-        batch_op.drop_constraint(op.f("ck_subscriber_status"), type_="check")
-        batch_op.create_check_constraint(op.f("ck_subscriber_status"), _check(_AFTER))
+    if op.get_bind().dialect.name == "sqlite":
+        for column in _columns():  # ALTER TABLE ... ADD COLUMN: no copy of the table
+            op.add_column("subscriber", column)
+        _sqlite_recheck(_BEFORE, _AFTER)
+        return
+    for column in _columns():
+        op.add_column("subscriber", column)
+    op.drop_constraint(op.f("ck_subscriber_status"), "subscriber", type_="check")
+    op.create_check_constraint(op.f("ck_subscriber_status"), "subscriber", _check(_AFTER))
 
 
 def downgrade() -> None:
     # A lapsed reader was active and stopped answering: active again is the nearest state the
     # older schema has (they keep getting mail, as they did before this revision existed).
     op.execute("UPDATE subscriber SET status = 'active' WHERE status = 'lapsed'")
-    with op.batch_alter_table("subscriber", schema=None) as batch_op:
-        batch_op.drop_constraint(op.f("ck_subscriber_status"), type_="check")
-        batch_op.create_check_constraint(op.f("ck_subscriber_status"), _check(_BEFORE))
-        batch_op.drop_column("reconfirm_asked_at")
-        batch_op.drop_column("reconfirmed_at")
+    if op.get_bind().dialect.name == "sqlite":
+        _sqlite_recheck(_AFTER, _BEFORE)
+        for name in ("reconfirm_asked_at", "reconfirmed_at"):  # SQLite 3.35+: in place
+            op.execute(f"ALTER TABLE subscriber DROP COLUMN {name}")
+        return
+    op.drop_constraint(op.f("ck_subscriber_status"), "subscriber", type_="check")
+    op.create_check_constraint(op.f("ck_subscriber_status"), "subscriber", _check(_BEFORE))
+    op.drop_column("subscriber", "reconfirm_asked_at")
+    op.drop_column("subscriber", "reconfirmed_at")
