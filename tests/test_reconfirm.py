@@ -319,3 +319,26 @@ def test_the_dashboard_shows_the_figures_in_the_caller_s_regions(
     assert figures("kentco")["Due to be asked (spread over the coming days)"] == "3"
     assert figures("root")["Due to be asked (spread over the coming days)"] == "4"
     assert "Asked, no answer yet" not in figures("looker")
+
+
+def test_a_lapsed_reader_s_preferences_link_says_why_and_signing_up_again_brings_them_back(
+        client: TestClient, web_settings: Settings, sessions: sessionmaker[Session],
+        rules: Rules, sink: FaultServer, clock: Any) -> None:
+    from tests.web_fixtures import subscribe
+
+    sid = _add(sessions, rules, READER)
+    clock.move_to(T0 + YEAR + timedelta(hours=1))
+    reconfirm.run(web_settings, sessions)
+    clock.move_to(T0 + YEAR + timedelta(days=32))
+    assert reconfirm.run(web_settings, sessions).lapsed == 1
+    preferences = next(u for u in links_in(mails_to(sink, READER)[0]) if "/preferences/" in u)
+    page = client.get(preferences)
+    assert "Your mail is stopped" in page.text and "did not hear back" in page.text
+
+    subscribe(client, READER)
+    confirm = next(u for u in links_in(mails_to(sink, READER)[-1]) if "/confirm/" in u)
+    client.post(confirm, data={"csrf_token": csrf_of(client.get(confirm).text)})
+    assert _status(sessions, sid) == SubscriberStatus.ACTIVE
+    clock.move_to(T0 + YEAR + timedelta(days=100))  # a new cycle from the confirmation
+    assert reconfirm.run(web_settings, sessions).asked == 0
+    assert _edition_reaches(sessions, "after-coming-back") == {sid}
