@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -227,6 +227,16 @@ class Settings(BaseSettings):
         if value < 1:
             raise ValueError("a retention period must be 1 or more; zero or less would "
                              "delete every record of its kind at the next purge")
+        return value
+
+    @field_validator("reconfirm_link_days")
+    @classmethod
+    def _link_outlives_the_window(cls, value: int, info: ValidationInfo) -> int:
+        window = info.data.get("reconfirm_answer_days")
+        if window is not None and value < window:
+            raise ValueError(f"the 'yes' link must work at least as long as the answer window "
+                             f"(reconfirm_answer_days, {window}), or readers could not answer "
+                             "in time")
         return value
 
     @property

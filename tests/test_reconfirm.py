@@ -342,3 +342,19 @@ def test_a_lapsed_reader_s_preferences_link_says_why_and_signing_up_again_brings
     clock.move_to(T0 + YEAR + timedelta(days=100))  # a new cycle from the confirmation
     assert reconfirm.run(web_settings, sessions).asked == 0
     assert _edition_reaches(sessions, "after-coming-back") == {sid}
+
+
+def test_a_yes_link_shorter_than_the_answer_window_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mailer.config import load_settings
+    from mailer.errors import ConfigError
+
+    monkeypatch.setenv("MAILER_RECONFIRM_ANSWER_DAYS", "30")
+    monkeypatch.setenv("MAILER_RECONFIRM_LINK_DAYS", "20")
+    with pytest.raises(ConfigError, match="at least as long as the answer window"):
+        load_settings()
+    monkeypatch.setenv("MAILER_RECONFIRM_LINK_DAYS", "30")
+    assert load_settings().reconfirm_link_days == 30
+    monkeypatch.setenv("MAILER_RECONFIRM_SPREAD_DAYS", "0")
+    with pytest.raises(ConfigError, match="reconfirm_spread_days"):
+        load_settings()
