@@ -188,9 +188,10 @@ def ask(settings: Settings, sessions: sessionmaker[Session], plan: Plan, now: da
             # Refused for this address for good: asking again every pass would only hammer
             # it. Recorded as asked, with the refusal, so the cycle runs on and the reader
             # lapses unless they answer some other way (a dead address should stop getting
-            # mail anyway).
+            # mail anyway). The code only: a relay's words can quote the address, and the
+            # consent history outlives the retention of relay replies.
             asked = store.Context(channel=ctx.channel, actor=ctx.actor,
-                                  detail={"refused": (result.reply or str(result.code))[:200]})
+                                  detail={"refused": result.code, "outcome": str(result.outcome)})
             ran.refused += 1
         with session_scope(sessions) as session:
             if store.mark_reconfirm_asked(session, subscriber_id, now, plan.after, asked):
