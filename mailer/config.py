@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -135,6 +135,19 @@ class Settings(BaseSettings):
     confirm_link_days: int = Field(7, ge=1, description="How long a confirmation link works")
     manage_link_days: int = Field(180, ge=1, description="How long a preferences link works")
     unsubscribe_link_years: int = Field(10, ge=3, description="How long unsubscribe links work")
+
+    # ---- yearly reconfirmation (issue 17): `mailer.reconfirm`
+    reconfirm_after_days: int = Field(
+        365, ge=1, description="Days after confirming (or the last yes) a reader is asked "
+                               "whether they still work with MSHT")
+    reconfirm_answer_days: int = Field(
+        30, ge=1, description="Days a reader has to answer before their mail stops (lapsed)")
+    reconfirm_spread_days: int = Field(
+        14, ge=1, description="Days the requests due are spread over: at most 1/N of them "
+                              "(rounded up) are asked a day")
+    reconfirm_link_days: int = Field(
+        180, ge=1, description="How long the 'yes' link in a request works (answering after "
+                               "lapsing brings a reader back)")
     signup_mails_per_day: int = Field(1, ge=1, description="Sign-up mails an address may get/24h")
     signup_mails_per_month: int = Field(3, ge=1, description="... and per 30 days")
     mails_per_network_day: int = Field(
@@ -214,6 +227,16 @@ class Settings(BaseSettings):
         if value < 1:
             raise ValueError("a retention period must be 1 or more; zero or less would "
                              "delete every record of its kind at the next purge")
+        return value
+
+    @field_validator("reconfirm_link_days")
+    @classmethod
+    def _link_outlives_the_window(cls, value: int, info: ValidationInfo) -> int:
+        window = info.data.get("reconfirm_answer_days")
+        if window is not None and value < window:
+            raise ValueError(f"the 'yes' link must work at least as long as the answer window "
+                             f"(reconfirm_answer_days, {window}), or readers could not answer "
+                             "in time")
         return value
 
     @property

@@ -8,7 +8,8 @@ from mailer.render import RecipientUrls
 from subscribers.tokens import Lifetimes, Purpose, Tokens
 
 # Where each kind of link lands: the one place the recipient pages' link shapes are written.
-PATHS = {Purpose.CONFIRM: "/confirm/", Purpose.UNSUBSCRIBE: "/u/", Purpose.MANAGE: "/preferences/"}
+PATHS = {Purpose.CONFIRM: "/confirm/", Purpose.UNSUBSCRIBE: "/u/", Purpose.MANAGE: "/preferences/",
+         Purpose.RECONFIRM: "/still-working/"}
 
 
 def tokens_for(settings: Settings) -> Tokens:
@@ -17,7 +18,8 @@ def tokens_for(settings: Settings) -> Tokens:
     return Tokens(settings.token_keys(), Lifetimes(
         confirm=settings.confirm_link_days * day,
         unsubscribe=settings.unsubscribe_link_years * 365 * day,
-        manage=settings.manage_link_days * day))
+        manage=settings.manage_link_days * day,
+        reconfirm=settings.reconfirm_link_days * day))
 
 
 class Links:
@@ -40,6 +42,9 @@ class Links:
 
     def preferences(self, subscriber_id: int) -> str:
         return self.page(Purpose.MANAGE, self.tokens.manage(subscriber_id))
+
+    def reconfirm(self, subscriber_id: int) -> str:
+        return self.page(Purpose.RECONFIRM, self.tokens.reconfirm(subscriber_id))
 
     def view_online(self, edition_slug: str) -> str:
         return self.url(f"/archive/{edition_slug}")

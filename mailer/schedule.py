@@ -15,7 +15,9 @@ co-ordinators are told (logged, listed by `mailer schedule list`, and mailed aft
 
 After each pass the leader runs the daily retention purge (`mailer.retention.run_due`): in
 its own small transactions, asking the leader lock before each batch, so a big first purge
-neither holds a long transaction nor outlives the leadership.
+neither holds a long transaction nor outlives the leadership. Then it runs the yearly
+reconfirmation (`mailer.reconfirm.run`): readers out of time lapse, and the day's share of the
+requests due is mailed, likewise stopping once the lock goes.
 
 Exactly one scheduler works per database: it holds a PostgreSQL advisory lock on a connection
 of its own (checked every few seconds; losing it stops scheduling at once), or a lock file next
@@ -41,7 +43,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from mailer import alerts, audit, backup, events, outbox, retention
+from mailer import alerts, audit, backup, events, outbox, reconfirm, retention
 from mailer.config import Settings
 from mailer.deadline import too_late
 from mailer.errors import MailerError
@@ -277,6 +279,7 @@ class CatchUp:
     told: list[str] = field(default_factory=list)  # new notices: mail them after the commit
     pruned: int = 0  # rate events forgotten
     purged: retention.Purged | None = None  # the day's retention purge, when this pass ran it
+    reconfirm: reconfirm.Ran | None = None  # the yearly reconfirmation's lapses and requests
 
 
 def catch_up(session: Session, settings: Settings, now: datetime | None = None) -> CatchUp:
@@ -661,6 +664,7 @@ class Scheduler:
             log.exception("scheduler: the catch-up pass failed; the next one tries again")
             return
         report.purged = self._retention(now)
+        report.reconfirm = self._reconfirm(now)
         self.passes += 1
         if wake is not None and wake > now:
             self._wake_at(wake)
@@ -684,6 +688,19 @@ class Scheduler:
             log.info("scheduler: retention purge: %s", ", ".join(
                 f"{k} {v}" for k, v in purged.counts().items()))
         return purged
+
+    def _reconfirm(self, now: datetime) -> reconfirm.Ran | None:
+        """Lapse the readers out of time and ask today's share of those due: leader-only (it
+        stops between requests once the lock goes), each step its own transaction."""
+        try:
+            ran = reconfirm.run(self.settings, self.sessions, now, keep_going=self.lock.check)
+        except Exception:  # nothing half-done: each request is recorded only once sent
+            log.exception("scheduler: the reconfirmation step failed; the next pass tries again")
+            return None
+        if ran.lapsed or ran.asked or ran.failed:
+            log.info("scheduler: reconfirmation: %s lapsed, %s asked, %s not sent",
+                     ran.lapsed, ran.asked, ran.failed)
+        return ran
 
     def _backup(self) -> None:
         """Back up when the last backup is older than the interval; keep the newest N."""

@@ -33,6 +33,9 @@ class SubscriberStatus(StrEnum):
     BOUNCED = "bounced"
     COMPLAINED = "complained"
     ERASED = "erased"
+    # Asked yearly whether they still work with MSHT and did not answer in time: no mail, but
+    # not gone either; answering "yes" later makes them active again.
+    LAPSED = "lapsed"
 
 
 SENDABLE = frozenset({SubscriberStatus.ACTIVE})
@@ -61,6 +64,9 @@ class ConsentAction(StrEnum):
     ERASE = "erase"
     UNSUPPRESS = "unsuppress"
     PAUSE = "pause"  # no mail until a date, from the preferences page
+    RECONFIRM_ASK = "reconfirm_ask"  # the yearly "still working with MSHT?" mail went out
+    RECONFIRM = "reconfirm"  # they answered yes (and came back, if they had lapsed)
+    LAPSE = "lapse"  # no answer within the window: no more mail until they answer
 
 
 class Channel(StrEnum):
@@ -112,6 +118,10 @@ class Subscriber(Base):
     left_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # Set from the preferences page: no mail until then; the subscription itself is unchanged.
     paused_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The yearly reconfirmation (`store.reconfirm_due`): the last "yes", and when this cycle's
+    # request went out. A cycle starts at the later of `confirmed_at` and `reconfirmed_at`.
+    reconfirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    reconfirm_asked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     subscriptions: Mapped[list[Subscription]] = relationship(
         back_populates="subscriber", cascade="all, delete-orphan"

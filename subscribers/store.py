@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from functools import cache
 from typing import Any, NamedTuple
@@ -983,3 +983,138 @@ def not_paused(now: datetime | None = None) -> Any:
     """A paused subscriber gets no mail until the date (part of `segment`)."""
     moment = now or utcnow()
     return (Subscriber.paused_until.is_(None)) | (Subscriber.paused_until <= moment)
+
+
+# ---------------------------------------------------------------- yearly reconfirmation
+# A reader is asked once a cycle whether they still work with MSHT. A cycle starts at their
+# confirmation or their last "yes", whichever is later; the request of a cycle is the
+# `reconfirm_asked_at` at or after that start. Who is lapsed is the status, so `SENDABLE`
+# alone keeps them out of every send.
+
+def reconfirm_cycle_start() -> Any:
+    """When the reader's current cycle began. The later of the two, not the first non-null:
+    someone who left and signed up again has a confirmation newer than an old "yes". A row
+    without either (added before confirmations were dated) counts from when it was added."""
+    return case((Subscriber.reconfirmed_at > Subscriber.confirmed_at, Subscriber.reconfirmed_at),
+                else_=func.coalesce(Subscriber.confirmed_at, Subscriber.reconfirmed_at,
+                                    Subscriber.created_at))
+
+
+def _asked_this_cycle() -> Any:
+    # Strictly after: a request always comes a cycle after its start, while a "yes" at the
+    # very moment of the request (a frozen clock, a coarse one) must start a new cycle.
+    return Subscriber.reconfirm_asked_at.is_not(None) & (
+        Subscriber.reconfirm_asked_at > reconfirm_cycle_start())
+
+
+def reconfirm_due(now: datetime, after: timedelta) -> Any:
+    """Active readers whose cycle is `after` old and who have not been asked in it. A paused
+    reader is asked once the pause ends: a request they cannot be expected to read would
+    lapse them for being away."""
+    return ((Subscriber.status == SubscriberStatus.ACTIVE) & ~_asked_this_cycle()
+            & (reconfirm_cycle_start() <= now - after) & not_paused(now))
+
+
+def reconfirm_waiting() -> Any:
+    """Asked this cycle and not answered (yet)."""
+    return (Subscriber.status == SubscriberStatus.ACTIVE) & _asked_this_cycle()
+
+
+def lapse_due(now: datetime, window: timedelta) -> Any:
+    """Asked this cycle, and the answer window is over."""
+    return reconfirm_waiting() & (Subscriber.reconfirm_asked_at <= now - window)
+
+
+def reconfirm_due_ids(session: Session, now: datetime, after: timedelta,
+                      limit: int) -> list[int]:
+    """Up to `limit` readers due to be asked, the longest waiting first."""
+    if limit <= 0:
+        return []
+    return list(session.scalars(select(Subscriber.id).where(reconfirm_due(now, after))
+                                .order_by(reconfirm_cycle_start(), Subscriber.id).limit(limit)))
+
+
+def count_reconfirm_asked_since(session: Session, since: datetime) -> int:
+    """Requests sent since `since`, whatever became of the readers since."""
+    return session.scalar(select(func.count()).select_from(Subscriber).where(
+        Subscriber.reconfirm_asked_at >= since)) or 0
+
+
+def mark_reconfirm_asked(session: Session, subscriber_id: int, now: datetime,
+                         after: timedelta, ctx: Context) -> bool:
+    """Record that this cycle's request went out; False (and nothing recorded) when the reader
+    is no longer due (asked already, left, paused), so a cycle is asked once."""
+    done = changed_rows(session.execute(
+        update(Subscriber).where(Subscriber.id == subscriber_id, reconfirm_due(now, after))
+        .values(reconfirm_asked_at=now).execution_options(synchronize_session=False)))
+    if done:
+        _record_id(session, subscriber_id, ConsentAction.RECONFIRM_ASK, ctx)
+    return bool(done)
+
+
+def lapse_overdue(session: Session, now: datetime, window: timedelta, ctx: Context,
+                  limit: int) -> int:
+    """Lapse up to `limit` readers whose answer window is over; how many. Each is a guarded
+    UPDATE, so a second run (or a "yes" that came first) changes nothing."""
+    ids = list(session.scalars(select(Subscriber.id).where(lapse_due(now, window))
+                               .order_by(Subscriber.id).limit(limit)))
+    lapsed = 0
+    for subscriber_id in ids:
+        if changed_rows(session.execute(
+                update(Subscriber).where(Subscriber.id == subscriber_id, lapse_due(now, window))
+                .values(status=SubscriberStatus.LAPSED)
+                .execution_options(synchronize_session=False))):
+            _record_id(session, subscriber_id, ConsentAction.LAPSE, ctx)
+            lapsed += 1
+    session.expire_all()
+    return lapsed
+
+
+def reconfirm(session: Session, subscriber: Subscriber, ctx: Context) -> bool:
+    """The reader answered "yes": a new cycle starts, and a lapsed reader is active again.
+    False when there was nothing to answer (not asked this cycle, or not active or lapsed),
+    so a second press records nothing."""
+    lapsed = subscriber.status == SubscriberStatus.LAPSED
+    if not lapsed:
+        waiting = session.scalar(select(exists().where(
+            Subscriber.id == subscriber.id, reconfirm_waiting())))
+        if not waiting:
+            return False
+    subscriber.status = SubscriberStatus.ACTIVE
+    subscriber.reconfirmed_at = utcnow()
+    _record(session, subscriber, ConsentAction.RECONFIRM, ctx, was_lapsed=lapsed)
+    session.flush()
+    return True
+
+
+@dataclass(frozen=True)
+class ReconfirmCounts:
+    due: int  # to be asked (spread over the coming days)
+    asked: int  # asked, no answer yet, still within the window
+    answered: int  # said yes within the last cycle
+    lapsed: int  # no answer in time: not mailed until they answer
+
+
+def reconfirm_counts(session: Session, now: datetime, after: timedelta,
+                     scope: tuple[str, ...] | None = None) -> ReconfirmCounts:
+    """The reconfirmation figures within a region scope (None: every region)."""
+    in_scope = within(scope, Subscriber.region)
+
+    def n(condition: Any) -> int:
+        return session.scalar(select(func.count()).select_from(Subscriber)
+                              .where(condition, in_scope)) or 0
+
+    return ReconfirmCounts(
+        due=n(reconfirm_due(now, after)), asked=n(reconfirm_waiting()),
+        answered=n((Subscriber.status == SubscriberStatus.ACTIVE)
+                   & (Subscriber.reconfirmed_at > now - after)),
+        lapsed=n(Subscriber.status == SubscriberStatus.LAPSED))
+
+
+def _record_id(session: Session, subscriber_id: int, action: ConsentAction,
+               ctx: Context) -> None:
+    # `_record` for a change made by a guarded UPDATE, without loading the row.
+    session.add(ConsentEvent(
+        subscriber_id=subscriber_id, action=action, channel=ctx.channel, actor=ctx.actor,
+        consent_version=ctx.consent_version, lawful_basis=ctx.lawful_basis,
+        detail=ctx.detail or None))

@@ -72,6 +72,7 @@ class Purpose(StrEnum):
     CONFIRM = "confirm"  # the double opt-in link
     UNSUBSCRIBE = "unsubscribe"  # List-Unsubscribe and the footer link
     MANAGE = "manage"  # the preferences page (footer link and the /manage magic link)
+    RECONFIRM = "reconfirm"  # the yearly "yes, I still work with MSHT" answer
 
 
 class InvalidToken(Exception):
@@ -97,10 +98,12 @@ class Lifetimes:
     confirm: int = 7 * DAY
     unsubscribe: int = 10 * 365 * DAY
     manage: int = 180 * DAY
+    # Outlives the answer window, so a reader who lapsed can still come back with it.
+    reconfirm: int = 180 * DAY
 
     def of(self, purpose: Purpose) -> int:
         return {Purpose.CONFIRM: self.confirm, Purpose.UNSUBSCRIBE: self.unsubscribe,
-                Purpose.MANAGE: self.manage}[purpose]
+                Purpose.MANAGE: self.manage, Purpose.RECONFIRM: self.reconfirm}[purpose]
 
 
 class Tokens:
@@ -150,6 +153,9 @@ class Tokens:
 
     def manage(self, subscriber_id: int) -> str:
         return self.make(Purpose.MANAGE, subscriber_id)
+
+    def reconfirm(self, subscriber_id: int) -> str:
+        return self.make(Purpose.RECONFIRM, subscriber_id)
 
     def read(self, purpose: Purpose, token: str) -> Claims:
         """The claims of a valid token for `purpose`; raises `InvalidToken` otherwise."""

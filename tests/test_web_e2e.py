@@ -214,6 +214,10 @@ def test_every_page_passes_axe(browser: Any, served: Settings, sink: FaultServer
         problems += _axe(page)
         page.get_by_role("button", name="Save preferences").click()
         problems += _axe(page)
+        page.goto(f"{base}/still-working/{web_tokens.reconfirm(sid)}")  # the yearly question
+        problems += _axe(page)
+        page.get_by_role("button", name="Yes, keep sending").click()
+        problems += _axe(page)
         page.goto(f"{base}/u/{web_tokens.unsubscribe(sid, 1)}")
         problems += _axe(page)
         page.get_by_role("button", name="Unsubscribe").click()

@@ -1,9 +1,10 @@
-"""What a reader does for themself on the recipient pages: sign up, confirm, unsubscribe (and
-undo it), change their preferences, take a copy of their data, erase themself. A reader acts
-through a signed link (the token names them) or a form, not a console account, so there is no
-permission check here: each change writes its consent event, in `subscribers.store`, in the
-change's transaction. Erasure alone also writes an audit entry, because the audit log is where
-every erasure is answered for, whoever asked for it."""
+"""What a reader does for themself on the recipient pages: sign up, confirm, say yes to the
+yearly reconfirmation, unsubscribe (and undo it), change their preferences, take a copy of
+their data, erase themself. A reader acts through a signed link (the token names them) or a
+form, not a console account, so there is no permission check here: each change writes its
+consent event, in `subscribers.store`, in the change's transaction. Erasure alone also writes
+an audit entry, because the audit log is where every erasure is answered for, whoever asked
+for it."""
 
 from __future__ import annotations
 
@@ -92,6 +93,16 @@ def confirm(session: Session, settings: Settings, rules: Rules, subscriber_id: i
     if was == SubscriberStatus.PENDING and status == SubscriberStatus.ACTIVE:
         welcome.queue_welcome(session, settings, subscriber)
     return str(status)
+
+
+def reconfirm(session: Session, subscriber_id: int, ctx: Context) -> str | None:
+    """The yearly "yes, I still work with MSHT" from its link: the status it leads to (a
+    lapsed reader is active again), or None if nobody is left."""
+    subscriber = store.find(session, subscriber_id)
+    if subscriber is None:
+        return None
+    store.reconfirm(session, subscriber, ctx)
+    return str(subscriber.status)
 
 
 def unsubscribe(session: Session, subscriber_id: int, topic_id: int | None, ctx: Context

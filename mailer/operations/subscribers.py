@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -16,6 +17,7 @@ from mailer.errors import OutOfScope
 from mailer.operations import Caller
 from mailer.spreadsheet import write_csv
 from subscribers import importer, store
+from subscribers.db import utcnow
 from subscribers.errors import InvalidInput
 from subscribers.models import Subscriber, SubscriberStatus
 from subscribers.rules import Rules
@@ -60,6 +62,17 @@ def page(session: Session, caller: Caller, flt: store.Filter, *, limit: int,
 
 def counts(session: Session, caller: Caller) -> store.Counts:
     return store.counts(session, caller.scope)
+
+
+def reconfirmation(session: Session, caller: Caller, settings: Settings
+                   ) -> store.ReconfirmCounts | None:
+    """The yearly reconfirmation's figures (due, asked, answered, lapsed) in the caller's
+    regions, for those who look after the list (admins and co-ordinators); None for a viewer,
+    whose dashboard simply leaves them out."""
+    if not caller.actor.can(Permission.SUBSCRIBERS_EDIT):
+        return None
+    return store.reconfirm_counts(session, utcnow(),
+                                  timedelta(days=settings.reconfirm_after_days), caller.scope)
 
 
 def history(session: Session, caller: Caller, sid: int) -> dict[str, Any]:

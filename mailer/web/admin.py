@@ -434,6 +434,7 @@ async def dashboard(request: Request) -> HTMLResponse:
                 "recent": edition_ops.recent_sends(session, caller),
                 "reminders": events.upcoming(session, now, now + dt.timedelta(days=60))[:10],
                 "pending": figures.by_status.get(SubscriberStatus.AWAITING_APPROVAL, 0),
+                "reconfirm": subscriber_ops.reconfirmation(session, caller, c.settings),
                 "bounce_alerts": alert_ops.open_bounce_alerts(session, caller, every_region),
                 "told": alert_ops.coordinator_alerts(session, caller, now, ALERTS_SHOWN)}
 

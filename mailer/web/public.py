@@ -1,5 +1,6 @@
-"""The recipient pages: subscribe, confirm, unsubscribe (RFC 8058 one-click), preferences
-(with a copy of the reader's data, and erasure), manage-by-email, archive, health.
+"""The recipient pages: subscribe, confirm, the yearly "still working with MSHT?", unsubscribe
+(RFC 8058 one-click), preferences (with a copy of the reader's data, and erasure),
+manage-by-email, archive, health.
 
 Rules every route keeps:
 - a GET never changes anything (Microsoft 365 and other scanners fetch every link in a mail);
@@ -274,6 +275,40 @@ async def confirm_post(request: Request, token: str) -> HTMLResponse:
                    links=[("Subscribe again", w.url("/subscribe"))], status=400)
 
 
+# ---------------------------------------------------------------- yearly reconfirmation
+
+@router.get("/still-working/{token}")
+async def reconfirm_page(request: Request, token: str) -> HTMLResponse:
+    w = web(request)
+    try:
+        claims = w.tokens.read(Purpose.RECONFIRM, token)
+    except InvalidToken as exc:
+        return _bad_link(request, exc, "/manage", "Get a link to your preferences by email")
+    return render(request, "reconfirm.html.j2", title="Are you still working with MSHT?",
+                  action=w.links.page(Purpose.RECONFIRM, token),
+                  preferences=w.links.preferences(claims.subscriber_id))
+
+
+@router.post("/still-working/{token}")
+async def reconfirm_post(request: Request, token: str) -> HTMLResponse:
+    w = web(request)
+    checked = await _link_form(request, Purpose.RECONFIRM, token, "/manage",
+                               "Get a link to your preferences by email")
+    if isinstance(checked, HTMLResponse):
+        return checked
+    _form, claims = checked
+    ctx = w.ctx(request)
+    status = await w.run(lambda s: readers.reconfirm(s, claims.subscriber_id, ctx))
+    if status == SubscriberStatus.ACTIVE:
+        return message(request, "Thank you",
+                       "We will keep sending you the newsletter and reminders, and ask again "
+                       "in a year.",
+                       links=[("Your preferences", w.links.preferences(claims.subscriber_id))])
+    return message(request, "You are not subscribed",
+                   "This address is not subscribed at the moment, so there is nothing to "
+                   "keep.", links=[("Subscribe", w.url("/subscribe"))], status=400)
+
+
 # ---------------------------------------------------------------- unsubscribe (RFC 8058)
 
 def _unsubscribed_generic(request: Request) -> HTMLResponse:
@@ -417,6 +452,13 @@ def _not_active_page(request: Request, status: str | None) -> HTMLResponse:
         return message(request, "Your subscription is not active yet",
                        "Your sign-up is waiting to be confirmed or approved. You can change your "
                        "preferences once it is active.")
+    if status == SubscriberStatus.LAPSED:
+        return message(request, "Your mail is stopped",
+                       "We asked whether you still work with modern slavery and human "
+                       "trafficking and did not hear back, so we stopped sending you mail. To "
+                       "start again, press the button on the page the link in that email "
+                       "opens, or subscribe again.",
+                       links=[("Subscribe", w.url("/subscribe"))])
     return message(request, "You are not subscribed",
                    "This address is not subscribed at the moment.",
                    links=[("Subscribe", w.url("/subscribe"))])
