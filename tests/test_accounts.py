@@ -101,6 +101,31 @@ def test_a_session_records_when_and_where_it_was_signed_in(session: Session) -> 
     assert all(str(r.created_at).startswith("2026-01-05 09:00:00") for r in rows)
 
 
+def test_a_locked_account_answers_locked_to_any_password_until_the_minute_it_ends(
+        session: Session) -> None:
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    for _ in range(5):
+        accounts.authenticate(session, "jo", "wrong password!", now=now)
+    for password in ("wrong password!", PASSWORD):
+        result = accounts.authenticate(session, "jo", password, now=now + timedelta(minutes=1))
+        assert (result.outcome, result.user) == (LoginOutcome.LOCKED, user)  # for the audit
+    ends = now + accounts.LOCK_FOR
+    assert accounts.authenticate(session, "jo", PASSWORD, now=ends).outcome == LoginOutcome.OK
+
+
+def test_an_account_without_a_usable_password_is_refused_and_locked_never_an_error(
+        session: Session) -> None:
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    user.password_hash = "!"  # e.g. set by hand to stop password sign-in
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    outcomes = [accounts.authenticate(session, "jo", PASSWORD, now=now).outcome
+                for _ in range(6)]
+    assert outcomes == [LoginOutcome.BAD] * 4 + [LoginOutcome.LOCKED] * 2
+
+
 def test_passwords_are_argon2id_and_weak_ones_are_refused(session: Session) -> None:
     user = accounts.add_user(session, login="Jo", display_name="Jo  Smith", role="coordinator",
                              password=PASSWORD, regions=["kent"], known_regions=["kent"])
