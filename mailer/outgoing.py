@@ -1,14 +1,56 @@
-"""The door every single message leaves by: confirmation and manage-link mails, co-ordinator
-alerts and test sends are DKIM-signed here (`mailer.dkim`) and handed to SMTP on a connection
-of their own. List mail leaves through the worker's send loop, which signs with the same
-`mailer.dkim.Signer`, in processes beside its SMTP sessions.
+"""The door every single message leaves by: confirmation and manage-link mails, reconfirmation
+requests, co-ordinator alerts and test sends are DKIM-signed here (`mailer.dkim`) and handed to
+SMTP on a connection of their own. List mail leaves through the worker's send loop, which signs
+with the same `mailer.dkim.Signer`, in processes beside its SMTP sessions.
+
+`transactional` builds the messages written to one reader about their own subscription
+(templates/emails/<kind>.txt.j2 and .html.j2), with the headers every such message carries.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
 from mailer import dkim
 from mailer.config import Settings
 from mailer.smtp import SendResult, deliver_once
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates" / "emails"
+
+
+def template_env() -> jinja2.Environment:
+    # Explicit per-suffix autoescape: select_autoescape() does not know ".html.j2".
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+        # The text parts must not be HTML-escaped; the HTML parts always are.
+        autoescape=lambda name: name is not None and name.endswith(".html.j2"),  # noqa: S701
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+def transactional(settings: Settings, env: jinja2.Environment, kind: str, to: str,
+                  subject: str, context: dict[str, Any], now: datetime) -> EmailMessage:
+    """A message to one reader about their own subscription, from templates `kind`.txt.j2
+    and `kind`.html.j2. Marked auto-generated, so that out-of-office replies stay away."""
+    context = {"from_name": settings.from_name, "contact_address": settings.contact_address,
+               "base_url": settings.base_url, "email": to, **context}
+    msg = EmailMessage()
+    msg["From"] = Address(settings.from_name, addr_spec=settings.from_address)
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = format_datetime(now)
+    msg["Message-ID"] = make_msgid(domain=settings.from_address.rpartition("@")[2] or None)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg["X-Auto-Response-Suppress"] = "All"  # Exchange's own spelling of the same request
+    msg.set_content(env.get_template(f"{kind}.txt.j2").render(context))
+    msg.add_alternative(env.get_template(f"{kind}.html.j2").render(context), subtype="html")
+    return msg
 
 
 def send_now(settings: Settings, to: str, data: bytes, *,

@@ -30,10 +30,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
-from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
-from pathlib import Path
 
 import jinja2
 from sqlalchemy import exists, func, select
@@ -42,7 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from mailer.config import Settings
 from mailer.links import Links
 from mailer.outbox import LONDON
-from mailer.outgoing import send_now
+from mailer.outgoing import send_now, template_env, transactional
 from mailer.render import POLICY
 from mailer.smtp import Outcome
 from subscribers import store
@@ -51,7 +48,6 @@ from subscribers.models import Channel, Subscriber
 
 log = logging.getLogger(__name__)
 
-TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates" / "emails"
 ACTOR = "scheduler"
 LAPSE_BATCH = 500  # rows a transaction, as the retention purge does
 
@@ -102,38 +98,19 @@ def room_today(session: Session, plan: Plan, now: datetime) -> int:
     return max(0, daily_quota(session, plan, now) - sent)
 
 
-def _env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
-        autoescape=lambda name: name is not None and name.endswith(".html.j2"),  # noqa: S701
-        undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-
-
 def build_request(settings: Settings, links: Links, subscriber: Subscriber, now: datetime,
                   plan: Plan, env: jinja2.Environment | None = None) -> EmailMessage:
     """The request mail: a "yes" link (its page has the button) and the preferences link."""
     assert subscriber.email is not None
-    env = env or _env()
+    env = env or template_env()
     answer_by = (now + plan.window).astimezone(LONDON)
     organisation = subscriber.organisation or "your organisation"
-    context = {
-        "from_name": settings.from_name, "contact_address": settings.contact_address,
-        "base_url": settings.base_url, "email": subscriber.email, "name": subscriber.name,
-        "organisation": organisation, "yes_url": links.reconfirm(subscriber.id),
-        "preferences_url": links.preferences(subscriber.id),
-        "answer_by": f"{answer_by.day} {answer_by:%B %Y}",
-    }
-    msg = EmailMessage()
-    msg["From"] = Address(settings.from_name, addr_spec=settings.from_address)
-    msg["To"] = subscriber.email
-    msg["Subject"] = f"Are you still working with MSHT at {organisation}?"
-    msg["Date"] = format_datetime(now)
-    msg["Message-ID"] = make_msgid(domain=settings.from_address.rpartition("@")[2] or None)
-    msg["Auto-Submitted"] = "auto-generated"
-    msg["X-Auto-Response-Suppress"] = "All"
-    msg.set_content(env.get_template("reconfirm.txt.j2").render(context))
-    msg.add_alternative(env.get_template("reconfirm.html.j2").render(context), subtype="html")
-    return msg
+    context = {"name": subscriber.name, "organisation": organisation,
+               "yes_url": links.reconfirm(subscriber.id),
+               "preferences_url": links.preferences(subscriber.id),
+               "answer_by": f"{answer_by.day} {answer_by:%B %Y}"}
+    return transactional(settings, env, "reconfirm", subscriber.email,
+                         f"Are you still working with MSHT at {organisation}?", context, now)
 
 
 def lapse(sessions: sessionmaker[Session], plan: Plan, now: datetime,
@@ -159,7 +136,7 @@ def ask(settings: Settings, sessions: sessionmaker[Session], plan: Plan, now: da
         ids = store.reconfirm_due_ids(session, now, plan.after, room_today(session, plan, now))
     if not ids:
         return ran
-    links, env = Links(settings), _env()
+    links, env = Links(settings), template_env()
     ctx = store.Context(channel=Channel.SYSTEM, actor=ACTOR)
     for subscriber_id in ids:
         if not keep_going():  # the leadership went: the new leader carries on
