@@ -126,6 +126,18 @@ def test_an_account_without_a_usable_password_is_refused_and_locked_never_an_err
     assert outcomes == [LoginOutcome.BAD] * 4 + [LoginOutcome.LOCKED] * 2
 
 
+def test_a_password_of_twelve_characters_is_long_enough_and_a_short_one_says_how_to_choose(
+        session: Session) -> None:
+    # NCSC: length, not complexity rules; the refusal says how to make a strong one.
+    with pytest.raises(AccountError, match="at least 12 characters") as refused:
+        accounts.add_user(session, login="al", display_name="Al", role="viewer",
+                          password="x" * 11, regions=["kent"], known_regions=["kent"])
+    assert refused.value.hint == "three random words make a strong, memorable password"
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
+                             password="x" * 12, regions=["kent"], known_regions=["kent"])
+    assert accounts.authenticate(session, "jo", "x" * 12).user is user
+
+
 def test_passwords_are_argon2id_and_weak_ones_are_refused(session: Session) -> None:
     user = accounts.add_user(session, login="Jo", display_name="Jo  Smith", role="coordinator",
                              password=PASSWORD, regions=["kent"], known_regions=["kent"])
