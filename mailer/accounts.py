@@ -421,7 +421,7 @@ def start_session(session: Session, user: User, ip: str | None,
                                expires_at=now + SESSION_LIFETIME, last_seen_at=now,
                                ip=(ip or None) and ip[:45]))
     # Old sessions of anyone are pruned here rather than by a job: signing in is rare.
-    session.execute(delete(ConsoleSession).where(ConsoleSession.expires_at < now))
+    session.execute(delete(ConsoleSession).where(ConsoleSession.expires_at <= now))
     session.flush()
     return token
 

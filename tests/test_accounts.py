@@ -491,6 +491,47 @@ def test_a_revoked_token_stops_working_and_revoking_twice_says_so(session: Sessi
         accounts.revoke_token(session, "nope")
 
 
+def test_enabling_an_account_again_does_not_bring_back_its_old_sessions_or_tokens(
+        session: Session) -> None:
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="coordinator",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    earlier = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    old_row = accounts.create_token(session, user, name="old")[0]
+    with time_machine.travel(earlier, tick=False):
+        accounts.revoke_token(session, old_row.prefix)
+    cookie = accounts.start_session(session, user, None)
+    row, token = accounts.create_token(session, user, name="script")
+    accounts.disable_user(session, user)
+    assert accounts.enable_user(session, user) is True
+    assert accounts.session_user(session, cookie) is None
+    assert accounts.token_actor(session, token) is None and row.revoked_at is not None
+    assert old_row.revoked_at == earlier  # revoked before: that date stands
+
+
+def test_signing_in_prunes_the_sessions_that_have_ended(session: Session) -> None:
+    users = [accounts.add_user(session, login=login, display_name=login, role="viewer",
+                               password=PASSWORD, regions=["kent"], known_regions=["kent"])
+             for login in ("jo", "al")]
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    accounts.start_session(session, users[0], None, now=now)
+    accounts.start_session(session, users[1], None, now=now + timedelta(hours=1))
+    # Eight hours on, the first has ended (session_user would refuse it) and goes; the
+    # second, an hour younger, stays beside the new one.
+    accounts.start_session(session, users[1], None, now=now + accounts.SESSION_LIFETIME)
+    assert session.execute(text("SELECT count(*) FROM console_session")).scalar_one() == 2
+
+
+def test_each_request_after_the_first_minute_moves_the_idle_hour_on(session: Session) -> None:
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    cookie = accounts.start_session(session, user, None, now=now)
+    seen = now + timedelta(seconds=61)
+    assert accounts.session_user(session, cookie, now=seen) is user
+    # idle since `seen`, not since sign-in: still on an hour after sign-in
+    assert accounts.session_user(session, cookie, now=seen + timedelta(minutes=59)) is user
+
+
 def test_an_api_token_lives_a_year_by_default_as_long_as_asked_or_for_ever(
         session: Session) -> None:
     user = accounts.add_user(session, login="jo", display_name="Jo", role="coordinator",
