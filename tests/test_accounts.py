@@ -138,6 +138,21 @@ def test_a_password_of_twelve_characters_is_long_enough_and_a_short_one_says_how
     assert accounts.authenticate(session, "jo", "x" * 12).user is user
 
 
+def test_each_refused_sign_in_is_audited_under_the_account_it_tried(session: Session) -> None:
+    # An admin reading the audit log sees which account is being guessed at.
+    from mailer.operations import users
+
+    user = accounts.add_user(session, login="jo", display_name="Jo Smith", role="viewer",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    users.sign_in(session, via="web", ip="192.0.2.1", login="jo", password="wrong password!")
+    accounts.enable_totp(session, user)
+    users.sign_in(session, via="web", ip="192.0.2.1", login="jo", password=PASSWORD)
+    users.sign_in(session, via="web", ip="192.0.2.1", login="nobody", password=PASSWORD)
+    entries = [(e.actor, e.actor_name, e.action) for e in reversed(audit.entries(session)[1])]
+    assert entries == [("jo", "Jo Smith", "login.bad"), ("jo", "Jo Smith", "login.need_code"),
+                       ("(unknown)", None, "login.bad")]
+
+
 def test_passwords_are_argon2id_and_weak_ones_are_refused(session: Session) -> None:
     user = accounts.add_user(session, login="Jo", display_name="Jo  Smith", role="coordinator",
                              password=PASSWORD, regions=["kent"], known_regions=["kent"])
