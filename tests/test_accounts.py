@@ -144,13 +144,60 @@ def test_each_refused_sign_in_is_audited_under_the_account_it_tried(session: Ses
 
     user = accounts.add_user(session, login="jo", display_name="Jo Smith", role="viewer",
                              password=PASSWORD, regions=["kent"], known_regions=["kent"])
-    users.sign_in(session, via="web", ip="192.0.2.1", login="jo", password="wrong password!")
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+    def sign_in(login: str, password: str, code: str = "") -> None:
+        with time_machine.travel(now, tick=False):
+            users.sign_in(session, via="web", ip="192.0.2.1", login=login, password=password,
+                          code=code)
+
+    sign_in("jo", "wrong password!")
     accounts.enable_totp(session, user)
-    users.sign_in(session, via="web", ip="192.0.2.1", login="jo", password=PASSWORD)
-    users.sign_in(session, via="web", ip="192.0.2.1", login="nobody", password=PASSWORD)
+    secret, step = user.totp_secret or "", accounts.totp_step(now)
+    sign_in("jo", PASSWORD)
+    sign_in("jo", PASSWORD, _not_a_code_of(secret, step))
+    sign_in("nobody", PASSWORD)
+    accounts.disable_user(session, user)
+    sign_in("jo", PASSWORD, accounts.totp_code(secret, step))
     entries = [(e.actor, e.actor_name, e.action) for e in reversed(audit.entries(session)[1])]
     assert entries == [("jo", "Jo Smith", "login.bad"), ("jo", "Jo Smith", "login.need_code"),
-                       ("(unknown)", None, "login.bad")]
+                       ("jo", "Jo Smith", "login.bad"), ("(unknown)", None, "login.bad"),
+                       ("jo", "Jo Smith", "login.disabled")]
+
+
+def _not_a_code_of(secret: str, step: int) -> str:
+    """Six digits that no step near `step` accepts."""
+    near = {accounts.totp_code(secret, step + d) for d in (-1, 0, 1)}
+    return next(c for c in (f"{n:06d}" for n in range(1000)) if c not in near)
+
+
+def test_wrong_codes_lock_the_account_too_and_a_success_starts_the_count_again(
+        session: Session) -> None:
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    now = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+    wrong = ["wrong password!"] * 4
+    outcomes = [accounts.authenticate(session, "jo", p, now=now).outcome
+                for p in [*wrong, PASSWORD, *wrong]]
+    assert outcomes == [LoginOutcome.BAD] * 4 + [LoginOutcome.OK] + [LoginOutcome.BAD] * 4
+    accounts.authenticate(session, "jo", PASSWORD, now=now)  # the count starts again
+    accounts.enable_totp(session, user)
+    bad = _not_a_code_of(user.totp_secret or "", accounts.totp_step(now))
+    outcomes = [accounts.authenticate(session, "jo", PASSWORD, bad, now=now).outcome
+                for _ in range(5)]
+    assert outcomes == [LoginOutcome.BAD] * 4 + [LoginOutcome.LOCKED]
+    assert user.locked_until == now + accounts.LOCK_FOR
+
+
+def test_a_password_hashed_with_weaker_settings_is_rehashed_at_sign_in(session: Session) -> None:
+    from argon2 import PasswordHasher
+
+    user = accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
+                             password=PASSWORD, regions=["kent"], known_regions=["kent"])
+    user.password_hash = PasswordHasher(time_cost=1, memory_cost=8192).hash(PASSWORD)
+    assert accounts.authenticate(session, "jo", PASSWORD).outcome == LoginOutcome.OK
+    assert not accounts.HASHER.check_needs_rehash(user.password_hash)
+    assert accounts.authenticate(session, "jo", PASSWORD).outcome == LoginOutcome.OK
 
 
 def test_passwords_are_argon2id_and_weak_ones_are_refused(session: Session) -> None:
