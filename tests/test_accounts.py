@@ -136,6 +136,10 @@ def test_a_password_of_twelve_characters_is_long_enough_and_a_short_one_says_how
     user = accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
                              password="x" * 12, regions=["kent"], known_regions=["kent"])
     assert accounts.authenticate(session, "jo", "x" * 12).user is user
+    # a passphrase may be long, up to 1,024 characters; a megabyte is refused before hashing
+    accounts.set_password(session, user, "y" * 1024)
+    with pytest.raises(AccountError, match=r"^the password is too long$"):
+        accounts.set_password(session, user, "y" * 1025)
 
 
 def test_each_refused_sign_in_is_audited_under_the_account_it_tried(session: Session) -> None:
