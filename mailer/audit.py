@@ -70,6 +70,11 @@ def record(session: Session, *, actor: str, action: str, via: str = "console",
     return entry
 
 
+def last_at(session: Session, action: str) -> datetime | None:
+    """When `action` was last recorded."""
+    return session.scalar(select(func.max(AuditEntry.at)).where(AuditEntry.action == action))
+
+
 def delete_before(session: Session, cutoff: datetime, limit: int) -> int:
     """The retention purge: delete up to `limit` of the oldest entries from before `cutoff`;
     returns how many. Nothing else deletes from the log."""

@@ -117,6 +117,10 @@ def get_edition(session: Session, ident: str | int, scope: Scope = None) -> Edit
     return edition
 
 
+def edition_exists(session: Session, slug: str) -> bool:
+    return session.scalar(select(Edition.id).where(Edition.slug == slug)) is not None
+
+
 def list_editions(session: Session, limit: int = 50, scope: Scope = None) -> Sequence[Edition]:
     return session.scalars(select(Edition).where(within(scope, Edition.regions), _NOT_PERSONAL)
                            .order_by(Edition.id.desc()).limit(limit)).all()

@@ -33,7 +33,6 @@ from datetime import datetime, time, timedelta
 from email.message import EmailMessage
 
 import jinja2
-from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailer.config import Settings
@@ -86,8 +85,7 @@ def uk_day_start(now: datetime) -> datetime:
 
 def daily_quota(session: Session, plan: Plan, now: datetime) -> int:
     """How many requests one UK day may carry (see the module docstring)."""
-    due = session.scalar(select(func.count()).select_from(Subscriber)
-                         .where(store.reconfirm_due(now, plan.after))) or 0
+    due = store.count_reconfirm_due(session, now, plan.after)
     recent = store.count_reconfirm_asked_since(session, now - timedelta(days=plan.spread_days))
     return math.ceil((due + recent) / plan.spread_days)
 
@@ -143,8 +141,8 @@ def ask(settings: Settings, sessions: sessionmaker[Session], plan: Plan, now: da
             break
         with session_scope(sessions) as session:
             subscriber = session.get(Subscriber, subscriber_id)
-            if subscriber is None or not session.scalar(select(exists().where(
-                    Subscriber.id == subscriber_id, store.reconfirm_due(now, plan.after)))):
+            if subscriber is None or not store.is_reconfirm_due(session, subscriber_id, now,
+                                                                plan.after):
                 continue  # left, paused or answered since the list was read
             assert subscriber.email is not None
             to, data = subscriber.email, build_request(

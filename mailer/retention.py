@@ -186,16 +186,12 @@ def _erase_departed(session: Session, cutoff: datetime, limit: int) -> int:
     return len(ids)
 
 
-def last_run(session: Session) -> datetime | None:
-    return session.scalar(select(func.max(AuditEntry.at)).where(AuditEntry.action == ACTION))
-
-
 def run_due(sessions: sessionmaker[Session], periods: Periods, now: datetime | None = None,
             *, keep_going: Callable[[], bool] = lambda: True) -> Purged | None:
     """Purge when the last run is a day old or more (or there was none); None otherwise."""
     now = now or utcnow()
     with session_scope(sessions) as session:
-        last = last_run(session)
+        last = audit.last_at(session, ACTION)
     if last is not None and now - last < RUN_EVERY:
         return None
     return purge(sessions, periods, now, keep_going=keep_going)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -66,7 +65,7 @@ def queue_welcome(session: Session, settings: Settings, subscriber: Subscriber, 
     if not topics:
         return None
     slug = _slug("welcome", session, subscriber)
-    if _exists(session, slug):
+    if outbox.edition_exists(session, slug):
         return None
     zone = ZoneInfo(settings.timezone)
     today = now.astimezone(zone).date()
@@ -101,7 +100,7 @@ def queue_declined(session: Session, settings: Settings, subscriber: Subscriber,
     when this sign-up has had its notice already."""
     now = now or utcnow()
     slug = _slug("declined", session, subscriber)
-    if _exists(session, slug):
+    if outbox.edition_exists(session, slug):
         return None
     subject = "About your sign-up"
     compiled = compile_list_email(
@@ -117,10 +116,6 @@ def queue_declined(session: Session, settings: Settings, subscriber: Subscriber,
 
 def _slug(kind: str, session: Session, subscriber: Subscriber) -> str:
     return f"{kind}-{subscriber.id}-{store.latest_sign_up(session, subscriber.id) or 0}"
-
-
-def _exists(session: Session, slug: str) -> bool:
-    return session.scalar(select(Edition.id).where(Edition.slug == slug)) is not None
 
 
 def _queue(session: Session, slug: str, kind: EditionKind, topic: str, subject: str,

@@ -1034,6 +1034,17 @@ def reconfirm_due_ids(session: Session, now: datetime, after: timedelta,
                                 .order_by(reconfirm_cycle_start(), Subscriber.id).limit(limit)))
 
 
+def count_reconfirm_due(session: Session, now: datetime, after: timedelta) -> int:
+    return session.scalar(select(func.count()).select_from(Subscriber)
+                          .where(reconfirm_due(now, after))) or 0
+
+
+def is_reconfirm_due(session: Session, subscriber_id: int, now: datetime,
+                     after: timedelta) -> bool:
+    return bool(session.scalar(select(exists().where(Subscriber.id == subscriber_id,
+                                                     reconfirm_due(now, after)))))
+
+
 def count_reconfirm_asked_since(session: Session, since: datetime) -> int:
     """Requests sent since `since`, whatever became of the readers since."""
     return session.scalar(select(func.count()).select_from(Subscriber).where(

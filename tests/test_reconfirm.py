@@ -26,6 +26,7 @@ from subscribers.db import session_factory, session_scope
 from subscribers.models import Channel, ConsentEvent, Subscriber, SubscriberStatus
 from subscribers.rules import Rules
 from tests.smtp_servers import FaultServer
+from tests.test_retention import HeldLock
 from tests.web_fixtures import (  # noqa: F401
     HEADLESS_UA,
     client,
@@ -265,25 +266,11 @@ def test_a_paused_reader_is_asked_once_the_pause_ends(
     assert reconfirm.run(web_settings, sessions).asked == 1
 
 
-class _Lock:
-    def __init__(self) -> None:
-        self.held = True
-
-    def acquire(self) -> bool:
-        return True
-
-    def check(self) -> bool:
-        return self.held
-
-    def release(self) -> None:
-        pass
-
-
 def test_the_scheduler_s_pass_asks_only_while_it_leads(
         web_settings: Settings, sessions: sessionmaker[Session], rules: Rules,
         sink: FaultServer, clock: Any) -> None:
     _add(sessions, rules, READER)
-    lock = _Lock()
+    lock = HeldLock()
     reports: list[schedule.CatchUp] = []
     scheduler = schedule.Scheduler(web_settings, sessions, lock=lock, on_pass=reports.append)
     clock.move_to(T0 + YEAR + timedelta(hours=1))

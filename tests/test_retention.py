@@ -224,7 +224,9 @@ def test_asking_again_restarts_an_unconfirmed_sign_up_s_wait(
     assert sid not in _rows(sessions)
 
 
-class _Lock:
+class HeldLock:
+    """A leader lock the test takes away (`held = False`) to end the scheduler's leadership."""
+
     def __init__(self) -> None:
         self.held = True
 
@@ -242,7 +244,7 @@ def test_the_scheduler_s_pass_purges_once_a_day_and_only_while_it_leads(
         sessions: sessionmaker[Session], settings: Settings, rules: Rules, clock: Any) -> None:
     with session_scope(sessions) as s:
         _signup(s, rules, "gone@kent.police.uk")
-    lock = _Lock()
+    lock = HeldLock()
     reports: list[schedule.CatchUp] = []
     scheduler = schedule.Scheduler(settings, sessions, lock=lock, on_pass=reports.append)
     clock.move_to(T0 + timedelta(days=31))
