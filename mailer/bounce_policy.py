@@ -68,7 +68,7 @@ from mailer.bounces import DeliveryRef, Failure, Kind, Verdict, classify_inbound
 from mailer.config import Settings
 from mailer.errors import ConfigError, MailerError
 from mailer.inbound import InboundMessage
-from mailer.models import Delivery, DeliveryStatus, Edition
+from mailer.models import Delivery, Edition
 from subscribers import store
 from subscribers.db import Base, UTCDateTime, changed_rows, utcnow
 from subscribers.models import Channel, Subscriber, SubscriberStatus, Topic, _check_in
@@ -438,9 +438,7 @@ def _likely_delivery(session: Session, ref: DeliveryRef,
     latest delivery the relay took for them, in the token's topic, preferring an edition
     whose subject is the returned original's."""
     query = (select(Delivery).join(Edition, Edition.id == Delivery.edition_id)
-             .where(Delivery.subscriber_id == ref.subscriber_id,
-                    Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.UNKNOWN,
-                                         DeliveryStatus.BOUNCED]))
+             .where(Delivery.subscriber_id == ref.subscriber_id, outbox.handed_to_relay())
              .order_by(Delivery.id.desc()).limit(1))
     if ref.topic_id is not None:
         query = query.join(Topic, Topic.slug == Edition.topic).where(Topic.id == ref.topic_id)

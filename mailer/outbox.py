@@ -19,7 +19,19 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Select, and_, bindparam, case, func, literal, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
@@ -584,34 +596,37 @@ def delivery_of(session: Session, edition_id: int, subscriber_id: int) -> Delive
                                                  Delivery.subscriber_id == subscriber_id))
 
 
+def handed_to_relay() -> ColumnElement[bool]:
+    """Deliveries the relay took (sent, unknown, bounced) or may already hold: one still
+    `sending` whose final dot has been marked. A relay that bounces at once can report before
+    the worker has written its reply, so a bounce must find such a row too."""
+    taken = Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.UNKNOWN,
+                                 DeliveryStatus.BOUNCED])
+    return or_(taken, and_(Delivery.status == DeliveryStatus.SENDING,
+                           Delivery.dot_at.is_not(None)))
+
+
 def latest_delivery_to(session: Session, subscriber_id: int) -> Delivery | None:
     """The last delivery handed to the relay for this person: for a bounce without a reference."""
     return session.scalar(
-        select(Delivery).where(Delivery.subscriber_id == subscriber_id,
-                               Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.UNKNOWN,
-                                                    DeliveryStatus.BOUNCED]))
+        select(Delivery).where(Delivery.subscriber_id == subscriber_id, handed_to_relay())
         .order_by(Delivery.id.desc()).limit(1))
 
 
 def note_bounce(session: Session, delivery_id: int, reply: str, *, bounced: bool,
                 code: int | None = None) -> bool:
     """Record a later report on a delivery: its reply text, and `bounced` when the message did
-    not arrive after all. Deliveries the relay took (sent, unknown, bounced) change, and so does
-    one still `sending` whose final dot has been marked: a relay that bounces at once can report
-    before the worker has written the relay's reply, and that reply must not turn the bounce
-    back into `sent`. A bounced row leaves its worker's hands (the worker's result then finds no
-    `sending` row and changes nothing). A row queued, or sending before its dot, is the
-    worker's: a resend would overwrite this anyway."""
+    not arrive after all. Only deliveries `handed_to_relay` change; the worker's reply, coming
+    later, must not turn a bounce back into `sent`: a bounced row leaves its worker's hands (the
+    worker's result then finds no `sending` row and changes nothing). A row queued, or sending
+    before its dot, is the worker's: a resend would overwrite this anyway."""
     values: dict[str, Any] = {"last_reply": reply[:500]}
     if bounced:
         values.update(status=DeliveryStatus.BOUNCED, lease_until=None)
     if code is not None:
         values["last_code"] = code
-    taken = Delivery.status.in_([DeliveryStatus.SENT, DeliveryStatus.UNKNOWN,
-                                 DeliveryStatus.BOUNCED])
-    handed_over = and_(Delivery.status == DeliveryStatus.SENDING, Delivery.dot_at.is_not(None))
     return bool(changed_rows(session.execute(
-        update(Delivery).where(Delivery.id == delivery_id, or_(taken, handed_over))
+        update(Delivery).where(Delivery.id == delivery_id, handed_to_relay())
         .values(**values))))
 
 

@@ -28,6 +28,7 @@ from mailer.bounce_policy import (
 )
 from mailer.config import Settings
 from mailer.inbound import InboundMessage
+from mailer.links import tokens_for
 from mailer.models import Delivery, DeliveryStatus
 from mailer.reference import message_id, return_path
 from subscribers import store
@@ -256,6 +257,31 @@ def test_a_bounce_that_beats_the_relays_reply_is_not_undone_by_it(world: World) 
     assert (row.status, row.last_code, row.lease_until) == (DeliveryStatus.BOUNCED, 550, None)
     assert "5.1.1" in (row.last_reply or "")
     assert world.subscriber(quick.subscriber_id).status == SubscriberStatus.BOUNCED
+
+
+def test_a_bounce_naming_only_the_unsubscribe_token_finds_a_delivery_the_relay_has(
+        world: World) -> None:
+    """A relay that rewrites our Message-ID and bounces at once returns only the List-Unsubscribe
+    token: the delivery it names may still be `sending` with its dot marked, and is the one."""
+    ids = world.people(["quick@kent.police.uk"])
+    sid = ids["quick@kent.police.uk"]
+    edition, _ = outbox.store_edition(
+        world.session, slug="race", title="race", subject="race", topic="newsletter",
+        regions=["kent"], roles=[], source="race", compiled={}, actor="tester")
+    outbox.enqueue(world.session, edition)
+    [claim] = outbox.claim_due(world.session, "w", 5, timedelta(minutes=5))
+    topic = store.topics_by_slug(world.session, ["newsletter"])[0]
+    token = tokens_for(world.settings).unsubscribe(sid, topic.id)
+    returned = (f"Message-ID: <rewritten.1@relay.example>\r\nTo: <quick@kent.police.uk>\r\n"
+                f"Subject: race\r\nList-Unsubscribe: <https://news.example/u/{token}>\r\n")
+
+    def bounce() -> bounce_policy.Outcome:
+        return world.receive(dsn("quick@kent.police.uk", "5.1.1", original_headers=returned))
+    assert bounce().decision is Decision.UNMATCHED  # before the dot the relay has nothing
+    outbox.mark_dotted(world.session, "w", [claim.delivery_id], utcnow())
+    outcome = bounce()
+    assert outcome.decision is Decision.SUPPRESSED, outcome.detail
+    assert world.delivery(edition.id, sid).status == DeliveryStatus.BOUNCED
 
 
 def test_an_expired_delivery_is_soft_a_dead_domain_is_hard(world: World) -> None:

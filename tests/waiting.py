@@ -40,7 +40,10 @@ def a_session_waits_on_a_lock(db_url: str, timeout: float = 10.0) -> bool:
 
     from subscribers.db import normalise_url
 
-    watcher = create_engine(normalise_url(db_url), poolclass=NullPool)
+    # Autocommit: PostgreSQL keeps one snapshot of pg_stat_activity per transaction, so polls
+    # inside one transaction would see the first poll's answer for ever.
+    watcher = create_engine(normalise_url(db_url), poolclass=NullPool,
+                            isolation_level="AUTOCOMMIT")
     query = text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                  "AND datname = current_database()")
     try:
