@@ -10,6 +10,7 @@ file or the edition changes.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import threading
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ class Entry:
     preheader: str | None
     date_text: str
     updated: str  # RFC 3339, for Atom
+    issued: str  # ISO 8601 date the edition carries: the archive's order
 
 
 class Archive:
@@ -55,10 +57,15 @@ class Archive:
         zone = ZoneInfo(self.settings.timezone)
         out = []
         for edition in sent:
-            day = edition.started_at.astimezone(zone).date()
+            # Listed under the date the issue carries, not the day it went out: an old issue
+            # sent today is still the 2020 issue (editions compiled before the date was kept
+            # fall back to their sending day).
+            day = (dt.date.fromisoformat(edition.issue_date) if edition.issue_date
+                   else edition.started_at.astimezone(zone).date())
             out.append(Entry(slug=edition.slug, subject=edition.subject,
                              preheader=edition.preheader, date_text=f"{day.day} {day:%B %Y}",
-                             updated=edition.started_at.strftime("%Y-%m-%dT%H:%M:%SZ")))
+                             updated=edition.started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                             issued=day.isoformat()))
         taken = {e.slug for e in out}
         for path in self._files():
             mtime = path.stat().st_mtime
@@ -74,14 +81,15 @@ class Archive:
                     entry = Entry(slug=path.stem, subject=source.meta.subject,
                                   preheader=source.meta.preheader,
                                   date_text=f"{date.day} {date:%B %Y}",
-                                  updated=f"{date.isoformat()}T00:00:00Z")
+                                  updated=f"{date.isoformat()}T00:00:00Z",
+                                  issued=date.isoformat())
                 with self._lock:
                     self._entries[path] = (mtime, entry)
             else:
                 entry = cached[1]
             if entry is not None and entry.slug not in taken:
                 out.append(entry)
-        return sorted(out, key=lambda e: (e.updated, e.slug), reverse=True)
+        return sorted(out, key=lambda e: (e.issued, e.updated, e.slug), reverse=True)
 
     def sent_page(self, edition: Published, compiled: dict[str, object]) -> str:
         """The view-online HTML of a sent edition (`outbox.published_compiled`)."""

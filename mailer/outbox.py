@@ -902,12 +902,14 @@ class Published:
     preheader: str | None
     started_at: datetime
     compiled_at: str
+    issue_date: str | None  # ISO 8601; None for an edition compiled before it was kept
 
 
-def _published() -> Select[int, str, str, str, datetime, str]:
+def _published() -> Select[int, str, str, str, datetime, str, str]:
     return select(Edition.id, Edition.slug, Edition.subject,
                   Edition.compiled["preheader"].as_string(), Edition.started_at,
-                  Edition.compiled["compiled_at"].as_string()).where(
+                  Edition.compiled["compiled_at"].as_string(),
+                  Edition.compiled["issue_date"].as_string()).where(
         Edition.public.is_(True), Edition.kind == EditionKind.NEWSLETTER,
         Edition.started_at.is_not(None))
 
@@ -922,4 +924,4 @@ def published(session: Session) -> list[Published]:
 def published_compiled(session: Session, slug: str) -> tuple[Published, dict[str, Any]] | None:
     row = session.execute(_published().add_columns(Edition.compiled)
                           .where(Edition.slug == slug)).first()
-    return None if row is None else (Published(*row[:6]), row[6])
+    return None if row is None else (Published(*row[:7]), row[7])

@@ -99,6 +99,7 @@ class CompiledEdition:
     title: str = ""
     source: str = ""
     compiled_at: str = ""  # ISO 8601, aware; also the Date header (when it was finalised)
+    issue_date: str = ""  # ISO 8601: the date the edition carries, which the archive lists
     # Files sent with every copy (a reminder's .ics): {"filename", "content_type", "data"
     # (base64)}. Added for the scheduler (issue 6); empty for editions.
     attachments: list[dict[str, str]] = field(default_factory=list)
@@ -453,6 +454,7 @@ def compile_edition(edition: Edition, settings: Settings, *,
         from_name=from_name, from_address=settings.from_address, list_id=settings.list_id,
         markers=markers, title=edition.meta.title, source=edition.path,
         compiled_at=(now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds"),
+        issue_date=edition.meta.date.isoformat(),
     )
     compiled.warnings = preflight(compiled)
     return compiled

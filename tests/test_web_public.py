@@ -568,6 +568,30 @@ def test_an_edition_sent_through_the_outbox_is_in_the_archive_and_its_link_works
         f"{BASE}/archive/2027-q1-bulletin", f"{BASE}/archive/2020-q3-kent-essex"]
 
 
+def test_the_archive_lists_an_edition_under_the_date_it_carries_not_the_day_it_went_out(
+        client: TestClient, web_settings: Any, engine: Engine, tmp_path: Path) -> None:
+    """The 2020 issue sent through the outbox on 7 December 2026 is still the September 2020
+    issue; a 2027 issue sent earlier than it is listed above it."""
+    from mailer import outbox
+
+    sample = SAMPLE.read_text(encoding="utf-8")
+    later = tmp_path / "2027-q1-bulletin.md"
+    later.write_text(sample.replace("date: 2020-09-01", "date: 2027-01-15", 1), encoding="utf-8")
+    old = tmp_path / "sent-again.md"
+    old.write_text(sample, encoding="utf-8")
+    with Session(engine) as s:
+        for path, went_out in ((later, dt.datetime(2026, 12, 1, 9, tzinfo=dt.UTC)),
+                               (old, dt.datetime(2026, 12, 7, 9, tzinfo=dt.UTC))):
+            edition, _ = outbox.store_edition_file(s, web_settings, path, "tester")
+            outbox.enqueue(s, edition, now=went_out)
+        s.commit()
+    index = client.get("/archive").text
+    entry = index[index.index("/archive/sent-again"):].split("</li>", 1)[0]
+    assert "1 September 2020" in entry and "December 2026" not in entry
+    assert "15 January 2027" in index
+    assert index.index("/archive/2027-q1-bulletin") < index.index("/archive/sent-again")
+
+
 # ---- two requests at once on PostgreSQL (SQLite's web units take turns on one thread) ----
 
 def _at_once(client: TestClient, work: Any, waits_at: str, or_after: str = "@") -> list[Any]:
