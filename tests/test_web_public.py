@@ -507,6 +507,17 @@ def test_security_headers_and_urls_from_settings_not_host(client: TestClient,
                if "/confirm/" in u)
 
 
+def test_every_page_has_an_icon_and_the_browsers_default_request_for_one_is_answered(
+        client: TestClient) -> None:
+    for path in ("/subscribe", "/archive", "/admin/login"):
+        page = client.get(path)
+        assert f'<link rel="icon" href="{BASE}/static/favicon.svg"' in page.text, path
+    for path in ("/static/favicon.svg", "/favicon.ico"):
+        icon = client.get(path)
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+        assert icon.content.startswith(b"<svg")
+
+
 def test_hsts_when_the_base_url_is_https(settings, sink: FaultServer, tmp_path: Path) -> None:
     app = create_app(make_settings(sink, tmp_path, base_url="https://news.example.police.uk"))
     with TestClient(app, base_url="https://news.example.police.uk") as c:

@@ -61,6 +61,7 @@ def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
                   lifespan=lifespan)
     web = app.state.web = runtime.Web.build(settings, session_factory(engine), pages, db_threads)
     app.state.css = (TEMPLATE_DIR / "site.css").read_bytes()
+    app.state.favicon = (TEMPLATE_DIR / "favicon.svg").read_bytes()
     for path, endpoint, methods in public.FAST_ROUTES:  # ahead of the routers: first match
         app.add_route(path, endpoint, methods=methods, include_in_schema=False)
     app.include_router(public.router)

@@ -90,6 +90,13 @@ async def stylesheet(request: Request) -> Response:
                     headers={"Cache-Control": "public, max-age=3600"})
 
 
+@router.get("/static/favicon.svg", include_in_schema=False)
+@router.get("/favicon.ico", include_in_schema=False)  # asked for by browsers whatever the page says
+async def favicon(request: Request) -> Response:
+    return Response(request.app.state.favicon, media_type="image/svg+xml",
+                    headers={"Cache-Control": "public, max-age=86400"})
+
+
 # ---------------------------------------------------------------- subscribe
 
 def _subscribe_page(request: Request, topics: list[Any], values: dict[str, Any],
