@@ -752,6 +752,18 @@ def eta_text(settings: Settings, remaining: int) -> str:
         f"about {max(1, rest // 60)} min at the configured rate limits"
 
 
+def time_left_text(settings: Settings, p: Progress) -> str:
+    """The progress page's "time left": what is left of a send, in words that fit where the
+    send is (a send not yet started is not "done", nor is one a co-ordinator paused)."""
+    if p.status in STARTABLE:
+        return "not started yet"
+    if p.status == EditionStatus.CANCELLED:
+        return "none: the send was cancelled"
+    if p.status == EditionStatus.PAUSED and p.remaining:
+        return f"paused, with {p.remaining} message(s) waiting"
+    return eta_text(settings, p.remaining)
+
+
 def _require_approved(edition: Edition) -> None:
     if edition.status not in (EditionStatus.APPROVED, EditionStatus.SCHEDULED) \
             or not edition.approved_by:

@@ -311,6 +311,32 @@ def test_a_send_is_paused_resumed_cancelled_and_watched(
         "edition.send", "edition.pause", "edition.resume", "edition.cancel"]
 
 
+def test_the_time_left_says_where_the_send_is_not_done_before_it_started(
+        app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    people(engine, web_settings, [("k@kent.police.uk", "kent"), ("e@essex.police.uk", "essex")])
+    eid = sample_edition(engine, web_settings, author="alice")
+    token = _signed_in(app_client, engine)
+
+    def time_left() -> str:
+        page = app_client.get(f"/admin/editions/{eid}/progress").text
+        shown = page.split('id="progress-eta">', 1)[1].split("</span>", 1)[0]
+        assert app_client.get(f"/admin/editions/{eid}/progress.json").json()["eta"] == shown
+        return shown
+    assert time_left() == "not started yet"  # a draft
+    with session_factory(engine)() as session:
+        edition = outbox.get_edition(session, eid)
+        outbox.request_approval(session, edition, "alice")
+        outbox.approve(session, edition, "bob")
+        session.commit()
+    assert time_left() == "not started yet"  # approved, not sent
+    app_client.post(f"/admin/editions/{eid}/send", data={"csrf_token": token, "confirm": "yes"})
+    assert "min" in time_left() or "as fast as the relay" in time_left()
+    app_client.post(f"/admin/editions/{eid}/pause", data={"csrf_token": token})
+    assert time_left() == "paused, with 2 message(s) waiting"
+    app_client.post(f"/admin/editions/{eid}/cancel", data={"csrf_token": token})
+    assert time_left() == "none: the send was cancelled"
+
+
 def test_an_edit_in_the_console_withdraws_the_approval(
         app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
     eid = sample_edition(engine, web_settings, author="alice")

@@ -79,7 +79,7 @@ def _status_table(p: outbox.Progress, settings: Settings) -> Table:
     table.add_row("certainly sent once", str(p.once))
     table.add_row("may have been sent twice", str(p.ambiguous))
     table.add_row("resent after a crash", str(p.taken_over))
-    table.add_row("ETA", outbox.eta_text(settings, p.remaining))
+    table.add_row("ETA", outbox.time_left_text(settings, p))
     return table
 
 

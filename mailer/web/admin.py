@@ -1277,7 +1277,7 @@ async def edition_progress(request: Request, eid: int) -> HTMLResponse:
     live = p.status in LIVE
     return _page(request, caller.actor, "progress.html.j2", title=f"Sending {edition.slug}",
                  headers={"Content-Security-Policy": PROGRESS_CSP} if live else None,
-                 e=edition, p=p, eta=outbox.eta_text(c.settings, p.remaining), live=live,
+                 e=edition, p=p, eta=outbox.time_left_text(c.settings, p), live=live,
                  updated=dt.datetime.now(c.zone).strftime("%H:%M:%S"))
 
 
@@ -1290,7 +1290,7 @@ async def edition_progress_json(request: Request, eid: int) -> Response:
     return JSONResponse({"status": str(p.status), "counts": p.counts, "total": p.total,
                          "ambiguous": p.ambiguous, "taken_over": p.taken_over,
                          "once": p.once, "remaining": p.remaining,
-                         "eta": outbox.eta_text(c.settings, p.remaining),
+                         "eta": outbox.time_left_text(c.settings, p),
                          "live": p.status in LIVE,
                          "updated": dt.datetime.now(c.zone).strftime("%H:%M:%S")})
 
