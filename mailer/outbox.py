@@ -713,6 +713,12 @@ def request_approval(session: Session, edition: Edition, actor: str,
     return True
 
 
+def second_pair_of_eyes(edition: Edition, login: str) -> bool:
+    """Whether this person may approve the edition: neither its author nor whoever put it
+    forward (four eyes). The console offers "Approve" only to those who may."""
+    return login not in {edition.approval_requested_by, edition.created_by}
+
+
 def approve(session: Session, edition: Edition, approver: str,
             now: datetime | None = None) -> bool:
     """Approve an edition someone else wrote and put forward; returns whether it changed."""
@@ -724,7 +730,7 @@ def approve(session: Session, edition: Edition, approver: str,
     if not edition.approval_requested_by:
         raise EditionConflict(f"nobody has asked for edition '{edition.slug}' to be approved",
                               hint="its author asks for approval first")
-    if approver in {edition.approval_requested_by, edition.created_by}:
+    if not second_pair_of_eyes(edition, approver):
         raise ApprovalRefused(
             "you wrote or put forward this edition, so you cannot approve it",
             hint="another co-ordinator must approve it: that is the point of a second pair "

@@ -280,7 +280,11 @@ def test_a_send_is_paused_resumed_cancelled_and_watched(
     page = app_client.get(f"/admin/editions/{eid}").text
     assert "Send now" in page and "Schedule" in page
     unconfirmed = app_client.post(f"/admin/editions/{eid}/send", data={"csrf_token": token})
-    assert unconfirmed.status_code == 409 and "tick the box" in unconfirmed.text.lower()
+    # Said on the edition's page, against the box, not on a dead-end page of its own.
+    assert unconfirmed.status_code == 400 and "There is a problem" in unconfirmed.text
+    assert '<a href="#confirm-send">Tick the box to confirm' in unconfirmed.text
+    assert 'aria-describedby="confirm-send-error"' in unconfirmed.text
+    assert "Send now" in unconfirmed.text and "Preview" in unconfirmed.text
     sent = app_client.post(f"/admin/editions/{eid}/send",
                            data={"csrf_token": token, "confirm": "yes"})
     assert "Sending: 2 message(s) queued." in sent.text
@@ -298,7 +302,8 @@ def test_a_send_is_paused_resumed_cancelled_and_watched(
         with Session(engine) as session:
             assert session.get(Edition, eid).status == expect, step
     late = app_client.post(f"/admin/editions/{eid}/resume", data={"csrf_token": token})
-    assert late.status_code == 409 and "That cannot be done now" in late.text
+    assert late.status_code == 409 and "There is a problem" in late.text
+    assert "cancelled" in late.text.split("There is a problem", 1)[1].split("</ul>", 1)[0]
     done = app_client.get(f"/admin/editions/{eid}/progress")
     assert '<td class="num" id="count-skipped">2</td>' in done.text
     assert "/admin/static/progress.js" not in done.text
@@ -309,6 +314,29 @@ def test_a_send_is_paused_resumed_cancelled_and_watched(
                               .where(Delivery.status == "queued")) == 0
     assert [a for _w, a, _t in _audit(engine)] == [
         "edition.send", "edition.pause", "edition.resume", "edition.cancel"]
+
+
+def test_approve_is_offered_only_to_a_second_pair_of_eyes_and_a_refusal_is_said_on_the_page(
+        app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    people(engine, web_settings, [("k@kent.police.uk", "kent")])
+    eid = sample_edition(engine, web_settings, author="root")  # the signed-in account
+    with session_factory(engine)() as session:
+        outbox.request_approval(session, outbox.get_edition(session, eid), "root")
+        session.commit()
+    token = _signed_in(app_client, engine)
+    own = app_client.get(f"/admin/editions/{eid}").text
+    assert f'action="{BASE}/admin/editions/{eid}/approve"' not in own
+    assert "another co-ordinator must approve it" in own
+    forced = app_client.post(f"/admin/editions/{eid}/approve", data={"csrf_token": token})
+    assert forced.status_code == 403 and "There is a problem" in forced.text
+    assert "you wrote or put forward this edition" in forced.text.lower()
+    assert "Preview" in forced.text  # the edition's own page, not a dead end
+    with session_factory(engine)() as session:
+        edition = outbox.get_edition(session, eid)
+        edition.created_by = edition.approval_requested_by = "someone.else"
+        session.commit()
+    other = app_client.get(f"/admin/editions/{eid}").text
+    assert f'action="{BASE}/admin/editions/{eid}/approve"' in other
 
 
 def test_the_time_left_says_where_the_send_is_not_done_before_it_started(

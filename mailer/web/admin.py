@@ -21,7 +21,7 @@ import json
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -1117,6 +1117,14 @@ async def compose_from_word(request: Request) -> Response:
 @router.get("/editions/{eid}")
 async def edition_view(request: Request, eid: int) -> HTMLResponse:
     caller = await _signed_in(request, Permission.VIEW)
+    return await _edition_page(request, caller, eid, notice=_notice(request))
+
+
+async def _edition_page(request: Request, caller: Caller, eid: int, status: int = 200, *,
+                        notice: str | None = None, problems: Sequence[tuple[str, str]] = (),
+                        ) -> HTMLResponse:
+    """The edition's page; `problems` are (what went wrong, the field's id or "") from a step
+    the page's own forms asked for, shown above it in an error summary, not on a page apart."""
     c = console(request)
 
     def work(session: Session) -> dict[str, Any]:
@@ -1125,12 +1133,14 @@ async def edition_view(request: Request, eid: int) -> HTMLResponse:
         return {"e": e, "text": seen.text, "warnings": seen.warnings,
                 "audience": seen.audience, "progress": outbox.progress(session, e),
                 "covers": caller.actor.covers(e.regions),
+                "may_approve": outbox.second_pair_of_eyes(e, caller.actor.login),
                 "changes": edition_ops.changes(session, caller, eid),
                 "history": list(edition_ops.history(session, caller, eid))}
 
     view = await _run(request, work, "edition")
-    return _page(request, caller.actor, "edition.html.j2", title=view["e"].title, **view,
-                 notice=_notice(request), now_local=dt.datetime.now(c.zone))
+    return _page(request, caller.actor, "edition.html.j2", status, title=view["e"].title,
+                 **view, notice=notice, problems=problems,
+                 now_local=dt.datetime.now(c.zone))
 
 
 @router.get("/editions/{eid}/preview.html")
@@ -1162,11 +1172,30 @@ async def edition_edit(request: Request, eid: int) -> Response:
     return await _save_source(request, caller, slug, source, f"/admin/editions/{eid}/edit")
 
 
+class Unconfirmed(MailerError):
+    """A step whose confirmation box was left empty: shown against that box."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 async def _edition_step(request: Request, eid: int, permission: Permission,
                         step: Callable[[Session, Caller, FormData], str]) -> Response:
     caller = await _signed_in(request, permission)
     form = await _form(request)
-    notice = await _run(request, lambda s: step(s, caller, form), "edition")
+    try:
+        notice = await runtime.web(request).run(lambda s: step(s, caller, form))
+    except (MailerError, SubscriberError) as exc:
+        refusal = _refusal(exc, "edition")
+        if refusal.status == 404 or (isinstance(exc, OutOfScope) and not exc.field):
+            raise refusal from None
+        # What the page's own forms can cause is said on the page, with what to do: no dead
+        # end on a page of its own.
+        said = " ".join(p for p in refusal.paragraphs if p)
+        return await _edition_page(request, caller, eid,
+                                   400 if isinstance(exc, Unconfirmed) else refusal.status,
+                                   problems=[(said, getattr(exc, "field", None) or "")])
     return _see_other(request, f"/admin/editions/{eid}", notice)
 
 
@@ -1237,7 +1266,8 @@ async def edition_send(request: Request, eid: int) -> Response:
     def step(session: Session, caller: Caller, form: FormData) -> str:
         edition_ops.get(session, caller, eid)  # a stranger's edition is not found first
         if _text(form, "confirm") != "yes":
-            raise MailerError("tick the box to confirm that it should go now")
+            raise Unconfirmed("Tick the box to confirm that it should go to everyone in its "
+                              "audience now", "confirm-send")
         added = edition_ops.send(session, caller, settings, eid)
         return f"Sending: {added} message(s) queued."
 
