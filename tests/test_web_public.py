@@ -108,6 +108,18 @@ def test_double_opt_in_from_a_trusted_domain(client: TestClient, sink: FaultServ
                                          ("confirm", "web", version)]
 
 
+def test_signing_up_again_the_day_one_confirmed_brings_the_mail_the_page_promises(
+        client: TestClient, sink: FaultServer) -> None:
+    _active(client, sink)  # its confirmation mail went today
+    answer = subscribe(client, POLICE)
+    assert "we will email you a link to your preferences" in answer.text
+    told = [m for m in mails_to(sink, POLICE) if m["Subject"] == "You are already subscribed"]
+    assert len(told) == 1 and any("/preferences/" in u for u in links_in(told[0]))
+    subscribe(client, POLICE)  # a second try that day: no second mail
+    assert len([m for m in mails_to(sink, POLICE)
+                if m["Subject"] == "You are already subscribed"]) == 1
+
+
 def test_an_untrusted_domain_is_told_it_waits_for_approval(client: TestClient, sink: FaultServer,
                                                            engine: Engine) -> None:
     subscribe(client, "helper@charity.example.org")

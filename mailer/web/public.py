@@ -129,7 +129,7 @@ def _check_inbox(request: Request, background: BackgroundTask | None = None) -> 
         "If the address you gave can subscribe, we have sent it an email. Open the link in it "
         "and press the button on that page to confirm.",
         "The email can take a few minutes to arrive; check your junk folder too. If you are "
-        "already subscribed we will tell you so by email instead.",
+        "already subscribed, we will email you a link to your preferences instead.",
         "Addresses that are not on a police, government or NHS domain are checked by a "
         "co-ordinator after you confirm.",
         links=[("Back to the subscribe page", web(request).url("/subscribe"))],
@@ -165,7 +165,10 @@ async def subscribe_post(request: Request) -> HTMLResponse:
         def unit(session: Session) -> list[Outgoing]:
             done = readers.sign_up(session, w.rules, form, ctx)
             assert done.subscriber.email_key is not None
-            if not w.limits.may_mail(session, "signup", done.subscriber.email_key, network):
+            # The "already subscribed" notice has its own caps: the confirmation mail of an
+            # hour ago must not swallow the mail the page has just promised.
+            kind = "signup" if done.outcome not in _ALREADY else "already"
+            if not w.limits.may_mail(session, kind, done.subscriber.email_key, network):
                 return []
             return [_signup_mail(w, done.subscriber, done.outcome, done.topic_names)]
         return unit
@@ -200,10 +203,13 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] if text else text
 
 
+_ALREADY = frozenset({SubscribeOutcome.ALREADY_ACTIVE, SubscribeOutcome.AWAITING_APPROVAL})
+
+
 def _signup_mail(w: Web, subscriber: Subscriber, outcome: SubscribeOutcome,
                  topic_names: list[str]) -> Outgoing:
     assert subscriber.email is not None
-    if outcome in (SubscribeOutcome.ALREADY_ACTIVE, SubscribeOutcome.AWAITING_APPROVAL):
+    if outcome in _ALREADY:
         return Outgoing(subscriber.email, "already_subscribed", {
             "awaiting": outcome == SubscribeOutcome.AWAITING_APPROVAL,
             "preferences_url": w.links.preferences(subscriber.id)})
