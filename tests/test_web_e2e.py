@@ -163,6 +163,12 @@ def test_subscribe_confirm_receive_and_unsubscribe_in_chromium(
         page.get_by_role("button", name="Unsubscribe").click()
         expect(page.get_by_role("heading", name="You are unsubscribed")).to_be_visible()
         page.screenshot(path=str(artifacts / "web-e2e-unsubscribed.png"), full_page=True)
+        # The page's last button stands clear of the footer's rule, not on it.
+        gap = page.evaluate("""() => document.querySelector('footer').getBoundingClientRect().top
+            - document.querySelector('main button:last-of-type').getBoundingClientRect().bottom""")
+        assert gap >= 24, gap
+        page.goto(header_link)  # the link opened again: it says it was used
+        expect(page.get_by_text("You have already unsubscribed from")).to_be_visible()
     finally:
         context.close()
 

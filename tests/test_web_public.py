@@ -448,6 +448,26 @@ def test_the_unsubscribe_page_offers_topic_or_everything_and_a_way_back(
     assert subscriber_by_email(engine, POLICE).status == SubscriberStatus.ACTIVE
 
 
+def test_an_unsubscribe_link_opened_again_says_it_was_used_and_offers_the_way_back(
+        client: TestClient, sink: FaultServer, engine: Engine) -> None:
+    sid = _active(client, sink)
+    url = f"/u/{_unsub_token(client, sid)}"
+    client.post(url, data={"scope": "topic"})
+    again = client.get(url)
+    assert "You have already unsubscribed from Quarterly newsletter." in again.text
+    assert 'name="scope"' not in again.text and "Subscribe me again" in again.text
+    everything = f"/u/{_unsub_token(client, sid, topic=None)}"
+    assert 'name="scope"' in client.get(everything).text  # still subscribed to the rest
+    client.post(everything, data={"scope": "all"})
+    for link in (url, everything):
+        page = client.get(link)
+        assert "You have already unsubscribed from everything" in page.text
+        assert 'name="scope"' not in page.text
+    undo = client.post(f"{url}/undo", data={"csrf_token": csrf_of(client.get(url).text)})
+    assert "subscribed again" in undo.text
+    assert 'name="scope"' in client.get(url).text  # subscribed again: the form is back
+
+
 # ---------------------------------------------------------------- preferences and manage
 
 def test_manage_answers_the_same_and_mails_only_known_addresses(

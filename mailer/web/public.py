@@ -344,17 +344,40 @@ async def unsubscribe_page(request: Request, token: str) -> HTMLResponse:
     except InvalidToken as exc:
         return _bad_link(request, exc, "/manage", "Get a new link by email")
 
-    def work(session: Session) -> tuple[bool, Any]:
+    def work(session: Session) -> tuple[bool, Any, str | None]:
         subscriber = store.find(session, claims.subscriber_id)
         topic = store.topic_by_id(session, claims.topic_id) if claims.topic_id else None
-        return subscriber is not None, ({"name": topic.name} if topic else None)
+        if subscriber is None:
+            return False, None, None
+        # A link opened again after it was used says so (the person holding it is the reader
+        # it was mailed to), rather than offering a form as if nothing had happened.
+        left: str | None = None
+        if subscriber.status == SubscriberStatus.UNSUBSCRIBED:
+            left = f"everything {w.site_name} sends"
+        elif topic is not None and topic.slug not in store.active_topics(session, subscriber.id):
+            left = topic.name
+        return True, ({"name": topic.name} if topic else None), left
 
-    known, topic = await w.run(work)
+    known, topic, left = await w.run(work)
     if not known:
         return _unsubscribed_generic(request)
+    if left is not None:
+        return _unsubscribed_page(request, token, claims.subscriber_id,
+                                  f"You have already unsubscribed from {left}.")
     return render(request, "unsubscribe.html.j2", title="Unsubscribe", topic=topic,
                   action=w.links.page(Purpose.UNSUBSCRIBE, token),
                   preferences_url=w.links.preferences(claims.subscriber_id))
+
+
+def _unsubscribed_page(request: Request, token: str, subscriber_id: int,
+                       said: str) -> HTMLResponse:
+    """Where an unsubscribe link leads once it has been used: what was done, the way back."""
+    w = web(request)
+    return message(
+        request, "You are unsubscribed", said,
+        links=[("Manage your other preferences", w.links.preferences(subscriber_id))],
+        undo={"action": w.links.page(Purpose.UNSUBSCRIBE, token, "/undo"),
+              "text": "Did you press it by mistake?", "button": "Subscribe me again"})
 
 
 def _bare_page(title: str, text: str) -> bytes:
@@ -401,14 +424,9 @@ async def unsubscribe_post(request: Request) -> Response:
         return _one_click_answer(done is not None)
     if done is None:
         return _unsubscribed_generic(request)
-    what = (f"from {done.topic_name}" if done.topic_name
-            else f"from everything {w.site_name} sends")
-    return message(
-        request, "You are unsubscribed", f"You have been unsubscribed {what}.",
-        links=[("Manage your other preferences",
-                w.links.preferences(claims.subscriber_id))],
-        undo={"action": w.links.page(Purpose.UNSUBSCRIBE, token, "/undo"),
-              "text": "Did you press it by mistake?", "button": "Subscribe me again"})
+    what = done.topic_name or f"everything {w.site_name} sends"
+    return _unsubscribed_page(request, token, claims.subscriber_id,
+                              f"You have been unsubscribed from {what}.")
 
 
 # Routes with nothing for FastAPI to validate or inject, served ahead of the routers: FastAPI's
