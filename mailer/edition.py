@@ -28,7 +28,7 @@ from markdown_it import MarkdownIt
 from markdown_it.token import Token
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mailer.errors import EditionError
+from mailer.errors import EditionError, yaml_problem
 
 SectionKind = Literal["prose", "dates", "links", "figures"]
 # The email's column in CSS pixels (templates/editions: mj-body width): the widest an image
@@ -232,9 +232,9 @@ def _front_matter(text: str, first: int, where: str, errors: list[EditionError]
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
         key_lines = _key_lines(text, first)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = first + mark.line if mark else first
-        errors.append(EditionError(f"front matter is not valid YAML: {exc}", f"{where}:{line}"))
+        problem, line = yaml_problem(exc, first)
+        errors.append(EditionError(f"front matter is not valid YAML: {problem}",
+                                   f"{where}:{line or first}"))
         return None
     if not isinstance(data, dict):
         errors.append(EditionError("front matter must be a mapping of keys to values",
@@ -258,6 +258,11 @@ def _front_matter(text: str, first: int, where: str, errors: list[EditionError]
                 message = f"{name}: image without alt text: say what the image shows"
             elif loc and loc[0] == "date":
                 message = f"bad date {data.get('date')!r}: write it as YYYY-MM-DD"
+            elif err["type"] == "string_too_short" and err.get("ctx", {}).get("min_length") == 1:
+                message = f"{name} is empty: write one"
+            elif err["type"] == "string_too_long":
+                message = (f"{name} is too long: at most {err['ctx']['max_length']} characters, "
+                           f"and it has {len(str(err['input']))}")
             else:
                 message = f"{name}: {err['msg']}"
             errors.append(EditionError(message, f"{where}:{line}"))
@@ -438,9 +443,10 @@ class EditionErrors(EditionError):
 
     def __init__(self, errors: list[EditionError]) -> None:
         first = errors[0]
+        # One problem: its hint on a line of its own; several: each with its own hint.
         text = first.args[0] if len(errors) == 1 else (
-            f"{len(errors)} problems:\n" + "\n".join(str(e.args[0]) for e in errors))
-        super().__init__(text, hint=first.hint)
+            f"{len(errors)} problems:\n" + "\n".join(e.with_hint() for e in errors))
+        super().__init__(text, hint=first.hint if len(errors) == 1 else None)
         self.location = first.location
         self.errors = errors
         # MailerError prefixes the location itself; keep str() one clean list.

@@ -6,6 +6,8 @@ edge, and show the message: never a traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class MailerError(Exception):
     """Something the user can act on; `hint` says how."""
@@ -29,6 +31,10 @@ class EditionError(MailerError):
     def __init__(self, message: str, location: str | None = None, hint: str | None = None):
         super().__init__(f"{location}: {message}" if location else message, hint)
         self.location = location
+
+    def with_hint(self) -> str:
+        """The problem, where it is, and what to do, on one line (one of a list)."""
+        return f"{self.args[0]} ({self.hint})" if self.hint else str(self.args[0])
 
 
 class TransientDeliveryError(MailerError):
@@ -68,3 +74,29 @@ class OutOfScope(MailerError):
 
 class Conflict(MailerError):
     """Not possible in the record's present state (sent already, resolved a moment ago...)."""
+
+
+# What PyYAML says it was doing ("while parsing a flow sequence"), in an author's words.
+_YAML_CONTEXTS = {
+    "flow sequence": "the list in [ ] that starts on line {line}",
+    "flow mapping": "the { } that starts on line {line}",
+    "block mapping": "the keys that start on line {line}",
+    "block collection": "the keys that start on line {line}",
+    "quoted scalar": "the quoted text that starts on line {line}",
+}
+
+
+def yaml_problem(exc: Exception, first_line: int = 1) -> tuple[str, int | None]:
+    """A YAML parser error as one sentence and the one line it is about (1-based, counted
+    from `first_line`): PyYAML's own text names two places and quotes its parser's states."""
+    problem = str(getattr(exc, "problem", None) or "").strip() or str(exc).splitlines()[0]
+    mark, context_mark = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    line = first_line + mark.line if mark is not None else None
+    context = re.sub(r"^while (parsing|scanning) (an? )?", "",
+                     str(getattr(exc, "context", None) or "")).strip()
+    if context and context_mark is not None:
+        context_line = first_line + context_mark.line
+        if context_line != line:
+            words = _YAML_CONTEXTS.get(context, "what starts on line {line}")
+            problem += f", in {words.format(line=context_line)}; is a bracket or quote missing?"
+    return problem.replace("found character '\\t'", "found a tab"), line

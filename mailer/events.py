@@ -46,7 +46,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from mailer import alerts
 from mailer.config import Settings
-from mailer.errors import MailerError
+from mailer.errors import MailerError, yaml_problem
 from subscribers import store
 from subscribers.db import Base, UTCDateTime, changed_rows, utcnow
 from subscribers.models import _check_in
@@ -529,10 +529,9 @@ def load_yaml(path: Path) -> list[EventSpec]:
     except OSError as exc:
         raise EventError(f"{path}: cannot read it ({exc.strerror})") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise EventError(f"{path}{line}: not valid YAML: {problem}") from None
+        problem, line = yaml_problem(exc)
+        raise EventError(f"{path}{f':{line}' if line else ''}: not valid YAML: {problem}"
+                         ) from None
     if isinstance(data, dict) and "events" in data:
         data = data["events"]
     if not isinstance(data, list):

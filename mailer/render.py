@@ -63,6 +63,7 @@ ONE_CLICK = "List-Unsubscribe=One-Click"
 DKIM_HEADERS = HEADER_LIST  # what h= covers, over-signed: mailer.dkim owns the list
 _VAGUE_LINK_TEXT = {"here", "click here", "click", "this", "link", "this link", "read more",
                     "more", "click this link"}
+_VAGUE_OPENINGS = ("click here", "click this", "click on this", "click the link")
 _ENCODED_WORD = re.compile(r"=\?[^?\s]*\?[bBqQ]\?", re.ASCII)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HTML_SPECIAL = re.compile(r"[&<>'\"]")  # what markupsafe.escape changes
@@ -550,7 +551,7 @@ def preflight(compiled: CompiledEdition) -> list[str]:
             src = re.search(r"""\bsrc\s*=\s*["']([^"']*)""", img[0])
             warnings.append(f"image without alt text: {src[1] if src else img[0][:60]}")
     for href, text in _Anchors.find(compiled.html):
-        if text.lower().strip(" .!:") in _VAGUE_LINK_TEXT:
+        if vague_link_text(text):
             warnings.append(f"link text {text!r} says nothing out of context: "
                             f"describe where it goes ({href})")
         if href is None or not href.strip() or href.strip().startswith("#"):
@@ -566,6 +567,13 @@ def preflight(compiled: CompiledEdition) -> list[str]:
                  if unsub not in body]
         warnings.append(f"no unsubscribe link in the {' and '.join(where)} part")
     return warnings
+
+
+def vague_link_text(text: str) -> bool:
+    """Link text that says nothing read on its own, as a screen reader's list of links reads
+    it: "here", "read more", and anything that opens with "click here" or "click this"."""
+    words = " ".join(text.lower().split()).strip(" .!:,;")
+    return words in _VAGUE_LINK_TEXT or words.startswith(_VAGUE_OPENINGS)
 
 
 # ---- personalise ----

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mailer.edition import Table, link_problem, load_edition, parse_edition
+from mailer.edition import EditionErrors, Table, link_problem, load_edition, parse_edition
 from mailer.errors import EditionError
 
 SAMPLE = Path(__file__).resolve().parent.parent / "editions" / "2020-q3-kent-essex.md"
@@ -136,6 +136,33 @@ def test_front_matter_must_be_present_and_closed() -> None:
 def test_invalid_yaml_names_its_line() -> None:
     found = problems("---\ntitle: x\nsubject: [unclosed\n---\nBody.\n")
     assert found and found[0].startswith("ed.md:") and "not valid YAML" in found[0]
+
+
+def test_invalid_yaml_is_said_in_one_sentence_with_the_files_line_numbers() -> None:
+    """PyYAML counts lines from the front matter and quotes its parser ("while parsing a flow
+    sequence"); the author gets the file's lines and words."""
+    text = GOOD_FRONT.replace("topic: newsletter", "topic: [newsletter\nx: 1") + "Body.\n"
+    found = problems(text)
+    assert found[0] == ("ed.md:8: front matter is not valid YAML: expected ',' or ']', but "
+                        "got ':', in the list in [ ] that starts on line 7; is a bracket or "
+                        "quote missing?")
+    assert "while parsing" not in found[0] and '"<unicode string>"' not in found[0]
+
+
+def test_an_empty_subject_is_said_in_words_not_the_validators() -> None:
+    assert problems(GOOD_FRONT.replace("subject: Test subject", 'subject: ""') + "Body.\n") \
+        == ["ed.md:5: subject is empty: write one"]
+
+
+def test_each_of_several_problems_carries_its_own_hint() -> None:
+    with pytest.raises(EditionErrors) as info:
+        parse_edition(GOOD_FRONT + "A <i>b</i>.\n\n![](https://example.org/a.png)\n", "ed.md")
+    lines = str(info.value).splitlines()[1:]
+    assert lines == ["ed.md:9: raw HTML is not allowed: '<i>' (write it in Markdown)",
+                     "ed.md:9: raw HTML is not allowed: '</i>' (write it in Markdown)",
+                     "ed.md:11: image without alt text: 'https://example.org/a.png' "
+                     "(write ![what it shows](https://...))"]
+    assert info.value.hint is None  # not the first problem's hint alone, under them all
 
 
 def test_link_problem_accepts_https_mailto_and_contact() -> None:

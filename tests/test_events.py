@@ -169,6 +169,9 @@ def test_yaml_import(tmp_path: Path, session: Session) -> None:
 
 @pytest.mark.parametrize(("content", "message"), [
     ("events:\n  - name: A\n    date: [unclosed\n", r"dates\.yaml:\d+: not valid YAML"),
+    ("- name: A\n  date: [2027-10-18\n  offsets: [1]\n",
+     r"dates\.yaml:3: not valid YAML: expected ',' or '\]', but got ':', in the list in \[ \] "
+     "that starts on line 2"),
     ("- name: A\n", "event 1: needs at least 'name' and 'date'"),
     ("- name: A\n  date: 18 October\n", r"event 1 \(A\): '18 October' is not a date"),
     ("- name: A\n  date: 2027-10-18\n  send_time: '01:30'\n", "between 01:00 and 02:59"),

@@ -36,6 +36,7 @@ from mailer.render import (
     mjml_to_html,
     personalise,
     preflight,
+    vague_link_text,
 )
 from mailer.smtp import _stuff
 
@@ -188,6 +189,15 @@ def test_preflight_warns_about_each_problem(conf: Settings) -> None:
     assert "no unsubscribe link in the HTML part" in again
     assert "image without alt text: https://example.org/a.png" in again
     assert "link 'Top' has an empty or '#' target" in again
+
+
+@pytest.mark.parametrize(("text", "vague"), [
+    ("here", True), ("Click here", True), ("Click here to read the guide", True),
+    ("click   this link.", True), ("Read more", True), ("more", True),
+    ("Home Office guidance on modern slavery", False), ("Here is the NRM guidance", False),
+    ("Clicker training for dogs", False)])
+def test_link_text_that_says_nothing_on_its_own_is_flagged(text: str, vague: bool) -> None:
+    assert vague_link_text(text) is vague
 
 
 # ---- personalise ----

@@ -736,9 +736,9 @@ async def edition_new(request: Request) -> HTMLResponse:
 
 def _problems(exc: MailerError | SubscriberError) -> list[str]:
     if isinstance(exc, EditionErrors):
-        return [f"{e.location + ': ' if e.location else ''}{e}" for e in exc.errors]
+        return [e.with_hint() for e in exc.errors]
     if isinstance(exc, EditionError):
-        return [f"{exc.location + ': ' if exc.location else ''}{exc}"]
+        return [exc.with_hint()]
     hint = getattr(exc, "hint", None)
     return [str(exc)] + ([hint] if hint else [])
 
