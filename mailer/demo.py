@@ -16,8 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
+import secrets
 import shutil
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,8 +33,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailer import events, migrations, outbox, schedule
+from mailer.accounts import Role
 from mailer.config import Settings, load_settings
 from mailer.devsink import DevSink
+from mailer.operations import command_line_caller
+from mailer.operations import users as user_ops
 from mailer.worker import Worker, run_loop
 from subscribers import store
 from subscribers.db import make_engine, session_factory, session_scope, utcnow
@@ -99,6 +105,22 @@ class DemoResult:
     directory: Path = DEMO_DIR
 
 
+@dataclass(frozen=True)
+class DemoAccount:
+    login: str
+    name: str
+    what: str  # what the newcomer can do with it
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(12), repr=False)
+
+
+# The four-eyes path needs two people: one wrote the sample edition, the other approved it.
+# Their passwords are new on every run (the demo's data is wiped each time) and are printed.
+DEMO_ACCOUNTS = (
+    DemoAccount("demo.author", "Dana Author", "a co-ordinator, who wrote the sample edition"),
+    DemoAccount("demo.approver", "Ash Approver", "a second co-ordinator, who approved it"),
+)
+
+
 def demo_settings(directory: Path, smtp_url: str, host: str = "127.0.0.1",
                   port: int = 8000) -> Settings:
     """The demo's own settings: everything under `directory`, mail to the dev sink, no limits."""
@@ -147,6 +169,12 @@ def prepare(settings: Settings, count: int = DEMO_SIZE) -> sessionmaker[Session]
             [(p, [newsletter, reminders] if wants else [newsletter]) for p, wants in people],
             store.Context(channel=Channel.IMPORT, actor="demo", lawful_basis="public_task",
                           detail={"source": "mailer demo"}))
+    with session_scope(sessions) as session:
+        for account in DEMO_ACCOUNTS:
+            user_ops.add(session, command_line_caller(), login=account.login,
+                         name=account.name, role=Role.COORDINATOR, regions=["kent", "essex"],
+                         known_regions=list(settings.regions), password=account.password,
+                         email=f"{account.login}@kent.police.example")
     # The view-online link of the edition reads the published source from the archive.
     settings.archive_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
     shutil.copy(SAMPLE_EDITION, settings.archive_dir / SAMPLE_EDITION.name)  # type: ignore[operator]
@@ -227,12 +255,20 @@ def run_demo(console: Console, *, directory: Path = DEMO_DIR, serve: bool = True
             base = settings.base_url
             console.print("\n[bold]Open these in a browser[/] (Ctrl-C stops the demo):")
             for label, path in (("the dev inbox", "/dev/inbox"), ("subscribe", "/subscribe"),
-                                ("the archive", "/archive")):
+                                ("the archive", "/archive"), ("the console", "/admin")):
                 console.print(f"  {label:14} {base}{path}")
+            _sign_ins(console, result)
             run_all_in_one(settings, app, host, port, console=console)
         return result
     finally:
         sink.stop()
+
+
+def _sign_ins(console: Console, r: DemoResult) -> None:
+    console.print(f"\n[bold]Sign in to the console[/] at {r.settings.base_url}/admin as")
+    for account in DEMO_ACCOUNTS:
+        console.print(f"  {account.what}: login [bold]{account.login}[/], "
+                      f"password [bold]{escape(account.password)}[/]")
 
 
 def _summary(console: Console, r: DemoResult) -> None:
@@ -245,6 +281,11 @@ def _summary(console: Console, r: DemoResult) -> None:
             assert item.at is not None
             console.print(f"  {schedule.uk_time(item.at):26} ({schedule.utc_time(item.at)})  "
                           f"{escape(item.what)}")
+    here = os.path.relpath(r.directory)
+    command = Path(sys.executable).with_name("mailer")  # the one in this environment
+    command_text = os.path.relpath(command) if command.exists() else "mailer"
+    console.print(f"the command line on the demo's data (in this directory): "
+                  f"MAILER_VAR_DIR={escape(here)} {escape(command_text)} subscribers list")
 
 
 # ---------------------------------------------------------------- one process, one host

@@ -3,6 +3,8 @@ settings (never a request's Host header), and signed for their purpose."""
 
 from __future__ import annotations
 
+import functools
+
 from mailer.config import Settings
 from mailer.render import RecipientUrls
 from subscribers.tokens import Lifetimes, Purpose, Tokens
@@ -25,7 +27,15 @@ def tokens_for(settings: Settings) -> Tokens:
 class Links:
     def __init__(self, settings: Settings, tokens: Tokens | None = None) -> None:
         self.base = settings.base_url
-        self.tokens = tokens or tokens_for(settings)
+        self._settings = settings
+        if tokens is not None:
+            self.tokens = tokens
+
+    @functools.cached_property
+    def tokens(self) -> Tokens:
+        """Read (or, on an embedded install, made) only when a signed link is: a preview's
+        links are not signed, so previewing an edition leaves no key behind."""
+        return tokens_for(self._settings)
 
     def url(self, path: str) -> str:
         return f"{self.base}{path}"

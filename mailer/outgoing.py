@@ -15,11 +15,13 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jinja2
 
 from mailer import dkim
 from mailer.config import Settings
+from mailer.errors import RelayRefused
 from mailer.smtp import SendResult, deliver_once
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates" / "emails"
@@ -62,6 +64,18 @@ def send_now(settings: Settings, to: str, data: bytes, *,
     signed = dkim.signer_for(settings).sign(_crlf(data))
     return deliver_once(settings.smtp_url.get_secret_value(),
                         mail_from or settings.from_address, to, signed)
+
+
+def not_sent(settings: Settings, result: SendResult) -> RelayRefused:
+    """A single message the relay did not take, with what to do when nothing answered: the
+    first thing a newcomer meets with no relay running."""
+    if result.stage != "connect":
+        return RelayRefused(f"the mail relay answered: {result.reply}")
+    relay = urlsplit(settings.smtp_url.get_secret_value())
+    return RelayRefused(
+        f"nothing answers at {relay.hostname}:{relay.port or 25} ({result.reply})",
+        hint="start the mail relay; to try things out, run `mailer dev-sink` in another "
+             "terminal (it keeps every message; MAILER_SMTP_URL says which relay to use)")
 
 
 def _crlf(data: bytes) -> bytes:

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from mailer.cli import run
 from mailer.config import Settings
+from mailer.demo import SAMPLE_EDITION
 
 
 def mailer(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -175,6 +177,47 @@ def test_a_new_database_is_refused_until_upgraded_in_a_real_process(tmp_path: Pa
                             cwd=tmp_path, check=False)
     assert status.returncode == 0 and "up to date" in status.stdout
     assert (tmp_path / "var" / "mailer.db").exists()
+
+
+def test_a_command_run_where_nothing_is_set_up_says_so_and_leaves_nothing_behind(
+        tmp_path: Path) -> None:
+    """After the demo, `mailer users list` in the checkout found no database, advised `mailer
+    db upgrade` and left an empty one (and a key) behind; `edition preview` made a key too."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILER_")}
+    with socket.socket() as closed:  # a port where nothing listens
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    env.update(MAILER_CONFIG=str(tmp_path / "none.toml"),
+               MAILER_SMTP_URL=f"smtp://127.0.0.1:{port}?tls=none")
+
+    def mailer_here(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mailer", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, check=False)
+    listing = mailer_here("users", "list")
+    said = " ".join(listing.stderr.split())
+    assert listing.returncode == 1 and "there is no database at var/mailer.db" in said
+    assert "mailer db upgrade" in said and not (tmp_path / "var").exists()
+    preview = mailer_here("edition", "preview", str(SAMPLE_EDITION))
+    assert preview.returncode == 0, preview.stderr
+    assert sorted(p.name for p in (tmp_path / "var").iterdir()) == ["preview"]  # no key
+    (tmp_path / "var" / "demo").mkdir()
+    (tmp_path / "var" / "demo" / "mailer.db").touch()
+    listing = mailer_here("subscribers", "list")
+    assert "add MAILER_VAR_DIR=var/demo before the command" in " ".join(listing.stderr.split())
+    sent = mailer_here("edition", "preview", str(SAMPLE_EDITION), "--to", "me@kent.police.uk")
+    said = " ".join(sent.stderr.split())
+    assert sent.returncode == 1 and f"nothing answers at 127.0.0.1:{port}" in said
+    assert "run `mailer dev-sink` in another terminal" in said and "Traceback" not in said
+
+
+def test_a_table_piped_into_another_program_is_not_cut_to_80_columns(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS" and not k.startswith("MAILER_")}
+    env.update(MAILER_CONFIG=str(tmp_path / "none.toml"), MAILER_VAR_DIR=str(tmp_path))
+    for args in (["db", "upgrade"], ["topics", "list"]):
+        done = subprocess.run([sys.executable, "-m", "mailer", *args], env=env,
+                              capture_output=True, text=True, check=True)
+    row = next(line for line in done.stdout.splitlines() if "newsletter" in line)
+    assert "The MSHT newsletter for first responders, sent each quarter." in row
 
 
 def test_usage_errors_and_aborts_are_one_clear_message(

@@ -102,7 +102,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def served_demo(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def served_demo(tmp_path: Path) -> Iterator[tuple[str, Path, str]]:
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mailer", "demo", "--port", str(port)],
                             cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE,
@@ -118,7 +118,7 @@ def served_demo(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     try:
         assert wait_for(answering(base, proc), 240) and proc.poll() is None, "".join(lines)
         assert f"{base}/dev/inbox" in "".join(lines)  # it prints the URLs to open
-        yield base, tmp_path / "var" / "demo"
+        yield base, tmp_path / "var" / "demo", "".join(lines)
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         try:
@@ -134,8 +134,8 @@ def served_demo(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 @pytest.mark.browser
 def test_open_the_dev_inbox_open_the_edition_and_follow_its_unsubscribe_link(
-        browser: Any, served_demo: tuple[str, Path]) -> None:
-    base, demo = served_demo
+        browser: Any, served_demo: tuple[str, Path, str]) -> None:
+    base, demo, _printed = served_demo
     context = browser.new_context(java_script_enabled=False)
     page = context.new_page()
     try:
@@ -165,3 +165,28 @@ def test_open_the_dev_inbox_open_the_edition_and_follow_its_unsubscribe_link(
         engine.dispose()
     assert subscriber_id is not None and newsletter is None  # no more newsletters for them
     assert editions == 1
+
+
+@pytest.mark.browser
+def test_a_newcomer_follows_the_printed_console_address_and_sign_in_to_the_dashboard(
+        browser: Any, served_demo: tuple[str, Path, str]) -> None:
+    base, _demo, printed = served_demo
+    said = " ".join(printed.split())
+    console_url = re.search(r"the console (\S+/admin)", said)
+    author = re.search(r"login demo\.author, password (\S+)", said)
+    approver = re.search(r"login demo\.approver, password (\S+)", said)
+    assert console_url and author and approver, said
+    assert console_url[1] == f"{base}/admin"
+    for login, name, password in (("demo.author", "Dana Author", author[1]),
+                                  ("demo.approver", "Ash Approver", approver[1])):
+        context = browser.new_context()
+        page = context.new_page()
+        try:
+            page.goto(console_url[1])  # signed out: the sign-in page
+            page.get_by_label("Login").fill(login)
+            page.get_by_label("Password").fill(password)
+            page.get_by_role("button", name="Sign in").click()
+            expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
+            expect(page.get_by_text(f"{name} (coordinator")).to_be_visible()  # as them
+        finally:
+            context.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import webbrowser
+from email.utils import make_msgid
 from pathlib import Path
 
 import typer
@@ -17,7 +18,6 @@ from mailer.errors import MailerError
 from mailer.links import Links
 from mailer.models import Edition
 from mailer.operations import editions as edition_ops
-from mailer.reference import message_id
 from mailer.render import (
     CompiledEdition,
     Recipient,
@@ -95,8 +95,9 @@ def preview(
     reader = Recipient(email=to or settings.from_address, name="Preview Reader")
     page = personalise(compiled, reader, urls)
     domain = settings.from_address.rpartition("@")[2]
-    data = build_message(compiled, reader, urls,
-                         message_id=message_id(settings.secret(), 0, 0, domain))
+    # Not our delivery reference (signed with the install's key): a preview is no delivery,
+    # and previewing needs no key, so none is made in whatever directory this runs in.
+    data = build_message(compiled, reader, urls, message_id=make_msgid("preview", domain))
     folder = _preview_dir(settings)
     paths = {ext: folder / f"{file.stem}.{ext}" for ext in ("html", "txt", "eml")}
     paths["html"].write_text(page.html, encoding="utf-8")
@@ -105,14 +106,12 @@ def preview(
     for path in paths.values():
         console.print(f"wrote {escape(str(path))}")
     if to:
-        from mailer.outgoing import send_now
+        from mailer.outgoing import not_sent, send_now
         from mailer.smtp import Outcome
 
         result = send_now(settings, to, data)
         if result.outcome != Outcome.SENT:
-            console.print(f"[red]not sent[/] to {escape(to)}: {result.outcome} "
-                          f"{escape(result.reply)}")
-            raise typer.Exit(1)
+            raise not_sent(settings, result)
         console.print(f"[green]sent[/] to {escape(to)}: {escape(result.reply)}")
     if open_it:
         webbrowser.open(paths["html"].resolve().as_uri())

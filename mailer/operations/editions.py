@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from mailer import outbox, revisions
 from mailer.accounts import Permission
 from mailer.config import Settings
-from mailer.errors import Conflict, MailerError, RelayRefused
+from mailer.errors import Conflict, MailerError
 from mailer.links import Links
 from mailer.models import Edition, EditionStatus
 from mailer.operations import Caller
@@ -256,7 +256,7 @@ def test_send(sessions: sessionmaker[Session], caller: Caller, settings: Setting
     """One copy to the caller's own address through the real relay; returns the address.
     The message is built and sent outside any transaction (a relay may take a while), and
     recorded, sent or refused, after."""
-    from mailer.outgoing import send_now
+    from mailer.outgoing import not_sent, send_now
     from mailer.reference import message_id
     from mailer.render import build_message
 
@@ -285,7 +285,7 @@ def test_send(sessions: sessionmaker[Session], caller: Caller, settings: Setting
         caller.record(session, "edition.test_send", target, to=to,
                       outcome=str(result.outcome), code=result.code)
     if str(result.outcome) != "sent":
-        raise RelayRefused(f"the mail relay answered: {result.reply}")
+        raise not_sent(settings, result)
     return to
 
 

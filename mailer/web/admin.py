@@ -1210,13 +1210,15 @@ async def edition_test_send(request: Request, eid: int) -> Response:
     try:
         to = await run_in_threadpool(edition_ops.test_send, w.sessions, caller, c.settings,
                                      eid)
-    except RelayRefused as exc:
-        raise Refusal(502, "The test message was not sent", _sentence(str(exc)) + ".") from None
+    except RelayRefused as exc:  # said on the edition's page, with what to do
+        said = f"The test message was not sent: {exc}." + (
+            f" {_sentence(exc.hint)}." if exc.hint else "")
+        return await _edition_page(request, caller, eid, 502, problems=[(said, "")])
     except (NotFound, OutOfScope, NotAllowed) as exc:
         raise _refusal(exc, "edition") from None
     except MailerError as exc:  # the message could not be built (a header refused)
-        raise Refusal(409, "The test message could not be made",
-                      _sentence(str(exc)) + ".") from None
+        return await _edition_page(request, caller, eid, 409, problems=[(
+            f"The test message could not be made: {exc}.", "")])
     return _see_other(request, f"/admin/editions/{eid}", f"A test copy was sent to {to}.")
 
 
