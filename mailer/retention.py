@@ -35,6 +35,7 @@ from mailer import audit, bounce_policy, outbox, privacy
 from mailer.audit import AuditEntry
 from mailer.bounce_policy import BouncePolicy, InboundRecord
 from mailer.config import Settings
+from mailer.labels import STATES
 from mailer.models import Delivery
 from subscribers import store
 from subscribers.db import session_scope, utcnow
@@ -263,7 +264,8 @@ def report(session: Session, periods: Periods) -> list[Holding]:
                                Subscriber.status == status)
             next_purge = _then(p.left_due, left)
             rule = f"erased to the keyed hash {p.left_months} months after they left"
-        out.append(Holding(f"subscribers.{status.value}", f"Subscribers: {status.value}", held,
+        out.append(Holding(f"subscribers.{status.value}",
+                           f"Subscribers: {STATES[status.value].lower()}", held,
                            oldest, next_purge, rule))
 
     held, oldest = _figures(session, Subscriber.updated_at, store.unconfirmed())

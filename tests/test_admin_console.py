@@ -118,11 +118,13 @@ def _dashboard(app_client: TestClient, engine: Engine, web_settings: Settings,
     page = app_client.get("/admin").text
     assert "1 sign-up(s) waiting for approval" in page
     assert re.search(r'Kent</th><td class="num">2<', page)  # active, by region
-    assert re.search(r'awaiting_approval</th><td class="num">1<', page)
-    assert re.search(r'2020-q4-kent</a></td><td>scheduled</td>', page)
+    # Labels, not the codes stored (awaiting_approval, scheduled, sent).
+    assert re.search(r'Waiting for approval</th><td class="num">1<', page)
+    assert re.search(r'2020-q4-kent</a></td><td>Scheduled</td>', page)
+    assert "awaiting_approval" not in re.sub(r"<[^>]+>", " ", page)  # in a link, not shown
     assert "Harbour watch day (7 days before)" in page
     # Recent sends with their figures: two sent (the pending sign-up is not in the audience).
-    assert re.search(r'2020-q3-kent-essex</a></td><td>sent</td><td class="num">2</td>'
+    assert re.search(r'2020-q3-kent-essex</a></td><td>Sent</td><td class="num">2</td>'
                      r'<td class="num">0</td><td class="num">0</td><td class="num">0</td>', page)
     assert sink.handler.copies("k1@kent.police.uk") == 1
     assert sink.handler.copies("e1@essex.police.uk") == 0
@@ -409,7 +411,7 @@ def test_the_calendar_shows_the_next_reminders_and_their_not_after_times(
     page = app_client.get("/admin/events").text
     assert "<td>Harbour watch day</td><td>" + (today + dt.timedelta(days=20)).isoformat() in page
     shown = re.findall(r"<td>Harbour watch day</td><td>[\d-]+</td><td>([^<]+)</td>"
-                       r"<td>([^<]+)</td><td>planned</td>", page)
+                       r"<td>([^<]+)</td><td>Planned</td>", page)
     assert len(shown) >= 2
     zone = "Europe/London"
     from zoneinfo import ZoneInfo

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,11 @@ def test_upload_approve_by_another_schedule_and_send_in_chromium(
     assert any("scheduler" in row and "edition.start" in row for row in text)
 
 
+# A stored code of a vocabulary or a state (they are the ones with an underscore).
+STORED_CODE = re.compile(r"\b(?:awaiting_approval|first_responder|local_authority|"
+                         r"support_worker|as_scheduled)\b")
+
+
 def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: FaultServer,
                                        engine: Engine) -> None:
     """Each GET page of the console's route table, in the states that change what it shows
@@ -263,6 +269,18 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
         if path is not None:
             page.goto(base + path)
         problems.extend(_axe(page))
+        where = path or page.url
+        if "/preview.html" not in where and "/draft/" not in where:  # an email, not a page
+            # Labels, not the codes stored: no awaiting_approval or first_responder shown.
+            shown = page.evaluate("document.body.innerText")
+            problems.extend(f"{where}: shows the code {code!r}"
+                            for code in set(STORED_CODE.findall(shown)))
+            # No horizontal scroll on a phone: a wide table scrolls in its own box.
+            page.set_viewport_size({"width": 375, "height": 720})
+            width = page.evaluate("document.documentElement.scrollWidth")
+            if width > 375:
+                problems.append(f"{where}: {width} px wide at 375 px")
+            page.set_viewport_size({"width": 1280, "height": 720})
         if route:
             visited.add(route)
 
@@ -328,6 +346,10 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
         assert draft is not None and "/admin/editions/draft/" in draft
         check(draft.removeprefix(base), "/admin/editions/draft/{key}.html")
 
+        page.goto(f"{base}/admin/editions/{states['approved']}")
+        page.get_by_role("button", name="Send now").click()  # not ticked: said on the page
+        expect(page.get_by_role("heading", name="There is a problem")).to_be_visible()
+        check()
         page.goto(f"{base}/admin/subscribers/new")
         page.get_by_role("button", name="Add subscriber").click()  # empty: the errors
         expect(page.get_by_role("heading", name="There is a problem")).to_be_visible()

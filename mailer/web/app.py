@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse
 from starlette.exceptions import HTTPException
 
 from mailer.config import Settings
+from mailer.labels import Labels
 from mailer.migrations import require_current
 from mailer.web import admin, api, media, ops, public, runtime
 from mailer.web.security import BodyLimits
@@ -50,6 +51,9 @@ def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
               else make_engine(settings.database, pool_size=db_threads))
     require_current(engine)
     pages = page_environment()
+    words = Labels(settings)
+    pages.filters.update(label=words.one, labels=words.many, action=words.action,
+                         detail=words.detail)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
