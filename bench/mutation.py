@@ -79,7 +79,8 @@ SCOPE: dict[str, tuple[str, list[str] | None]] = {
     # the recipient pages behind the links we mail
     "public": ("mailer/web/public.py", [
         "csrf_refusal", "_bad_link", "_link_form", "confirm_page", "confirm_post",
-        "_unsubscribed_generic", "unsubscribe_page", "_one_click_answer", "unsubscribe_post",
+        "_unsubscribed_generic", "unsubscribe_page", "_unsubscribed_page", "_one_click_answer",
+        "unsubscribe_post",
         "preferences_page", "_not_active_page"]),
     # the header and escaping code
     "render": ("mailer/render.py", [
