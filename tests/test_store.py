@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
+import time_machine
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mailer import migrations
-from subscribers import store
+from subscribers import store, validation
 from subscribers.errors import AddressSuppressed, InvalidInput, SubscriberError
 from subscribers.models import (
     Channel,
@@ -98,6 +101,57 @@ def test_add_refuses_people_who_left(session: Session, rules: Rules) -> None:
                          store.Context(channel=Channel.ADMIN))
 
 
+@pytest.mark.parametrize(("ctx", "action", "source"), [
+    (store.Context(channel=Channel.IMPORT, actor="coord.kent", lawful_basis="public_task",
+                   detail={"source": "kent-list.csv"}), "import", "kent-list.csv"),
+    (ADMIN, "add", "admin")])
+def test_adding_someone_records_who_on_what_basis_when_and_from_where(
+        session: Session, rules: Rules, ctx: store.Context, action: str, source: str) -> None:
+    topics = store.topics_by_slug(session, ["newsletter", "reminders"])
+    with time_machine.travel(dt.datetime(2027, 2, 3, 10, 0, tzinfo=dt.UTC), tick=False):
+        added = store.add_active(session, rules, _profile(rules), topics, ctx)
+    session.expire_all()
+    row = session.get(Subscriber, added.id)
+    assert row is not None
+    at = dt.datetime(2027, 2, 3, 10, 0, tzinfo=dt.UTC)
+    assert (row.email, row.email_key, row.status, row.lawful_basis, row.source,
+            row.created_at, row.confirmed_at, row.name, row.region) == (
+        "Jo.Bloggs@kent.police.uk", "jo.bloggs@kent.police.uk", SubscriberStatus.ACTIVE,
+        "public_task", source, at, at, "Jo Bloggs", "kent")
+    assert row.email_hmac == validation.email_hmac(rules, "jo.bloggs@kent.police.uk")
+    assert store.active_topics(session, row.id) == ["newsletter", "reminders"]
+    (event,) = store.consent_history(session, row.id)
+    assert (event.action, event.channel, event.actor, event.lawful_basis, event.detail) == (
+        action, ctx.channel, "coord.kent", "public_task",
+        {**(ctx.detail or {}), "topics": ["newsletter", "reminders"]})
+
+
+def test_adding_someone_is_refused_with_the_field_and_what_to_do(
+        session: Session, rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter"])
+    with pytest.raises(InvalidInput) as no_basis:
+        store.add_active(session, rules, _profile(rules), topics,
+                         store.Context(channel=Channel.ADMIN))
+    assert (no_basis.value.field, str(no_basis.value)) == (
+        "lawful_basis", "say on what lawful basis this person is added")
+    with pytest.raises(InvalidInput) as no_topics:
+        store.add_active(session, rules, _profile(rules), [], ADMIN)
+    assert (no_topics.value.field, str(no_topics.value)) == (
+        "topics", "choose at least one topic")
+    kept = store.add_active(session, rules, _profile(rules), topics, ADMIN)
+    with pytest.raises(SubscriberError) as twice:
+        store.add_active(session, rules, _profile(rules), topics, ADMIN)
+    assert str(twice.value) == "this address is already a subscriber (active)"
+    store.mark_bounced(session, kept, store.Context(channel=Channel.BOUNCE))
+    store.erase(session, kept, ADMIN)
+    with pytest.raises(AddressSuppressed) as suppressed:
+        store.add_active(session, rules, _profile(rules), topics, ADMIN)
+    assert str(suppressed.value) == (
+        "this address is suppressed (it was erased, bounced or complained) and cannot be added "
+        "again; the person may sign up themselves through the subscribe page")
+    assert session.scalar(select(func.count()).select_from(Subscriber)) == 1  # nothing added
+
+
 def test_bounce_and_complaint_suppress(session: Session, rules: Rules) -> None:
     topics = store.topics_by_slug(session, ["newsletter"])
     a = store.add_active(session, rules, _profile(rules, "a@kent.police.uk"), topics, ADMIN)
@@ -141,6 +195,56 @@ def test_erase_keeps_only_a_keyed_hash_and_an_anonymous_trail(
     assert store.confirm(session, rules, again, WEB) is SubscriberStatus.ACTIVE
     assert _actions(session, again) == ["subscribe", "unsuppress", "confirm"]
     assert not store.is_suppressed(session, rules, "erase.me@essex.police.uk")
+
+
+def test_erasure_clears_every_personal_field_and_records_who_erased_and_when(
+        session: Session, rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter", "reminders"])
+    other = store.add_active(session, rules, _profile(rules, "stays@kent.police.uk"), topics,
+                             ADMIN)
+    subscriber, _ = store.subscribe(session, rules, _profile(rules), topics, WEB)
+    store.confirm(session, rules, subscriber, WEB)
+    sid, digest = subscriber.id, subscriber.email_hmac
+    at = dt.datetime(2027, 3, 4, 9, 30, tzinfo=dt.UTC)
+    with time_machine.travel(at, tick=False):
+        store.erase(session, subscriber, ADMIN)
+    session.expire_all()
+    row = session.get(Subscriber, sid)
+    assert row is not None
+    personal = ("email", "email_key", "email_hmac", "name", "organisation",
+                "organisation_type", "role", "region", "source")
+    assert {name: getattr(row, name) for name in personal} == dict.fromkeys(personal)
+    assert (row.status, row.left_at) == (SubscriberStatus.ERASED, at)
+    assert store.active_topics(session, sid) == [] and row.subscriptions == []
+    assert store.active_topics(session, other.id) == ["newsletter", "reminders"]  # theirs stay
+    history = store.consent_history(session, sid)
+    assert [(e.action, e.ip, e.user_agent, e.detail) for e in history] == [
+        ("subscribe", None, None, None), ("confirm", None, None, None),
+        ("erase", None, None, None)]
+    assert (history[-1].actor, history[-1].channel) == ("coord.kent", Channel.ADMIN)
+    assert session.scalar(select(Suppression.reason).where(Suppression.email_hmac == digest)) \
+        == "erased"
+
+
+def test_a_pause_is_set_moved_and_lifted_once_each_and_only_for_an_active_reader(
+        session: Session, rules: Rules) -> None:
+    topics = store.topics_by_slug(session, ["newsletter"])
+    reader = store.add_active(session, rules, _profile(rules), topics, ADMIN)
+    until = dt.datetime(2027, 6, 1, tzinfo=dt.UTC)
+    assert store.pause(session, reader, WEB, None) is False  # nothing to lift
+    assert store.pause(session, reader, WEB, until) is True
+    assert store.pause(session, reader, WEB, until) is False  # the same date again
+    assert store.pause(session, reader, WEB, until + dt.timedelta(days=30)) is True
+    assert store.pause(session, reader, WEB, None) is True
+    assert reader.paused_until is None
+    pauses = [e.detail for e in store.consent_history(session, reader.id) if e.action == "pause"]
+    assert pauses == [{"paused_until": "2027-06-01T00:00:00+00:00"},
+                      {"paused_until": "2027-07-01T00:00:00+00:00"}, {"paused_until": None}]
+    store.unsubscribe(session, reader, WEB)
+    with pytest.raises(SubscriberError) as refused:
+        store.pause(session, reader, WEB, until)
+    assert str(refused.value) == "cannot pause while the subscriber is unsubscribed"
+    assert store.pause(session, reader, WEB, None) is False  # lifting none is no error
 
 
 def test_segment_filters_and_send_time_recheck(session: Session, rules: Rules) -> None:
