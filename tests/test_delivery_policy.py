@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import time_machine
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -497,3 +498,87 @@ def test_pause_resume_and_cancel_move_only_as_allowed(
     assert rows.pop(second.delivery_id)[0] == DeliveryStatus.SENDING
     assert set(rows.values()) == {(DeliveryStatus.SKIPPED, "cancelled")} and len(rows) == 2
     assert _statuses(sessions, other) == ["queued"] * 4
+
+
+def _second_edition(sessions: sessionmaker[Session], settings: Settings) -> int:
+    """Another send of the sample at the same time (the first keeps the sample's slug under
+    another name, as the pause test does)."""
+    with sessions() as s:
+        s.execute(update(Edition).where(Edition.slug == SAMPLE.stem).values(slug="first"))
+        s.commit()
+    return _edition(sessions, settings)
+
+
+def test_a_send_paused_before_it_started_resumes_as_scheduled_and_cancel_says_why(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules) -> None:
+    """A restore pauses sends that were only scheduled: resuming one puts it back on the
+    schedule, not out at once. A cancelled row says so in its reason; a reason is kept only
+    on a pause."""
+    _people(sessions, rules, ["pr1@kent.police.uk"])
+    edition_id = _edition(sessions, settings)
+    later = datetime(2030, 1, 7, 9, 0, tzinfo=UTC)
+    with sessions() as s:
+        edition = s.get(Edition, edition_id)
+        assert edition is not None
+        edition.started_at, edition.scheduled_for = None, later
+        edition.status = EditionStatus.PAUSED
+        assert outbox.set_status(s, edition, EditionStatus.SENDING) is True
+        assert (edition.status, edition.paused_reason) == (EditionStatus.SCHEDULED, None)
+        edition.status, edition.started_at = EditionStatus.PAUSED, later  # had started
+        assert outbox.set_status(s, edition, EditionStatus.SENDING) is True
+        assert edition.status == EditionStatus.SENDING
+        assert outbox.set_status(s, edition, EditionStatus.CANCELLED, "a wrong date") is True
+        assert edition.paused_reason is None
+        s.commit()
+    with sessions() as s:
+        assert {(r.status, r.reason) for r in s.scalars(
+            select(Delivery).where(Delivery.edition_id == edition_id))} == {
+            (DeliveryStatus.SKIPPED, "cancelled")}
+
+
+def test_a_halt_pauses_only_that_send_only_while_it_is_sending_once(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules) -> None:
+    _people(sessions, rules, ["ht1@kent.police.uk"])
+    halted, other = _edition(sessions, settings), _second_edition(sessions, settings)
+    reason = "halted: the relay refused us (535 5.7.8 authentication failed) " + "x" * 600
+    with sessions() as s:
+        assert outbox.halt(s, halted, reason) is True
+        assert outbox.halt(s, halted, reason) is False  # a second session saw it too
+        s.commit()
+    with sessions() as s:
+        first, second = s.get(Edition, halted), s.get(Edition, other)
+        assert first is not None and second is not None
+        assert (first.status, first.paused_reason) == (EditionStatus.PAUSED, reason[:500])
+        assert second.status == EditionStatus.SENDING  # another send goes on
+        second.status = EditionStatus.CANCELLED
+        s.commit()
+        assert outbox.halt(s, other, "late") is False  # not sending: left as it is
+        assert s.get(Edition, other).status == EditionStatus.CANCELLED
+
+
+def test_resending_the_failures_starts_them_afresh_and_leaves_other_sends_alone(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules) -> None:
+    _people(sessions, rules, ["rf1@kent.police.uk"])
+    first, other = _edition(sessions, settings), _second_edition(sessions, settings)
+    later = datetime(2031, 1, 1, tzinfo=UTC)
+    with sessions() as s:
+        s.execute(update(Delivery).values(status=DeliveryStatus.FAILED, attempts=5,
+                                          next_attempt_at=later, reason="gave_up"))
+        s.execute(update(Edition).values(status=EditionStatus.SENT))
+        s.commit()
+    now = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
+    with sessions() as s, time_machine.travel(now, tick=False):
+        assert outbox.requeue_failed(s, s.get(Edition, first)) == 1
+        s.commit()
+    with sessions() as s:
+        row = s.scalar(select(Delivery).where(Delivery.edition_id == first))
+        assert (row.status, row.attempts, row.next_attempt_at, row.reason) == (
+            DeliveryStatus.QUEUED, 0, now, None)
+        untouched = s.scalar(select(Delivery).where(Delivery.edition_id == other))
+        assert (untouched.status, untouched.next_attempt_at) == (DeliveryStatus.FAILED, later)
+        edition = s.get(Edition, other)
+        assert outbox.requeue_failed(s, edition, include_unknown=True) == 1
+        assert edition.status == EditionStatus.SENDING
+        edition.status = EditionStatus.SENT
+        assert outbox.requeue_failed(s, edition) == 0  # nothing to resend: the send stays sent
+        assert edition.status == EditionStatus.SENT
