@@ -284,6 +284,24 @@ def test_a_bounce_naming_only_the_unsubscribe_token_finds_a_delivery_the_relay_h
     assert world.delivery(edition.id, sid).status == DeliveryStatus.BOUNCED
 
 
+def test_a_report_counts_fully_only_when_it_names_the_readers_own_address(
+        world: World) -> None:
+    """Our token names the delivery; the report's recipient says whether it is about this
+    reader's mailbox (in any case) or where their mail went on to (a forward): at most soft."""
+    ids = world.people(["Mixed.Case@kent.police.uk", "forwards@kent.police.uk"])
+    edition = world.send("spring")
+    own = world.bounce(edition, ids["Mixed.Case@kent.police.uk"], "MIXED.CASE@Kent.Police.UK",
+                       "5.1.1")
+    assert own.decision is Decision.SUPPRESSED
+    assert world.suppressed("mixed.case@kent.police.uk")
+    forward = world.bounce(edition, ids["forwards@kent.police.uk"],
+                           "old.mailbox@elsewhere.example", "5.1.1")
+    assert forward.decision is Decision.COUNTED
+    assert ("the report names old.mailbox@elsewhere.example, not the subscriber's address"
+            in forward.detail)
+    assert world.subscriber(ids["forwards@kent.police.uk"]).status == SubscriberStatus.ACTIVE
+
+
 def test_an_expired_delivery_is_soft_a_dead_domain_is_hard(world: World) -> None:
     ids = world.people(["slow@kent.police.uk", "nodomain@kent.police.uk"])
     edition = world.send("spring")
@@ -315,6 +333,46 @@ def test_soft_bounces_disable_after_three_across_two_sends_counted_once_a_day(
     assert fourth.decision is Decision.DISABLED
     assert world.subscriber(sid).status == SubscriberStatus.BOUNCED
     assert world.suppressed(address)
+
+
+def test_a_soft_bounce_counts_once_per_utc_day_at_the_days_exact_edges(world: World) -> None:
+    """Reports are judged in the order they come, not the order they happened: a report about
+    yesterday can arrive after one about today."""
+    ids = world.people(["edge@kent.police.uk"])
+    sid, address = ids["edge@kent.police.uk"], "edge@kent.police.uk"
+    edition = world.send("spring")
+    day = datetime(2026, 3, 2, tzinfo=UTC)
+
+    def at(moment: datetime) -> bounce_policy.Outcome:
+        return world.bounce(edition, sid, address, "4.2.2", now=moment)
+    midnight = at(day)  # the first moment of the day
+    assert (midnight.decision, midnight.detail) == (
+        Decision.COUNTED, "soft bounce 1 of 3 in 90 days (1 of 2 sends)")
+    last = at(day + timedelta(days=1) - timedelta(microseconds=1))  # its last moment
+    assert (last.decision, last.detail) == (Decision.NOT_COUNTED,
+                                            "a soft bounce already counted today")
+    assert at(day + timedelta(hours=12)).decision is Decision.NOT_COUNTED
+    next_midnight = at(day + timedelta(days=2))  # a day later than the next
+    assert next_midnight.decision is Decision.COUNTED
+    late = at(day + timedelta(days=1, hours=12))  # about the day between, reported late
+    assert (late.decision, late.detail) == (
+        Decision.COUNTED, "soft bounce 3 of 3 in 90 days (1 of 2 sends)")
+
+
+def test_soft_bounces_reach_the_threshold_exactly_and_the_window_edge_still_counts(
+        world: World) -> None:
+    ids = world.people(["full2@kent.police.uk"])
+    sid, address = ids["full2@kent.police.uk"], "full2@kent.police.uk"
+    first, second = world.send("spring"), world.send("summer")
+    assert world.bounce(first, sid, address, "4.2.2", now=T0).decision is Decision.COUNTED
+    assert world.bounce(first, sid, address, "4.2.2",
+                        now=T0 + timedelta(days=1)).decision is Decision.COUNTED
+    # the third, exactly 90 days after the first: the first still counts, so 3 of 3
+    third = world.bounce(second, sid, address, "4.2.2", now=T0 + timedelta(days=90))
+    assert (third.decision, third.detail) == (
+        Decision.DISABLED, "soft bounce 3 in 90 days across 2 sends: marked bounced and "
+                           "suppressed")
+    assert world.subscriber(sid).status == SubscriberStatus.BOUNCED
 
 
 def test_soft_bounces_older_than_the_window_are_forgotten(world: World) -> None:
@@ -500,6 +558,35 @@ def test_a_dismissed_alert_keeps_later_bounces_of_that_send_held(world: World) -
                         "5.1.1")
     assert late.decision is Decision.HELD and "dismissed" in late.detail
     assert world.subscriber(ids["officer5@essex.police.uk"]).status == "active"
+
+
+def test_a_domain_alert_counts_people_of_this_send_from_the_smallest_domain_it_covers(
+        world: World) -> None:
+    """Five recipients at a domain is the smallest an alert covers; each person counts once
+    however many reports they bring, and another send's bounces are not this send's."""
+    ids = _force(world, n=4)  # 4 at essex.police.uk, below the smallest
+    earlier = world.send("spring")
+    for i in range(3):
+        address = f"officer{i}@essex.police.uk"
+        assert world.bounce(earlier, ids[address], address, "4.2.2",
+                            now=T0 + timedelta(minutes=i)).decision is Decision.COUNTED
+    ids.update(world.people(["officer4@essex.police.uk"]))  # now 5 at the domain
+    edition = world.send("summer")
+    decisions = [world.bounce(edition, ids[f"officer{i}@essex.police.uk"],
+                              f"officer{i}@essex.police.uk", "4.2.2",
+                              now=T0 + timedelta(days=1, minutes=minutes)).decision
+                 for i, minutes in ((0, 0), (0, 1), (1, 2))]  # officer0 twice: one person
+    assert decisions == [Decision.COUNTED, Decision.NOT_COUNTED, Decision.COUNTED]
+    assert bounce_policy.open_alerts(world.session) == []  # 2 of 5: not most
+    third = world.bounce(edition, ids["officer2@essex.police.uk"], "officer2@essex.police.uk",
+                         "4.2.2", now=T0 + timedelta(days=1, minutes=3))
+    assert "held: 3 of 5 recipients at essex.police.uk bounced this send (domain alert)" \
+        in third.detail
+    (alert,) = bounce_policy.open_alerts(world.session)
+    assert (alert.edition_id, alert.recipients, alert.bounced) == (edition, 5, 3)
+    assert alert.detail == ("3 of 5 recipients at essex.police.uk bounced this send: their mail "
+                            "system may be down or refusing us; nobody is disabled until a "
+                            "co-ordinator resolves this alert")
 
 
 def test_a_small_domain_is_never_an_alert(world: World) -> None:
