@@ -487,6 +487,11 @@ def test_api_tokens_are_stored_hashed_and_shown_once(session: Session) -> None:
     assert actor is not None and actor.role == "viewer"  # the token's role, not the user's
     other = "B" if secret.endswith("A") else "A"  # one character off, never the same token
     assert accounts.token_actor(session, f"msht_{prefix}_{secret[:-1]}{other}") is None
+    assert accounts.token_actor(session, f"msht_{prefix}") is None  # a part missing
+    assert accounts.token_actor(session, f"other_{prefix}_{secret}") is None  # not ours
+    user.disabled = True
+    assert accounts.token_actor(session, token) is None  # a disabled account's token
+    user.disabled = False
     cookie = accounts.start_session(session, user, None)
     kept = session.execute(text("SELECT token_sha256 FROM console_session")).scalar_one()
     assert kept == hashlib.sha256(cookie.encode()).hexdigest() and cookie not in kept

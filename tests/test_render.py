@@ -571,6 +571,14 @@ def test_a_non_ascii_name_reaches_the_reader_as_written(conf: Settings, name: st
     assert " ".join(parse(raw)["To"].addresses[0].display_name.split()) == " ".join(name.split())
 
 
+def test_one_encoded_word_holds_at_most_75_characters() -> None:
+    from mailer.render import _encoded_word
+
+    assert _encoded_word("Zoë Ångström!") == "=?utf-8?q?Zo=C3=AB_=C3=85ngstr=C3=B6m!?="
+    assert _encoded_word("a" * 57 + "é") == "=?utf-8?q?" + "a" * 57 + "=C3=A9?="  # 75
+    assert _encoded_word("a" * 58 + "é") is None  # 76: the email package folds it instead
+
+
 @pytest.mark.parametrize(("url", "ok"), [
     ("https://news.example.org/u/é", False),  # not ASCII
     ("https://news.example.org/u/a b", False),

@@ -25,6 +25,7 @@ def test_round_trip_for_each_purpose() -> None:
     assert tokens.read(Purpose.MANAGE, tokens.manage(8)) == Claims(8)
     assert tokens.read(Purpose.UNSUBSCRIBE, tokens.unsubscribe(9, topic_id=2)) == Claims(9, 2)
     assert tokens.read(Purpose.UNSUBSCRIBE, tokens.unsubscribe(9)) == Claims(9, None)
+    assert tokens.read(Purpose.RECONFIRM, tokens.reconfirm(10)) == Claims(10)
 
 
 @pytest.mark.parametrize("made", list(Purpose))
