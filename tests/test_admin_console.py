@@ -194,6 +194,25 @@ def test_a_subscriber_is_found_viewed_added_changed_unsubscribed_and_erased(
     assert "Bloggs" not in audit_page and "Jo Smith" not in audit_page
 
 
+def test_the_subscriber_list_sorts_by_a_column_heading_either_way_keeping_the_filter(
+        app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    people(engine, web_settings, [("mid@kent.police.uk", "kent"), ("zed@essex.police.uk", "essex"),
+                                  ("abe@kent.police.uk", "kent")])
+    _signed_in(app_client, engine)
+
+    def order(query: str) -> list[str]:
+        page = app_client.get(f"/admin/subscribers?{query}").text
+        return re.findall(r'>([a-z]+)@[a-z.]+</a></td>', page)
+    assert order("") == ["mid", "zed", "abe"]  # as they were added
+    assert order("sort=address") == ["abe", "mid", "zed"]
+    assert order("sort=address&order=descending") == ["zed", "mid", "abe"]
+    assert order("sort=region&region=kent") == ["mid", "abe"]  # the filter stays
+    page = app_client.get("/admin/subscribers?sort=address&region=kent").text
+    assert '<th scope="col" aria-sort="ascending"><a class="sort" href="http://testserver/admin/' \
+           'subscribers?region=kent&amp;sort=address&amp;order=descending">Address' in page
+    assert app_client.get("/admin/subscribers?sort=password").status_code == 400
+
+
 def test_pending_sign_ups_are_approved_or_turned_down(
         app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
     one, two = people(engine, web_settings, [("a@gmail.com", "kent"), ("b@gmail.com", "kent")])

@@ -55,9 +55,11 @@ def filter_for(caller: Caller, *, status: str | None = None, region: str | None 
 
 
 def page(session: Session, caller: Caller, flt: store.Filter, *, limit: int,
-         offset: int = 0) -> tuple[int, Sequence[Subscriber]]:
+         offset: int = 0, sort: str = "added", descending: bool = False
+         ) -> tuple[int, Sequence[Subscriber]]:
     caller.require(Permission.VIEW)
-    return store.list_subscribers(session, _scoped(caller, flt), limit=limit, offset=offset)
+    return store.list_subscribers(session, _scoped(caller, flt), limit=limit, offset=offset,
+                                  sort=sort, descending=descending)
 
 
 def counts(session: Session, caller: Caller) -> store.Counts:

@@ -476,21 +476,38 @@ def _selects(request: Request, caller: Caller) -> list[tuple[str, str, dict[str,
 async def subscribers_list(request: Request) -> HTMLResponse:
     caller = await _signed_in(request, Permission.VIEW)
     flt = _filter(request, caller)
-    page = _int(request.query_params.get("page"))
+    q = request.query_params
+    page = _int(q.get("page"))
+    sort = q.get("sort") or "added"
+    if sort not in store.SORTS:
+        raise Refusal(400, "Unknown order", "Sort the list by pressing a column heading.")
+    descending = q.get("order") == "descending"
     w = runtime.web(request)
 
     def work(session: Session) -> tuple[int, list[Any], list[Any]]:
-        total, rows = subscriber_ops.page(session, caller, flt, limit=PAGE, offset=page * PAGE)
+        total, rows = subscriber_ops.page(session, caller, flt, limit=PAGE, offset=page * PAGE,
+                                          sort=sort, descending=descending)
         return total, list(rows), [(t.slug, t.name) for t in store.list_topics(session)]
 
     total, rows, topics = await _run(request, work)
     regions = list(_regions_for(request, caller).items())
-    query = {k: v for k, v in request.query_params.items() if k != "page"}
+    query = {k: v for k, v in q.items() if k != "page"}
+    # The column headings sort the list (the same filter, the first page), as the MOJ and
+    # GOV.UK sortable tables do; aria-sort tells a screen reader which way.
+    unsorted = {k: v for k, v in query.items() if k not in ("sort", "order")}
+    columns = [(key, heading, sort == key,
+                urlencode({**unsorted, "sort": key,
+                           "order": "descending" if sort == key and not descending
+                           else "ascending"}))
+               for key, heading in (("address", "Address"), ("name", "Name"),
+                                    ("organisation", "Organisation"), ("region", "Region"),
+                                    ("status", "Status"))]
     return _page(request, caller.actor, "subscribers.html.j2", title="Subscribers", rows=rows,
                  total=total, page=page, pages=(total + PAGE - 1) // PAGE, flt=flt,
                  statuses=[s.value for s in SubscriberStatus if s != SubscriberStatus.ERASED],
                  regions=regions, all_regions=caller.scope is None, roles=w.rules.roles,
-                 topics=topics, query=urlencode(query), notice=_notice(request))
+                 topics=topics, query=urlencode(query), notice=_notice(request),
+                 columns=columns, descending=descending)
 
 
 @router.get("/subscribers/export.csv")
