@@ -140,8 +140,12 @@ def test_open_the_dev_inbox_open_the_edition_and_follow_its_unsubscribe_link(
     page = context.new_page()
     try:
         # expect() waits for each page after a click; a bare locator read could see the last one.
-        page.goto(f"{base}/dev/inbox")
-        expect(page.locator("table.inbox tbody tr")).to_have_count(200)
+        page.goto(f"{base}/dev/inbox")  # 200 copies, 50 a page
+        expect(page.get_by_text("200 message(s); page 1 of 4.")).to_be_visible()
+        expect(page.locator("table.inbox tbody tr")).to_have_count(50)
+        page.get_by_role("link", name="4", exact=True).click()
+        expect(page.locator("table.inbox tbody tr")).to_have_count(50)
+        expect(page.get_by_text("page 4 of 4")).to_be_visible()
         page.get_by_role("link", name=SUBJECT).first.click()
         to = page.locator("dd[data-header='To']").inner_text()
         address = to.rpartition("<")[2].rstrip(">")
@@ -187,6 +191,6 @@ def test_a_newcomer_follows_the_printed_console_address_and_sign_in_to_the_dashb
             page.get_by_label("Password").fill(password)
             page.get_by_role("button", name="Sign in").click()
             expect(page.get_by_role("heading", name="Dashboard")).to_be_visible()
-            expect(page.get_by_text(f"{name} (coordinator")).to_be_visible()  # as them
+            expect(page.get_by_text(f"{name} (Co-ordinator")).to_be_visible()  # as them
         finally:
             context.close()

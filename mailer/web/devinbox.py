@@ -48,6 +48,9 @@ def _part(message: EmailMessage, kind: str) -> str:
     return body.get_content() if body is not None else ""
 
 
+INBOX_PAGE = 50  # messages a page: the demo's 200 copies are four pages, not one long one
+
+
 def router(directory: Path) -> APIRouter:
     """The routes over the Maildir at `directory` (read only; the sink itself writes it)."""
     sink = DevSink(directory)
@@ -55,11 +58,19 @@ def router(directory: Path) -> APIRouter:
 
     @routes.get("/dev/inbox", include_in_schema=False)
     async def inbox(request: Request) -> HTMLResponse:
+        messages = list(reversed(sink.messages()))
+        pages = max(1, -(-len(messages) // INBOX_PAGE))
+        try:
+            page = min(max(int(request.query_params.get("page", "1")), 1), pages)
+        except ValueError:
+            page = 1
         rows: list[dict[str, Any]] = [
             {"key": m.key, "received": m.received, "to": ", ".join(m.rcpt_to),
-             "subject": m.subject} for m in reversed(sink.messages())]
+             "subject": m.subject}
+            for m in messages[(page - 1) * INBOX_PAGE:page * INBOX_PAGE]]
         return runtime.render(request, "dev/inbox.html.j2", title="Dev inbox", rows=rows,
-                             directory=str(directory))
+                              total=len(messages), page=page, pages=pages,
+                              directory=str(directory))
 
     @routes.get("/dev/inbox/{key}", include_in_schema=False)
     async def show(request: Request, key: str) -> HTMLResponse:
