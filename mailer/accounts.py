@@ -246,6 +246,33 @@ def add_user(session: Session, *, login: str, display_name: str, role: Role | st
     return user
 
 
+def change_user(session: Session, user: User, *, role: Role | str, regions: Sequence[str],
+                known_regions: Iterable[str], display_name: str | None = None,
+                email: str | None = None) -> list[str]:
+    """A new role and regions (and name or address); returns the fields that changed. A
+    change of role or regions signs the person out, so the next page they open is under
+    the new rights."""
+    role = Role(role)
+    new: dict[str, object] = {"role": role,
+                              "regions": _check_regions(role, regions, known_regions)}
+    if display_name is not None:
+        try:
+            new["display_name"] = normalise_name(" ".join(display_name.split()))
+        except InvalidInput as exc:
+            raise AccountError(str(exc)) from None
+        if not new["display_name"]:
+            raise AccountError("give the person's name (up to 100 characters)")
+    if email is not None:
+        new["email"] = email.strip() or None
+    changed = [name for name, value in new.items() if getattr(user, name) != value]
+    for name in changed:
+        setattr(user, name, new[name])
+    if {"role", "regions"} & set(changed):
+        session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user.id))
+    session.flush()
+    return changed
+
+
 def get_user(session: Session, login: str) -> User:
     user = session.scalar(select(User).where(User.login == login.strip().lower()))
     if user is None:

@@ -36,6 +36,7 @@ from subscribers.models import Subscriber
 from tests.clock import uk_noon_in
 from tests.smtp_servers import FaultServer
 from tests.test_admin_routes import (  # noqa: F401
+    PASSWORD,
     _flat,
     _routes,
     app_client,
@@ -211,6 +212,53 @@ def test_the_subscriber_list_sorts_by_a_column_heading_either_way_keeping_the_fi
     assert '<th scope="col" aria-sort="ascending"><a class="sort" href="http://testserver/admin/' \
            'subscribers?region=kent&amp;sort=address&amp;order=descending">Address' in page
     assert app_client.get("/admin/subscribers?sort=password").status_code == 400
+
+
+def test_an_administrator_manages_users_in_the_console_and_every_change_is_audited(
+        app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    token = _signed_in(app_client, engine)  # root, an administrator
+    assert 'href="http://testserver/admin/users/new"' in app_client.get("/admin/users").text
+    weak = app_client.post("/admin/users/new", data={
+        "csrf_token": token, "login": "dana", "name": "Dana Lee", "role": "coordinator",
+        "regions": ["kent"], "password": "short"})
+    assert weak.status_code == 400 and "There is a problem" in weak.text
+    assert "The password is too short: use at least 12 characters." in weak.text
+    assert 'value="dana"' in weak.text  # what was typed stays
+    added = app_client.post("/admin/users/new", data={
+        "csrf_token": token, "login": "dana", "name": "Dana Lee", "role": "coordinator",
+        "regions": ["kent"], "email": "dana@kent.police.uk", "password": PASSWORD},
+        follow_redirects=False)
+    assert added.status_code == 303 and added.headers["location"].startswith(
+        "http://testserver/admin/users/dana")
+    dana = TestClient(app_client.app, base_url="http://testserver")
+    assert login(dana, "dana").status_code == 303
+    assert dana.get("/admin").status_code == 200
+    changed = app_client.post("/admin/users/dana/edit", data={
+        "csrf_token": token, "name": "Dana Lee", "email": "dana@kent.police.uk",
+        "role": "viewer", "regions": ["kent", "essex"]})
+    assert "They are signed out" in changed.text
+    assert dana.get("/admin", follow_redirects=False).status_code == 303  # to sign in again
+    assert app_client.post("/admin/users/dana/disable", data={"csrf_token": token}
+                           ).status_code == 200
+    assert login(dana, "dana").status_code != 303
+    app_client.post("/admin/users/dana/enable", data={"csrf_token": token})
+    app_client.post("/admin/users/dana/password", data={"csrf_token": token,
+                                                        "password": "a new long passphrase"})
+    assert login(dana, "dana", password="a new long passphrase").status_code == 303
+    own = app_client.get("/admin/users/root").text  # no button that would be refused
+    assert "/admin/users/root/disable" not in own and 'name="role"' not in own.split(
+        'type="hidden" name="role"')[0]
+    refused = app_client.post("/admin/users/root/disable", data={"csrf_token": token})
+    assert refused.status_code == 400 and "You cannot disable your own account." in refused.text
+    assert app_client.get("/admin/users/nobody").status_code == 404
+    with Session(engine) as session:
+        _total, rows = audit.entries(session, audit.AuditFilter(target="user:dana"))
+    assert sorted((r.action, r.via) for r in rows) == [
+        ("user.add", "console"), ("user.change", "console"), ("user.disable", "console"),
+        ("user.enable", "console"), ("user.reset_password", "console")]
+    change = next(r for r in rows if r.action == "user.change")
+    assert change.detail == {"fields": ["role", "regions"], "role": "viewer",
+                             "regions": ["kent", "essex"]}
 
 
 def test_pending_sign_ups_are_approved_or_turned_down(

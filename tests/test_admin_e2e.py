@@ -343,6 +343,9 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
                 ("/admin/events", "/admin/events"), ("/admin/audit", "/admin/audit"),
                 ("/admin/audit?actor=root&action=login.ok", None),
                 ("/admin/users", "/admin/users"), ("/admin/privacy", "/admin/privacy"),
+                ("/admin/users/new", "/admin/users/new"),
+                ("/admin/users/two", "/admin/users/{login}"),  # with a second factor
+                ("/admin/users/root", None),  # one's own: no role, regions or disable
                 ("/admin/subscribers/999999", None),
                 ("/admin/audit?since=yesterday", None),  # 404 and 400 pages
                 ("/admin/editions/compose", "/admin/editions/compose"),
@@ -359,6 +362,10 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
 
         page.goto(f"{base}/admin/editions/{states['approved']}")
         page.get_by_role("button", name="Send now").click()  # not ticked: said on the page
+        expect(page.get_by_role("heading", name="There is a problem")).to_be_visible()
+        check()
+        page.goto(f"{base}/admin/users/new")
+        page.get_by_role("button", name="Add user").click()  # empty: what is wrong
         expect(page.get_by_role("heading", name="There is a problem")).to_be_visible()
         check()
         page.goto(f"{base}/admin/subscribers/new")

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from mailer import accounts, audit
 from mailer.accounts import Actor, ApiToken, LoginOutcome, Permission, Role, User
+from mailer.errors import NotAllowed, NotFound
 from mailer.operations import Caller
 
 # ---------------------------------------------------------------- signing in
@@ -73,6 +74,14 @@ def listing(session: Session, caller: Caller) -> Sequence[User]:
     return accounts.list_users(session)
 
 
+def get(session: Session, caller: Caller, login: str) -> User:
+    caller.require(Permission.USERS_MANAGE)
+    try:
+        return accounts.get_user(session, login)
+    except accounts.AccountError:
+        raise NotFound(f"no user '{login[:60]}'") from None
+
+
 def add(session: Session, caller: Caller, *, login: str, name: str, role: Role,
         regions: Sequence[str], known_regions: Sequence[str], password: str,
         email: str | None = None) -> User:
@@ -85,10 +94,36 @@ def add(session: Session, caller: Caller, *, login: str, name: str, role: Role,
     return user
 
 
+def _not_yourself(caller: Caller, user: User, what: str) -> None:
+    # An administrator who disables or demotes themselves could leave nobody to undo it.
+    if user.id == caller.actor.user_id:
+        raise NotAllowed(f"you cannot {what} your own account",
+                         hint="ask another administrator to do it")
+
+
+def change(session: Session, caller: Caller, login: str, *, role: Role,
+           regions: Sequence[str], known_regions: Sequence[str], name: str | None = None,
+           email: str | None = None) -> list[str]:
+    """A user's role, regions, name or address; returns what changed (recorded, with the new
+    role and regions)."""
+    caller.require(Permission.USERS_MANAGE)
+    user = accounts.get_user(session, login)
+    if Role(role) != user.role or list(regions) != list(user.regions or []):
+        _not_yourself(caller, user, "change the role or regions of")
+    changed = accounts.change_user(session, user, role=role, regions=regions,
+                                   known_regions=known_regions, display_name=name, email=email)
+    if changed:
+        caller.record(session, "user.change", _target(user.login), fields=changed,
+                      role=str(user.role), regions=list(user.regions or []))
+    return changed
+
+
 def set_disabled(session: Session, caller: Caller, login: str, disabled: bool) -> bool:
     """Disable (ending their sessions and revoking their tokens at once) or enable a user."""
     caller.require(Permission.USERS_MANAGE)
     user = accounts.get_user(session, login)
+    if disabled:
+        _not_yourself(caller, user, "disable")
     changed = (accounts.disable_user if disabled else accounts.enable_user)(session, user)
     if changed or disabled:  # disabling again still ends sessions: worth its record
         caller.record(session, "user.disable" if disabled else "user.enable",

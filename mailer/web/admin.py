@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException
 
 from mailer import audit, events, outbox, wordimport
 from mailer import edition_form as ef
-from mailer.accounts import SESSION_LIFETIME, Actor, LoginOutcome, Permission
+from mailer.accounts import SESSION_LIFETIME, Actor, LoginOutcome, Permission, Role
 from mailer.bounce_policy import BouncePolicy
 from mailer.config import Settings
 from mailer.edition import EditionErrors
@@ -1548,13 +1548,136 @@ async def audit_page(request: Request) -> HTMLResponse:
                  query=urlencode(query))
 
 
-# ---------------------------------------------------------------- users (read-only here)
+# ---------------------------------------------------------------- users
 
 @router.get("/users")
 async def users_page(request: Request) -> HTMLResponse:
     caller = await _signed_in(request, Permission.USERS_MANAGE)
     rows = await _run(request, lambda s: list(user_ops.listing(s, caller)))
-    return _page(request, caller.actor, "users.html.j2", title="Users", rows=rows)
+    return _page(request, caller.actor, "users.html.j2", title="Users", rows=rows,
+                 notice=_notice(request))
+
+
+def _user_page(request: Request, caller: Caller, user: Any, values: dict[str, Any],
+               status: int = 200, *, problems: Sequence[str] = (),
+               notice: str | None = None) -> HTMLResponse:
+    """One account's page (`user` None: the form for a new one), its forms and what went
+    wrong with the last of them."""
+    return _page(request, caller.actor, "user.html.j2", status,
+                 title=f"User {user.login}" if user else "Add a user", u=user, values=values,
+                 roles=[(r.value, r.value) for r in Role], problems=problems, notice=notice,
+                 every_region=list(console(request).region_names.items()),
+                 yourself=user is not None and user.id == caller.actor.user_id)
+
+
+def _user_values(form: FormData) -> dict[str, Any]:
+    return {"login": _text(form, "login", 60), "name": _text(form, "name", 100),
+            "email": _text(form, "email", 254), "role": _text(form, "role", 20),
+            "regions": [v for v in form.getlist("regions") if isinstance(v, str)][:20]}
+
+
+@router.get("/users/new")
+async def user_new(request: Request) -> HTMLResponse:
+    caller = await _signed_in(request, Permission.USERS_MANAGE)
+    return _user_page(request, caller, None, {"role": Role.COORDINATOR, "regions": []})
+
+
+@router.post("/users/new")
+async def user_add(request: Request) -> Response:
+    caller = await _signed_in(request, Permission.USERS_MANAGE)
+    form = await _form(request)
+    values = _user_values(form)
+    known = list(console(request).region_names)
+
+    def work(session: Session) -> str:
+        return user_ops.add(session, caller, login=values["login"], name=values["name"],
+                            role=Role(values["role"] or Role.VIEWER),
+                            regions=values["regions"], known_regions=known,
+                            password=_text(form, "password", 2000),
+                            email=values["email"] or None).login
+    try:
+        login = await runtime.web(request).run(work)
+    except (MailerError, ValueError) as exc:
+        return _user_page(request, caller, None, values, 400, problems=[_said(exc)])
+    return _see_other(request, f"/admin/users/{login}",
+                      "The user was added. Give them their password by a separate channel.")
+
+
+def _said(exc: Exception) -> str:
+    hint = getattr(exc, "hint", None)
+    return _sentence(str(exc)) + "." + (f" {_sentence(hint)}." if hint else "")
+
+
+@router.get("/users/{login}")
+async def user_view(request: Request, login: str) -> HTMLResponse:
+    caller = await _signed_in(request, Permission.USERS_MANAGE)
+    user = await _run(request, lambda s: user_ops.get(s, caller, login), "user")
+    return _user_page(request, caller, user, {}, notice=_notice(request))
+
+
+async def _user_step(request: Request, login: str,
+                     step: Callable[[Session, Caller, FormData], str]) -> Response:
+    """A form on a user's page: done, back to the page with a notice; refused, the page with
+    what went wrong and what to do."""
+    caller = await _signed_in(request, Permission.USERS_MANAGE)
+    form = await _form(request)
+    try:
+        notice = await runtime.web(request).run(lambda s: step(s, caller, form))
+    except (MailerError, ValueError) as exc:
+        if isinstance(exc, NotFound):
+            raise _refusal(exc, "user") from None
+        user = await _run(request, lambda s: user_ops.get(s, caller, login), "user")
+        return _user_page(request, caller, user, {}, 400, problems=[_said(exc)])
+    return _see_other(request, f"/admin/users/{login}", notice)
+
+
+@router.post("/users/{login}/edit")
+async def user_edit(request: Request, login: str) -> Response:
+    known = list(console(request).region_names)
+
+    def step(session: Session, caller: Caller, form: FormData) -> str:
+        v = _user_values(form)
+        changed = user_ops.change(session, caller, login, role=Role(v["role"]),
+                                  regions=v["regions"], known_regions=known, name=v["name"],
+                                  email=v["email"])
+        return "Saved." + (" They are signed out, and sign in again with their new rights."
+                           if {"role", "regions"} & set(changed) else "") if changed \
+            else "No change."
+    return await _user_step(request, login, step)
+
+
+@router.post("/users/{login}/disable")
+async def user_disable(request: Request, login: str) -> Response:
+    def step(session: Session, caller: Caller, form: FormData) -> str:
+        user_ops.set_disabled(session, caller, login, True)
+        return "Disabled: signed out everywhere, and their API tokens no longer work."
+    return await _user_step(request, login, step)
+
+
+@router.post("/users/{login}/enable")
+async def user_enable(request: Request, login: str) -> Response:
+    def step(session: Session, caller: Caller, form: FormData) -> str:
+        user_ops.set_disabled(session, caller, login, False)
+        return "Enabled: they can sign in again (their old API tokens stay revoked)."
+    return await _user_step(request, login, step)
+
+
+@router.post("/users/{login}/password")
+async def user_password(request: Request, login: str) -> Response:
+    def step(session: Session, caller: Caller, form: FormData) -> str:
+        user_ops.reset_password(session, caller, login, _text(form, "password", 2000))
+        return "The password was reset and they are signed out. Give them the new one by a " \
+               "separate channel."
+    return await _user_step(request, login, step)
+
+
+@router.post("/users/{login}/second-factor-off")
+async def user_second_factor_off(request: Request, login: str) -> Response:
+    def step(session: Session, caller: Caller, form: FormData) -> str:
+        user_ops.second_factor(session, caller, login, on=False)
+        return "Their authenticator app is no longer asked for. They can set up a new one " \
+               "with an administrator."
+    return await _user_step(request, login, step)
 
 
 # ---------------------------------------------------------------- privacy (read-only)
