@@ -77,7 +77,8 @@ STORES = ("subscribers.store", "subscribers.importer", "mailer.outbox", "mailer.
 # What a face may use of them: reads for display, and types and constants.
 READS = {
     "subscribers.store": {"list_topics", "find", "find_by_email", "topic_by_id",
-                          "active_topics", "ping", "counts", "Context", "SubscribeOutcome"},
+                          "active_topics", "ping", "counts", "Context", "SubscribeOutcome",
+                          "SORTS"},
     "subscribers.importer": {"Options", "ImportReport"},
     "mailer.outbox": {"Progress", "progress", "eta_text", "time_left_text",
                       "second_pair_of_eyes", "audience_breakdown", "published",
