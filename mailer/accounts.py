@@ -273,6 +273,21 @@ def change_user(session: Session, user: User, *, role: Role | str, regions: Sequ
     return changed
 
 
+def colleagues(session: Session, logins: Sequence[str] | None = None) -> list[User]:
+    """Enabled accounts with an address, by name: whom a test copy may go to. With `logins`,
+    exactly those, each of which must be such an account."""
+    found = list(session.scalars(select(User).where(
+        User.disabled.is_(False), User.email.is_not(None)).order_by(User.display_name)))
+    if logins is None:
+        return found
+    by_login = {u.login: u for u in found}
+    missing = [login for login in logins if login not in by_login]
+    if missing:
+        raise AccountError(f"no colleague with an address for test sends: {', '.join(missing)}",
+                           hint="choose from the list; an administrator adds addresses")
+    return [by_login[login] for login in dict.fromkeys(logins)]
+
+
 def get_user(session: Session, login: str) -> User:
     user = session.scalar(select(User).where(User.login == login.strip().lower()))
     if user is None:

@@ -24,7 +24,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 from starlette.routing import Mount
 
-from mailer import alerts, audit, bounce_policy, events, outbox
+from mailer import accounts, alerts, audit, bounce_policy, events, outbox
 from mailer.bounce_policy import BouncePolicy
 from mailer.config import Settings
 from mailer.models import Delivery, Edition, EditionStatus
@@ -432,6 +432,41 @@ def test_the_time_left_says_where_the_send_is_not_done_before_it_started(
     assert time_left() == "paused, with 2 message(s) waiting"
     app_client.post(f"/admin/editions/{eid}/cancel", data={"csrf_token": token})
     assert time_left() == "none: the send was cancelled"
+
+
+def test_a_sent_edition_goes_again_to_the_failed_and_to_people_who_joined_since_in_both_faces(
+        app_client: TestClient, engine: Engine, web_settings: Settings) -> None:
+    people(engine, web_settings, [("k1@kent.police.uk", "kent"), ("k2@kent.police.uk", "kent")])
+    eid = sent_edition(engine, web_settings, regions="[kent]", slug="2020-q3-again")
+    with Session(engine) as session:
+        first = session.scalar(select(Delivery).where(Delivery.edition_id == eid))
+        first.status = "failed"
+        session.get(Edition, eid).status = EditionStatus.SENT
+        session.commit()
+    token = _signed_in(app_client, engine)
+    page = app_client.get(f"/admin/editions/{eid}").text
+    assert "Send the 1 failed again" in page and "Send to people who joined since" in page
+    again = app_client.post(f"/admin/editions/{eid}/resend-failed", data={"csrf_token": token})
+    assert "1 message(s) queued again." in again.text
+    people(engine, web_settings, [("new@kent.police.uk", "kent")])
+    joined = app_client.post(f"/admin/editions/{eid}/send-to-new", data={"csrf_token": token})
+    assert "1 message(s) queued for people who joined since." in joined.text
+    with session_factory(engine)() as session:
+        _row, plain = accounts.create_token(session, accounts.get_user(session, "root"),
+                                            name="test")
+        session.commit()
+    api = {"Authorization": f"Bearer {plain}"}
+    assert app_client.post(f"/api/v1/editions/{eid}/send-to-new", headers=api).json() == {
+        "changed": False, "detail": "0 queued"}  # nobody new since
+    assert app_client.post(f"/api/v1/editions/{eid}/resend-failed", headers=api,
+                           json={"include_unknown": True}).json()["detail"] == "0 queued"
+    with Session(engine) as session:
+        actions = [(e.action, e.via) for e in session.scalars(
+            select(audit.AuditEntry).where(audit.AuditEntry.action.in_(
+                ["edition.resend_failed", "edition.send_to_new"]))
+            .order_by(audit.AuditEntry.id))]
+    assert actions == [("edition.resend_failed", "console"), ("edition.send_to_new", "console"),
+                       ("edition.send_to_new", "api"), ("edition.resend_failed", "api")]
 
 
 def test_an_edit_in_the_console_withdraws_the_approval(

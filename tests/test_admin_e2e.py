@@ -337,6 +337,7 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
                 (f"/admin/editions/{states['forward']}", None),  # the approve button
                 (f"/admin/editions/{states['approved']}", None),  # schedule and send
                 (f"/admin/editions/{states['sending']}", None),  # pause and cancel
+                (f"/admin/editions/{states['sent']}", None),  # send again, to colleagues
                 (f"/admin/editions/{states['sending']}/progress", None),  # live
                 (f"/admin/editions/{states['sent']}/progress", None),  # finished
                 ("/admin/bounces", "/admin/bounces"),

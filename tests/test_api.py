@@ -240,6 +240,15 @@ def _edition_over_the_api(app_client: TestClient, engine: Engine, web_settings: 
     assert sink.handler.copies("alice@kent.police.uk") == 1
     no_address = app_client.post(f"/api/v1/editions/{eid}/test-send", headers=bob)
     assert no_address.status_code == 409
+    to_colleague = app_client.post(f"/api/v1/editions/{eid}/test-send", headers=bob,
+                                   json={"colleagues": ["alice"]})
+    assert to_colleague.json() == {"changed": True, "detail": "sent to alice@kent.police.uk"}
+    assert sink.handler.copies("alice@kent.police.uk") == 2
+    stranger = app_client.post(f"/api/v1/editions/{eid}/test-send", headers=bob,
+                               json={"colleagues": ["someone.else"]})
+    assert stranger.status_code == 409
+    assert "no colleague with an address for test sends: someone.else" in \
+        stranger.json()["detail"]
 
     assert app_client.post(f"/api/v1/editions/{eid}/request-approval", headers=alice
                            ).json()["changed"]
@@ -253,7 +262,7 @@ def _edition_over_the_api(app_client: TestClient, engine: Engine, web_settings: 
     assert (edited.json()["status"], edited.json()["approved_by"]) == ("draft", None)
     log = app_client.get(f"/api/v1/audit?target=edition:{eid}", headers=bob).json()["items"]
     assert [(e["actor"], e["action"]) for e in reversed(log)] == [
-        ("alice", "edition.save"), ("alice", "edition.test_send"),
+        ("alice", "edition.save"), ("alice", "edition.test_send"), ("bob", "edition.test_send"),
         ("alice", "edition.request_approval"), ("alice", "edition.approve_refused"),
         ("bob", "edition.approve"), ("alice", "edition.save")]
 
@@ -289,7 +298,7 @@ def test_a_test_send_that_cannot_be_built_is_a_clear_refusal_in_both_faces(
     assert login(app_client, "alice").status_code == 303
     token = csrf_of(app_client.get(f"/admin/editions/{eid}").text)
     page = app_client.post(f"/admin/editions/{eid}/test-send", data={"csrf_token": token})
-    assert page.status_code == 409 and "The test message could not be made" in page.text
+    assert page.status_code == 409 and "The test message could not be sent" in page.text
     assert sink.handler.copies("alice@kent.police.uk") == 0
     with Session(engine) as session:
         _total, rows = audit.entries(session, audit.AuditFilter(action="edition.test_send"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailer import outbox, revisions
+from mailer import accounts, outbox, revisions
 from mailer.accounts import Permission
 from mailer.config import Settings
 from mailer.errors import Conflict, MailerError
@@ -252,41 +252,46 @@ def send_to_new(session: Session, caller: Caller, ident: int | str) -> int:
 
 
 def test_send(sessions: sessionmaker[Session], caller: Caller, settings: Settings,
-              ident: int | str) -> str:
-    """One copy to the caller's own address through the real relay; returns the address.
-    The message is built and sent outside any transaction (a relay may take a while), and
-    recorded, sent or refused, after."""
+              ident: int | str, colleagues: Sequence[str] = ()) -> list[str]:
+    """A copy to the caller's own address, or to each named colleague's (console accounts
+    only: never an address typed in), through the real relay; returns the addresses it went
+    to. Each message is built and sent outside any transaction (a relay may take a while), and
+    recorded, sent or refused, after; the first refusal stops the rest."""
     from mailer.outgoing import not_sent, send_now
     from mailer.reference import message_id
     from mailer.render import build_message
 
     caller.require(Permission.EDITIONS_EDIT)
-    to = caller.actor.email
-    if not to:
-        raise Conflict("your account has no email address for test sends",
-                       hint="ask an administrator to add one")
     with session_scope(sessions) as session:
         edition = get(session, caller, ident)
         eid, slug, compiled = edition.id, edition.slug, edition.compiled
-    target = f"edition:{eid}"
-    try:
-        domain = settings.from_address.rpartition("@")[2]
-        data = build_message(CompiledEdition.from_dict(compiled),
-                             Recipient(email=to, name=caller.actor.name),
-                             Links(settings).preview(slug),
-                             message_id=message_id(settings.secret(), eid, 0, domain))
-        result: SendResult = send_now(settings, to, data)
-    except MailerError as exc:  # a header refused, or the relay's address is wrong
+        readers = ([(caller.actor.email, caller.actor.name)] if not colleagues else
+                   [(u.email, u.display_name)
+                    for u in accounts.colleagues(session, colleagues)])
+    if not all(to for to, _name in readers):
+        raise Conflict("your account has no email address for test sends",
+                       hint="ask an administrator to add one, or send it to colleagues")
+    target, sent = f"edition:{eid}", []
+    domain = settings.from_address.rpartition("@")[2]
+    for to, name in readers:
+        assert to is not None
+        try:
+            data = build_message(CompiledEdition.from_dict(compiled),
+                                 Recipient(email=to, name=name), Links(settings).preview(slug),
+                                 message_id=message_id(settings.secret(), eid, 0, domain))
+            result: SendResult = send_now(settings, to, data)
+        except MailerError as exc:  # a header refused, or the relay's address is wrong
+            with session_scope(sessions) as session:
+                caller.record(session, "edition.test_send", target, to=to, outcome="refused",
+                              reason=str(exc))
+            raise
         with session_scope(sessions) as session:
-            caller.record(session, "edition.test_send", target, to=to, outcome="refused",
-                          reason=str(exc))
-        raise
-    with session_scope(sessions) as session:
-        caller.record(session, "edition.test_send", target, to=to,
-                      outcome=str(result.outcome), code=result.code)
-    if str(result.outcome) != "sent":
-        raise not_sent(settings, result)
-    return to
+            caller.record(session, "edition.test_send", target, to=to,
+                          outcome=str(result.outcome), code=result.code)
+        if str(result.outcome) != "sent":
+            raise not_sent(settings, result)
+        sent.append(to)
+    return sent
 
 
 def _acting_on(session: Session, caller: Caller, ident: int | str) -> Edition:

@@ -74,6 +74,13 @@ def listing(session: Session, caller: Caller) -> Sequence[User]:
     return accounts.list_users(session)
 
 
+def colleagues(session: Session, caller: Caller) -> list[tuple[str, str]]:
+    """(login, name) of the colleagues a test copy may go to, the caller left out."""
+    caller.require(Permission.EDITIONS_EDIT)
+    return [(u.login, u.display_name) for u in accounts.colleagues(session)
+            if u.login != caller.actor.login]
+
+
 def get(session: Session, caller: Caller, login: str) -> User:
     caller.require(Permission.USERS_MANAGE)
     try:

@@ -1151,6 +1151,8 @@ async def _edition_page(request: Request, caller: Caller, eid: int, status: int 
                 "audience": seen.audience, "progress": outbox.progress(session, e),
                 "covers": caller.actor.covers(e.regions),
                 "may_approve": outbox.second_pair_of_eyes(e, caller.actor.login),
+                "colleagues": (user_ops.colleagues(session, caller)
+                               if caller.actor.can(Permission.EDITIONS_EDIT) else []),
                 "changes": edition_ops.changes(session, caller, eid),
                 "history": list(edition_ops.history(session, caller, eid))}
 
@@ -1219,24 +1221,23 @@ async def _edition_step(request: Request, eid: int, permission: Permission,
 @router.post("/editions/{eid}/test-send")
 async def edition_test_send(request: Request, eid: int) -> Response:
     caller = await _signed_in(request, Permission.EDITIONS_EDIT)
-    await _form(request)
+    form = await _form(request)
     c, w = console(request), runtime.web(request)
-    if not caller.actor.email:
-        raise Refusal(400, "No address for you", "Your account has no email address for test "
-                      "sends. Ask an administrator to add one.")
+    chosen = [v for v in form.getlist("colleagues") if isinstance(v, str)][:20]
     try:
-        to = await run_in_threadpool(edition_ops.test_send, w.sessions, caller, c.settings,
-                                     eid)
+        sent = await run_in_threadpool(edition_ops.test_send, w.sessions, caller, c.settings,
+                                       eid, chosen)
     except RelayRefused as exc:  # said on the edition's page, with what to do
         said = f"The test message was not sent: {exc}." + (
             f" {_sentence(exc.hint)}." if exc.hint else "")
         return await _edition_page(request, caller, eid, 502, problems=[(said, "")])
     except (NotFound, OutOfScope, NotAllowed) as exc:
         raise _refusal(exc, "edition") from None
-    except MailerError as exc:  # the message could not be built (a header refused)
+    except MailerError as exc:  # no address, a colleague unknown, or a header refused
         return await _edition_page(request, caller, eid, 409, problems=[(
-            f"The test message could not be made: {exc}.", "")])
-    return _see_other(request, f"/admin/editions/{eid}", f"A test copy was sent to {to}.")
+            f"The test message could not be sent: {_said(exc)}", "")])
+    return _see_other(request, f"/admin/editions/{eid}",
+                      f"A test copy was sent to {', '.join(sent)}.")
 
 
 @router.post("/editions/{eid}/request-approval")
@@ -1303,6 +1304,24 @@ def _control(action: str, done: str) -> Any:
 
     route.__name__ = f"edition_{action}"
     return route
+
+
+@router.post("/editions/{eid}/resend-failed")
+async def edition_resend_failed(request: Request, eid: int) -> Response:
+    def step(session: Session, caller: Caller, form: FormData) -> str:
+        queued = edition_ops.resend_failed(session, caller, eid,
+                                           include_unknown=_text(form, "unknown") == "yes")
+        return f"{queued} message(s) queued again." if queued else "Nothing to send again."
+    return await _edition_step(request, eid, Permission.EDITIONS_SEND, step)
+
+
+@router.post("/editions/{eid}/send-to-new")
+async def edition_send_to_new(request: Request, eid: int) -> Response:
+    def step(session: Session, caller: Caller, form: FormData) -> str:
+        queued = edition_ops.send_to_new(session, caller, eid)
+        return (f"{queued} message(s) queued for people who joined since." if queued
+                else "Nobody has joined since who has not had it.")
+    return await _edition_step(request, eid, Permission.EDITIONS_SEND, step)
 
 
 router.post("/editions/{eid}/pause")(_control("pause", "Paused."))

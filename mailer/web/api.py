@@ -267,6 +267,17 @@ class Calendar(BaseModel):
     reminders: list[ReminderOut]
 
 
+class ResendIn(BaseModel):
+    include_unknown: bool = Field(False, description="Also the messages that may have "
+                                  "arrived (no reply from the relay): they could go twice")
+
+
+class TestSendIn(BaseModel):
+    colleagues: list[Annotated[str, Field(min_length=1, max_length=60)]] = Field(
+        default_factory=list, max_length=20,
+        description="Console logins to send the test to; none: the token's own user")
+
+
 class Done(BaseModel):
     changed: bool
     detail: str = ""
@@ -645,18 +656,37 @@ def _routes(api: FastAPI) -> None:
         return await _run(request, work)
 
     @api.post("/editions/{eid}/test-send", response_model=Done)
-    async def edition_test_send(request: Request, eid: Id, caller: Caller = Depends(
-            _needs(Permission.EDITIONS_EDIT))) -> Done:
-        """One copy to the token's own user, through the real relay."""
+    async def edition_test_send(request: Request, eid: Id, data: TestSendIn | None = None,
+                                caller: Caller = Depends(_needs(Permission.EDITIONS_EDIT))
+                                ) -> Done:
+        """One copy to the token's own user, or to each named colleague (console accounts
+        with an address), through the real relay."""
         w = _web(request)
         try:
-            to = await run_in_threadpool(edition_ops.test_send, w.sessions, caller,
-                                         w.settings, eid)
+            sent = await run_in_threadpool(edition_ops.test_send, w.sessions, caller,
+                                           w.settings, eid, data.colleagues if data else [])
         except (NotFound, NotAllowed, OutOfScope, RelayRefused) as exc:
             raise _refusal(exc) from None
-        except MailerError as exc:  # the message could not be built (a header refused)
-            raise HTTPException(409, f"the test message could not be made: {exc}") from None
-        return Done(changed=True, detail=f"sent to {to}")
+        except MailerError as exc:  # no address, a colleague unknown, or a header refused
+            raise HTTPException(409, f"the test message could not be sent: {exc}") from None
+        return Done(changed=True, detail=f"sent to {', '.join(sent)}")
+
+    @api.post("/editions/{eid}/resend-failed", response_model=Done)
+    async def edition_resend_failed(request: Request, eid: Id, data: ResendIn | None = None,
+                                    caller: Caller = Depends(_needs(Permission.EDITIONS_SEND))
+                                    ) -> Done:
+        """Queue the failed deliveries again (and, if asked, those that may have arrived)."""
+        unknown = bool(data and data.include_unknown)
+        queued = await _run(request, lambda s: edition_ops.resend_failed(
+            s, caller, eid, include_unknown=unknown))
+        return Done(changed=queued > 0, detail=f"{queued} queued")
+
+    @api.post("/editions/{eid}/send-to-new", response_model=Done)
+    async def edition_send_to_new(request: Request, eid: Id, caller: Caller = Depends(
+            _needs(Permission.EDITIONS_SEND))) -> Done:
+        """Send an edition that went out to the people who joined since."""
+        queued = await _run(request, lambda s: edition_ops.send_to_new(s, caller, eid))
+        return Done(changed=queued > 0, detail=f"{queued} queued")
 
     @api.get("/editions/{eid}/progress", response_model=ProgressOut)
     async def edition_progress(request: Request, eid: Id, caller: Caller = viewer
