@@ -1665,20 +1665,25 @@ async def user_edit(request: Request, login: str) -> Response:
     return await _user_step(request, login, step)
 
 
-@router.post("/users/{login}/disable")
-async def user_disable(request: Request, login: str) -> Response:
-    def step(session: Session, caller: Caller, form: FormData) -> str:
-        user_ops.set_disabled(session, caller, login, True)
-        return "Disabled: signed out everywhere, and their API tokens no longer work."
-    return await _user_step(request, login, step)
+def _user_control(do: Callable[[Session, Caller, str], object], done: str) -> Any:
+    async def route(request: Request, login: str) -> Response:
+        def step(session: Session, caller: Caller, form: FormData) -> str:
+            do(session, caller, login)
+            return done
+        return await _user_step(request, login, step)
+    return route
 
 
-@router.post("/users/{login}/enable")
-async def user_enable(request: Request, login: str) -> Response:
-    def step(session: Session, caller: Caller, form: FormData) -> str:
-        user_ops.set_disabled(session, caller, login, False)
-        return "Enabled: they can sign in again (their old API tokens stay revoked)."
-    return await _user_step(request, login, step)
+for _name, _do, _done in (
+        ("disable", lambda s, c, login: user_ops.set_disabled(s, c, login, True),
+         "Disabled: signed out everywhere, and their API tokens no longer work."),
+        ("enable", lambda s, c, login: user_ops.set_disabled(s, c, login, False),
+         "Enabled: they can sign in again (their old API tokens stay revoked)."),
+        ("second-factor-off", lambda s, c, login: user_ops.second_factor(s, c, login, on=False),
+         "Their authenticator app is no longer asked for. They can set up a new one with an "
+         "administrator.")):
+    router.post(f"/users/{{login}}/{_name}", name=f"user_{_name.replace('-', '_')}")(
+        _user_control(_do, _done))
 
 
 @router.post("/users/{login}/password")
@@ -1687,15 +1692,6 @@ async def user_password(request: Request, login: str) -> Response:
         user_ops.reset_password(session, caller, login, _text(form, "password", 2000))
         return "The password was reset and they are signed out. Give them the new one by a " \
                "separate channel."
-    return await _user_step(request, login, step)
-
-
-@router.post("/users/{login}/second-factor-off")
-async def user_second_factor_off(request: Request, login: str) -> Response:
-    def step(session: Session, caller: Caller, form: FormData) -> str:
-        user_ops.second_factor(session, caller, login, on=False)
-        return "Their authenticator app is no longer asked for. They can set up a new one " \
-               "with an administrator."
     return await _user_step(request, login, step)
 
 
