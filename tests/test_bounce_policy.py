@@ -302,6 +302,49 @@ def test_a_report_counts_fully_only_when_it_names_the_readers_own_address(
     assert world.subscriber(ids["forwards@kent.police.uk"]).status == SubscriberStatus.ACTIVE
 
 
+def test_with_two_hard_bounces_needed_each_reader_counts_their_own_in_the_window(
+        world: World) -> None:
+    world.policy = dataclasses.replace(world.policy, hard_threshold=2)
+    ids = world.people(["one@kent.police.uk", "two@kent.police.uk"])
+    first, second = world.send("spring"), world.send("summer")
+    one, two = ids["one@kent.police.uk"], ids["two@kent.police.uk"]
+    said = world.bounce(first, one, "one@kent.police.uk", "5.1.1", now=T0)
+    assert (said.decision, said.detail) == (Decision.COUNTED, "hard bounce 1 of 2")
+    other = world.bounce(first, two, "two@kent.police.uk", "5.1.1", now=T0)  # not one's
+    assert (other.decision, other.detail) == (Decision.COUNTED, "hard bounce 1 of 2")
+    late = world.bounce(second, one, "one@kent.police.uk", "5.1.1",
+                        now=T0 + timedelta(days=91))  # the first has left the window
+    assert (late.decision, late.detail) == (Decision.COUNTED, "hard bounce 1 of 2")
+    again = world.bounce(second, one, "one@kent.police.uk", "5.1.1",
+                         now=T0 + timedelta(days=92))
+    assert (again.decision, again.detail) == (
+        Decision.SUPPRESSED, "hard bounce 5.1.1: the address is dead; marked bounced and "
+                             "suppressed")
+    assert world.subscriber(two).status == SubscriberStatus.ACTIVE
+
+
+@pytest.mark.parametrize(("status", "diagnostic", "names_subscriber", "kind"), [
+    ("5.4.1", "smtp; 550 5.4.1 Recipient address rejected: Access denied", True, "hard"),
+    ("5.4.1", "smtp; 550 5.4.1 Relay access denied", True, "soft"),  # not "no such mailbox"
+    ("5.1.1", "smtp; 550 5.1.1 user unknown", False, "soft"),  # a forward: not their mailbox
+    (None, "", True, "hard"),  # no code: wording as sure as a 5.1.1
+])
+def test_what_a_permanent_failure_means_for_the_reader(
+        settings: Settings, status: str | None, diagnostic: str, names_subscriber: bool,
+        kind: str) -> None:
+    from mailer.bounces import Failure, Kind, Verdict
+
+    failure = Failure(recipient="r@kent.police.uk", kind=Kind.HARD, status=status,
+                      action="failed", diagnostic=diagnostic)
+    verdict = Verdict(Kind.HARD, "test", failures=(failure,))
+    policy = BouncePolicy.from_settings(settings)
+    assert policy.event_kind(verdict, failure, names_subscriber=names_subscriber) == kind
+    dead = dataclasses.replace(failure, status="5.1.1")
+    assert policy.event_kind(verdict, dead) == "hard"  # their own address unless told
+    assert policy.event_kind(verdict, None) == "hard"  # naming nobody: the whole message's
+    assert policy.event_kind(dataclasses.replace(verdict, kind=Kind.SOFT), None) == "soft"
+
+
 def test_an_expired_delivery_is_soft_a_dead_domain_is_hard(world: World) -> None:
     ids = world.people(["slow@kent.police.uk", "nodomain@kent.police.uk"])
     edition = world.send("spring")
