@@ -272,13 +272,15 @@ def test_send(sessions: sessionmaker[Session], caller: Caller, settings: Setting
         raise Conflict("your account has no email address for test sends",
                        hint="ask an administrator to add one, or send it to colleagues")
     target, sent = f"edition:{eid}", []
-    domain = settings.from_address.rpartition("@")[2]
+    # Once for all the copies: the edition, its preview links and its test Message-ID.
+    edition_once = CompiledEdition.from_dict(compiled)
+    urls = Links(settings).preview(slug)
+    test_id = message_id(settings.secret(), eid, 0, settings.from_address.rpartition("@")[2])
     for to, name in readers:
         assert to is not None
         try:
-            data = build_message(CompiledEdition.from_dict(compiled),
-                                 Recipient(email=to, name=name), Links(settings).preview(slug),
-                                 message_id=message_id(settings.secret(), eid, 0, domain))
+            data = build_message(edition_once, Recipient(email=to, name=name), urls,
+                                 message_id=test_id)
             result: SendResult = send_now(settings, to, data)
         except MailerError as exc:  # a header refused, or the relay's address is wrong
             with session_scope(sessions) as session:

@@ -182,6 +182,12 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] if text else text
 
 
+def _said(exc: Exception) -> str:
+    """A refusal and its hint as sentences, for a problem shown on the form's own page."""
+    hint = getattr(exc, "hint", None)
+    return _sentence(str(exc)) + "." + (f" {_sentence(hint)}." if hint else "")
+
+
 def _refusal(exc: MailerError | SubscriberError, thing: str = "record") -> Refusal:
     """The one translation of an operation's refusal into a console page."""
     hint = _sentence(getattr(exc, "hint", None) or "")
@@ -1227,15 +1233,13 @@ async def edition_test_send(request: Request, eid: int) -> Response:
     try:
         sent = await run_in_threadpool(edition_ops.test_send, w.sessions, caller, c.settings,
                                        eid, chosen)
-    except RelayRefused as exc:  # said on the edition's page, with what to do
-        said = f"The test message was not sent: {exc}." + (
-            f" {_sentence(exc.hint)}." if exc.hint else "")
-        return await _edition_page(request, caller, eid, 502, problems=[(said, "")])
     except (NotFound, OutOfScope, NotAllowed) as exc:
         raise _refusal(exc, "edition") from None
-    except MailerError as exc:  # no address, a colleague unknown, or a header refused
-        return await _edition_page(request, caller, eid, 409, problems=[(
-            f"The test message could not be sent: {_said(exc)}", "")])
+    except MailerError as exc:  # said on the edition's page, with what to do
+        refused = isinstance(exc, RelayRefused)  # else: no address, a colleague, a header
+        what = "was not sent" if refused else "could not be sent"
+        return await _edition_page(request, caller, eid, 502 if refused else 409, problems=[(
+            f"The test message {what}: {_said(exc)}", "")])
     return _see_other(request, f"/admin/editions/{eid}",
                       f"A test copy was sent to {', '.join(sent)}.")
 
@@ -1584,7 +1588,7 @@ def _user_page(request: Request, caller: Caller, user: Any, values: dict[str, An
     wrong with the last of them."""
     return _page(request, caller.actor, "user.html.j2", status,
                  title=f"User {user.login}" if user else "Add a user", u=user, values=values,
-                 roles=[(r.value, r.value) for r in Role], problems=problems, notice=notice,
+                 roles=list(Role), problems=problems, notice=notice,
                  every_region=list(console(request).region_names.items()),
                  yourself=user is not None and user.id == caller.actor.user_id)
 
@@ -1620,11 +1624,6 @@ async def user_add(request: Request) -> Response:
         return _user_page(request, caller, None, values, 400, problems=[_said(exc)])
     return _see_other(request, f"/admin/users/{login}",
                       "The user was added. Give them their password by a separate channel.")
-
-
-def _said(exc: Exception) -> str:
-    hint = getattr(exc, "hint", None)
-    return _sentence(str(exc)) + "." + (f" {_sentence(hint)}." if hint else "")
 
 
 @router.get("/users/{login}")
