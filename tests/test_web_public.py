@@ -717,10 +717,11 @@ def test_two_requests_at_once_cannot_both_pass_a_mail_cap(client: TestClient) ->
         True, False]
 
 
-def test_a_link_for_an_erased_subscriber_answers_as_one_for_nobody(
+def test_a_link_for_an_erased_subscriber_answers_as_one_for_nobody_and_as_a_bad_link(
         client: TestClient, sink: FaultServer, engine: Engine) -> None:
     # Erasure leaves no trace a link could reveal: whoever holds an erased person's old link
-    # (a forwarded newsletter, a log) learns nothing a link for an id never used would not.
+    # (a forwarded newsletter, a log) learns nothing a link for an id never used, or a link
+    # that does not verify, would not tell them.
     erased = _active(client, sink)
     kept = _active(client, sink, "kept.reader@essex.police.uk")
     with session_scope(session_factory(engine)) as session:
@@ -729,22 +730,19 @@ def test_a_link_for_an_erased_subscriber_answers_as_one_for_nobody(
     nobody = erased + kept + 1000
     for make, path in ((web.tokens.unsubscribe, "/u/"), (web.tokens.manage, "/preferences/")):
         gone, never = client.get(path + make(erased)), client.get(path + make(nobody))
+        forged = client.get(path + make(erased)[:-4] + "AAAA")
         assert (gone.status_code, gone.text) == (never.status_code, never.text)
+        assert (gone.status_code, gone.text) == (forged.status_code, forged.text)
         assert "kept.reader" not in gone.text and "sam.tester" not in gone.text
         live = client.get(path + make(kept))  # the one that exists is served its own page
         assert live.status_code == 200 and live.text != gone.text
-    # what both say: nothing about the person, and a way on
-    unsubscribe = client.get(f"/u/{web.tokens.unsubscribe(nobody)}")
-    assert unsubscribe.status_code == 200
-    assert "If this address was subscribed, it will not receive any more mail" in \
-        unsubscribe.text
-    assert f'href="{BASE}/manage"' in unsubscribe.text
-    assert web.settings.contact_address in unsubscribe.text
-    preferences = client.get(f"/preferences/{web.tokens.manage(nobody)}")
-    assert preferences.status_code == 200
-    assert "You are not subscribed" in preferences.text
-    assert "This address is not subscribed at the moment." in preferences.text
-    assert f'href="{BASE}/subscribe"' in preferences.text
+    erase_page = client.get(f"/preferences/{web.tokens.manage(erased)}/erase")
+    assert (erase_page.status_code, erase_page.text) == (never.status_code, never.text)
+    # what they say: nothing about the person, and a way on
+    assert never.status_code == 400
+    assert "This link does not work" in never.text
+    assert "no longer on our list" in never.text
+    assert f'href="{BASE}/manage"' in never.text
     own = client.get(f"/preferences/{web.tokens.manage(kept)}")
     assert "kept.reader@essex.police.uk" in own.text
 

@@ -225,9 +225,17 @@ def _signup_mail(w: Web, subscriber: Subscriber, outcome: SubscribeOutcome,
 def _bad_link(request: Request, exc: InvalidToken, again: str = "/subscribe",
               again_text: str = "Subscribe again") -> HTMLResponse:
     first = ("This link has expired." if exc.expired
-             else "This link is not valid. It may have been copied incompletely.")
+             else "This link is not valid. It may have been copied incompletely, or be for "
+                  "an address that is no longer on our list.")
     return message(request, "This link does not work", first,
                    links=[(again_text, web(request).url(again))], status=400)
+
+
+def _link_for_nobody(request: Request) -> HTMLResponse:
+    """A well-signed reader link whose reader is not there (never was, or erased): the same
+    page as a link that does not verify, so that holding an erased person's old link tells
+    nothing about them."""
+    return _bad_link(request, InvalidToken("no such reader"), "/manage", "Get a new link by email")
 
 async def checked_form(request: Request) -> FormData | HTMLResponse:
     """The posted form once it passes the CSRF check, or the page that refuses it."""
@@ -325,8 +333,9 @@ async def reconfirm_post(request: Request, token: str) -> HTMLResponse:
 # ---------------------------------------------------------------- unsubscribe (RFC 8058)
 
 def _unsubscribed_generic(request: Request) -> HTMLResponse:
-    """The one answer to every unusable unsubscribe token: 200, no detail (no oracle), and a
-    way to reach us, since a mailbox provider reads a non-2xx as a broken unsubscribe."""
+    """The one answer to an unsubscribe post that changes nothing (a bad token, a reader not
+    there): 200, no detail (no oracle), and a way to reach us, since a mailbox provider reads a
+    non-2xx as a broken unsubscribe."""
     w = web(request)
     return message(request, "Unsubscribe",
                    "If this address was subscribed, it will not receive any more mail from "
@@ -360,7 +369,7 @@ async def unsubscribe_page(request: Request, token: str) -> HTMLResponse:
 
     known, topic, left = await w.run(work)
     if not known:
-        return _unsubscribed_generic(request)
+        return _link_for_nobody(request)
     if left is not None:
         return _unsubscribed_page(request, token, claims.subscriber_id,
                                   f"You have already unsubscribed from {left}.")
@@ -477,7 +486,7 @@ def _preferences_view(w: Web, session: Session, subscriber: Subscriber) -> dict[
     }
 
 
-def _not_active_page(request: Request, status: str | None) -> HTMLResponse:
+def _not_active_page(request: Request, status: str) -> HTMLResponse:
     w = web(request)
     if status in (SubscriberStatus.PENDING, SubscriberStatus.AWAITING_APPROVAL):
         return message(request, "Your subscription is not active yet",
@@ -508,8 +517,10 @@ async def preferences_page(request: Request, token: str) -> HTMLResponse:
         return None if subscriber is None else _preferences_view(w, session, subscriber)
 
     view = await w.run(work)
-    if view is None or view["state"] != SubscriberStatus.ACTIVE:
-        return _not_active_page(request, view["state"] if view else None)
+    if view is None:
+        return _link_for_nobody(request)
+    if view["state"] != SubscriberStatus.ACTIVE:
+        return _not_active_page(request, view["state"])
     return render(request, "preferences.html.j2", title="Your preferences", **view,
                   **_preferences_links(w, token, claims.subscriber_id))
 
@@ -547,8 +558,10 @@ async def preferences_post(request: Request, token: str) -> HTMLResponse:
         return "ok", _preferences_view(w, session, subscriber), errors
 
     status, view, errors = await w.run(work)
+    if status == "gone":
+        return _link_for_nobody(request)
     if view is None:
-        return _not_active_page(request, None if status == "gone" else status)
+        return _not_active_page(request, status)
     notice = None if errors else (
         "Your preferences are saved." if view["active"]
         else "Your preferences are saved. You have no topics chosen, so you will get no mail.")
@@ -558,8 +571,8 @@ async def preferences_post(request: Request, token: str) -> HTMLResponse:
 
 
 # ---------------------------------------------------------------- the reader's own data
-# Both live on the preferences page and answer as it does: a bad link gets the bad-link page,
-# a link for nobody (never there, or erased) the page for someone not subscribed. Each acts
+# Both live on the preferences page and answer as it does: a bad link, and a link for nobody
+# (never there, or erased), get the bad-link page. Each acts
 # only on a POST with the page's CSRF token, so a link scanner opening every URL acts on
 # nothing. Unlike the preferences form, they serve anyone the link still names, subscribed or
 # not: the right to a copy and to erasure does not end with the subscription.
@@ -577,7 +590,7 @@ async def download_own_data(request: Request, token: str) -> Response:
     _form, claims = checked
     data = await w.run(lambda s: readers.own_data(s, claims.subscriber_id))
     if data is None:
-        return _not_active_page(request, None)
+        return _link_for_nobody(request)
     body = json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n"
     return Response(body.encode(), media_type="application/json", headers={
         "Content-Disposition": 'attachment; filename="msht-bulletin-my-data.json"',
@@ -598,7 +611,7 @@ async def erase_page(request: Request, token: str) -> HTMLResponse:
 
     email = await w.run(work)
     if email is None:
-        return _not_active_page(request, None)
+        return _link_for_nobody(request)
     return render(request, "erase.html.j2", title="Erase your data", email=email,
                   action=w.links.page(Purpose.MANAGE, token, "/erase"),
                   download_action=w.links.page(Purpose.MANAGE, token, "/download"),
@@ -614,7 +627,7 @@ async def erase_post(request: Request, token: str) -> HTMLResponse:
     _form, claims = checked
     ctx = w.ctx(request)
     if not await w.run(lambda s: readers.erase(s, claims.subscriber_id, ctx)):
-        return _not_active_page(request, None)
+        return _link_for_nobody(request)
     return message(request, "Your data has been erased",
                    "We have deleted your address, your name and your other details, and what "
                    "you subscribed to. You will get no more mail from us.",
