@@ -196,6 +196,12 @@ STORED_CODE = re.compile(r"\b(?:awaiting_approval|first_responder|local_authorit
                          r"support_worker|as_scheduled)\b")
 
 
+# The elements reaching past a phone's width, to say where a page overflows.
+WIDER_THAN_375 = """[...document.querySelectorAll('body *')]
+    .filter(e => e.getBoundingClientRect().right > 375)
+    .map(e => `${e.tagName.toLowerCase()}${e.id ? '#' + e.id : ''}`).slice(-4).join(', ')"""
+
+
 def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: FaultServer,
                                        engine: Engine) -> None:
     """Each GET page of the console's route table, in the states that change what it shows
@@ -279,7 +285,8 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
             page.set_viewport_size({"width": 375, "height": 720})
             width = page.evaluate("document.documentElement.scrollWidth")
             if width > 375:
-                problems.append(f"{where}: {width} px wide at 375 px")
+                wide = page.evaluate(WIDER_THAN_375)
+                problems.append(f"{where}: {width} px wide at 375 px ({wide})")
             page.set_viewport_size({"width": 1280, "height": 720})
         if route:
             visited.add(route)
