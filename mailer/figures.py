@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -121,16 +121,20 @@ def readers(session: Session, scope: Scope, now: datetime, by: str,
     set by a confirmation, an import or a co-ordinator's add) and not yet left."""
     column = {"region": Subscriber.region, "organisation_type": Subscriber.organisation_type}[by]
     starts = month_starts(now, months)
-    ends = [min(end, now) for end in starts[1:]]
-    left = _left_at()
-    counted = [func.sum(case((and_(Subscriber.confirmed_at < end,
-                                   or_(left.is_(None), left >= end)), 1), else_=0))
+    # Bound as UTC, as the rows hold it: a UK-time value is never compared as its wall clock.
+    ends = [min(end, now).astimezone(UTC) for end in starts[1:]]
+    # Each reader's join and leave times once (the lapse time is a subquery), then a column
+    # per month counted over them.
+    spans = (select(column.label("grouped"), Subscriber.confirmed_at.label("joined"),
+                    _left_at().label("left"))
+             .where(within(scope, Subscriber.region), Subscriber.confirmed_at.is_not(None),
+                    Subscriber.status.not_in([s.value for s in NOT_READERS]))
+             .subquery())
+    counted = [func.sum(case((and_(spans.c.joined < end,
+                                   or_(spans.c.left.is_(None), spans.c.left >= end)), 1),
+                             else_=0))
                for end in ends]
-    rows = session.execute(
-        select(column, *counted)
-        .where(within(scope, Subscriber.region), Subscriber.confirmed_at.is_not(None),
-               Subscriber.status.not_in([s.value for s in NOT_READERS]))
-        .group_by(column)).all()
+    rows = session.execute(select(spans.c.grouped, *counted).group_by(spans.c.grouped)).all()
     series = sorted(((words(row[0]) if row[0] else NOT_RECORDED,
                       [int(v or 0) for v in row[1:]]) for row in rows),
                     key=lambda item: (item[0] == NOT_RECORDED, item[0]))
@@ -216,9 +220,10 @@ def reminders(session: Session, now: datetime, quarters: int = QUARTERS) -> Char
     """Reminders sent (queued to their readers) and missed (their time passed first), by the
     UK quarter of the time they were due."""
     starts = quarter_starts(now, quarters)
+    bounds = [start.astimezone(UTC) for start in starts]
     counted = [func.sum(case((and_(Reminder.send_at >= start, Reminder.send_at < end), 1),
                              else_=0))
-               for start, end in pairwise(starts)]
+               for start, end in pairwise(bounds)]
     wanted = (ReminderStatus.ENQUEUED.value, ReminderStatus.MISSED.value)
     found = {row[0]: [int(v or 0) for v in row[1:]] for row in session.execute(
         select(Reminder.status, *counted).where(Reminder.status.in_(wanted))
