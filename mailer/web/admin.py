@@ -87,8 +87,9 @@ PAGE_CSP = ("default-src 'none'; style-src 'self'; img-src 'self' https: data:; 
 PROGRESS_CSP = PAGE_CSP + "; script-src 'self'; connect-src 'self'"
 # The structured editor runs one script too (editor.js): the live preview as the author types.
 EDITOR_CSP = PROGRESS_CSP
-# A chart is an SVG image whose shapes carry inline styles (matplotlib writes them so); as an
-# image it can run no script, and it loads nothing.
+# A chart is an SVG image whose shapes carry inline styles (matplotlib writes them so). Shown
+# by an <img> it runs no script and loads nothing whatever its headers say; opened on its own
+# it is a document, and this keeps it so while letting its styles apply.
 CHART_CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'"
 EDITOR_FIELDS = 3000  # a long edition's cards and figures cells, each a form field
 DRAFTS_KEPT = 64
