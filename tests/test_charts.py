@@ -249,6 +249,7 @@ class _Tables(HTMLParser):
         super().__init__()
         self.tables: dict[str, list[list[str]]] = {}
         self.images: list[dict[str, str | None]] = []
+        self.links: list[str] = []
         self._caption: str | None = None
         self._rows: list[list[str]] = []
         self._cell: list[str] | None = None
@@ -265,6 +266,8 @@ class _Tables(HTMLParser):
             self._cell = []
         elif tag == "img":
             self.images.append(dict(attrs))
+        elif tag == "a":
+            self.links.append(dict(attrs).get("href") or "")
 
     def handle_endtag(self, tag: str) -> None:
         if tag == "caption":
@@ -337,6 +340,7 @@ def test_every_chart_table_and_csv_equals_the_counts_made_from_the_rows(
         _check_svg(client.get(f"/admin/charts/{key}.svg"))
         image = next(i for i in page.images if str(i["src"]).endswith(f"/charts/{key}.svg"))
         assert image["alt"] and "chart" in str(image["alt"]).lower()
+        assert f"{BASE}/admin/charts/{key}.csv" in page.links
     # A sanity check of the data itself, so the comparison above cannot pass on nothing.
     assert wanted["readers-by-region"][1][-1][1:] == ([2, 2, 0] if scope is None else [2])
     assert sum(row[3] for row in wanted["sends"][1]) == (4 if scope is None else 2)
@@ -373,6 +377,7 @@ def test_an_editions_page_shows_its_own_figures_with_a_table_and_a_csv(
     assert page.tables["What became of this send: the figures"] == [header,
                                                                      _strings([row])[0]]
     assert any(str(i["src"]).endswith(f"/admin/editions/{eid}/chart.svg") for i in page.images)
+    assert f"{BASE}/admin/editions/{eid}/chart.csv" in page.links
     _check_svg(client.get(f"/admin/editions/{eid}/chart.svg"))
     # A send that has not started has no figures to show on its page.
     draft = _page(client, f"/admin/editions/{world['d-draft']}")
@@ -431,12 +436,12 @@ def test_the_charts_show_in_chromium_under_the_consoles_csp_pass_axe_and_fit_a_p
             drawn = page.evaluate("""() => [...document.querySelectorAll('.chart img')]
                 .map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])""")
             assert drawn and all(ok for _src, ok in drawn), drawn
+            page.screenshot(path=str(artifacts / f"charts{path.replace('/', '-')}.png"),
+                            full_page=True)
             page.set_viewport_size({"width": 375, "height": 720})
             width = page.evaluate("document.documentElement.scrollWidth")
             if width > 375:
                 problems.append(f"{path}: {width} px wide at 375 px")
-            page.screenshot(path=str(artifacts / f"charts{path.replace('/', '-')}.png"),
-                            full_page=True)
         assert len(drawn) == 1  # the edition's page: its own chart
         assert problems == [] and refused == []
     finally:
