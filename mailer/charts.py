@@ -1,4 +1,5 @@
-"""A chart's figures drawn as SVG, and written as CSV; no database.
+"""A chart's figures (`Chart`, counted by `mailer.figures`), drawn as SVG and written as CSV;
+no database.
 
 Drawn by matplotlib's SVG backend: a well-kept, widely used library whose object interface
 (a `Figure` and its own canvas, no pyplot state) is safe on the web's worker threads, whose
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from typing import Any
 
-from mailer.figures import Chart
 from mailer.spreadsheet import csv_cell
 
 COLOURS = ("#1d70b8", "#f47738", "#0b0c0c", "#00703c", "#4c2c92", "#d4351c", "#28a197",
@@ -26,6 +27,41 @@ COLOURS = ("#1d70b8", "#f47738", "#0b0c0c", "#00703c", "#4c2c92", "#d4351c", "#2
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++", "**", "||")
 WIDTH, HEIGHT = 8.0, 4.0  # inches at 72 points each: a 576 x 288 viewBox
+
+
+@dataclass(frozen=True)
+class Chart:
+    """One chart's figures: a row per category (a month, a send, a quarter), a column per
+    series. The table beside the chart, its CSV and its SVG are all drawn from this."""
+
+    key: str  # names its routes and its CSV file
+    title: str
+    category: str  # the heading of the first column
+    categories: list[str]
+    series: list[tuple[str, list[int]]]
+    kind: str = "bar"  # "bar" (grouped) or "line"
+    note: str = ""
+    ticks: list[str] | None = None  # shorter category labels under the chart's axis
+
+    def rows(self) -> list[list[Any]]:
+        return [[name, *(values[i] for _label, values in self.series)]
+                for i, name in enumerate(self.categories)]
+
+    def header(self) -> list[str]:
+        return [self.category, *(label for label, _values in self.series)]
+
+    def empty(self) -> bool:
+        return not any(any(values) for _label, values in self.series)
+
+    def describe(self) -> str:
+        """What the picture shows, in a sentence, for its `alt`: the figures are in the
+        table beside it."""
+        if self.empty():
+            return f"{self.title}: nothing to show yet."
+        kind = "Line chart" if self.kind == "line" else "Bar chart"
+        names = ", ".join(label for label, _values in self.series)
+        return (f"{kind} of {self.title[0].lower()}{self.title[1:]} ({names}) over "
+                f"{len(self.categories)} rows of the table beside it.")
 
 
 def csv_text(chart: Chart) -> str:

@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import ColumnElement, and_, case, exists, func, or_, select
 from sqlalchemy.orm import Session
 
+from mailer.charts import Chart
 from mailer.events import Reminder, ReminderStatus
 from mailer.models import PERSONAL, Delivery, DeliveryStatus, Edition, EditionKind
 from subscribers.models import ConsentAction, ConsentEvent, Subscriber, SubscriberStatus
@@ -40,41 +41,6 @@ NOT_RECORDED = "Not recorded"
 # who left and asked to come back (pending again, `left_at` cleared), are left out of every
 # month rather than counted from a confirmation that no longer stands.
 NOT_READERS = (SubscriberStatus.PENDING, SubscriberStatus.AWAITING_APPROVAL)
-
-
-@dataclass(frozen=True)
-class Chart:
-    """One chart's figures: a row per category (a month, a send, a quarter), a column per
-    series. The table beside the chart, its CSV and its SVG are all drawn from this."""
-
-    key: str  # names its routes and its CSV file
-    title: str
-    category: str  # the heading of the first column
-    categories: list[str]
-    series: list[tuple[str, list[int]]]
-    kind: str = "bar"  # "bar" (grouped) or "line"
-    note: str = ""
-    ticks: list[str] | None = None  # shorter category labels under the chart's axis
-
-    def rows(self) -> list[list[Any]]:
-        return [[name, *(values[i] for _label, values in self.series)]
-                for i, name in enumerate(self.categories)]
-
-    def header(self) -> list[str]:
-        return [self.category, *(label for label, _values in self.series)]
-
-    def empty(self) -> bool:
-        return not any(any(values) for _label, values in self.series)
-
-    def describe(self) -> str:
-        """What the picture shows, in a sentence, for its `alt`: the figures are in the
-        table beside it."""
-        if self.empty():
-            return f"{self.title}: nothing to show yet."
-        kind = "Line chart" if self.kind == "line" else "Bar chart"
-        names = ", ".join(label for label, _values in self.series)
-        return (f"{kind} of {self.title[0].lower()}{self.title[1:]} ({names}) over "
-                f"{len(self.categories)} rows of the table beside it.")
 
 
 def month_starts(now: datetime, months: int = MONTHS, zone: ZoneInfo = LONDON

@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 
 from mailer import figures
 from mailer.accounts import Permission
+from mailer.charts import Chart
 from mailer.config import Settings
 from mailer.errors import NotFound
-from mailer.figures import Chart
 from mailer.labels import Labels
 from mailer.operations import Caller
 from mailer.operations import editions as edition_ops

@@ -39,6 +39,7 @@ from mailer import audit, charts, events, outbox, wordimport
 from mailer import edition_form as ef
 from mailer.accounts import SESSION_LIFETIME, Actor, LoginOutcome, Permission, Role
 from mailer.bounce_policy import BouncePolicy
+from mailer.charts import Chart
 from mailer.config import Settings
 from mailer.edition import EditionErrors
 from mailer.errors import (
@@ -49,7 +50,6 @@ from mailer.errors import (
     OutOfScope,
     RelayRefused,
 )
-from mailer.figures import Chart
 from mailer.models import Edition, EditionStatus
 from mailer.operations import Caller
 from mailer.operations import alerts as alert_ops
