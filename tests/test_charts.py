@@ -29,6 +29,8 @@ import time_machine
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, update
 
+from mailer import charts
+from mailer.charts import Chart
 from mailer.config import Settings
 from mailer.events import Event, Reminder
 from mailer.models import Delivery, Edition
@@ -462,3 +464,25 @@ def test_the_charts_show_in_chromium_under_the_consoles_csp_pass_axe_and_fit_a_p
     finally:
         context.close()
     assert found == []
+
+
+def test_the_same_figures_draw_the_same_svg_with_its_words_as_text_and_an_empty_chart_says_so(
+        ) -> None:
+    chart = Chart(key="sends", title="What became of each send", category="Send",
+                  categories=["Issue 1 (02 Mar 2026)", "Issue 2 (05 May 2026)"],
+                  ticks=["02 Mar", "05 May"],
+                  series=[("Delivered", [5, 2]), ("Bounced", [1, 0])])
+    first = charts.svg(chart)
+    assert first == charts.svg(chart)  # no date, no random ids: cacheable, comparable
+    text = first.decode()
+    for words in ("What became of each send", "Delivered", "Bounced", "02 Mar", "05 May"):
+        assert f">{words}<" in text, words  # kept as text, not drawn as glyph outlines
+    assert "Issue 1" not in text  # the axis has the short labels; the table the long ones
+    assert chart.describe().startswith("Bar chart of what became of each send (Delivered, ")
+    nothing = Chart(key="readers-by-region", title="Readers at each month end, by region",
+                    category="Month", categories=["Jun 2026"], series=[], kind="line")
+    empty = charts.svg(nothing)
+    ET.fromstring(empty)  # noqa: S314 (our own output)
+    assert b">Nothing to show yet<" in empty
+    assert nothing.describe() == "Readers at each month end, by region: nothing to show yet."
+    assert charts.csv_text(nothing).splitlines() == ["Month", "Jun 2026"]
