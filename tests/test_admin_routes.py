@@ -56,7 +56,10 @@ VIEWER_MAY = {("GET", "/admin"), ("GET", "/admin/"), ("GET", "/admin/subscribers
               ("GET", "/admin/editions/{eid}"), ("GET", "/admin/editions/{eid}/preview.html"),
               ("GET", "/admin/editions/{eid}/progress"),
               ("GET", "/admin/editions/{eid}/progress.json"), ("GET", "/admin/events"),
-              ("GET", "/admin/bounces"), ("POST", "/admin/logout")}
+              ("GET", "/admin/bounces"), ("POST", "/admin/logout"),
+              ("GET", "/admin/charts/{chart}.svg"), ("GET", "/admin/charts/{chart}.csv"),
+              ("GET", "/admin/editions/{eid}/chart.svg"),
+              ("GET", "/admin/editions/{eid}/chart.csv")}
 # Console routes only an administrator may use; a co-ordinator is refused these and no others.
 ADMIN_ONLY = {("GET", "/admin/users"), ("GET", "/admin/privacy"), ("GET", "/admin/users/new"),
               ("POST", "/admin/users/new"), ("GET", "/admin/users/{login}"),
@@ -220,7 +223,7 @@ def _api_routes(app: Any) -> list[tuple[str, str]]:
 def _concrete(path: str) -> str:
     return (path.replace("{sid}", "1").replace("{eid}", "1").replace("{aid}", "1")
             .replace("{event_id}", "1").replace("{key}", "unknown")
-            .replace("{login}", "root"))
+            .replace("{login}", "root").replace("{chart}", "sends"))
 
 
 def test_the_route_table_is_not_empty(app_client: TestClient) -> None:
