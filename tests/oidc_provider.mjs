@@ -55,7 +55,12 @@ function altered(idToken) {
     claims.roles = ['MSHT.Admin'];
     return `${header}.${b64(JSON.stringify(claims))}.${signature}`;
   }
-  if (tamper === 'audience') claims.aud = 'another-application';
+  if (tamper === 'audience') {
+    // For other applications only, though naming us as the party it was given to: only the
+    // audience check itself can catch this one (an azp of another client is caught by azp's).
+    claims.aud = ['another-application', 'a-third-application'];
+    claims.azp = config.client_id;
+  }
   if (tamper === 'nonce') claims.nonce = 'a-nonce-from-another-sign-in';
   const input = `${header}.${b64(JSON.stringify(claims))}`;
   return `${input}.${crypto.sign('sha256', Buffer.from(input), privateKey).toString('base64url')}`;

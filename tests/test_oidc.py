@@ -272,7 +272,8 @@ def test_someone_disabled_in_the_directory_is_refused(app: TestClient, idp: Prov
 def test_a_tampered_id_token_is_refused(app: TestClient, idp: Provider, engine: Engine,
                                         tamper: str) -> None:
     # "payload": the roles raised to administrator, the provider's signature kept; "audience"
-    # and "nonce": properly signed by the provider's key, but for another application or
+    # and "nonce": properly signed by the provider's key, but for other applications (naming
+    # us as its authorised party, so that only the audience check can catch it) or for
     # another sign-in.
     idp.accounts(alice={"roles": [KENT]})
     idp.control("tamper", mode=tamper)
