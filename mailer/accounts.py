@@ -365,10 +365,7 @@ def list_users(session: Session) -> Sequence[User]:
 
 def disable_user(session: Session, user: User) -> bool:
     """Stop a user signing in; ends their sessions and revokes their tokens now."""
-    session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user.id))
-    session.execute(update(ApiToken).where(ApiToken.user_id == user.id,
-                                           ApiToken.revoked_at.is_(None))
-                    .values(revoked_at=utcnow()))
+    end_access(session, user)
     if user.disabled:
         return False
     user.disabled = True
@@ -558,9 +555,13 @@ def session_user(session: Session, token: str | None,
     return user
 
 
-def end_sessions(session: Session, user: User) -> None:
-    """End every console session of `user` (the directory no longer gives them a role)."""
+def end_access(session: Session, user: User) -> None:
+    """End every console session of `user` and revoke their API tokens, now (the account is
+    disabled, or the directory no longer gives them a role)."""
     session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user.id))
+    session.execute(update(ApiToken).where(ApiToken.user_id == user.id,
+                                           ApiToken.revoked_at.is_(None))
+                    .values(revoked_at=utcnow()))
 
 
 def end_session(session: Session, token: str | None) -> None:

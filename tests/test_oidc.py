@@ -33,10 +33,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy import select as sql_select
 
-from mailer import accounts
+from mailer import accounts, directory
 from mailer.accounts import NO_PASSWORD, SESSION_LIFETIME, User
 from mailer.audit import AuditEntry
-from mailer.config import Settings
+from mailer.config import DirectoryGrant, Settings, load_settings
+from mailer.errors import ConfigError
 from mailer.web.app import create_app
 from subscribers.db import session_factory, utcnow
 from tests.test_admin_routes import PASSWORD, login, make_user
@@ -236,6 +237,10 @@ def test_someone_removed_from_the_role_is_refused_once_the_session_runs_out(
     browser = Browser(app)
     browser.sign_in("alice")
     token = app.cookies["console"]
+    with session_factory(engine)() as session:
+        _, api_token = accounts.create_token(session, accounts.get_user(session, "alice"),
+                                             name="script")
+        session.commit()
     idp.accounts(alice={"roles": []})  # removed from the app role in the directory
     assert _signed_in(app)  # the session is bounded, not re-checked at every request...
 
@@ -250,6 +255,8 @@ def test_someone_removed_from_the_role_is_refused_once_the_session_runs_out(
         assert "does not give you access to the console" in refused.text
         assert "Try again" in refused.text  # not a dead end
         assert not _signed_in(app)
+        with session_factory(engine)() as session:  # her API token stops with her role
+            assert accounts.token_actor(session, api_token) is None
     assert _audit(engine)[-1] == ("alice", "login.no_role")
 
 
@@ -289,6 +296,35 @@ def test_an_answer_to_a_sign_in_that_did_not_start_here_is_refused(
     refused = app.get("/admin/login/directory/callback?code=stolen&state=guessed")
     assert refused.status_code == 401 and "did not start here" in refused.text
     assert _audit(engine) == [("(directory)", "login.directory_state")]
+
+
+# ---------------------------------------------------------------- the mapping
+
+def test_several_mapped_values_give_the_highest_role_with_its_regions() -> None:
+    grants = {k: DirectoryGrant(role=v["role"], regions=v["regions"]) for k, v in {
+        "kent": {"role": "coordinator", "regions": ["kent"]},
+        "essex": {"role": "coordinator", "regions": ["essex"]},
+        "medway.view": {"role": "viewer", "regions": ["medway"]},
+        "admin": {"role": "admin", "regions": []}}.items()}
+    assert directory.grant_for(grants, ("kent", "medway.view", "essex", "kent")) == \
+        DirectoryGrant(role="coordinator", regions=["kent", "essex"])
+    assert directory.grant_for(grants, ("medway.view", "admin")) == \
+        DirectoryGrant(role="admin", regions=[])
+    assert directory.grant_for(grants, ("medway.view",)) == \
+        DirectoryGrant(role="viewer", regions=["medway"])
+    assert directory.grant_for(grants, ("Kent", "unmapped")) is None  # values match exactly
+
+
+@pytest.mark.parametrize(("mapping", "said"), [
+    ({"X": {"role": "coordinator", "regions": ["atlantis"]}}, "unknown region(s) atlantis"),
+    ({"X": {"role": "viewer"}}, "a viewer needs at least one region"),
+    ({"X": {"role": "superuser"}}, "oidc_roles.X.role"),
+])
+def test_a_mapping_that_could_not_work_is_refused_when_the_settings_load(
+        settings: Settings, mapping: dict[str, Any], said: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_settings(oidc_issuer="https://login.example/v2.0", oidc_client_id="x",
+                      oidc_roles=mapping)
 
 
 # ---------------------------------------------------------------- break glass

@@ -52,9 +52,9 @@ def directory_sign_in(session: Session, *, via: str, ip: str | None,
                       identity: directory.Identity, grants: dict[str, DirectoryGrant],
                       known_regions: Sequence[str], previous: str | None = None) -> SignIn:
     """A person the directory vouched for: refused when none of their app roles (or groups)
-    is mapped to a console role (and any session they still have is ended), or when their
-    account here was disabled; else their account is made (first sign-in) or brought up to
-    date with the role and regions the directory gives now, and a session starts. Each step
+    is mapped to a console role (their sessions end and their API tokens are revoked), or when
+    their account here was disabled; else their account is made (first sign-in) or brought up
+    to date with the role and regions the directory gives now, and a session starts. Each step
     is recorded."""
     grant = directory.grant_for(grants, identity.values)
     user = accounts.directory_account(session, identity.issuer, identity.subject)
@@ -63,7 +63,7 @@ def directory_sign_in(session: Session, *, via: str, ip: str | None,
             "claims": list(identity.values)[:20]}
     if grant is None:
         if user is not None:
-            accounts.end_sessions(session, user)
+            accounts.end_access(session, user)
         audit.record(session, actor=who, actor_name=identity.name, via=via, ip=ip,
                      action=f"login.{LoginOutcome.NO_ROLE}", detail=seen)
         return SignIn(LoginOutcome.NO_ROLE)
