@@ -361,6 +361,16 @@ def test_without_a_directory_the_sign_in_page_is_as_before(client_without: TestC
     assert csrf_of(page.text)
 
 
+def test_a_directory_that_cannot_be_reached_is_said_so_with_a_way_on(
+        settings: Settings, sink: Any, tmp_path: Path, free_tcp_port: int) -> None:
+    nobody = f"http://127.0.0.1:{free_tcp_port}"  # nothing listens there
+    with TestClient(create_app(_settings(sink, tmp_path, Provider(nobody, tmp_path / "x"))),
+                    base_url=BASE) as app:
+        page = app.get("/admin/login/directory")
+    assert page.status_code == 503 and "cannot be reached" in page.text
+    assert "Try again" in page.text and "Back to sign in" in page.text
+
+
 @pytest.fixture
 def client_without(settings: Settings, sink: Any, tmp_path: Path) -> Iterator[TestClient]:
     with TestClient(create_app(make_settings(sink, tmp_path)), base_url=BASE) as client:
