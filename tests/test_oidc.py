@@ -275,6 +275,20 @@ def test_someone_disabled_in_the_directory_is_refused(app: TestClient, idp: Prov
                                    ("(directory)", "login.directory_provider_error")]
 
 
+def test_an_account_disabled_here_stays_disabled_whatever_the_directory_says(
+        app: TestClient, idp: Provider, engine: Engine) -> None:
+    idp.accounts(alice={"roles": [KENT]})
+    Browser(app).sign_in("alice")
+    with session_factory(engine)() as session:
+        accounts.disable_user(session, accounts.get_user(session, "alice"))
+        session.commit()
+    assert not _signed_in(app)
+    refused = Browser(app).sign_in("alice")
+    assert refused.status_code == 403 and "Your account is disabled" in refused.text
+    assert not _signed_in(app)
+    assert _audit(engine)[-1] == ("alice", "login.disabled")
+
+
 @pytest.mark.parametrize("tamper", ["payload", "audience", "nonce"])
 def test_a_tampered_id_token_is_refused(app: TestClient, idp: Provider, engine: Engine,
                                         tamper: str) -> None:
