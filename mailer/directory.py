@@ -110,12 +110,18 @@ def unseal(settings: Settings, value: str | None) -> Pending | None:
     return Pending(str(state), str(nonce), str(verifier), str(next_path))
 
 
-def _client(settings: Settings) -> OAuth2Client:
+def _client(settings: Settings, meta: dict[str, Any]) -> OAuth2Client:
     secret = settings.oidc_client_secret
+    # HTTP Basic unless the provider says it takes the secret only in the form (both are
+    # RFC 6749's; Entra ID takes either).
+    offered = meta.get("token_endpoint_auth_methods_supported") or ["client_secret_basic"]
+    method = ("client_secret_post" if "client_secret_basic" not in offered
+              and "client_secret_post" in offered else "client_secret_basic")
     return OAuth2Client(client_id=settings.oidc_client_id,
                         client_secret=secret.get_secret_value() if secret else None,
                         scope=SCOPE, redirect_uri=redirect_uri(settings),
-                        code_challenge_method="S256", timeout=TIMEOUT_SECONDS)
+                        code_challenge_method="S256", token_endpoint_auth_method=method,
+                        timeout=TIMEOUT_SECONDS)
 
 
 def _get_json(client: httpx.Client, url: str, what: str) -> dict[str, Any]:
@@ -151,7 +157,7 @@ def start(settings: Settings, next_path: str) -> tuple[str, Pending]:
     meta = discover(settings)
     pending = Pending(state=generate_token(32), nonce=generate_token(32),
                       verifier=generate_token(64), next_path=next_path)
-    with _client(settings) as client:
+    with _client(settings, meta) as client:
         url, _ = client.create_authorization_url(
             meta["authorization_endpoint"], state=pending.state, nonce=pending.nonce,
             code_verifier=pending.verifier)
@@ -171,7 +177,7 @@ def finish(settings: Settings, pending: Pending | None, params: dict[str, str]) 
     if not params.get("code"):
         raise DirectoryRefusal("the directory sent no code", "provider_error")
     meta = discover(settings)
-    with _client(settings) as client:
+    with _client(settings, meta) as client:
         try:
             token = client.fetch_token(meta["token_endpoint"], code=params["code"],
                                        code_verifier=pending.verifier)
@@ -200,6 +206,13 @@ def _identity(settings: Settings, token: dict[str, Any], nonce: str,
         claims.validate(leeway=LEEWAY_SECONDS)
     except (JoseError, ValueError) as exc:
         raise DirectoryRefusal(f"the ID token was not valid ({exc})"[:300], "id_token") from None
+    if settings.oidc_claim == "groups" and "groups" in (claims.get("_claim_names") or {}):
+        # Entra's "overage": past about 200 groups the token names a Graph call instead of
+        # the groups. Said plainly rather than refused as "no role".
+        raise DirectoryRefusal("the directory left your groups out of the token (you are in "
+                               "too many groups for it to list)", "groups_overage",
+                               hint="ask the directory's administrator to give you the "
+                                    "console's app role instead (MAILER_OIDC_CLAIM=roles)")
     values = claims.get(settings.oidc_claim) or []
     if not isinstance(values, list):
         values = [values]

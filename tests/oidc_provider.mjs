@@ -9,7 +9,7 @@
 // The accounts file is read again on every request, so a test changes a person's app roles,
 // groups or `disabled` between sign-ins by rewriting it:
 //   {"<sub>": {"name", "email", "preferred_username", "oid", "roles": [...], "groups": [...],
-//              "disabled": false}}
+//              "disabled": false, "overage": false}}
 // The sign-in page is a plain form (login = the account's key); a disabled or unknown account
 // is refused with access_denied, as Entra refuses a disabled person. Consent is granted
 // without a page, as an administrator's tenant-wide consent does in Entra.
@@ -85,7 +85,7 @@ const provider = new Provider(issuer, {
   features: { devInteractions: { enabled: false } },
   claims: {
     openid: ['sub'],
-    profile: ['name', 'preferred_username', 'oid', 'roles', 'groups'],
+    profile: ['name', 'preferred_username', 'oid', 'roles', 'groups', '_claim_names'],
     email: ['email'],
   },
   conformIdTokenClaims: false, // the claims in the ID token itself, as Entra puts them
@@ -102,7 +102,9 @@ const provider = new Provider(issuer, {
           preferred_username: account.preferred_username,
           oid: account.oid,
           roles: account.roles || [],
-          groups: account.groups || [],
+          // Entra's overage: too many groups to list, a pointer to a Graph call instead
+          ...(account.overage ? { _claim_names: { groups: 'src1' } }
+            : { groups: account.groups || [] }),
         };
       },
     };

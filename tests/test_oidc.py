@@ -275,6 +275,19 @@ def test_someone_disabled_in_the_directory_is_refused(app: TestClient, idp: Prov
                                    ("(directory)", "login.directory_provider_error")]
 
 
+def test_a_group_overage_is_refused_with_what_to_do(settings: Settings, sink: Any,
+                                                    tmp_path: Path, idp: Provider,
+                                                    engine: Engine) -> None:
+    idp.accounts(alice={"overage": True})
+    with TestClient(create_app(_settings(sink, tmp_path, idp, oidc_claim="groups",
+                                         oidc_roles=GROUPS)), base_url=BASE) as app:
+        refused = Browser(app).sign_in("alice")
+        assert refused.status_code == 401 and "too many groups" in refused.text
+        assert "app role" in refused.text and "Try again" in refused.text
+        assert not _signed_in(app)
+    assert _audit(engine) == [("(directory)", "login.directory_groups_overage")]
+
+
 def test_an_account_disabled_here_stays_disabled_whatever_the_directory_says(
         app: TestClient, idp: Provider, engine: Engine) -> None:
     idp.accounts(alice={"roles": [KENT]})
