@@ -38,6 +38,7 @@ from mailer.accounts import NO_PASSWORD, SESSION_LIFETIME, User
 from mailer.audit import AuditEntry
 from mailer.config import DirectoryGrant, Settings, load_settings
 from mailer.errors import ConfigError
+from mailer.web.admin import LOGIN_ATTEMPTS_PER_NETWORK
 from mailer.web.app import create_app
 from subscribers.db import session_factory, utcnow
 from tests.test_admin_routes import PASSWORD, login, make_user
@@ -323,6 +324,19 @@ def test_an_answer_to_a_sign_in_that_did_not_start_here_is_refused(
     refused = app.get("/admin/login/directory/callback?code=stolen&state=guessed")
     assert refused.status_code == 401 and "did not start here" in refused.text
     assert _audit(engine) == [("(directory)", "login.directory_state")]
+
+
+def test_refused_answers_count_against_the_network_like_wrong_passwords(
+        app: TestClient, idp: Provider, engine: Engine) -> None:
+    for _ in range(LOGIN_ATTEMPTS_PER_NETWORK):
+        assert app.get("/admin/login/directory/callback?code=x&state=y").status_code == 401
+    limited = app.get("/admin/login/directory/callback?code=x&state=y")
+    assert limited.status_code == 429 and "Wait 15 minutes" in limited.text
+    idp.accounts(alice={"roles": [KENT]})
+    assert Browser(app).sign_in("alice").status_code == 429  # a good answer waits too
+    actions = [a for _, a in _audit(engine)]
+    assert actions == ["login.directory_state"] * LOGIN_ATTEMPTS_PER_NETWORK + [
+        "login.rate_limited"] * 2
 
 
 # ---------------------------------------------------------------- the mapping

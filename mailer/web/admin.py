@@ -452,16 +452,33 @@ async def directory_callback(request: Request) -> Response:
     if not directory.enabled(c.settings):
         raise Refusal(404, "Page not found", "Sign-in with a directory is not set up here.")
     ip = client_ip(request)
+    network = network_of(ip)
     pending = directory.unseal(c.settings, request.cookies.get(_pending_cookie(c)))
     params = {k: v[:4000] for k, v in request.query_params.items()}
     again = [("Try again", _url(request, "/admin/login/directory")),
              ("Back to sign in", _url(request, "/admin/login"))]
+
+    def limited(session: Session) -> bool:
+        # Refused answers count against the network as wrong passwords do: the same budget.
+        if w.limits.allowed(session, "login", network, LOGIN_ATTEMPTS_PER_NETWORK, LOGIN_WINDOW):
+            return False
+        user_ops.sign_in_refused(session, via="console", ip=ip, reason="rate_limited")
+        return True
+
+    if await w.run(limited):
+        return _message(request, None, "Too many sign-in attempts",
+                        "Too many sign-in attempts from your network. Wait 15 minutes and try "
+                        "again.", status=429, links=again[1:])
     try:
         identity = await run_in_threadpool(directory.finish, c.settings, pending, params)
     except directory.DirectoryRefusal as exc:
         refusal = exc
-        await w.run(lambda s: user_ops.directory_refused(s, via="console", ip=ip,
-                                                         refusal=refusal))
+
+        def refused(session: Session) -> None:
+            user_ops.directory_refused(session, via="console", ip=ip, refusal=refusal)
+            w.limits.count(session, "login", network)
+
+        await w.run(refused)
         response: Response = _message(request, None, "You could not be signed in", _said(exc),
                                       status=503 if exc.reason == "unreachable" else 401,
                                       links=again)
