@@ -8,6 +8,9 @@ revokes their tokens in the same transaction.
 
 The optional second factor is TOTP (RFC 6238: HMAC-SHA1, 30 s steps, 6 digits), implemented
 here with the standard library; a code is accepted one step either side of now, and never twice.
+
+An account made at its first sign-in with the force's directory (`directory_user`) carries the
+directory's issuer and subject, and no usable password: it signs in only through the directory.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     ForeignKey,
+    Index,
     Integer,
     String,
     delete,
@@ -94,6 +98,9 @@ SESSION_IDLE = timedelta(hours=1)
 TOTP_STEP = 30
 
 HASHER = PasswordHasher()
+# Stored in place of a hash for an account that signs in only through the directory: argon2
+# cannot parse it, so no password ever matches it.
+NO_PASSWORD = "!directory"  # noqa: S105 (a marker, not a secret)
 
 
 @functools.cache
@@ -105,7 +112,9 @@ def _dummy_hash() -> str:
 
 class User(Base):
     __tablename__ = "console_user"
-    __table_args__ = (CheckConstraint(_check_in("role", Role), name="role"),)
+    __table_args__ = (CheckConstraint(_check_in("role", Role), name="role"),
+                      Index("uq_console_user_directory", "directory_issuer",
+                            "directory_subject", unique=True))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     login: Mapped[str] = mapped_column(String(60), unique=True)
@@ -122,6 +131,10 @@ class User(Base):
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     password_changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Made at a directory sign-in: the directory's issuer and its stable id for the person
+    # (Entra's `oid`). Empty for a local account.
+    directory_issuer: Mapped[str | None] = mapped_column(String(300))
+    directory_subject: Mapped[str | None] = mapped_column(String(255))
 
     def __repr__(self) -> str:
         return f"<User {self.login} {self.role}>"
@@ -273,6 +286,53 @@ def change_user(session: Session, user: User, *, role: Role | str, regions: Sequ
     return changed
 
 
+def directory_account(session: Session, issuer: str, subject: str) -> User | None:
+    """The account made for this person at an earlier directory sign-in, if any."""
+    return session.scalar(select(User).where(User.directory_issuer == issuer,
+                                             User.directory_subject == subject))
+
+
+def _free_login(session: Session, wanted: str) -> str:
+    """A login for a new directory account: the part before the @ of the person's directory
+    name, made to fit LOGIN_RE, with a number added when a local or earlier account has it
+    (never a match to an existing account: that would hand it to whoever has the name)."""
+    base = re.sub(r"[^a-z0-9._-]+", "-", wanted.split("@")[0].lower()).strip("-._")[:54]
+    base = base if len(base) >= 2 else "user"
+    taken = set(session.scalars(select(User.login).where(
+        User.login.startswith(base, autoescape=True))))
+    login, n = base, 1
+    while login in taken:
+        n += 1
+        login = f"{base}-{n}"
+    return login
+
+
+def directory_user(session: Session, *, issuer: str, subject: str, username: str,
+                   display_name: str, email: str | None, role: Role | str,
+                   regions: Sequence[str], known_regions: Iterable[str]
+                   ) -> tuple[User, list[str] | None]:
+    """The account of a person the directory vouched for: made at their first sign-in
+    (returns it with None), else brought to the role, regions, name and address the directory
+    gives now (returns it with the fields that changed)."""
+    try:
+        name = (normalise_name(" ".join(display_name.split())) or "")[:100] or username[:100]
+    except InvalidInput:
+        name = username[:100]
+    user = directory_account(session, issuer, subject)
+    if user is None:
+        role = Role(role)
+        user = User(login=_free_login(session, username), display_name=name, role=role,
+                    email=email or None, regions=_check_regions(role, regions, known_regions),
+                    password_hash=NO_PASSWORD, disabled=False, failed_logins=0,
+                    directory_issuer=issuer, directory_subject=subject)
+        session.add(user)
+        session.flush()
+        return user, None
+    changed = change_user(session, user, role=role, regions=regions, known_regions=known_regions,
+                          display_name=name, email=email or "")
+    return user, changed
+
+
 def colleagues(session: Session, logins: Sequence[str] | None = None) -> list[User]:
     """Enabled accounts with an address, by name: whom a test copy may go to. With `logins`,
     exactly those, each of which must be such an account."""
@@ -305,10 +365,7 @@ def list_users(session: Session) -> Sequence[User]:
 
 def disable_user(session: Session, user: User) -> bool:
     """Stop a user signing in; ends their sessions and revokes their tokens now."""
-    session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user.id))
-    session.execute(update(ApiToken).where(ApiToken.user_id == user.id,
-                                           ApiToken.revoked_at.is_(None))
-                    .values(revoked_at=utcnow()))
+    end_access(session, user)
     if user.disabled:
         return False
     user.disabled = True
@@ -396,6 +453,10 @@ class LoginOutcome(StrEnum):
     NEED_CODE = "need_code"  # right password; this account has a second factor
     LOCKED = "locked"
     DISABLED = "disabled"
+    # With the directory configured, a local password is for break-glass accounts with a
+    # second factor only: right password, no second factor on the account.
+    NO_SECOND_FACTOR = "no_second_factor"
+    NO_ROLE = "no_role"  # the directory vouched for the person, but gave no mapped role
 
 
 @dataclass(frozen=True)
@@ -405,8 +466,11 @@ class LoginResult:
 
 
 def authenticate(session: Session, login: str, password: str, code: str = "",
-                 now: datetime | None = None) -> LoginResult:
-    """Check a sign-in; counts failures on the account and locks it after LOCK_AFTER."""
+                 now: datetime | None = None, *,
+                 second_factor_required: bool = False) -> LoginResult:
+    """Check a sign-in; counts failures on the account and locks it after LOCK_AFTER. With
+    `second_factor_required`, a right password on an account without a second factor is
+    refused (NO_SECOND_FACTOR)."""
     now = now or utcnow()
     user = session.scalar(select(User).where(User.login == login.strip().lower()[:60]))
     if user is None:
@@ -432,6 +496,8 @@ def authenticate(session: Session, login: str, password: str, code: str = "",
         user.totp_last_step = step
     if user.disabled:  # checked after the password, so a guesser learns nothing from it
         return LoginResult(LoginOutcome.DISABLED, user)
+    if second_factor_required and not user.totp_secret:
+        return LoginResult(LoginOutcome.NO_SECOND_FACTOR, user)
     if HASHER.check_needs_rehash(user.password_hash):
         user.password_hash = HASHER.hash(password)
     user.failed_logins, user.locked_until, user.last_login_at = 0, None, now
@@ -487,6 +553,15 @@ def session_user(session: Session, token: str | None,
     if now - row.last_seen_at > timedelta(minutes=1):  # one write a minute, not per request
         row.last_seen_at = now
     return user
+
+
+def end_access(session: Session, user: User) -> None:
+    """End every console session of `user` and revoke their API tokens, now (the account is
+    disabled, or the directory no longer gives them a role)."""
+    session.execute(delete(ConsoleSession).where(ConsoleSession.user_id == user.id))
+    session.execute(update(ApiToken).where(ApiToken.user_id == user.id,
+                                           ApiToken.revoked_at.is_(None))
+                    .values(revoked_at=utcnow()))
 
 
 def end_session(session: Session, token: str | None) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -30,6 +30,15 @@ DEFAULT_CONFIG_FILE = "mailer.toml"
 
 def config_file() -> Path:
     return Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
+
+
+class DirectoryGrant(BaseModel):
+    """What one app role (or group) of the directory gives in the console."""
+
+    model_config = {"extra": "forbid", "frozen": True}
+
+    role: Literal["viewer", "coordinator", "admin"]
+    regions: list[str] = Field(default_factory=list)
 
 
 class Settings(BaseSettings):
@@ -198,6 +207,22 @@ class Settings(BaseSettings):
         description="Addresses the relay sends from, for the SPF check; default the relay "
                     "host's own addresses")
 
+    # ---- sign-in with the force's directory (issue 18): `mailer.directory`
+    oidc_issuer: str = Field(
+        "", description="The OpenID Connect issuer, exactly, e.g. "
+                        "https://login.microsoftonline.com/<tenant-id>/v2.0; empty: no "
+                        "directory sign-in")
+    oidc_client_id: str = Field("", description="The application (client) id registered there")
+    oidc_client_secret: SecretStr | None = Field(None, description="Its client secret")
+    oidc_claim: Literal["roles", "groups"] = Field(
+        "roles", description="The ID token claim mapped by oidc_roles: app roles (advised) "
+                             "or group object ids")
+    oidc_roles: dict[str, DirectoryGrant] = Field(
+        default_factory=dict,
+        description='Claim value -> console role and regions, e.g. {"MSHT.Kent": {"role": '
+                    '"coordinator", "regions": ["kent"]}}; a person with no mapped value is '
+                    "refused")
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -238,6 +263,20 @@ class Settings(BaseSettings):
                              f"(reconfirm_answer_days, {window}), or readers could not answer "
                              "in time")
         return value
+
+    @model_validator(mode="after")
+    def _directory_grants_name_known_regions(self) -> Settings:
+        for value, grant in self.oidc_roles.items():
+            unknown = [r for r in grant.regions if r not in self.regions]
+            if unknown:
+                raise ValueError(f"oidc_roles[{value!r}] names unknown region(s) "
+                                 f"{', '.join(unknown)}; regions: {', '.join(self.regions)}")
+            if grant.role != "admin" and not grant.regions:
+                raise ValueError(f"oidc_roles[{value!r}]: a {grant.role} needs at least one "
+                                 "region")
+        if self.oidc_issuer and not self.oidc_client_id:
+            raise ValueError("oidc_issuer is set without oidc_client_id")
+        return self
 
     @property
     def database(self) -> str:
@@ -305,6 +344,8 @@ class Settings(BaseSettings):
                 value = mask_url(self.database)
             elif isinstance(value, Path):
                 value = str(value)
+            elif name == "oidc_roles":
+                value = {k: grant.model_dump() for k, grant in value.items()}
             out[name] = value
         for name in ("secret_key", "suppression_key"):
             if out[name] is None:

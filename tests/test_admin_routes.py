@@ -72,7 +72,9 @@ API_VIEWER_MAY = {("GET", "/me"), ("GET", "/counts"), ("GET", "/subscribers"),
                   ("GET", "/events"), ("GET", "/bounce-alerts"), ("GET", "/alerts")}
 API_ADMIN_ONLY: set[tuple[str, str]] = set()
 OPEN = {"/admin/login", "/admin/static/admin.css", "/admin/static/progress.js",
-        "/admin/static/editor.js"}
+        "/admin/static/editor.js",
+        # sign-in with the force's directory (tests/test_oidc.py): the way to a session
+        "/admin/login/directory", "/admin/login/directory/callback"}
 REFUSED = "You do not have permission to do this"  # the console's permission refusal
 BAD_FORM = "This form could not be accepted"  # its CSRF refusal
 

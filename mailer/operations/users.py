@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session
 
-from mailer import accounts, audit
+from mailer import accounts, audit, directory
 from mailer.accounts import Actor, ApiToken, LoginOutcome, Permission, Role, User
+from mailer.config import DirectoryGrant
 from mailer.errors import NotAllowed, NotFound
 from mailer.operations import Caller
+from subscribers.db import utcnow
 
 # ---------------------------------------------------------------- signing in
 
@@ -24,10 +26,14 @@ class SignIn:
 
 
 def sign_in(session: Session, *, via: str, ip: str | None, login: str, password: str,
-            code: str = "", previous: str | None = None) -> SignIn:
+            code: str = "", previous: str | None = None,
+            second_factor_required: bool = False) -> SignIn:
     """Check a sign-in and, when it succeeds, start a session (ending `previous`: signing in
-    again never keeps an old session). Recorded whatever the outcome."""
-    result = accounts.authenticate(session, login, password, code)
+    again never keeps an old session). Recorded whatever the outcome. With the directory
+    configured, `second_factor_required`: the password is the break-glass way in, for
+    accounts with a second factor only."""
+    result = accounts.authenticate(session, login, password, code,
+                                   second_factor_required=second_factor_required)
     user = result.user
     if result.outcome != LoginOutcome.OK or user is None:
         audit.record(session, actor=user.login if user else "(unknown)",
@@ -40,6 +46,60 @@ def sign_in(session: Session, *, via: str, ip: str | None, login: str, password:
     audit.record(session, actor=actor.login, actor_name=actor.name, via=via, ip=ip,
                  action="login.ok")
     return SignIn(LoginOutcome.OK, actor, token)
+
+
+def directory_sign_in(session: Session, *, via: str, ip: str | None,
+                      identity: directory.Identity, grants: dict[str, DirectoryGrant],
+                      known_regions: Sequence[str], previous: str | None = None) -> SignIn:
+    """A person the directory vouched for: refused when none of their app roles (or groups)
+    is mapped to a console role (their sessions end and their API tokens are revoked), or when
+    their account here was disabled; else their account is made (first sign-in) or brought up
+    to date with the role and regions the directory gives now, and a session starts. Each step
+    is recorded."""
+    grant = directory.grant_for(grants, identity.values)
+    user = accounts.directory_account(session, identity.issuer, identity.subject)
+    who = user.login if user else (identity.username or identity.email or identity.subject)
+    seen = {"method": "directory", "subject": identity.subject,
+            "claims": list(identity.values)[:20]}
+    if grant is None:
+        if user is not None:
+            accounts.end_access(session, user)
+        audit.record(session, actor=who, actor_name=identity.name, via=via, ip=ip,
+                     action=f"login.{LoginOutcome.NO_ROLE}", detail=seen)
+        return SignIn(LoginOutcome.NO_ROLE)
+    if user is not None and user.disabled:  # disabled here: the directory cannot undo that
+        audit.record(session, actor=who, actor_name=identity.name, via=via, ip=ip,
+                     action=f"login.{LoginOutcome.DISABLED}", detail=seen)
+        return SignIn(LoginOutcome.DISABLED)
+    user, changed = accounts.directory_user(
+        session, issuer=identity.issuer, subject=identity.subject,
+        username=identity.username or identity.email or identity.subject,
+        display_name=identity.name, email=identity.email, role=grant.role,
+        regions=grant.regions, known_regions=known_regions)
+    actor = accounts.actor_of(user)
+    given = {"role": str(user.role), "regions": list(user.regions or []),
+             "via_directory": True}
+    if changed is None:
+        audit.record(session, actor=actor.login, actor_name=actor.name, via=via, ip=ip,
+                     action="user.add", target=_target(user.login), detail=given)
+    elif changed:
+        audit.record(session, actor=actor.login, actor_name=actor.name, via=via, ip=ip,
+                     action="user.change", target=_target(user.login),
+                     detail={**given, "fields": changed})
+    user.last_login_at = utcnow()
+    accounts.end_session(session, previous)
+    token = accounts.start_session(session, user, ip)
+    audit.record(session, actor=actor.login, actor_name=actor.name, via=via, ip=ip,
+                 action="login.ok", detail=seen)
+    return SignIn(LoginOutcome.OK, actor, token)
+
+
+def directory_refused(session: Session, *, via: str, ip: str | None,
+                      refusal: directory.DirectoryRefusal) -> None:
+    """A directory sign-in whose answer could not be trusted or used (a bad state, a token
+    that failed its checks, the provider's own refusal such as a disabled person)."""
+    audit.record(session, actor="(directory)", via=via, ip=ip,
+                 action=f"login.directory_{refusal.reason}", detail={"said": str(refusal)[:300]})
 
 
 def sign_in_refused(session: Session, *, via: str, ip: str | None, reason: str) -> None:

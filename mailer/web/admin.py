@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
-from mailer import audit, charts, events, outbox, wordimport
+from mailer import audit, charts, directory, events, outbox, wordimport
 from mailer import edition_form as ef
 from mailer.accounts import SESSION_LIFETIME, Actor, LoginOutcome, Permission, Role
 from mailer.bounce_policy import BouncePolicy
@@ -76,7 +76,8 @@ router = APIRouter(prefix="/admin")
 PAGE = 50
 LOGIN_ATTEMPTS_PER_NETWORK = 30  # failed sign-ins per 15 minutes, whatever the account
 LOGIN_WINDOW = dt.timedelta(minutes=15)
-PUBLIC_PATHS = frozenset({"/admin/login", "/admin/static/admin.css",
+PUBLIC_PATHS = frozenset({"/admin/login", "/admin/login/directory", directory.CALLBACK_PATH,
+                          "/admin/static/admin.css",
                           "/admin/static/progress.js", "/admin/static/editor.js"})
 # The preview frame shows an email's own HTML: inline styles allowed, still no script.
 PREVIEW_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src https: data:; "
@@ -370,7 +371,8 @@ def _safe_next(value: str) -> str:
 @router.get("/login")
 async def login_form(request: Request) -> HTMLResponse:
     return _page(request, None, "login.html.j2", title="Sign in to the console",
-                 next=_safe_next(request.query_params.get("next", "")), login="")
+                 next=_safe_next(request.query_params.get("next", "")), login="",
+                 directory=directory.enabled(console(request).settings))
 
 
 @router.post("/login")
@@ -389,7 +391,8 @@ async def login_post(request: Request) -> Response:
             user_ops.sign_in_refused(session, via="console", ip=ip, reason="rate_limited")
             return "limited", None
         result = user_ops.sign_in(session, via="console", ip=ip, login=login,
-                                  password=password, code=code, previous=previous)
+                                  password=password, code=code, previous=previous,
+                                  second_factor_required=directory.enabled(c.settings))
         if result.outcome not in (LoginOutcome.OK, LoginOutcome.NEED_CODE):
             # Only failures count against the network (OWASP): an office of staff behind one
             # address signing in each morning must not lock itself out; a guesser from it
@@ -407,6 +410,8 @@ async def login_post(request: Request) -> Response:
         "limited": ("Too many sign-in attempts from your network. Wait 15 minutes and try "
                     "again.", 429),
         "need_code": ("Enter the 6-digit code from your authenticator app as well.", 401),
+        "no_second_factor": ("Sign in with your force account. A password here is only for "
+                             "break-glass accounts that have a second factor.", 403),
     }
     # A locked account is answered as a wrong password is: only a real account can be
     # locked, so saying so would tell a guesser which logins exist. The page says what happens.
@@ -415,7 +420,101 @@ async def login_post(request: Request) -> Response:
         "account is locked for 15 minutes; an administrator can reset it.", 401))
     return _page(request, None, "login.html.j2", status, title="Sign in to the console",
                  next=next_path, login=login, errors={"login": text},
-                 need_code=outcome == "need_code")
+                 need_code=outcome == "need_code", directory=directory.enabled(c.settings))
+
+
+# ---------------------------------------------------------------- the force's directory
+
+def _pending_cookie(c: Console) -> str:
+    return "__Host-console-directory" if c.secure else "console-directory"
+
+
+@router.get("/login/directory")
+async def directory_start(request: Request) -> Response:
+    """Send the browser to the force's directory (OpenID Connect) to sign in."""
+    c = console(request)
+    if not directory.enabled(c.settings):
+        raise Refusal(404, "Page not found", "Sign-in with a directory is not set up here.")
+    next_path = _safe_next(request.query_params.get("next", ""))
+    try:
+        url, pending = await run_in_threadpool(directory.start, c.settings, next_path)
+    except directory.DirectoryRefusal as exc:
+        return _message(request, None, "The sign-in service cannot be reached", _said(exc),
+                        status=503, links=[("Try again", _url(request, "/admin/login/directory")),
+                                           ("Back to sign in", _url(request, "/admin/login"))])
+    response = RedirectResponse(url, status_code=303)
+    # Lax: the provider's redirect back is a top-level GET, which carries it.
+    response.set_cookie(_pending_cookie(c), directory.seal(c.settings, pending),
+                        max_age=directory.PENDING_SECONDS, httponly=True, samesite="lax",
+                        secure=c.secure, path="/")
+    return response
+
+
+@router.get("/login/directory/callback")
+async def directory_callback(request: Request) -> Response:
+    """The directory's answer: a session when it vouches for someone with a mapped role; a
+    page saying why not (and what to do) otherwise. Every outcome is in the audit log."""
+    w, c = runtime.web(request), console(request)
+    if not directory.enabled(c.settings):
+        raise Refusal(404, "Page not found", "Sign-in with a directory is not set up here.")
+    ip = client_ip(request)
+    network = network_of(ip)
+    pending = directory.unseal(c.settings, request.cookies.get(_pending_cookie(c)))
+    params = {k: v[:4000] for k, v in request.query_params.items()}
+    again = [("Try again", _url(request, "/admin/login/directory")),
+             ("Back to sign in", _url(request, "/admin/login"))]
+
+    def limited(session: Session) -> bool:
+        # Refused answers count against the network as wrong passwords do: the same budget.
+        if w.limits.allowed(session, "login", network, LOGIN_ATTEMPTS_PER_NETWORK, LOGIN_WINDOW):
+            return False
+        user_ops.sign_in_refused(session, via="console", ip=ip, reason="rate_limited")
+        return True
+
+    if await w.run(limited):
+        return _message(request, None, "Too many sign-in attempts",
+                        "Too many sign-in attempts from your network. Wait 15 minutes and try "
+                        "again.", status=429, links=again[1:])
+    try:
+        identity = await run_in_threadpool(directory.finish, c.settings, pending, params)
+    except directory.DirectoryRefusal as exc:
+        refusal = exc
+
+        def refused(session: Session) -> None:
+            user_ops.directory_refused(session, via="console", ip=ip, refusal=refusal)
+            w.limits.count(session, "login", network)
+
+        await w.run(refused)
+        response: Response = _message(request, None, "You could not be signed in", _said(exc),
+                                      status=503 if exc.reason == "unreachable" else 401,
+                                      links=again)
+    else:
+        previous = request.cookies.get(c.cookie)
+        result = await w.run(lambda s: user_ops.directory_sign_in(
+            s, via="console", ip=ip, identity=identity, grants=dict(c.settings.oidc_roles),
+            known_regions=list(c.settings.regions), previous=previous))
+        if result.outcome == LoginOutcome.OK and result.token:
+            response = RedirectResponse(_url(request, pending.next_path if pending else "/admin"),
+                                        status_code=303)
+            response.set_cookie(c.cookie, result.token,
+                                max_age=int(SESSION_LIFETIME.total_seconds()), httponly=True,
+                                samesite="lax", secure=c.secure, path="/")
+        elif result.outcome == LoginOutcome.DISABLED:
+            response = _message(
+                request, None, "Your account is disabled",
+                "Your account in this console has been disabled by an administrator.",
+                "Ask an administrator of the console if you need it again.", status=403,
+                links=again[1:])
+        else:
+            response = _message(
+                request, None, "Your account does not give you access to the console",
+                f"Your force account ({identity.username or identity.name}) signed in, but it "
+                "has no role in this service.",
+                "Ask your force's directory administrator to give you one of the console's "
+                "roles, then try again.", status=403, links=again)
+    response.delete_cookie(_pending_cookie(c), path="/", secure=c.secure, httponly=True,
+                           samesite="lax")
+    return response
 
 
 @router.post("/logout")
