@@ -202,6 +202,9 @@ WIDER_THAN_375 = """[...document.querySelectorAll('body *')]
     .map(e => `${e.tagName.toLowerCase()}${e.id ? '#' + e.id : ''}`).slice(-4).join(', ')"""
 
 
+# What a page shows does not depend on the database behind it, and this walk is the suite's
+# longest test: it runs on the embedded default only.
+@pytest.mark.parametrize("backend", ["sqlite"])
 def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: FaultServer,
                                        engine: Engine) -> None:
     """Each GET page of the console's route table, in the states that change what it shows
