@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from mailer import segments
 from mailer.config import Settings
 from mailer.edition import Edition, EditionErrors
 from mailer.errors import EditionError, MailerError
+from mailer.segments import AudienceFields
 from subscribers import store
 from subscribers.rules import Rules
 
@@ -32,17 +34,65 @@ class Known:
     roles: Collection[str]
     organisation_types: Collection[str]
     topics: Collection[str] | None
+    # Saved segments' slugs (mailer.segments); None when they could not be read, like topics.
+    segments: Collection[str] | None = None
 
     @classmethod
-    def of(cls, rules: Rules, topics: Iterable[str] | None) -> Known:
+    def of(cls, rules: Rules, topics: Iterable[str] | None,
+           segments: Iterable[str] | None = None) -> Known:
         return cls(regions=tuple(rules.regions), roles=tuple(rules.roles),
                    organisation_types=tuple(rules.organisation_types),
-                   topics=None if topics is None else tuple(topics))
+                   topics=None if topics is None else tuple(topics),
+                   segments=None if segments is None else tuple(segments))
 
 
 def known(session: Session, settings: Settings) -> Known:
     """What the settings and this database know."""
-    return Known.of(settings.rules(), (t.slug for t in store.list_topics(session)))
+    return Known.of(settings.rules(), (t.slug for t in store.list_topics(session)),
+                    segments.slugs(session))
+
+
+def field_problems(fields: AudienceFields, known: Known) -> list[tuple[str, int, str]]:
+    """Each unknown name in an audience's lists: (field, index, message). The one check for
+    an edition's, an event's and a saved segment's fields."""
+    found: list[tuple[str, int, str]] = []
+    for field, label, values, vocabulary in (
+            ("regions", "region", fields.regions, known.regions),
+            ("roles", "role", fields.roles, known.roles),
+            ("organisation_types", "organisation type", fields.organisation_types,
+             known.organisation_types),
+            ("topics", "topic", fields.topics, known.topics)):
+        if vocabulary is None:
+            continue
+        for index, value in enumerate(values):
+            if value not in vocabulary:
+                found.append((field, index,
+                              f"unknown {label} '{value}'; known: {', '.join(vocabulary)}"))
+    return found
+
+
+def check_fields(fields: AudienceFields, known: Known, where: str) -> None:
+    """Refuse an audience (an event's, a segment's) naming something unknown, every problem
+    listed, each with `where` and its field."""
+    found = field_problems(fields, known)
+    if found:
+        raise EditionErrors([EditionError(f"{field}: {message}", where)
+                             for field, _index, message in found])
+
+
+def segment_problem(slug: str, known: Known) -> str | None:
+    """Why `slug` names no saved segment (with the known slugs), or None."""
+    if known.segments is None or slug in known.segments:
+        return None
+    return f"unknown segment '{slug}'; known: {', '.join(known.segments) or '(none yet)'}"
+
+
+def resolve(session: Session, segment: str | None, inline: AudienceFields) -> AudienceFields:
+    """The audience an edition or event goes to: the named segment's fields, else the
+    fields given inline."""
+    if segment is None:
+        return inline
+    return AudienceFields.of(segments.get_segment(session, segment))
 
 
 def problems(edition: Edition, known: Known) -> list[EditionError]:
@@ -50,17 +100,16 @@ def problems(edition: Edition, known: Known) -> list[EditionError]:
     known values. Topics are not checked when `known.topics` is None."""
     found: list[EditionError] = []
     audience = edition.meta.audience
-    for field, label, values, vocabulary in (
-            ("regions", "region", audience.regions, known.regions),
-            ("roles", "role", audience.roles, known.roles),
-            ("organisation_types", "organisation type", audience.organisation_types,
-             known.organisation_types)):
-        for index, value in enumerate(values):
-            if value not in vocabulary:
-                line = edition.line_of("audience", field, index)
-                found.append(EditionError(
-                    f"unknown {label} '{value}'; known: {', '.join(vocabulary)}",
-                    f"{edition.path}:{line}"))
+    inline = AudienceFields(list(audience.regions), list(audience.roles),
+                            list(audience.organisation_types), list(audience.topics))
+    for field, index, message in field_problems(inline, known):
+        line = edition.line_of("audience", field, index)
+        found.append(EditionError(message, f"{edition.path}:{line}"))
+    if edition.meta.segment is not None:
+        problem = segment_problem(edition.meta.segment, known)
+        if problem:
+            found.append(EditionError(problem, f"{edition.path}:{edition.line_of('segment')}",
+                                      hint="`mailer segments add` makes a new one"))
     topic = edition.meta.topic
     if known.topics is not None and topic not in known.topics:
         line = edition.line_of("topic")

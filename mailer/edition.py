@@ -26,7 +26,14 @@ from urllib.parse import urlsplit
 import yaml
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mailer.errors import EditionError, yaml_problem
 
@@ -47,8 +54,10 @@ class Audience(BaseModel):
     roles: list[str] = Field(default_factory=list, description="empty: every role")
     organisation_types: list[str] = Field(default_factory=list,
                                           description="empty: every organisation type")
+    topics: list[str] = Field(default_factory=list,
+                              description="readers must also be on one of these topics")
 
-    @field_validator("regions", "roles", "organisation_types")
+    @field_validator("regions", "roles", "organisation_types", "topics")
     @classmethod
     def _slugs(cls, values: list[str]) -> list[str]:
         for value in values:
@@ -91,6 +100,8 @@ class FrontMatter(BaseModel):
     preheader: str | None = None
     topic: str = Field(min_length=1)
     audience: Audience = Field(default_factory=Audience)
+    # A saved segment's slug (mailer.segments) instead of audience fields written out.
+    segment: str | None = None
     from_name: str | None = None
     images: list[Image] = Field(default_factory=list)
 
@@ -107,6 +118,20 @@ class FrontMatter(BaseModel):
         if not _SLUG.match(value):
             raise ValueError(f"{value!r} is not a lower-case key such as 'newsletter'")
         return value
+
+    @field_validator("segment")
+    @classmethod
+    def _segment_slug(cls, value: str | None) -> str | None:
+        if value is not None and not _SLUG.match(value):
+            raise ValueError(f"{value!r} is not a segment's slug such as 'kent-police'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_audience(self) -> FrontMatter:
+        # Both would leave the reader to guess which one wins.
+        if self.segment is not None and self.audience != Audience():
+            raise ValueError("give either 'segment:' or 'audience:', not both")
+        return self
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,10 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from mailer import alerts
+from mailer import alerts, segments
 from mailer.config import Settings
 from mailer.errors import MailerError, yaml_problem
+from mailer.segments import AudienceFields
 from subscribers import store
 from subscribers.db import Base, UTCDateTime, changed_rows, utcnow
 from subscribers.models import _check_in
@@ -94,6 +95,13 @@ class Event(Base):
     topic: Mapped[str] = mapped_column(String(40), default="reminders")
     weekend: Mapped[str] = mapped_column(String(20), default=WeekendRule.FRIDAY)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Who its reminders reach (empty lists: everyone on `topic`, as before audiences), resolved
+    # from `segment` when the event is stored, like an edition's (mailer.segments).
+    segment: Mapped[str | None] = mapped_column(String(60))
+    regions: Mapped[list[str]] = mapped_column(JSON, default=list)
+    roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    organisation_types: Mapped[list[str]] = mapped_column(JSON, default=list)
+    audience_topics: Mapped[list[str]] = mapped_column(JSON, default=list)
 
 
 class Reminder(Base):
@@ -230,6 +238,8 @@ class EventSpec:
     topic: str = "reminders"
     weekend: str = WeekendRule.FRIDAY
     slug: str | None = None
+    segment: str | None = None  # a saved segment's slug, or the fields inline:
+    audience: AudienceFields = field(default_factory=AudienceFields)
 
     def checked(self, where: str = "event") -> EventSpec:
         if not self.name or not self.name.strip():
@@ -250,6 +260,8 @@ class EventSpec:
         self.slug = slug_of(self.slug or self.name).replace("_", "-")[:80]
         if not self.slug:
             raise EventError(f"{where}: the name gives no usable slug")
+        if self.segment is not None and self.audience != AudienceFields():
+            raise EventError(f"{where}: give either 'segment' or 'audience', not both")
         return self
 
 
@@ -276,14 +288,26 @@ def add_event(session: Session, spec: EventSpec, *, replace: bool = False,
     same slug is updated and its reminders not yet sent are planned again."""
     spec.checked()
     store.get_topic(session, spec.topic)  # an unknown topic is refused with the known ones
+    if spec.segment is not None:
+        known = segments.slugs(session)
+        if spec.segment not in known:
+            raise EventError(f"event '{spec.name}': unknown segment '{spec.segment}'; known: "
+                             f"{', '.join(known) or '(none yet)'}",
+                             hint="`mailer segments add` makes a new one")
+        fields = AudienceFields.of(segments.get_segment(session, spec.segment))
+    else:
+        fields = spec.audience
     existing = session.scalar(select(Event).where(Event.slug == spec.slug))
     if existing is not None and not replace:
         raise EventError(f"there is already an event '{spec.slug}'",
                          hint="remove it first, or import with --replace")
     event = existing or Event(slug=spec.slug, created_at=now or utcnow())
     for name in ("name", "starts_on", "ends_on", "yearly", "description", "link", "offsets",
-                 "send_time", "timezone", "reminder_text", "topic", "weekend"):
+                 "send_time", "timezone", "reminder_text", "topic", "weekend", "segment"):
         setattr(event, name, getattr(spec, name))
+    event.regions, event.roles = list(fields.regions), list(fields.roles)
+    event.organisation_types, event.audience_topics = (list(fields.organisation_types),
+                                                       list(fields.topics))
     if existing is None:
         session.add(event)
     else:
@@ -503,7 +527,8 @@ def notices(session: Session, since: datetime) -> Sequence[ScheduleNotice]:
 # ---------------------------------------------------------------- files in
 
 _FIELDS = {"name", "date", "on", "until", "yearly", "description", "link", "offsets",
-           "send_time", "timezone", "reminder_text", "topic", "weekend", "slug"}
+           "send_time", "timezone", "reminder_text", "topic", "weekend", "slug",
+           "segment", "audience"}
 
 
 def _as_date(value: Any, where: str) -> date:
@@ -517,6 +542,24 @@ def _as_date(value: Any, where: str) -> date:
         except ValueError:
             pass
     raise EventError(f"{where}: {value!r} is not a date like 2027-10-18")
+
+
+def _audience(value: Any, where: str) -> AudienceFields:
+    """An event's inline audience: a mapping of regions, roles, organisation_types, topics."""
+    if value is None:
+        return AudienceFields()
+    if not isinstance(value, dict):
+        raise EventError(f"{where}: audience must be a mapping such as {{regions: [kent]}}")
+    unknown = set(value) - {"regions", "roles", "organisation_types", "topics"}
+    if unknown:
+        raise EventError(f"{where}: audience: unknown field(s) {', '.join(sorted(unknown))}")
+    lists = {}
+    for key in ("regions", "roles", "organisation_types", "topics"):
+        items = value.get(key) or []
+        if not isinstance(items, list):
+            raise EventError(f"{where}: audience: {key} must be a list such as [kent]")
+        lists[key] = [str(v) for v in items]
+    return AudienceFields(**lists)
 
 
 def load_yaml(path: Path) -> list[EventSpec]:
@@ -562,7 +605,9 @@ def load_yaml(path: Path) -> list[EventSpec]:
                 timezone=str(item.get("timezone", LONDON)),
                 reminder_text=str(item.get("reminder_text") or ""),
                 topic=str(item.get("topic", "reminders")),
-                weekend=str(item.get("weekend", WeekendRule.FRIDAY)), slug=item.get("slug"))
+                weekend=str(item.get("weekend", WeekendRule.FRIDAY)), slug=item.get("slug"),
+                segment=str(item["segment"]) if item.get("segment") else None,
+                audience=_audience(item.get("audience"), where))
         except TypeError:
             raise EventError(f"{where}: offsets must be a list such as [14, 1]") from None
         specs.append(spec.checked(where))

@@ -25,7 +25,8 @@ def metadata() -> MetaData:
     import mailer.bounce_policy
     import mailer.events
     import mailer.models
-    import mailer.revisions  # noqa: F401
+    import mailer.revisions
+    import mailer.segments  # noqa: F401
     import subscribers.models  # noqa: F401
     from subscribers.db import Base
 

@@ -94,6 +94,10 @@ class Edition(Base):
     regions: Mapped[list[str]] = mapped_column(JSON, default=list)
     roles: Mapped[list[str]] = mapped_column(JSON, default=list)
     organisation_types: Mapped[list[str]] = mapped_column(JSON, default=list)  # empty: all
+    # Readers must also be on one of these topics (a saved segment's); empty: no such rule.
+    audience_topics: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # The saved segment the audience above was resolved from when stored (mailer.segments).
+    segment: Mapped[str | None] = mapped_column(String(60))
     source: Mapped[str] = mapped_column(Text)  # the edition file as written
     source_sha256: Mapped[str] = mapped_column(String(64))
     compiled: Mapped[dict[str, Any]] = mapped_column(JSON)  # CompiledEdition.to_dict()

@@ -54,6 +54,7 @@ from mailer.models import (
     EditionStatus,
 )
 from mailer.render import CompiledEdition, compile_edition
+from mailer.segments import AudienceFields
 from subscribers import store
 from subscribers.db import changed_rows, utcnow
 from subscribers.models import Subscriber, Topic
@@ -71,7 +72,9 @@ def store_edition(session: Session, *, slug: str, title: str, subject: str, topi
                   compiled: dict[str, Any], actor: str | None,
                   kind: EditionKind = EditionKind.NEWSLETTER,
                   not_after: datetime | None = None,
-                  organisation_types: Sequence[str] = ()) -> tuple[Edition, bool]:
+                  organisation_types: Sequence[str] = (),
+                  audience_topics: Sequence[str] = (),
+                  segment: str | None = None) -> tuple[Edition, bool]:
     """Record an edition, or find the one already recorded from the same source.
 
     Returns (edition, created). The same slug with the same source is the same edition, so
@@ -97,6 +100,7 @@ def store_edition(session: Session, *, slug: str, title: str, subject: str, topi
     edition.title, edition.subject, edition.topic = title, subject, topic
     edition.regions, edition.roles = list(regions), list(roles)
     edition.organisation_types = list(organisation_types)
+    edition.audience_topics, edition.segment = list(audience_topics), segment
     edition.source, edition.source_sha256, edition.compiled = source, digest, compiled
     edition.not_after = not_after
     session.flush()
@@ -145,7 +149,17 @@ _NOT_PERSONAL = Edition.kind.not_in(sorted(PERSONAL))
 
 def audience(edition: Edition) -> Select[int]:
     return store.segment([edition.topic], edition.regions, edition.roles,
-                         edition.organisation_types)
+                         edition.organisation_types, also_topics=edition.audience_topics or ())
+
+
+def audience_fields(edition: Edition) -> AudienceFields:
+    return AudienceFields(list(edition.regions), list(edition.roles),
+                          list(edition.organisation_types), list(edition.audience_topics or ()))
+
+
+def audience_count(session: Session, edition: Edition) -> int:
+    """How many readers a send of this edition would queue now (before any are queued)."""
+    return session.scalar(select(func.count()).select_from(audience(edition).subquery())) or 0
 
 
 def audience_breakdown(session: Session, edition: Edition) -> dict[str, dict[str, int]]:
@@ -684,11 +698,15 @@ def store_edition_source(session: Session, settings: Settings, slug: str, source
     parsed, compiled = compile_source(session, settings, source, where or f"{slug}.md")
     meta = parsed.meta
     before = session.scalar(select(Edition.source_sha256).where(Edition.slug == slug))
+    given = meta.audience
+    fields = audience_rule.resolve(session, meta.segment, AudienceFields(
+        list(given.regions), list(given.roles), list(given.organisation_types),
+        list(given.topics)))
     edition, _created = store_edition(
         session, slug=slug, title=meta.title, subject=meta.subject, topic=meta.topic,
-        regions=meta.audience.regions, roles=meta.audience.roles,
-        organisation_types=meta.audience.organisation_types, source=source,
-        compiled=compiled.to_dict(), actor=actor)
+        regions=fields.regions, roles=fields.roles,
+        organisation_types=fields.organisation_types, audience_topics=fields.topics,
+        segment=meta.segment, source=source, compiled=compiled.to_dict(), actor=actor)
     changed = before != edition.source_sha256
     if changed and before is not None:
         edition.approval_requested_by = edition.approval_requested_at = None

@@ -176,7 +176,11 @@ def build_reminder(session: Session, settings: Settings, reminder: Reminder, eve
     slug = f"reminder-{event.slug[:60]}-{occurrence.isoformat()}-{reminder.offset_days}d"
     edition, _ = outbox.store_edition(
         session, slug=slug, title=f"{event.name} reminder", subject=subject, topic=event.topic,
-        regions=[], roles=[], source=source, compiled=compiled.to_dict(), actor="scheduler",
+        # The event's audience: a Kent-only activity's reminder reaches Kent readers only.
+        regions=list(event.regions or ()), roles=list(event.roles or ()),
+        organisation_types=list(event.organisation_types or ()),
+        audience_topics=list(event.audience_topics or ()), segment=event.segment,
+        source=source, compiled=compiled.to_dict(), actor="scheduler",
         kind=EditionKind.REMINDER, not_after=reminder.not_after)
     edition.event_id, edition.occurrence, edition.public = event.id, occurrence, False
     edition.scheduled_for, edition.scheduled_by = reminder.send_at, "scheduler"

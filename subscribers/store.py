@@ -640,22 +640,33 @@ def departed_ids(session: Session, cutoff: datetime, limit: int) -> list[int]:
 
 # ---------------------------------------------------------------- segments and counts
 
-def segment(topics: Sequence[str], regions: Sequence[str] = (),
+def _on_topics(topics: Sequence[str] | None) -> Any:
+    """Subscribed (actively) to one of these topics; to any topic when None."""
+    condition = exists().where(Subscription.subscriber_id == Subscriber.id,
+                               Subscription.status == SubscriptionStatus.ACTIVE)
+    if topics is not None:
+        condition = condition.where(Subscription.topic_id.in_(
+            select(Topic.id).where(Topic.slug.in_(list(topics)))))
+    return condition
+
+
+def segment(topics: Sequence[str] | None, regions: Sequence[str] = (),
             roles: Sequence[str] = (),
-            organisation_types: Sequence[str] = ()) -> Select[int]:
-    """The ids of subscribers an edition goes to: active, on one of the topics, in the regions,
+            organisation_types: Sequence[str] = (),
+            also_topics: Sequence[str] = ()) -> Select[int]:
+    """The ids of subscribers an edition goes to: active, on one of the topics (None: any
+    topic), also on one of `also_topics` if given (a saved segment's topics), in the regions,
     roles and organisation types if given (empty: all), and not suppressed. A SELECT for the
     outbox's INSERT ... SELECT."""
     query = (
-        select(Subscriber.id).distinct()
-        .join(Subscription, Subscription.subscriber_id == Subscriber.id)
-        .join(Topic, Topic.id == Subscription.topic_id)
-        .where(Topic.slug.in_(list(topics)),
-               Subscription.status == SubscriptionStatus.ACTIVE,
+        select(Subscriber.id)
+        .where(_on_topics(topics),
                Subscriber.status.in_(list(SENDABLE)),
                not_paused(),
                ~exists().where(Suppression.email_hmac == Subscriber.email_hmac))
     )
+    if also_topics:
+        query = query.where(_on_topics(also_topics))
     if regions:
         query = query.where(Subscriber.region.in_(list(regions)))
     if roles:

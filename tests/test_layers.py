@@ -73,7 +73,7 @@ FACES = ("mailer.web", "mailer.cli")
 # The library modules that own tables: a face may read through them for display, never write.
 STORES = ("subscribers.store", "subscribers.importer", "mailer.outbox", "mailer.accounts",
           "mailer.audit", "mailer.events", "mailer.bounce_policy", "mailer.alerts",
-          "mailer.privacy", "mailer.revisions", "mailer.retention")
+          "mailer.privacy", "mailer.revisions", "mailer.retention", "mailer.segments")
 # What a face may use of them: reads for display, and types and constants.
 READS = {
     "subscribers.store": {"list_topics", "find", "find_by_email", "topic_by_id",
@@ -83,7 +83,7 @@ READS = {
     "mailer.outbox": {"Progress", "progress", "eta_text", "time_left_text",
                       "second_pair_of_eyes", "audience_breakdown", "published",
                       "published_compiled", "Published", "ApprovalRefused", "LONDON", "figures",
-                      "uk_time"},
+                      "uk_time", "audience_fields", "audience_count"},
     "mailer.audit": {"AuditFilter", "entries", "actions", "as_dict"},
     "mailer.events": {"list_events", "next_occurrence", "upcoming", "get_event",
                       "reminders_for", "load_file", "EventSpec", "EventError",
@@ -98,6 +98,7 @@ READS = {
     "mailer.privacy": set(),
     "mailer.revisions": set(),
     "mailer.retention": {"Holding", "Periods", "Purged"},
+    "mailer.segments": {"AudienceFields", "SavedSegment"},
 }
 # The system's own machinery, which commands start (the bounce receiver and its retention,
 # the alert mailer, the reminder planner): no co-ordinator decides these, so they are no

@@ -24,6 +24,7 @@ _PARTS: dict[str, tuple[str, str, bool, tuple[str, ...]]] = {
     "db": ("db", "app", True, ()),
     "config": ("config_cmd", "app", True, ()),
     "topics": ("topics", "app", True, ()),
+    "segments": ("segments_cmd", "app", True, ()),
     "subscribers": ("subscribers_cmd", "app", True, ()),
     "edition": ("edition", "app", True, ("sending", "schedule_cmd")),
     "bounces": ("bounces_cmd", "app", True, ()),

@@ -161,7 +161,7 @@ def events_import(ctx: typer.Context,
     specs = events.load_file(file)
     with rt.session() as session:
         added, updated, planned = event_ops.import_file(session, rt.caller, file, specs,
-                                                        replace=replace)
+                                                        replace=replace, settings=rt.settings)
     console.print(f"imported {escape(str(file))}: {added} added, {updated} updated; "
                   f"{planned} reminder(s) planned")
 
