@@ -34,6 +34,7 @@ from tests.test_admin_routes import (
     _routes,
     bounce,
     domain_alert,
+    kent_segment,
     make_user,
     people,
     sample_edition,
@@ -268,6 +269,7 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
     bounce(engine, served, None, [(None, "stranger@example.org")])
     aid, _essex_edition, _officers = domain_alert(engine, served)
     assert alerts.mail_pending(sessions, served) == 1
+    kent_segment(engine, served)
 
     context = browser.new_context(bypass_csp=True)  # only so axe itself can be injected
     page = context.new_page()
@@ -362,8 +364,17 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
                 ("/admin/editions/compose", "/admin/editions/compose"),
                 ("/admin/editions/compose?start=last", None),
                 (f"/admin/editions/{eid}/compose", "/admin/editions/{eid}/compose"),
-                (f"/admin/events/{event_id}/edit", "/admin/events/{event_id}/edit")):
+                (f"/admin/events/{event_id}/edit", "/admin/events/{event_id}/edit"),
+                ("/admin/segments", "/admin/segments"),
+                ("/admin/segments/kent-all", "/admin/segments/{slug}")):
             check(path, route)
+        page.get_by_role("button", name="Count readers").click()  # the live count shown
+        expect(page.locator("#live-count")).to_be_visible()
+        check()
+        page.goto(f"{base}/admin/segments")
+        page.get_by_role("button", name="Add the segment").click()  # empty: what is wrong
+        expect(page.get_by_role("heading", name="There is a problem")).to_be_visible()
+        check()
         page.goto(f"{base}/admin/editions/{eid}/compose")  # the editor's preview, no save
         page.get_by_role("button", name="Preview without saving").click()
         draft = page.locator("#preview-phone").get_attribute("src")

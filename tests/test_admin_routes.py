@@ -59,7 +59,7 @@ VIEWER_MAY = {("GET", "/admin"), ("GET", "/admin/"), ("GET", "/admin/subscribers
               ("GET", "/admin/bounces"), ("POST", "/admin/logout"),
               ("GET", "/admin/charts/{chart}.svg"), ("GET", "/admin/charts/{chart}.csv"),
               ("GET", "/admin/editions/{eid}/chart.svg"),
-              ("GET", "/admin/editions/{eid}/chart.csv")}
+              ("GET", "/admin/editions/{eid}/chart.csv"), ("GET", "/admin/segments")}
 # Console routes only an administrator may use; a co-ordinator is refused these and no others.
 ADMIN_ONLY = {("GET", "/admin/users"), ("GET", "/admin/privacy"), ("GET", "/admin/users/new"),
               ("POST", "/admin/users/new"), ("GET", "/admin/users/{login}"),
@@ -69,7 +69,9 @@ API_VIEWER_MAY = {("GET", "/me"), ("GET", "/counts"), ("GET", "/subscribers"),
                   ("GET", "/subscribers/{sid}"), ("GET", "/subscribers/{sid}/history"),
                   ("GET", "/editions"), ("GET", "/editions/{eid}"),
                   ("GET", "/editions/{eid}/preview"), ("GET", "/editions/{eid}/progress"),
-                  ("GET", "/events"), ("GET", "/bounce-alerts"), ("GET", "/alerts")}
+                  ("GET", "/events"), ("GET", "/bounce-alerts"), ("GET", "/alerts"),
+                  ("GET", "/segments"), ("GET", "/segments/{slug}"),
+                  ("GET", "/editions/{eid}/audience")}
 API_ADMIN_ONLY: set[tuple[str, str]] = set()
 OPEN = {"/admin/login", "/admin/static/admin.css", "/admin/static/progress.js",
         "/admin/static/editor.js",
@@ -123,6 +125,17 @@ def sample_edition(engine: Engine, settings: Settings, author: str = "someone",
                                                      source, author)
         session.commit()
         return edition.id
+
+
+def kent_segment(engine: Engine, settings: Settings) -> None:
+    """The saved segment `_concrete` names for `{slug}`."""
+    from mailer.operations import command_line_caller
+    from mailer.operations import segments as segment_ops
+    from mailer.segments import AudienceFields
+    with session_factory(engine)() as session:
+        segment_ops.add(session, command_line_caller(), settings, slug="kent-all",
+                        name="Kent", description="", fields=AudienceFields(regions=["kent"]))
+        session.commit()
 
 
 def sent_edition(engine: Engine, settings: Settings, regions: str, slug: str) -> int:
@@ -225,7 +238,8 @@ def _api_routes(app: Any) -> list[tuple[str, str]]:
 def _concrete(path: str) -> str:
     return (path.replace("{sid}", "1").replace("{eid}", "1").replace("{aid}", "1")
             .replace("{event_id}", "1").replace("{key}", "unknown")
-            .replace("{login}", "root").replace("{chart}", "sends"))
+            .replace("{login}", "root").replace("{chart}", "sends")
+            .replace("{slug}", "kent-all"))
 
 
 def test_the_route_table_is_not_empty(app_client: TestClient) -> None:
@@ -364,6 +378,7 @@ def test_a_viewer_token_is_refused_every_api_route_outside_its_permission(
         session.commit()
     sample_edition(engine, web_settings)
     people(engine, web_settings, [("a@kent.police.uk", "kent")])
+    kent_segment(engine, web_settings)
     headers = {"Authorization": f"Bearer {token}"}
     before = _world(engine)
     for method, path in _api_routes(app_client.app):
@@ -386,6 +401,7 @@ def test_a_coordinator_token_is_refused_the_administrator_operations_and_only_th
         session.commit()
     sample_edition(engine, web_settings)
     people(engine, web_settings, [("a@kent.police.uk", "kent")])
+    kent_segment(engine, web_settings)
     headers = {"Authorization": f"Bearer {token}"}
     for method, path in _api_routes(app_client.app):
         # An empty body: past the permission check, operations with a body stop at validation.
@@ -447,6 +463,7 @@ def test_every_form_on_every_console_page_carries_the_csrf_token(
         outbox.request_approval(session, edition, "alice")
         session.commit()
     domain_alert(engine, web_settings)  # so the resolve forms show
+    kent_segment(engine, web_settings)  # so its edit and remove forms show
     assert login(app_client, "root").status_code == 303
     cookie = app_client.cookies["csrf"]
     expected = app_client.app.state.web.csrf.form_token(cookie)

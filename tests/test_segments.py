@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import time_machine
+from fastapi.testclient import TestClient
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,6 +33,14 @@ from subscribers import store
 from subscribers.db import session_factory
 from subscribers.models import Channel
 from subscribers.rules import Rules
+from tests.test_admin_routes import app_client, login, make_user  # noqa: F401
+from tests.web_fixtures import (  # noqa: F401
+    csrf_of,
+    fault_server,
+    make_fault_server,
+    sink,
+    web_settings,
+)
 
 KENT = Caller(Actor(9, "ken", "Ken", Role.COORDINATOR, ("kent",)), via="console")
 ADMIN = command_line_caller()
@@ -293,3 +302,77 @@ def test_a_kent_scoped_reminder_reaches_no_essex_reader(
     assert not any("essex" in to for to in got[kent_subject])
     # an event without an audience keeps today's behaviour: everyone on reminders
     assert got[other_subject] == on_reminders
+
+
+# ---------------------------------------------------------------- the console and the API
+
+
+
+def _shown(html: str, attribute: str, key: str = "") -> int:
+    found = re.search(rf'{attribute}(?:="{re.escape(key)}")?>(\d+)<', html)
+    assert found, (attribute, key)
+    return int(found.group(1))
+
+
+def test_the_console_and_the_api_show_the_count_that_a_send_enqueues(
+        app_client: TestClient, engine, web_settings: Settings) -> None:
+    sessions = session_factory(engine)
+    _readers(sessions, web_settings.rules())
+    _segments(sessions, web_settings)
+    make_user(engine, "root", role="admin", regions=())
+    from mailer import accounts
+    with sessions() as s:
+        _row, token = accounts.create_token(s, accounts.get_user(s, "root"), name="t",
+                                            role="admin")
+        s.commit()
+    api = {"Authorization": f"Bearer {token}"}
+    assert login(app_client, "root").status_code == 303
+    listing = app_client.get("/admin/segments").text
+    by_api = {g["slug"]: g for g in app_client.get("/api/v1/segments", headers=api).json()}
+    for slug, expected in EXPECTED.items():
+        with sessions() as s:
+            chosen = segment_ops.counted(s, ADMIN, slug).count
+        assert _shown(listing, "data-segment-count", slug) == chosen == by_api[slug]["count"]
+        page = app_client.get(f"/admin/segments/{slug}").text  # editing: its live count
+        assert _shown(page, "data-live-count") == chosen
+        source = (
+            f"---\ntitle: T\nissue: 1\ndate: 2027-01-01\nsubject: S {slug}\ntopic: newsletter\n"
+            f"segment: {slug}\n---\n\nHello.\n")
+        made = app_client.post("/api/v1/editions", headers=api,
+                               json={"slug": f"api-{slug}", "source": source})
+        assert made.status_code in (200, 201), made.text
+        eid = made.json()["id"]
+        reach = app_client.get(f"/api/v1/editions/{eid}/audience", headers=api).json()
+        approval = app_client.get(f"/admin/editions/{eid}").text  # the approval screen
+        assert f"segment {slug}" in approval
+        with sessions() as s:
+            queued = edition_ops.send(s, ADMIN, web_settings.model_copy(
+                update={"require_approval": False}), eid)
+            s.commit()
+        assert reach["segment"] == slug
+        assert _shown(approval, "data-audience-count") == reach["count"] == queued \
+            == len(expected), slug
+        assert _emails_queued(sessions, eid) == expected
+
+
+def test_the_console_counts_before_saving_and_refuses_a_segment_beyond_ones_regions(
+        app_client: TestClient, engine, web_settings: Settings) -> None:
+    sessions = session_factory(engine)
+    _readers(sessions, web_settings.rules())
+    make_user(engine, "ken", regions=("kent",))
+    assert login(app_client, "ken").status_code == 303
+    token = csrf_of(app_client.get("/admin/segments").text)
+    form = {"csrf_token": token, "slug": "kent-police", "name": "Kent police",
+            "regions": ["kent"], "organisation_types": ["police"]}
+    counted = app_client.post("/admin/segments/new", data={**form, "action": "count"})
+    assert counted.status_code == 200 and _shown(counted.text, "data-live-count") == 2
+    with sessions() as s:
+        assert segment_ops.listing(s, ADMIN) == []  # counting stores nothing
+    wide = app_client.post("/admin/segments/new", data={**form, "regions": ["kent", "essex"],
+                                                        "action": "save"})
+    assert wide.status_code == 400 and "outside your regions" in wide.text
+    saved = app_client.post("/admin/segments/new", data={**form, "action": "save"},
+                            follow_redirects=False)
+    assert saved.status_code == 303
+    with sessions() as s:
+        assert [g.slug for g in segment_ops.listing(s, ADMIN)] == ["kent-police"]

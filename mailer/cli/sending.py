@@ -44,9 +44,10 @@ def send(ctx: typer.Context,
                 table.add_row(value, str(n))
             console.print(table)
         eta = outbox.eta_text(rt.settings, total)
-        named = f"segment '{escape(found.segment)}': " if found.segment else ""
-        console.print(f"audience: {named}{escape(outbox.audience_fields(found).words())}; "
-                      f"topic {escape(found.topic)}; {total} reader(s) now")
+        shown = edition_ops.audience(session, rt.caller, found.id)
+        named = f"segment '{escape(shown.segment)}': " if shown.segment else ""
+        console.print(f"audience: {named}{escape(shown.words)}; topic {escape(shown.topic)}; "
+                      f"{shown.count} reader(s) now")
         console.print(f"edition '{escape(found.slug)}' ({found.status}): "
                       f"{total} recipient(s) in its audience; {eta}")
         if not confirm:

@@ -74,6 +74,23 @@ def preview(session: Session, caller: Caller, settings: Settings, ident: int | s
 
 
 @dataclass(frozen=True)
+class AudienceShown:
+    """Who a send of the edition reaches, as the approver and the dry run see it: the saved
+    segment it was stored from (if any), its fields in words, its topic and the count now."""
+
+    segment: str | None
+    words: str
+    topic: str
+    count: int
+
+
+def audience(session: Session, caller: Caller, ident: int | str) -> AudienceShown:
+    edition = get(session, caller, ident)
+    return AudienceShown(edition.segment, outbox.audience_fields(edition).words(),
+                         edition.topic, outbox.audience_count(session, edition))
+
+
+@dataclass(frozen=True)
 class Changes:
     """What changed in an edition since the text last approved (or put forward)."""
 

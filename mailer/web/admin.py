@@ -59,9 +59,11 @@ from mailer.operations import editions as edition_ops
 from mailer.operations import events as event_ops
 from mailer.operations import media as media_ops
 from mailer.operations import retention as retention_ops
+from mailer.operations import segments as segment_ops
 from mailer.operations import subscribers as subscriber_ops
 from mailer.operations import users as user_ops
 from mailer.outbox import ApprovalRefused
+from mailer.segments import AudienceFields
 from mailer.web import runtime
 from mailer.web.runtime import client_ip
 from mailer.web.security import CONSOLE_MAX_BODY, network_of
@@ -1310,6 +1312,7 @@ async def _edition_page(request: Request, caller: Caller, eid: int, status: int 
         e = seen.edition
         return {"e": e, "text": seen.text, "warnings": seen.warnings,
                 "audience": seen.audience, "progress": outbox.progress(session, e),
+                "reach": edition_ops.audience(session, caller, eid),
                 "covers": caller.actor.covers(e.regions),
                 "may_approve": outbox.second_pair_of_eyes(e, caller.actor.login),
                 "colleagues": (user_ops.colleagues(session, caller)
@@ -1691,6 +1694,117 @@ async def event_remove(request: Request, event_id: int) -> Response:
                                "event")
     return _see_other(request, "/admin/events",
                       f"Event '{name}' removed, with {dropped} planned reminder(s).")
+
+
+# ---------------------------------------------------------------- saved segments
+
+SEGMENT_LISTS = ("regions", "roles", "organisation_types", "topics")
+
+
+def _segment_choices(request: Request, session: Session) -> list[tuple[str, str, Any]]:
+    rules = runtime.web(request).rules
+    return [("regions", "Regions", list(rules.regions.items())),
+            ("roles", "Roles", list(rules.roles.items())),
+            ("organisation_types", "Organisation types", list(rules.organisation_types.items())),
+            ("topics", "Also subscribed to one of these topics",
+             [(t.slug, t.name) for t in store.list_topics(session)])]
+
+
+def _segment_fields(values: dict[str, Any]) -> AudienceFields:
+    return AudienceFields(*(list(values[name]) for name in SEGMENT_LISTS))
+
+
+async def _segments_page(request: Request, caller: Caller, status: int = 200, *,
+                         values: dict[str, Any] | None = None,
+                         problems: list[str] | None = None, editing: str | None = None,
+                         count: int | None = None) -> HTMLResponse:
+    """The list with each segment's live count, and the form; `count` is the form's own
+    live count (the "Count readers" button, or the segment being edited)."""
+    def view(session: Session) -> dict[str, Any]:
+        rows = [segment_ops.counted(session, caller, g.slug)
+                for g in segment_ops.listing(session, caller)]
+        return {"rows": rows, "choices": _segment_choices(request, session)}
+    shown = await _run(request, view, "segment")
+    values = values or {"slug": "", "name": "", "description": "",
+                        **{name: [] for name in SEGMENT_LISTS}}
+    title = "Change a segment" if editing else "Saved segments"
+    return _page(request, caller.actor, "segments.html.j2", status, title=title, **shown,
+                 values=values, problems=problems or [], editing=editing, count=count,
+                 words=_segment_fields(values).words(), notice=_notice(request))
+
+
+@router.get("/segments")
+async def segments_page(request: Request) -> HTMLResponse:
+    caller = await _signed_in(request, Permission.VIEW)
+    return await _segments_page(request, caller)
+
+
+@router.get("/segments/{slug}")
+async def segment_page(request: Request, slug: str) -> HTMLResponse:
+    caller = await _signed_in(request, Permission.EDITIONS_EDIT)
+    shown = await _run(request, lambda s: segment_ops.counted(s, caller, slug), "segment")
+    g = shown.segment
+    values = {"slug": g.slug, "name": g.name, "description": g.description,
+              **{name: list(getattr(shown.fields, name)) for name in SEGMENT_LISTS}}
+    return await _segments_page(request, caller, values=values, editing=g.slug,
+                                count=shown.count)
+
+
+async def _segment_change(request: Request, editing: str | None) -> Response:
+    """Count (the form again with its live count, nothing stored) or save; a refusal shows
+    the form again with what was chosen and the problem."""
+    caller = await _signed_in(request, Permission.EDITIONS_EDIT)
+    form = await _form(request)
+    values: dict[str, Any] = {name: _text(form, name, 2000)
+                              for name in ("slug", "name", "description")}
+    for name in SEGMENT_LISTS:
+        values[name] = [v.strip()[:60] for v in form.getlist(name) if isinstance(v, str)]
+    if editing:
+        values["slug"] = editing
+    settings = console(request).settings
+    fields = _segment_fields(values)
+    counting = _text(form, "action", 10) == "count"
+
+    def work(session: Session) -> int | str:
+        if counting:
+            return segment_ops.count_fields(session, caller, settings, fields)
+        if editing:
+            return segment_ops.edit(session, caller, settings, editing, name=values["name"],
+                                    description=values["description"], fields=fields).name
+        return segment_ops.add(session, caller, settings, slug=values["slug"],
+                               name=values["name"], description=values["description"],
+                               fields=fields).name
+
+    try:
+        done = await runtime.web(request).run(work)
+    except (NotAllowed, NotFound) as exc:
+        raise _refusal(exc, "segment") from None
+    except (MailerError, SubscriberError) as exc:
+        return await _segments_page(request, caller, 400, values=values,
+                                    problems=_problems(exc), editing=editing)
+    if isinstance(done, int):
+        return await _segments_page(request, caller, values=values, editing=editing,
+                                    count=done)
+    return _see_other(request, "/admin/segments",
+                      f"Segment '{done}' {'changed' if editing else 'added'}.")
+
+
+@router.post("/segments/new")
+async def segment_add(request: Request) -> Response:
+    return await _segment_change(request, None)
+
+
+@router.post("/segments/{slug}")
+async def segment_edit(request: Request, slug: str) -> Response:
+    return await _segment_change(request, slug)
+
+
+@router.post("/segments/{slug}/remove")
+async def segment_remove(request: Request, slug: str) -> Response:
+    caller = await _signed_in(request, Permission.EDITIONS_EDIT)
+    await _form(request)
+    await _run(request, lambda s: segment_ops.remove(s, caller, slug), "segment")
+    return _see_other(request, "/admin/segments", f"Segment '{slug}' removed.")
 
 
 # ---------------------------------------------------------------- audit

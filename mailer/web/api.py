@@ -48,8 +48,10 @@ from mailer.operations import alerts as alert_ops
 from mailer.operations import audit_log as audit_ops
 from mailer.operations import editions as edition_ops
 from mailer.operations import events as event_ops
+from mailer.operations import segments as segment_ops
 from mailer.operations import subscribers as subscriber_ops
 from mailer.operations import users as user_ops
+from mailer.segments import AudienceFields
 from mailer.web import runtime
 from mailer.web.runtime import client_ip
 from subscribers import importer, store
@@ -227,6 +229,8 @@ class EventOut(BaseModel):
     link: str | None
     topic: str
     weekend: str
+    segment: str | None = None
+    regions: list[str] = Field([], description="Its reminders' regions (none: every region)")
 
 
 class EventIn(BaseModel):
@@ -244,13 +248,64 @@ class EventIn(BaseModel):
     link: Annotated[str | None, Field(max_length=500)] = None
     topic: Annotated[str, Field(min_length=1, max_length=40)] = "reminders"
     weekend: Literal["friday", "as_scheduled"] = "friday"
+    segment: SegmentSlug | None = Field(None, description="A saved segment's slug, or:")
+    audience: AudienceIn | None = Field(None, description="Who its reminders reach (none: "
+                                                          "everyone on its topic)")
 
     def spec(self) -> events.EventSpec:
         return events.EventSpec(name=self.name, starts_on=self.starts_on, ends_on=self.ends_on,
                                 yearly=self.yearly, offsets=list(self.offsets),
                                 send_time=self.send_time, reminder_text=self.reminder_text,
                                 description=self.description, link=self.link,
-                                topic=self.topic, weekend=self.weekend)
+                                topic=self.topic, weekend=self.weekend, segment=self.segment,
+                                audience=self.audience.fields() if self.audience
+                                else AudienceFields())
+
+
+VocabList = Annotated[list[Annotated[str, Field(min_length=1, max_length=60)]],
+                      Field(max_length=50)]
+SegmentSlug = Annotated[str, Field(min_length=1, max_length=60, pattern=r"^[a-z0-9][a-z0-9-]*$")]
+
+
+class AudienceIn(BaseModel):
+    """An audience as lists; an empty list means every value."""
+
+    regions: VocabList = []
+    roles: VocabList = []
+    organisation_types: VocabList = []
+    topics: VocabList = Field([], description="Readers must also be on one of these topics")
+
+    def fields(self) -> AudienceFields:
+        return AudienceFields(list(self.regions), list(self.roles),
+                              list(self.organisation_types), list(self.topics))
+
+
+class SegmentChange(AudienceIn):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    description: Annotated[str, Field(max_length=2000)] = ""
+
+
+class SegmentIn(SegmentChange):
+    slug: SegmentSlug
+
+
+class SegmentOut(BaseModel):
+    slug: str
+    name: str
+    description: str
+    regions: list[str]
+    roles: list[str]
+    organisation_types: list[str]
+    topics: list[str]
+    audience: str = Field(description="The audience in words")
+    count: int = Field(description="Active readers it reaches now, on any topic")
+
+
+class EditionAudienceOut(BaseModel):
+    segment: str | None
+    audience: str = Field(description="The audience in words")
+    topic: str
+    count: int = Field(description="Readers a send would queue now")
 
 
 class ReminderOut(BaseModel):
@@ -447,7 +502,8 @@ def _event_out(e: events.Event, today: dt.date) -> EventOut:
                     next_date=events.next_occurrence(e, today), yearly=e.yearly,
                     offsets=list(e.offsets or ()), send_time=e.send_time,
                     reminder_text=e.reminder_text, description=e.description, link=e.link,
-                    topic=e.topic, weekend=e.weekend)
+                    topic=e.topic, weekend=e.weekend, segment=e.segment,
+                    regions=list(e.regions or ()))
 
 
 def _subscriber_out(s: Any, topics: list[str]) -> SubscriberOut:
@@ -688,6 +744,64 @@ def _routes(api: FastAPI) -> None:
         queued = await _run(request, lambda s: edition_ops.send_to_new(s, caller, eid))
         return Done(changed=queued > 0, detail=f"{queued} queued")
 
+    @api.get("/editions/{eid}/audience", response_model=EditionAudienceOut)
+    async def edition_audience(request: Request, eid: Id, caller: Caller = viewer
+                               ) -> EditionAudienceOut:
+        """Who a send would reach: its segment, the audience in words and the count now."""
+        def work(session: Session) -> EditionAudienceOut:
+            shown = edition_ops.audience(session, caller, eid)
+            return EditionAudienceOut(segment=shown.segment, audience=shown.words,
+                                      topic=shown.topic, count=shown.count)
+        return await _run(request, work)
+
+    def _segment_out(shown: segment_ops.Counted) -> SegmentOut:
+        g = shown.segment
+        return SegmentOut(slug=g.slug, name=g.name, description=g.description,
+                          regions=list(g.regions), roles=list(g.roles),
+                          organisation_types=list(g.organisation_types), topics=list(g.topics),
+                          audience=shown.fields.words(), count=shown.count)
+
+    @api.get("/segments", response_model=list[SegmentOut])
+    async def segment_list(request: Request, caller: Caller = viewer) -> list[SegmentOut]:
+        """The saved segments this token's regions can see, each with its live count."""
+        return await _run(request, lambda s: [
+            _segment_out(segment_ops.counted(s, caller, g.slug))
+            for g in segment_ops.listing(s, caller)])
+
+    @api.get("/segments/{slug}", response_model=SegmentOut)
+    async def segment_get(request: Request, slug: SegmentSlug, caller: Caller = viewer
+                          ) -> SegmentOut:
+        return await _run(request, lambda s: _segment_out(segment_ops.counted(s, caller, slug)))
+
+    @api.post("/segments", response_model=SegmentOut, status_code=201)
+    async def segment_add(request: Request, data: SegmentIn, caller: Caller = Depends(
+            _needs(Permission.EDITIONS_EDIT))) -> SegmentOut:
+        """Save a segment; it may reach only regions this token's account covers."""
+        def work(session: Session) -> SegmentOut:
+            made = segment_ops.add(session, caller, settings, slug=data.slug, name=data.name,
+                                   description=data.description, fields=data.fields())
+            return _segment_out(segment_ops.counted(session, caller, made.slug))
+        return await _run(request, work)
+
+    @api.put("/segments/{slug}", response_model=SegmentOut)
+    async def segment_edit(request: Request, slug: SegmentSlug, data: SegmentChange,
+                           caller: Caller = Depends(_needs(Permission.EDITIONS_EDIT))
+                           ) -> SegmentOut:
+        """Change a segment. Editions and events already saved keep their audience."""
+        def work(session: Session) -> SegmentOut:
+            segment_ops.edit(session, caller, settings, slug, name=data.name,
+                             description=data.description, fields=data.fields())
+            return _segment_out(segment_ops.counted(session, caller, slug))
+        return await _run(request, work)
+
+    @api.delete("/segments/{slug}", response_model=Done)
+    async def segment_remove(request: Request, slug: SegmentSlug, caller: Caller = Depends(
+            _needs(Permission.EDITIONS_EDIT))) -> Done:
+        def work(session: Session) -> Done:
+            segment_ops.remove(session, caller, slug)
+            return Done(changed=True, detail=f"removed segment '{slug}'")
+        return await _run(request, work)
+
     @api.get("/editions/{eid}/progress", response_model=ProgressOut)
     async def edition_progress(request: Request, eid: Id, caller: Caller = viewer
                                ) -> ProgressOut:
@@ -758,7 +872,7 @@ def _routes(api: FastAPI) -> None:
             _needs(Permission.EDITIONS_SEND))) -> EventOut:
         """Add a date of interest; its reminders are planned at once."""
         return await _run(request, lambda s: _event_out(
-            event_ops.add(s, caller, data.spec()), today_uk()))
+            event_ops.add(s, caller, data.spec(), settings), today_uk()))
 
     @api.put("/events/{event_id}", response_model=EventOut)
     async def event_update(request: Request, event_id: Id, data: EventIn,
@@ -766,7 +880,7 @@ def _routes(api: FastAPI) -> None:
                            ) -> EventOut:
         """Change an event (it keeps its slug); its unsent reminders are planned again."""
         return await _run(request, lambda s: _event_out(
-            event_ops.update(s, caller, event_id, data.spec()), today_uk()))
+            event_ops.update(s, caller, event_id, data.spec(), settings), today_uk()))
 
     @api.delete("/events/{event_id}", response_model=Done)
     async def event_remove(request: Request, event_id: Id, caller: Caller = Depends(
