@@ -376,3 +376,28 @@ def test_the_console_counts_before_saving_and_refuses_a_segment_beyond_ones_regi
     assert saved.status_code == 303
     with sessions() as s:
         assert [g.slug for g in segment_ops.listing(s, ADMIN)] == ["kent-police"]
+
+
+def test_an_event_added_in_the_console_takes_a_segment_and_refuses_an_unknown_one(
+        app_client: TestClient, engine, web_settings: Settings) -> None:
+    sessions = session_factory(engine)
+    _segments(sessions, web_settings)
+    make_user(engine, "ken", regions=("kent",))
+    assert login(app_client, "ken").status_code == 303
+    token = csrf_of(app_client.get("/admin/events").text)
+    form = {"csrf_token": token, "name": "Operation Aidant (Kent)", "date": "2027-06-01",
+            "offsets": "1", "at": "09:00", "topic": "reminders", "weekend": "friday"}
+    typo = app_client.post("/admin/events/new", data={**form, "segment": "kent-polise"})
+    assert typo.status_code == 400 and "unknown segment" in typo.text
+    assert "kent-police" in typo.text
+    essex = app_client.post("/admin/events/new", data={**form, "segment": "essex-analysts"})
+    assert essex.status_code == 400 and "outside your regions" in essex.text
+    added = app_client.post("/admin/events/new", data={**form, "segment": "kent-police"},
+                            follow_redirects=False)
+    assert added.status_code == 303
+    with sessions() as s:
+        # the migration's own dates of interest are there too
+        (event,) = s.scalars(select(Event).where(Event.segment.is_not(None))).all()
+        assert event.name == "Operation Aidant (Kent)"
+        assert (event.segment, event.regions, event.organisation_types) == (
+            "kent-police", ["kent"], ["police"])

@@ -1589,7 +1589,7 @@ async def bounce_alert_resolve(request: Request, aid: int) -> Response:
 # ---------------------------------------------------------------- events
 
 EVENT_FIELDS = ("name", "date", "until", "offsets", "at", "text", "description", "link",
-                "topic", "weekend")
+                "topic", "weekend", "segment")
 
 
 def _event_values(e: events.Event | None = None) -> dict[str, Any]:
@@ -1597,12 +1597,12 @@ def _event_values(e: events.Event | None = None) -> dict[str, Any]:
     if e is None:
         return {"name": "", "date": "", "until": "", "yearly": False, "offsets": "14, 1",
                 "at": events.DEFAULT_SEND_TIME, "text": "", "description": "", "link": "",
-                "topic": "reminders", "weekend": "friday"}
+                "topic": "reminders", "weekend": "friday", "segment": ""}
     return {"name": e.name, "date": e.starts_on.isoformat(),
             "until": e.ends_on.isoformat() if e.ends_on else "", "yearly": e.yearly,
             "offsets": ", ".join(str(o) for o in e.offsets or ()), "at": e.send_time,
             "text": e.reminder_text, "description": e.description, "link": e.link or "",
-            "topic": e.topic, "weekend": e.weekend}
+            "topic": e.topic, "weekend": e.weekend, "segment": e.segment or ""}
 
 
 def _event_spec(values: dict[str, Any]) -> events.EventSpec:
@@ -1614,7 +1614,7 @@ def _event_spec(values: dict[str, Any]) -> events.EventSpec:
         yearly=values["yearly"], offsets=events.parse_offsets(values["offsets"], "reminders"),
         send_time=values["at"], reminder_text=values["text"],
         description=values["description"], link=values["link"] or None,
-        topic=values["topic"], weekend=values["weekend"])
+        topic=values["topic"], weekend=values["weekend"], segment=values["segment"] or None)
 
 
 def _calendar(session: Session, zone: ZoneInfo) -> dict[str, Any]:
