@@ -401,3 +401,41 @@ def test_an_event_added_in_the_console_takes_a_segment_and_refuses_an_unknown_on
         assert event.name == "Operation Aidant (Kent)"
         assert (event.segment, event.regions, event.organisation_types) == (
             "kent-police", ["kent"], ["police"])
+
+
+def test_segments_over_the_api_with_scope_audit_and_an_event_audience(
+        app_client: TestClient, engine, web_settings: Settings) -> None:
+    from mailer import accounts, audit
+    sessions = session_factory(engine)
+    _readers(sessions, web_settings.rules())
+    make_user(engine, "ken", regions=("kent",))
+    with sessions() as s:
+        _row, token = accounts.create_token(s, accounts.get_user(s, "ken"), name="t")
+        s.commit()
+    api = {"Authorization": f"Bearer {token}"}
+    body = {"slug": "kent-police", "name": "Kent police", "regions": ["kent"],
+            "organisation_types": ["police"]}
+    made = app_client.post("/api/v1/segments", headers=api, json=body)
+    assert made.status_code == 201 and made.json()["count"] == 2, made.text
+    wide = app_client.post("/api/v1/segments", headers=api,
+                           json={**body, "slug": "wide", "regions": []})
+    assert wide.status_code == 403
+    typo = app_client.post("/api/v1/segments", headers=api,
+                           json={**body, "slug": "typo", "roles": ["analyts"]})
+    assert typo.status_code == 422 and "unknown role 'analyts'" in typo.text
+    changed = app_client.put("/api/v1/segments/kent-police", headers=api,
+                             json={**body, "roles": ["analyst"]})
+    assert changed.status_code == 200 and changed.json()["count"] == 1
+    event = app_client.post("/api/v1/events", headers=api, json={
+        "name": "Operation Aidant (Kent)", "starts_on": "2027-06-01", "segment": "kent-police"})
+    assert event.status_code == 201 and event.json()["regions"] == ["kent"], event.text
+    essex = app_client.post("/api/v1/events", headers=api, json={
+        "name": "Essex day", "starts_on": "2027-06-01", "audience": {"regions": ["essex"]}})
+    assert essex.status_code == 403
+    assert app_client.delete("/api/v1/segments/kent-police", headers=api).status_code == 200
+    assert app_client.get("/api/v1/segments", headers=api).json() == []
+    with sessions() as s:
+        actions = [e.action for e in s.scalars(select(audit.AuditEntry)
+                                               .order_by(audit.AuditEntry.id))]
+    assert [a for a in actions if a.startswith("segment.")] == [
+        "segment.add", "segment.edit", "segment.remove"]
