@@ -54,6 +54,8 @@ class EditionForm:
     regions: list[str] = field(default_factory=list)
     roles: list[str] = field(default_factory=list)
     organisation_types: list[str] = field(default_factory=list)
+    # No field on the form: kept as given, so a round trip through the editor loses nothing.
+    audience_topics: list[str] = field(default_factory=list)
     from_name: str = ""
     intro: str = ""
     sections: list[FormSection] = field(default_factory=list)
@@ -162,6 +164,7 @@ def from_source(source: str) -> EditionForm:
         preheader=_text(meta.get("preheader")), topic=_text(meta.get("topic")) or "newsletter",
         regions=_words(audience.get("regions")), roles=_words(audience.get("roles")),
         organisation_types=_words(audience.get("organisation_types")),
+        audience_topics=_words(audience.get("topics")),
         from_name=_text(meta.get("from_name")),
         extra={k: v for k, v in meta.items() if k not in _FRONT_KEYS})
     chunks = re.split(r"(?m)^(## .*)$", body)
@@ -247,6 +250,10 @@ def _front(form: EditionForm) -> dict[str, Any]:
     meta["audience"] = {"regions": list(form.regions), "roles": list(form.roles)}
     if form.organisation_types:
         meta["audience"]["organisation_types"] = list(form.organisation_types)
+    if form.audience_topics:
+        meta["audience"]["topics"] = list(form.audience_topics)
+    if "segment" in form.extra and not any(meta["audience"].values()):
+        del meta["audience"]  # a saved segment names the audience; both would be refused
     if form.from_name.strip():
         meta["from_name"] = form.from_name.strip()
     meta.update(form.extra)

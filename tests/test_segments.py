@@ -439,3 +439,15 @@ def test_segments_over_the_api_with_scope_audit_and_an_event_audience(
                                                .order_by(audit.AuditEntry.id))]
     assert [a for a in actions if a.startswith("segment.")] == [
         "segment.add", "segment.edit", "segment.remove"]
+
+
+@pytest.mark.parametrize("audience", ["segment: kent-police",
+                                      "audience:\n  regions: [kent]\n  topics: [reminders]"])
+def test_the_structured_editor_keeps_a_segment_or_audience_topics(audience: str) -> None:
+    from mailer.edition import parse_edition
+    from mailer.edition_form import from_source, to_source
+    source = (f"---\ntitle: T\nissue: 1\ndate: 2027-01-01\nsubject: S\ntopic: newsletter\n"
+              f"{audience}\n---\n\nHello.\n")
+    again = parse_edition(to_source(from_source(source)), "x.md").meta
+    before = parse_edition(source, "x.md").meta
+    assert (again.segment, again.audience) == (before.segment, before.audience)
