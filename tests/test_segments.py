@@ -451,3 +451,18 @@ def test_the_structured_editor_keeps_a_segment_or_audience_topics(audience: str)
     again = parse_edition(to_source(from_source(source)), "x.md").meta
     before = parse_edition(source, "x.md").meta
     assert (again.segment, again.audience) == (before.segment, before.audience)
+
+
+def test_events_add_on_the_command_line_takes_a_segment(
+        sessions: sessionmaker[Session], settings: Settings,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _segments(sessions, settings)
+    code, _, err = _mailer(capsys, "events", "add", "Aidant", "--date", "2027-06-01",
+                           "--segment", "nope")
+    assert code == 1 and "unknown segment 'nope'" in err and "kent-police" in err
+    code, _, _ = _mailer(capsys, "events", "add", "Aidant", "--date", "2027-06-01",
+                         "--segment", "kent-police")
+    assert code == 0
+    with sessions() as s:
+        event = s.scalar(select(Event).where(Event.slug == "aidant"))
+        assert event is not None and (event.segment, event.regions) == ("kent-police", ["kent"])

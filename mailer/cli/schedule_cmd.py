@@ -66,6 +66,8 @@ def events_add(
     weekend: str = typer.Option("friday",
                                 help="A reminder due on a weekend: 'friday' (before) or "
                                      "'as_scheduled'"),
+    segment: str | None = typer.Option(None, help="Only readers in this saved segment "
+                                                  "(`mailer segments list`)"),
 ) -> None:
     """Add a date of interest; its reminders are planned at once.
 
@@ -75,9 +77,10 @@ def events_add(
     spec = EventSpec(name=name, starts_on=_date(on, "--date"),
                      ends_on=_date(until, "--until") if until else None, yearly=yearly,
                      offsets=_offsets(offsets), send_time=at, reminder_text=text,
-                     description=description, link=link, topic=topic, weekend=weekend)
+                     description=description, link=link, topic=topic, weekend=weekend,
+                     segment=segment)
     with rt.session() as session:
-        event = event_ops.add(session, rt.caller, spec)
+        event = event_ops.add(session, rt.caller, spec, rt.settings)
         slug, planned = event.slug, len(events.reminders_for(session, event.id))
         upcoming = events.next_occurrence(event, schedule.utcnow().astimezone(
             schedule.LONDON).date())
