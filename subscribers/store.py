@@ -34,7 +34,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.sql.dml import ReturningUpdate
 
 from subscribers.db import changed_rows, utcnow
@@ -641,11 +641,15 @@ def departed_ids(session: Session, cutoff: datetime, limit: int) -> list[int]:
 # ---------------------------------------------------------------- segments and counts
 
 def _on_topics(topics: Sequence[str] | None) -> Any:
-    """Subscribed (actively) to one of these topics; to any topic when None."""
-    condition = exists().where(Subscription.subscriber_id == Subscriber.id,
-                               Subscription.status == SubscriptionStatus.ACTIVE)
+    """Subscribed (actively) to one of these topics; to any topic when None. EXISTS, not a
+    join, so that it can stand beside the send's own join on its topic."""
+    # Its own alias: the send's query joins `subscription` too, and an EXISTS naming that
+    # table would be correlated to the joined row instead of looking at all of them.
+    other = aliased(Subscription)
+    condition = exists().where(other.subscriber_id == Subscriber.id,
+                               other.status == SubscriptionStatus.ACTIVE)
     if topics is not None:
-        condition = condition.where(Subscription.topic_id.in_(
+        condition = condition.where(other.topic_id.in_(
             select(Topic.id).where(Topic.slug.in_(list(topics)))))
     return condition
 
@@ -658,13 +662,19 @@ def segment(topics: Sequence[str] | None, regions: Sequence[str] = (),
     topic), also on one of `also_topics` if given (a saved segment's topics), in the regions,
     roles and organisation types if given (empty: all), and not suppressed. A SELECT for the
     outbox's INSERT ... SELECT."""
-    query = (
-        select(Subscriber.id)
-        .where(_on_topics(topics),
-               Subscriber.status.in_(list(SENDABLE)),
-               not_paused(),
-               ~exists().where(Suppression.email_hmac == Subscriber.email_hmac))
-    )
+    query = select(Subscriber.id)
+    if topics is None:  # a saved segment's own count: on any topic
+        query = query.where(_on_topics(None))
+    else:
+        # A send's query, as it was before segments: the planner drives it from the topic's
+        # subscriptions.
+        query = (query.distinct()
+                 .join(Subscription, Subscription.subscriber_id == Subscriber.id)
+                 .join(Topic, Topic.id == Subscription.topic_id)
+                 .where(Topic.slug.in_(list(topics)),
+                        Subscription.status == SubscriptionStatus.ACTIVE))
+    query = query.where(Subscriber.status.in_(list(SENDABLE)), not_paused(),
+                        ~exists().where(Suppression.email_hmac == Subscriber.email_hmac))
     if also_topics:
         query = query.where(_on_topics(also_topics))
     if regions:
