@@ -466,3 +466,27 @@ def test_events_add_on_the_command_line_takes_a_segment(
     with sessions() as s:
         event = s.scalar(select(Event).where(Event.slug == "aidant"))
         assert event is not None and (event.segment, event.regions) == ("kent-police", ["kent"])
+
+
+def test_segments_from_the_command_line(
+        sessions: sessionmaker[Session], settings: Settings, rules: Rules, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _readers(sessions, rules)
+    code, out, _ = _mailer(capsys, "segments", "add", "kent-police", "Kent police",
+                           "--regions", "kent", "--organisation-types", "police")
+    assert code == 0 and "2 reader(s) now" in out
+    code, _, err = _mailer(capsys, "segments", "add", "bad", "Bad", "--regions", "kentt")
+    assert code == 1 and "unknown region 'kentt'" in err
+    code, out, _ = _mailer(capsys, "segments", "edit", "kent-police", "--roles", "analyst")
+    assert code == 0 and "1 reader(s) now" in out and "roles: analyst" in out
+    code, out, err = _mailer(capsys, "edition", "validate",
+                             str(_edition(tmp_path, "v", "segment: kent-polise")))
+    assert code != 0 and "unknown segment 'kent-polise'; known: kent-police" in out + err
+    code, out, _ = _mailer(capsys, "segments", "remove", "kent-police")
+    assert code == 0
+    code, out, _ = _mailer(capsys, "segments", "list")
+    assert code == 0 and "kent-police" not in out
+    with sessions() as s:
+        actions = [a for (a,) in s.execute(select(_audit_action()).order_by(_audit_id()))]
+    assert [a for a in actions if a.startswith("segment.")] == [
+        "segment.add", "segment.edit", "segment.remove"]
