@@ -548,7 +548,9 @@ async def dashboard(request: Request) -> HTMLResponse:
                 "reconfirm": subscriber_ops.reconfirmation(session, caller, c.settings),
                 "bounce_alerts": alert_ops.open_bounce_alerts(session, caller, every_region),
                 "told": alert_ops.coordinator_alerts(session, caller, now, ALERTS_SHOWN),
-                "charts": chart_ops.dashboard(session, caller, c.settings, now)}
+                "charts": chart_ops.dashboard(session, caller, c.settings, now),
+                # topics live in the database, not in the settings the labels come from
+                "topic_names": {t.slug: t.name for t in store.list_topics(session)}}
 
     view = await _run(request, work)
     return _page(request, caller.actor, "dashboard.html.j2", title="Dashboard", **view,
