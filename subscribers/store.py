@@ -848,13 +848,21 @@ def subject_access(session: Session, subscriber: Subscriber) -> dict[str, Any]:
         "profile": _profile_dict(subscriber),
         "subscriptions": [{"topic": t, "status": st, "since": _iso(c), "changed": _iso(u)}
                           for t, st, c, u in subscriptions],
-        "consent_history": [
-            {"at": _iso(e.occurred_at), "action": e.action, "channel": e.channel,
-             "topic": e.topic, "consent_version": e.consent_version,
-             "lawful_basis": e.lawful_basis, "ip": e.ip, "user_agent": e.user_agent,
-             "by": e.actor, "detail": e.detail}
-            for e in consent_history(session, subscriber.id)],
+        "consent_history": [_consent_entry(e) for e in consent_history(session, subscriber.id)],
     }
+
+
+def _consent_entry(event: ConsentEvent) -> dict[str, Any]:
+    """One step of the history as the person is shown it. Their own steps carry their own
+    address and browser; a co-ordinator's carry the co-ordinator's, which are not the reader's
+    to have (UK GDPR Art. 15(4): a copy must not affect the rights of others), so a
+    co-ordinator is named by role only. The audit log keeps who it was."""
+    own = event.actor is None
+    by = None if own else event.actor if event.channel == Channel.SYSTEM else "a co-ordinator"
+    return {"at": _iso(event.occurred_at), "action": event.action, "channel": event.channel,
+            "topic": event.topic, "consent_version": event.consent_version,
+            "lawful_basis": event.lawful_basis, "ip": event.ip if own else None,
+            "user_agent": event.user_agent if own else None, "by": by, "detail": event.detail}
 
 
 # ---------------------------------------------------------------- bulk import
