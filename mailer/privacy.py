@@ -16,10 +16,12 @@ from subscribers import store
 from subscribers.models import Subscriber
 
 
-def subject_access(session: Session, subscriber: Subscriber) -> dict[str, Any]:
+def subject_access(session: Session, subscriber: Subscriber, *,
+                   for_them: bool = False) -> dict[str, Any]:
     """Everything we hold on one person: profile, subscriptions, consent history, what we sent
-    them and what came back."""
-    export = store.subject_access(session, subscriber)
+    them and what came back. `for_them`: the copy they download themself, in which a
+    co-ordinator's steps name no co-ordinator."""
+    export = store.subject_access(session, subscriber, for_them=for_them)
     export["deliveries"] = outbox.deliveries_for(session, subscriber.id)
     export["bounces"] = [
         {"at": e.occurred_at.isoformat(), "kind": e.kind, "status": e.status,
