@@ -32,9 +32,16 @@ from mailer.outgoing import template_env, transactional
 from mailer.reference import message_id
 from mailer.replies import MARKER, ReaderReply
 from subscribers.db import session_factory
+from tests.test_admin_routes import app_client, login, make_user, people  # noqa: F401
 from tests.test_bounce_e2e import WAIT, ServeProcess, _Controller
 from tests.test_bounce_policy import dsn
 from tests.waiting import wait_for
+from tests.web_fixtures import (  # noqa: F401
+    fault_server,
+    make_fault_server,
+    sink,
+    web_settings,
+)
 
 CONTACT = "msht.coordinators@kent.police.uk"
 OURS = "msht-bulletin@news.example.org"
@@ -61,7 +68,7 @@ class Sink:
 
 
 @pytest.fixture
-def sink() -> Iterator[tuple[Sink, int]]:
+def contact_sink() -> Iterator[tuple[Sink, int]]:
     handler = Sink()
     controller = _Controller(handler, hostname="127.0.0.1", port=0)
     controller.start()
@@ -172,9 +179,9 @@ def _submit(port: int, raw: bytes, mail_from: str = READER) -> None:
 
 
 def test_a_readers_reply_reaches_the_contact_mailbox_intact_and_automatic_mail_does_not(
-        settings: Settings, sessions: sessionmaker[DbSession], sink: tuple[Sink, int],
+        settings: Settings, sessions: sessionmaker[DbSession], contact_sink: tuple[Sink, int],
         tmp_path: Path) -> None:
-    mailbox, smtp_port = sink
+    mailbox, smtp_port = contact_sink
     server = _serve(settings, tmp_path, smtp_port)
     try:
         reply = reply_bytes(settings)
@@ -228,8 +235,9 @@ def _free_port() -> int:
 
 
 def test_a_reply_waits_while_the_relay_is_down_and_is_forwarded_once_when_it_is_back(
-        settings: Settings, sessions: sessionmaker[DbSession], sink: tuple[Sink, int]) -> None:
-    mailbox, smtp_port = sink
+        settings: Settings, sessions: sessionmaker[DbSession],
+        contact_sink: tuple[Sink, int]) -> None:
+    mailbox, smtp_port = contact_sink
     down = _ours(settings, _free_port())
     with sessions() as s:
         outcome = _receive(s, down, reply_bytes(settings))
@@ -257,8 +265,9 @@ def test_a_reply_waits_while_the_relay_is_down_and_is_forwarded_once_when_it_is_
 
 
 def test_a_claimed_reply_is_not_sent_by_a_second_forwarder(
-        settings: Settings, sessions: sessionmaker[DbSession], sink: tuple[Sink, int]) -> None:
-    mailbox, smtp_port = sink
+        settings: Settings, sessions: sessionmaker[DbSession],
+        contact_sink: tuple[Sink, int]) -> None:
+    mailbox, smtp_port = contact_sink
     up = _ours(settings, smtp_port)
     with sessions() as s:
         _receive(s, up, reply_bytes(settings))
@@ -328,3 +337,49 @@ def test_transactional_mail_to_readers_carries_the_reply_to(settings: Settings) 
     assert reply_to(settings.model_copy(update={"reply_to": "replies@kent.police.uk"})) == (
         "replies@kent.police.uk")
     assert reply_to(settings) == settings.contact_address
+
+
+# ---------------------------------------------------------------- the console
+
+def _kept(engine, settings: Settings, sender: str, subscriber_id: int | None) -> None:
+    ref = (f"In-Reply-To: {message_id(settings.secret(), 7, subscriber_id, 'x.example')}\r\n"
+           if subscriber_id is not None else "")
+    raw = (f"From: {sender}\r\nSubject: Re: newsletter from {sender}\r\n{ref}\r\nThanks\r\n"
+           ).encode()
+    with session_factory(engine)() as s:
+        verdict = classify_inbound(raw, settings.secret())
+        assert verdict.kind is Kind.REPLY
+        replies.keep(s, InboundMessage(raw, "test"), verdict, now=NOW)
+        s.commit()
+
+
+def test_the_replies_page_lists_replies_to_coordinators_within_their_regions(
+        app_client, engine, web_settings: Settings) -> None:
+    make_user(engine, "kent", regions=("kent",))
+    make_user(engine, "root", role="admin", regions=())
+    make_user(engine, "vic", role="viewer")
+    kent_id, essex_id = people(engine, web_settings, [("k@kent.police.uk", "kent"),
+                                                       ("e@essex.police.uk", "essex")])
+    _kept(engine, web_settings, "k@kent.police.uk", kent_id)
+    _kept(engine, web_settings, "e@essex.police.uk", essex_id)
+    _kept(engine, web_settings, "stranger@essex.police.uk", None)
+
+    assert login(app_client, "vic").status_code == 303
+    assert app_client.get("/admin/replies").status_code == 403  # readers' words: no viewer
+    assert "/admin/replies" not in app_client.get("/admin").text
+
+    assert login(app_client, "kent").status_code == 303
+    assert 'href="http://testserver/admin/replies"' in app_client.get("/admin").text
+    page = app_client.get("/admin/replies")
+    assert page.status_code == 200
+    main = page.text.split('<main id="main"')[1]
+    assert "k@kent.police.uk" in main and "essex" not in main.lower()
+    assert "2 more from readers outside your regions" in main
+    assert "10 Mar 2026 09:30 GMT" in main  # UK time, as every console page shows it
+    assert "Waiting to be forwarded" in main
+
+    assert login(app_client, "root").status_code == 303
+    main = app_client.get("/admin/replies").text.split('<main id="main"')[1]
+    assert all(a in main for a in ("k@kent.police.uk", "e@essex.police.uk",
+                                   "stranger@essex.police.uk"))
+    assert "not shown" not in main
