@@ -320,7 +320,7 @@ def receive(session: Session, policy: BouncePolicy, message: InboundMessage, sec
         loop = (replies.loop_reason(raw, own_addresses) if own_addresses is not None
                 else "replies are not forwarded here")
         if loop is None:
-            reply, new = replies.keep(session, message, verdict, now=now)
+            reply, new = replies.keep(session, message, verdict, rules=rules, now=now)
             detail = f"a reader's reply from {reply.from_address}: kept, to be forwarded"
             log.info("inbound from %s: reply %s%s", message.origin, reply.id,
                      "" if new else " (already received)")

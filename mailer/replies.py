@@ -56,9 +56,11 @@ from mailer.config import Settings
 from mailer.inbound import InboundMessage
 from mailer.outgoing import send_now
 from mailer.smtp import Outcome
+from subscribers import store
 from subscribers.db import Base, UTCDateTime, changed_rows, session_scope, utcnow
 from subscribers.models import Subscriber, SubscriberStatus
 from subscribers.regions import Scope, within
+from subscribers.rules import Rules
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,10 @@ MARKER = "X-MSHT-Forwarded-Reply"
 #: How long a claim holds: longer than one SMTP transaction can take (`deliver_once`: 30 s).
 LEASE = timedelta(minutes=5)
 PER_PASS = 20
-#: After this many failed attempts a reply stays listed as not forwarded, and is tried no more.
-MAX_ATTEMPTS = 50
+#: How long a reply the relay refuses is tried again (on every pass of the receiver and the
+#: scheduler), as alerts are (`alerts.MAIL_FOR`): a relay down over a long weekend included.
+#: After that it stays listed, marked as not forwarded.
+FORWARD_FOR = timedelta(days=7)
 
 
 class ReaderReply(Base):
@@ -123,8 +127,13 @@ def loop_reason(raw: bytes, own: frozenset[str]) -> str | None:
 
 
 def keep(session: Session, message: InboundMessage, verdict: Verdict, *,
-         now: datetime | None = None) -> tuple[ReaderReply, bool]:
-    """Record a reply once; returns it and whether it was new. The caller commits."""
+         rules: Rules | None = None, now: datetime | None = None) -> tuple[ReaderReply, bool]:
+    """Record a reply once; returns it and whether it was new. The caller commits.
+
+    The reader is the one our signed reference names (the reply's In-Reply-To), else, with
+    `rules`, the subscriber whose address wrote it: only to place the reply in a region for
+    the console, so a forged From costs nothing (the forward goes to the contact address
+    whoever it names)."""
     raw = bytes(message.raw or b"")
     digest = hashlib.sha256(raw).hexdigest()
     existing = session.scalar(select(ReaderReply).where(ReaderReply.sha256 == digest))
@@ -133,12 +142,19 @@ def keep(session: Session, message: InboundMessage, verdict: Verdict, *,
     msg = _parse(raw)
     name, address = parseaddr(_decoded(msg, "From"))
     ref = verdict.reference
+    subscriber_id = ref.subscriber_id if ref else None
+    if subscriber_id is None and rules is not None and address:
+        try:
+            reader = store.find_by_email(session, rules, address)
+        except Exception:  # an address our rules refuse is no reader of ours
+            reader = None
+        subscriber_id = reader.id if reader is not None else None
     reply = ReaderReply(
         received_at=now or utcnow(), sha256=digest, origin=message.origin[:300],
         from_address=address[:320], from_name=_plain(name, 200) or None,
         subject=_plain(verdict.subject or "", 300) or None,
         edition_id=ref.edition_id if ref else None,
-        subscriber_id=ref.subscriber_id if ref else None, size=len(raw), raw=raw)
+        subscriber_id=subscriber_id, size=len(raw), raw=raw)
     try:
         with session.begin_nested():
             session.add(reply)
@@ -180,7 +196,7 @@ def forward_pending(sessions: sessionmaker[Session], settings: Settings,
     done = 0
     with session_scope(sessions) as session:
         ids = session.scalars(select(ReaderReply.id).where(
-            ReaderReply.forwarded_at.is_(None), ReaderReply.attempts < MAX_ATTEMPTS,
+            ReaderReply.forwarded_at.is_(None), ReaderReply.received_at >= now - FORWARD_FOR,
             or_(ReaderReply.claimed_until.is_(None), ReaderReply.claimed_until < now))
             .order_by(ReaderReply.id).limit(PER_PASS)).all()
     for reply_id in ids:
@@ -250,19 +266,20 @@ def forward_message(settings: Settings, to: str, reply: _Claimed, now: datetime)
     boundary = f"==_{secrets.token_hex(12)}_=="
     while boundary.encode() in raw:  # astronomically unlikely; cheap to rule out
         boundary = f"==_{secrets.token_hex(12)}_=="
-    headers = [
+    head = "".join(POLICY.header_factory(n, v).fold(policy=POLICY) for n, v in [
         ("From", str(Address(settings.from_name, addr_spec=settings.from_address))),
-        ("To", to),
+        ("To", to)])
+    # An address we cannot write as ASCII (SMTPUTF8) goes without a Reply-To, rather than
+    # the reply never being forwarded: the note still names it.
+    with contextlib.suppress(Exception):
+        head += POLICY.header_factory(
+            "Reply-To", str(Address(addr_spec=reply.from_address))).fold(policy=POLICY)
+    head += "".join(POLICY.header_factory(n, v).fold(policy=POLICY) for n, v in [
         ("Subject", _plain(f"Reply from {who}: {reply.subject or '(no subject)'}", 200)),
         ("Date", format_datetime(now)),
         ("Message-ID", make_msgid(domain=domain)),
         ("Auto-Submitted", "auto-forwarded"),
-        (MARKER, f"{reply.id}"),
-    ]
-    # An address Python cannot write goes without a Reply-To: the note still names it.
-    with contextlib.suppress(ValueError, IndexError):
-        headers.insert(2, ("Reply-To", str(Address(addr_spec=reply.from_address))))
-    head = "".join(POLICY.header_factory(n, v).fold(policy=POLICY) for n, v in headers)
+        (MARKER, f"{reply.id}")])
     cte = "7bit" if raw.isascii() else "8bit"
     if any(len(line) > 998 for line in raw.split(b"\r\n")):
         cte = "binary"  # RFC 2046 §5.2.1 allows no other encoding for message/rfc822
@@ -311,6 +328,7 @@ class Row:
     forwarded_at: datetime | None
     attempts: int
     last_error: str | None
+    given_up: bool  # not forwarded, and no longer tried (`FORWARD_FOR`)
 
 
 def _in_scope(scope: Scope, everywhere: bool) -> ColumnElement[bool]:
@@ -321,7 +339,7 @@ def _in_scope(scope: Scope, everywhere: bool) -> ColumnElement[bool]:
 
 
 def recent(session: Session, limit: int = 100, *, scope: Scope = None,
-           everywhere: bool = True) -> tuple[list[Row], int]:
+           everywhere: bool = True, now: datetime | None = None) -> tuple[list[Row], int]:
     """The newest replies within a region scope, newest first, and how many lie outside it."""
     joined = select(ReaderReply).outerjoin(
         Subscriber, Subscriber.id == ReaderReply.subscriber_id)
@@ -335,8 +353,10 @@ def recent(session: Session, limit: int = 100, *, scope: Scope = None,
         hidden = ((session.scalar(counted) or 0)
                   - (session.scalar(counted.where(condition)) or 0))
     rows = session.scalars(shown.order_by(ReaderReply.id.desc()).limit(limit)).all()
+    give_up = (now or utcnow()) - FORWARD_FOR
     return [Row(r.id, r.received_at, r.from_address, r.from_name, r.subject, r.edition_id,
-                r.size, r.forwarded_at, r.attempts, r.last_error) for r in rows], hidden
+                r.size, r.forwarded_at, r.attempts, r.last_error,
+                r.forwarded_at is None and r.received_at < give_up) for r in rows], hidden
 
 
 # ---------------------------------------------------------------- retention
