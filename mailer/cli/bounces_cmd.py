@@ -4,7 +4,9 @@
 message is kept and the policy applied (`mailer.bounce_policy`). `parse` only shows what a saved
 message is and records nothing; `list` shows alerts and recent messages, `resolve` closes an
 alert, `purge` applies the retention periods (which `serve` also does hourly, and `fetch` after
-each read, so raw messages do not outlive them where nobody set up a cron job).
+each read, so raw messages do not outlive them where nobody set up a cron job). A reader's
+reply is kept and forwarded to the contact address (`mailer.replies`): at once, and again on
+each settle pass while the relay refuses it.
 """
 
 from __future__ import annotations
