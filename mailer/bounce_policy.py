@@ -15,6 +15,8 @@ about one of our deliveries, turned into a `BounceEvent` on that delivery. The p
 * a 5.7.x policy rejection changes nobody and raises a `policy` alert: standards §4.1, it
   usually means our own authentication (SPF/DKIM/DMARC) is broken;
 * auto-replies and unknown messages are kept and logged, and change nothing;
+* a reader's reply (a person wrote back) is not filed here: `mailer.replies` keeps it and
+  forwards it to the contact address, when the caller passes our own addresses;
 * when more than half of one send's recipients at a domain bounce, the bounces are held and a
   `domain` alert is raised instead: a force's mail system being down is not a reason to drop
   the force. A co-ordinator looks (`mailer bounces list`) and resolves it (`mailer bounces
