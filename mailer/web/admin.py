@@ -58,6 +58,7 @@ from mailer.operations import charts as chart_ops
 from mailer.operations import editions as edition_ops
 from mailer.operations import events as event_ops
 from mailer.operations import media as media_ops
+from mailer.operations import replies as reply_ops
 from mailer.operations import retention as retention_ops
 from mailer.operations import subscribers as subscriber_ops
 from mailer.operations import users as user_ops
@@ -1541,6 +1542,17 @@ async def bounces_page(request: Request) -> HTMLResponse:
     view = await _run(request, work)
     return _page(request, caller.actor, "bounces.html.j2", title="Bounces and complaints",
                  **view, notice=_notice(request), back="/admin/bounces")
+
+
+@router.get("/replies")
+async def replies_page(request: Request) -> HTMLResponse:
+    caller = await _signed_in(request, Permission.REPLIES_VIEW)
+    every_region = _every_region(request)
+    rows, hidden = await _run(
+        request, lambda s: reply_ops.recent_replies(s, caller, every_region))
+    days = console(request).settings.reader_reply_retention_days
+    return _page(request, caller.actor, "replies.html.j2", title="Replies from readers",
+                 rows=rows, hidden=hidden, days=days)
 
 
 @router.post("/bounces/alerts/{aid}/resolve")
