@@ -77,6 +77,8 @@ class Permission(StrEnum):
     AUDIT_VIEW = "audit.view"
     USERS_MANAGE = "users.manage"
     PRIVACY_REPORT = "privacy.report"
+    # Readers' replies are their own words, not figures: co-ordinators and admins, no viewer.
+    REPLIES_VIEW = "replies.view"
 
 
 # The privacy report counts every region's records at once, so it is not a region-scoped

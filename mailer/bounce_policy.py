@@ -15,6 +15,8 @@ about one of our deliveries, turned into a `BounceEvent` on that delivery. The p
 * a 5.7.x policy rejection changes nobody and raises a `policy` alert: standards §4.1, it
   usually means our own authentication (SPF/DKIM/DMARC) is broken;
 * auto-replies and unknown messages are kept and logged, and change nothing;
+* a reader's reply (a person wrote back) is not filed here: `mailer.replies` keeps it and
+  forwards it to the contact address, when the caller passes our own addresses;
 * when more than half of one send's recipients at a domain bounce, the bounces are held and a
   `domain` alert is raised instead: a force's mail system being down is not a reason to drop
   the force. A co-ordinator looks (`mailer bounces list`) and resolves it (`mailer bounces
@@ -31,6 +33,7 @@ session first and never commit.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -63,7 +66,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
-from mailer import alerts, outbox
+from mailer import alerts, outbox, replies
 from mailer.bounces import DeliveryRef, Failure, Kind, Verdict, classify_inbound
 from mailer.config import Settings
 from mailer.errors import ConfigError, MailerError
@@ -90,6 +93,9 @@ class Decision(StrEnum):
     HELD = "held"  # part of a domain alert: nobody changed until a co-ordinator resolves it
     NOT_COUNTED = "not_counted"  # a delay notice, a policy rejection, a second one that day...
     IGNORED = "ignored"  # an auto-reply
+    # A reader's reply, kept and forwarded by `mailer.replies`; an Outcome only, never an
+    # inbound_message row (the reply has its own table).
+    REPLY = "reply"
     UNKNOWN = "unknown"  # not a bounce, complaint or auto-reply we can read: kept for review
     UNMATCHED = "unmatched"  # a bounce we cannot tie to one of our deliveries
     ERROR = "error"  # could not be processed; kept with the reason
@@ -287,13 +293,18 @@ class Outcome:
 
 def receive(session: Session, policy: BouncePolicy, message: InboundMessage, secret: bytes, *,
             rules: Rules | None = None, now: datetime | None = None,
-            token_keys: Sequence[bytes] = ()) -> Outcome:
+            token_keys: Sequence[bytes] = (),
+            own_addresses: frozenset[str] | None = None) -> Outcome:
     """Classify, keep and act on one inbound message. Never raises for bad input: a message that
     cannot be processed is kept with decision `error` and the reason. Database failures do
     raise, so the receiver answers 451 and the MTA keeps the bounce.
 
     `token_keys` (the settings' `token_keys()`) read the unsubscribe token of a returned
     original when no delivery reference survived; `secret` alone is tried without them.
+
+    `own_addresses` (`replies.own_addresses`) turns on keeping readers' replies for
+    forwarding (`mailer.replies`); without it, or for a reply that would loop, a reply is
+    filed as unknown, as everything else that is not a bounce.
     """
     now = now or utcnow()
     raw = bytes(message.raw or b"")
@@ -305,7 +316,19 @@ def receive(session: Session, policy: BouncePolicy, message: InboundMessage, sec
         kept = Verdict(Kind(existing.kind), existing.reason, detector=existing.detector)
         return Outcome(existing.id, kept, Decision(existing.decision),
                        existing.decision_detail or "", duplicate=True)
-    verdict = classify_inbound(raw, secret, message.rcpt_tos, token_keys=token_keys)
+    verdict = classify_inbound(raw, secret, message.rcpt_tos, token_keys=token_keys,
+                               envelope_sender=message.mail_from)
+    if verdict.kind is Kind.REPLY:
+        loop = (replies.loop_reason(raw, own_addresses) if own_addresses is not None
+                else "replies are not forwarded here")
+        if loop is None:
+            reply, new = replies.keep(session, message, verdict, rules=rules, now=now)
+            detail = f"a reader's reply from {reply.from_address}: kept, to be forwarded"
+            log.info("inbound from %s: reply %s%s", message.origin, reply.id,
+                     "" if new else " (already received)")
+            return Outcome(reply.id, verdict, Decision.REPLY, detail, duplicate=not new)
+        verdict = dataclasses.replace(verdict, kind=Kind.UNKNOWN,
+                                      reason=f"a reply, not forwarded: {loop}")
     ref = verdict.reference
     # A message that failed before is processed again when it comes again (the MTA's retry,
     # the next fetch), in its old row: once the fault is fixed it is acted on.

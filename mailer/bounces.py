@@ -12,7 +12,9 @@ The order matters and is deliberate:
 3. RFC 3464 DSNs, read here, because flufl.bounce reads `Action:` and ignores `Status:`, and
    skips non-ASCII recipients;
 4. flufl.bounce's heuristics for the non-standard formats (qmail, Exim, Exchange, ...);
-5. otherwise unknown.
+5. a message from a person (a From address, and none of the signs of an automatic message,
+   `automatic_reason`) is a reply, which `mailer.replies` forwards to the contact address;
+6. otherwise unknown.
 
 Which delivery a message is about comes from our signed reference (`mailer.reference`), never
 from free text: the VERP envelope recipient first, then the original message's Message-ID as
@@ -54,6 +56,9 @@ class Kind(StrEnum):
     SOFT = "soft"
     COMPLAINT = "complaint"
     AUTO_REPLY = "auto_reply"
+    # A person wrote back (issue 15): `mailer.replies` forwards it. Never stored in
+    # inbound_message: a reply is kept in its own table, or filed there as unknown.
+    REPLY = "reply"
     UNKNOWN = "unknown"
 
 
@@ -169,6 +174,7 @@ def classify_inbound(
     *,
     max_bytes: int = MAX_PARSE_BYTES,
     token_keys: Sequence[bytes] = (),
+    envelope_sender: str | None = None,
 ) -> Verdict:
     """Classify one inbound message (as received: raw RFC 5322 bytes).
 
@@ -176,7 +182,8 @@ def classify_inbound(
     (LMTP/SMTP does; a mailbox may not); a VERP address there is the most trustworthy
     reference. `token_keys` verify the unsubscribe tokens of our links (the settings'
     `token_keys()`, oldest first); without them `secret` alone is tried. Never raises for bad
-    input: a message that cannot be read is `unknown` with the reason.
+    input: a message that cannot be read is `unknown` with the reason. `envelope_sender` is the
+    MAIL FROM when the transport knows it ("" for the null sender `<>`).
 
     >>> classify_inbound(b"Subject: hi\\r\\n\\r\\nhello", b"k" * 32).kind
     <Kind.UNKNOWN: 'unknown'>
@@ -189,7 +196,8 @@ def classify_inbound(
         raw = bytes(raw[:max_bytes])
     try:
         msg = email.message_from_bytes(bytes(raw), policy=policy.default)
-        return _classify(msg, secret, envelope_recipients, notes, token_keys or (secret,))
+        return _classify(msg, secret, envelope_recipients, notes, token_keys or (secret,),
+                         envelope_sender)
     except Exception as exc:  # a parser or detector bug must not lose the message upstream
         log.exception("could not classify an inbound message")
         return Verdict(Kind.UNKNOWN, f"could not be parsed ({type(exc).__name__}: {exc})",
@@ -208,7 +216,7 @@ class _Common(TypedDict):
 
 
 def _classify(msg: Message, secret: bytes, envelope: Sequence[str], notes: list[str],
-              token_keys: Sequence[bytes]) -> Verdict:
+              token_keys: Sequence[bytes], envelope_sender: str | None = None) -> Verdict:
     reference = find_reference(msg, secret, envelope, token_keys=token_keys)
     common: _Common = {
         "reference": reference,
@@ -234,7 +242,7 @@ def _classify(msg: Message, secret: bytes, envelope: Sequence[str], notes: list[
         if verdict is not None:
             return verdict
 
-    return _heuristic(msg, common)
+    return _heuristic(msg, common, envelope_sender)
 
 
 # ---- auto-replies ----
@@ -286,6 +294,58 @@ def _auto_reply_reason(msg: Message) -> str | None:
     if precedence in ("junk", "bulk") and suppress:
         # Exchange marks its automatic replies this way even when the subject is localised
         return "auto-reply (Precedence and X-Auto-Response-Suppress); ignored"
+    return None
+
+
+#: Subjects that only machines write. Wider than `_AUTO_SUBJECT` (which decides "auto-reply,
+#: ignored" for bounce accounting and must not swallow a person's mail): here a false match
+#: only means a reply is kept for review instead of forwarded.
+_MACHINE_SUBJECT = re.compile(r"^\s*(auto:|auto[- ]?reply|automatic reply|out of (the )?office"
+                              r"|ooo\b|autosvar|abwesend|absence)", re.IGNORECASE)
+_AUTOMATIC_PRECEDENCE = frozenset({"bulk", "junk", "list", "auto_reply"})
+
+
+def automatic_reason(msg: Message, envelope_sender: str | None = None) -> str | None:
+    """Why a message was written by a machine, not a person; None if nothing says so.
+
+    A person's reply is forwarded to the co-ordinators, so everything an autoresponder,
+    a mail system or a list server marks is left out: RFC 3834's `Auto-Submitted` (anything
+    but `no`), the older `X-Autoreply`/`X-Autorespond`/`X-Autoresponse`, `Precedence: bulk,
+    junk, list or auto_reply`, Exchange's `X-Auto-Response-Suppress` and
+    `X-MS-Exchange-Inbox-Rules-Loop` (an inbox rule sent it), a List-Id or List-Unsubscribe
+    (a list's copy), the null sender (`<>`, in the envelope or as Return-Path), a delivery
+    or feedback report, and the subjects of out-of-office replies in several languages.
+
+    >>> import email
+    >>> automatic_reason(email.message_from_string("From: a@b.uk\\nSubject: Re: news\\n\\nHi"))
+    >>> automatic_reason(email.message_from_string("From: a@b.uk\\nSubject: Automatic reply: "
+    ...                                            "news\\n\\nAway"))
+    "subject 'Automatic reply: news'"
+    """
+    if envelope_sender == "" or _header(msg, "Return-Path").strip() in ("<>", "< >"):
+        return "null sender"
+    if msg.get_content_type() == "multipart/report":
+        return "a delivery or feedback report"
+    submitted = _header(msg, "Auto-Submitted").split(";")[0].strip().lower()
+    if submitted and submitted != "no":
+        return f"Auto-Submitted: {submitted}"
+    for name in ("X-Autoreply", "X-Autorespond", "X-Autoresponse",
+                 "X-Auto-Response-Suppress", "X-MS-Exchange-Inbox-Rules-Loop", "List-Id",
+                 "List-Unsubscribe", "X-Failed-Recipients"):
+        if _header(msg, name):
+            return name
+    precedence = _header(msg, "Precedence").strip().lower()
+    if precedence in _AUTOMATIC_PRECEDENCE:
+        return f"Precedence: {precedence}"
+    subject = _header(msg, "Subject")
+    if _AUTO_SUBJECT.search(subject) or _MACHINE_SUBJECT.search(subject):
+        return f"subject {subject.strip()[:60]!r}"
+    sender = parseaddr(_header(msg, "From"))[1].lower()
+    if not sender or "@" not in sender:
+        return "no From address"
+    if sender.split("@")[0].startswith(_DAEMONS) or sender.split("@")[0] in (
+            "noreply", "no-reply", "donotreply", "do-not-reply"):
+        return f"from {sender}"
     return None
 
 
@@ -480,7 +540,7 @@ def _unescape_utf8_addr(text: str) -> str:
 
 # ---- everything else: flufl.bounce's heuristics ----
 
-def _heuristic(msg: Message, common: _Common) -> Verdict:
+def _heuristic(msg: Message, common: _Common, envelope_sender: str | None = None) -> Verdict:
     try:
         temporary, permanent = all_failures(msg)
     except Exception as exc:  # a detector tripping over odd input is "unknown", not a crash
@@ -507,6 +567,8 @@ def _heuristic(msg: Message, common: _Common) -> Verdict:
         if _looks_like_bounce(msg):
             return Verdict(Kind.UNKNOWN, "looks like a bounce but names no recipient",
                            detector="none", **common)
+        if automatic_reason(msg, envelope_sender) is None:
+            return Verdict(Kind.REPLY, "a reply from a person", **common)
         return Verdict(Kind.UNKNOWN, "not a bounce, complaint or auto-reply", **common)
     kind = Kind.HARD if any(f.kind is Kind.HARD for f in failures) else Kind.SOFT
     worst = next(f for f in failures if f.kind is kind)

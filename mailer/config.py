@@ -59,6 +59,13 @@ class Settings(BaseSettings):
     contact_address: str = Field("msht-bulletin@example.org",
                                  description="Where readers write to; shown in every footer")
     list_id: str = Field("msht-bulletin.example.org", description="The RFC 2919 List-Id")
+    # Named as a publication will carry it (issue 15): until publications exist, the one
+    # publication is these settings.
+    reply_to: str = Field("", description="The Reply-To of everything sent to readers; empty: "
+                                          "the contact address")
+    reader_reply_retention_days: int = Field(
+        90, ge=1, description="Days a reader's reply to the bounce address is kept (and "
+                              "listed on the console) after it was forwarded")
 
     allow_smtputf8: bool = Field(False, description="Accept non-ASCII local parts")
     check_deliverability: bool = Field(False, description="Look up MX records at sign-up")
@@ -285,6 +292,11 @@ class Settings(BaseSettings):
     @property
     def dkim_signing_domain(self) -> str:
         return (self.dkim_domain or self.from_address.rpartition("@")[2]).lower()
+
+    @property
+    def reply_address(self) -> str:
+        """Where a reader's reply goes: what a publication will supply, today the settings."""
+        return (self.reply_to or self.contact_address).strip()
 
     @property
     def backups(self) -> Path:

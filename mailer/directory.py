@@ -24,21 +24,19 @@ token, with `joserfc`, Authlib's own JOSE library, checking the signature). No d
 
 from __future__ import annotations
 
+import secrets
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
-from authlib.common.security import generate_token
-from authlib.integrations.httpx_client import OAuth2Client
-from authlib.oidc.core import CodeIDToken
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from joserfc import jwt
-from joserfc.errors import JoseError
-from joserfc.jwk import KeySet
-from joserfc.jws import JWSRegistry
 
 from mailer.config import DirectoryGrant, Settings
 from mailer.errors import MailerError
+
+if TYPE_CHECKING:
+    import httpx
+    from authlib.integrations.httpx_client import OAuth2Client
 
 CALLBACK_PATH = "/admin/login/directory/callback"
 SCOPE = "openid profile email"
@@ -110,7 +108,16 @@ def unseal(settings: Settings, value: str | None) -> Pending | None:
     return Pending(str(state), str(nonce), str(verifier), str(next_path))
 
 
+# Authlib, joserfc and httpx are imported at a sign-in, not with this module: the command line
+# imports it (through mailer.operations) and would otherwise load them, a tenth of a second,
+# for every command.
+
 def _client(settings: Settings, meta: dict[str, Any]) -> OAuth2Client:
+    with warnings.catch_warnings():
+        # Authlib 1.9 announces its move to httpx2 when this is imported; we pin authlib<2.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from authlib.integrations.httpx_client import OAuth2Client
+
     secret = settings.oidc_client_secret
     # HTTP Basic unless the provider says it takes the secret only in the form (both are
     # RFC 6749's; Entra ID takes either).
@@ -125,6 +132,8 @@ def _client(settings: Settings, meta: dict[str, Any]) -> OAuth2Client:
 
 
 def _get_json(client: httpx.Client, url: str, what: str) -> dict[str, Any]:
+    import httpx
+
     try:
         response = client.get(url)
         response.raise_for_status()
@@ -142,6 +151,8 @@ def _get_json(client: httpx.Client, url: str, what: str) -> dict[str, Any]:
 def discover(settings: Settings) -> dict[str, Any]:
     """The provider's metadata. Read at each sign-in (they are rare), so a change of keys or
     endpoints at the provider needs no restart here."""
+    import httpx
+
     issuer = settings.oidc_issuer.rstrip("/")
     with httpx.Client(timeout=TIMEOUT_SECONDS) as client:
         meta = _get_json(client, f"{issuer}/.well-known/openid-configuration", "configuration")
@@ -155,8 +166,9 @@ def discover(settings: Settings) -> dict[str, Any]:
 def start(settings: Settings, next_path: str) -> tuple[str, Pending]:
     """The provider's URL to send the browser to, and what to remember until it returns."""
     meta = discover(settings)
-    pending = Pending(state=generate_token(32), nonce=generate_token(32),
-                      verifier=generate_token(64), next_path=next_path)
+    # RFC 7636's verifier: 43 to 128 unreserved characters (token_urlsafe's are)
+    pending = Pending(state=secrets.token_urlsafe(24), nonce=secrets.token_urlsafe(24),
+                      verifier=secrets.token_urlsafe(48), next_path=next_path)
     with _client(settings, meta) as client:
         url, _ = client.create_authorization_url(
             meta["authorization_endpoint"], state=pending.state, nonce=pending.nonce,
@@ -190,6 +202,12 @@ def finish(settings: Settings, pending: Pending | None, params: dict[str, str]) 
 
 def _identity(settings: Settings, token: dict[str, Any], nonce: str,
               jwks: dict[str, Any]) -> Identity:
+    from authlib.oidc.core import CodeIDToken
+    from joserfc import jwt
+    from joserfc.errors import JoseError
+    from joserfc.jwk import KeySet
+    from joserfc.jws import JWSRegistry
+
     id_token = token.get("id_token")
     if not isinstance(id_token, str):
         raise DirectoryRefusal("the directory sent no ID token", "id_token")

@@ -25,6 +25,7 @@ def metadata() -> MetaData:
     import mailer.bounce_policy
     import mailer.events
     import mailer.models
+    import mailer.replies
     import mailer.revisions
     import mailer.segments  # noqa: F401
     import subscribers.models  # noqa: F401

@@ -44,6 +44,7 @@ def transactional(settings: Settings, env: jinja2.Environment, kind: str, to: st
                "base_url": settings.base_url, "email": to, **context}
     msg = EmailMessage()
     msg["From"] = Address(settings.from_name, addr_spec=settings.from_address)
+    msg["Reply-To"] = Address(addr_spec=settings.reply_address)
     msg["To"] = to
     msg["Subject"] = subject
     msg["Date"] = format_datetime(now)

@@ -18,6 +18,7 @@ static lines once per edition, the per-recipient lines per message.
 from __future__ import annotations
 
 import datetime as dt
+import email.errors
 import email.utils
 import functools
 import html as html_lib
@@ -104,6 +105,9 @@ class CompiledEdition:
     # Files sent with every copy (a reminder's .ics): {"filename", "content_type", "data"
     # (base64)}. Added for the scheduler (issue 6); empty for editions.
     attachments: list[dict[str, str]] = field(default_factory=list)
+    # Where replies go (issue 15). Empty in editions compiled before it existed: those are
+    # sent without a Reply-To, as they were approved.
+    reply_to: str = ""
     _skeleton: _Skeleton | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -453,6 +457,7 @@ def compile_edition(edition: Edition, settings: Settings, *,
     compiled = CompiledEdition(
         html=html, text=text, subject=edition.meta.subject, preheader=edition.meta.preheader,
         from_name=from_name, from_address=settings.from_address, list_id=settings.list_id,
+        reply_to=_reply_to(settings, edition.path),
         markers=markers, title=edition.meta.title, source=edition.path,
         compiled_at=(now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds"),
         issue_date=edition.meta.date.isoformat(),
@@ -695,11 +700,26 @@ def _encoded_word(text: str) -> str | None:
 
 
 def _header_lines(compiled: CompiledEdition) -> tuple[str, str, str]:
-    """From, Subject and List-Id folded once per edition by the email package itself."""
+    """From (with Reply-To), Subject and List-Id folded once per edition by the email
+    package itself."""
     from_value = str(Address(display_name=compiled.from_name, addr_spec=compiled.from_address))
     list_id = f"{compiled.title or compiled.from_name} <{compiled.list_id}>"
-    return (_fold("From", from_value), _fold("Subject", compiled.subject),
-            _fold("List-Id", list_id))
+    from_lines = _fold("From", from_value)
+    if compiled.reply_to:
+        from_lines += _fold("Reply-To", str(Address(addr_spec=compiled.reply_to)))
+    return (from_lines, _fold("Subject", compiled.subject), _fold("List-Id", list_id))
+
+
+def _reply_to(settings: Settings, where: str) -> str:
+    """The settings' reply address, refused here if it could not be written as a header (a
+    bad setting fails the compile, where it is seen, not every send)."""
+    address = settings.reply_address
+    _check_header_text(address, "reply_to", where)
+    try:
+        Address(addr_spec=address)
+    except (ValueError, IndexError, email.errors.HeaderParseError) as exc:
+        raise EditionError(f"reply_to {address!r} is not an address: {exc}", where) from None
+    return address
 
 
 def _fold(name: str, value: str) -> str:
@@ -826,8 +846,9 @@ class _Skeleton:
             "Content-Transfer-Encoding: quoted-printable\r\n",
             "\r\n",
         ])
-        names = ["From", "Subject", "Date", "To", "Message-ID", "List-Unsubscribe", "List-Id",
-                 "List-Unsubscribe-Post", "MIME-Version", "Content-Type"]
+        names = ["From", *(["Reply-To"] if compiled.reply_to else []), "Subject", "Date", "To",
+                 "Message-ID", "List-Unsubscribe", "List-Id", "List-Unsubscribe-Post",
+                 "MIME-Version", "Content-Type"]
         skeleton = cls(head=head.encode("ascii"), mid=mid.encode("ascii"),
                    between=between.encode("ascii"), tail=f"\r\n--{boundary}--\r\n".encode("ascii"),
                    text=_Part.build(compiled.text, compiled.markers),
@@ -1004,6 +1025,8 @@ def build_reference_message(compiled: CompiledEdition, recipient: RecipientLike,
     page = personalise(compiled, recipient, urls)
     msg = EmailMessage(policy=POLICY)
     msg["From"] = Address(display_name=compiled.from_name, addr_spec=compiled.from_address)
+    if compiled.reply_to:
+        msg["Reply-To"] = Address(addr_spec=compiled.reply_to)
     msg["Subject"] = compiled.subject
     msg["Date"] = email.utils.format_datetime(
         date or dt.datetime.fromisoformat(compiled.compiled_at))
@@ -1074,6 +1097,7 @@ def compile_list_email(template: str, context: dict[str, Any], settings: Setting
         html=html.rstrip("\n") + "\n", text=text, subject=subject, preheader=preheader,
         from_name=settings.from_name, from_address=settings.from_address,
         list_id=settings.list_id, markers=markers, title=title, source=template,
+        reply_to=_reply_to(settings, template),
         compiled_at=(now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds"),
         attachments=[{"filename": a.filename, "content_type": a.content_type,
                       "data": base64.b64encode(a.data).decode("ascii")} for a in attachments])

@@ -7,6 +7,7 @@ What goes, when, and through which store's own function (each period a setting):
     delivery replies       retention_replies_months     outbox.forget_replies: rows stay
     bounce raw messages    bounce_raw_retention_days    bounce_policy.purge (its own periods,
     bounce records         bounce_record_retention_days   as `mailer bounces purge` applies)
+    readers' replies       reader_reply_retention_days  replies.purge: deleted whole
     audit entries          retention_audit_years        audit.delete_before
 
 The scheduler's leader runs `run_due` on its periodic pass; it purges once a day (the last
@@ -31,12 +32,13 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailer import audit, bounce_policy, outbox, privacy
+from mailer import audit, bounce_policy, outbox, privacy, replies
 from mailer.audit import AuditEntry
 from mailer.bounce_policy import BouncePolicy, InboundRecord
 from mailer.config import Settings
 from mailer.labels import STATES
 from mailer.models import Delivery
+from mailer.replies import ReaderReply
 from subscribers import store
 from subscribers.db import session_scope, utcnow
 from subscribers.models import (
@@ -81,6 +83,7 @@ class Periods:
     replies_months: int = 3
     audit_years: int = 6
     bounces: BouncePolicy = field(default_factory=BouncePolicy)
+    reader_replies_days: int = 90
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Periods:
@@ -88,7 +91,8 @@ class Periods:
                    left_months=settings.retention_left_months,
                    replies_months=settings.retention_replies_months,
                    audit_years=settings.retention_audit_years,
-                   bounces=BouncePolicy.from_settings(settings))
+                   bounces=BouncePolicy.from_settings(settings),
+                   reader_replies_days=settings.reader_reply_retention_days)
 
     # A record whose clock started at `t` goes once `t < cutoff(now)`, i.e. at `due(t)`.
     def unconfirmed_cutoff(self, now: datetime) -> datetime:
@@ -109,6 +113,9 @@ class Periods:
     def replies_due(self, t: datetime) -> datetime:
         return months_after(t, self.replies_months)
 
+    def reader_replies_due(self, t: datetime) -> datetime:
+        return t + timedelta(days=self.reader_replies_days)
+
     def audit_cutoff(self, now: datetime) -> datetime:
         return months_before(now, 12 * self.audit_years)
 
@@ -128,6 +135,7 @@ class Purged:
     bounce_raw_cleared: int = 0
     bounce_records_deleted: int = 0
     bounce_alerts_deleted: int = 0
+    reader_replies_deleted: int = 0
     audit_deleted: int = 0
     complete: bool = True  # False: stopped early (the leader lock went); the next run goes on
 
@@ -169,6 +177,8 @@ def purge(sessions: sessionmaker[Session], periods: Periods, now: datetime | Non
         done.bounce_alerts_deleted = bounced.alerts_deleted
     else:
         done.complete = False
+    done.reader_replies_deleted = batches(lambda s: replies.purge(
+        s, timedelta(days=periods.reader_replies_days), now=now, limit=batch))
     done.audit_deleted = batches(lambda s: audit.delete_before(
         s, periods.audit_cutoff(now), batch))
     with session_scope(sessions) as session:
@@ -299,6 +309,12 @@ def report(session: Session, periods: Periods) -> list[Holding]:
                        oldest + raw_days if oldest else None,
                        f"the raw message cleared {raw_days.days} days after it came; the "
                        "decision stays"))
+
+    held, oldest = _figures(session, ReaderReply.received_at)
+    out.append(Holding("reader_replies", "Readers' replies", held, oldest,
+                       _then(p.reader_replies_due, oldest),
+                       f"deleted whole {p.reader_replies_days} days after they came (each was "
+                       "forwarded to the contact address when it came)"))
 
     held, oldest = _figures(session, ConsentEvent.occurred_at)
     of_unconfirmed = session.scalar(select(func.count()).select_from(ConsentEvent).join(

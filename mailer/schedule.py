@@ -43,7 +43,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
-from mailer import alerts, audit, backup, events, outbox, reconfirm, retention
+from mailer import alerts, audit, backup, events, outbox, reconfirm, replies, retention
 from mailer.config import Settings
 from mailer.deadline import too_late
 from mailer.errors import MailerError
@@ -361,8 +361,16 @@ def tell_coordinators(settings: Settings, sessions: sessionmaker[Session],
     notices (a missed reminder, no edition approved in time) and anything else recorded
     meanwhile (a send halted by the relay, a bounce alert). Each goes once to each person; one
     that could not be mailed is tried again on the next pass (`mailer.alerts`). Returns how
-    many alerts are now mailed to everyone they are for."""
-    return alerts.mail_pending(sessions, settings, now)
+    many alerts are now mailed to everyone they are for.
+
+    Readers' replies the bounce receiver could not forward (the relay was down) go here too:
+    the receiver may have stopped since."""
+    told = alerts.mail_pending(sessions, settings, now)
+    try:
+        replies.forward_pending(sessions, settings, now)
+    except Exception:  # they stay pending; the alerts above are mailed and recorded
+        log.exception("scheduler: could not forward readers' replies")
+    return told
 
 
 def next_wake(session: Session) -> datetime | None:

@@ -860,8 +860,10 @@ def _profile_dict(s: Subscriber) -> dict[str, Any]:
     }
 
 
-def subject_access(session: Session, subscriber: Subscriber) -> dict[str, Any]:
-    """Everything we hold on one person (UK GDPR Art. 15): profile, subscriptions, history."""
+def subject_access(session: Session, subscriber: Subscriber, *,
+                   for_them: bool = False) -> dict[str, Any]:
+    """Everything we hold on one person (UK GDPR Art. 15): profile, subscriptions, history.
+    `for_them`: the copy the person downloads themself (see `_consent_entry`)."""
     subscriptions = session.execute(
         select(Topic.slug, Subscription.status, Subscription.created_at, Subscription.updated_at)
         .join(Topic).where(Subscription.subscriber_id == subscriber.id).order_by(Topic.id)).all()
@@ -869,13 +871,22 @@ def subject_access(session: Session, subscriber: Subscriber) -> dict[str, Any]:
         "profile": _profile_dict(subscriber),
         "subscriptions": [{"topic": t, "status": st, "since": _iso(c), "changed": _iso(u)}
                           for t, st, c, u in subscriptions],
-        "consent_history": [
-            {"at": _iso(e.occurred_at), "action": e.action, "channel": e.channel,
-             "topic": e.topic, "consent_version": e.consent_version,
-             "lawful_basis": e.lawful_basis, "ip": e.ip, "user_agent": e.user_agent,
-             "by": e.actor, "detail": e.detail}
-            for e in consent_history(session, subscriber.id)],
+        "consent_history": [_consent_entry(e, for_them)
+                            for e in consent_history(session, subscriber.id)],
     }
+
+
+def _consent_entry(event: ConsentEvent, for_them: bool) -> dict[str, Any]:
+    """One step of the history. In the person's own copy, their own steps carry their address
+    and browser; a co-ordinator's would carry the co-ordinator's, which are not the reader's to
+    have (UK GDPR Art. 15(4): a copy must not affect the rights of others), so a co-ordinator
+    is named by role only there. The console shows who it was."""
+    own = event.actor is None or not for_them
+    by = event.actor if own or event.channel == Channel.SYSTEM else "a co-ordinator"
+    return {"at": _iso(event.occurred_at), "action": event.action, "channel": event.channel,
+            "topic": event.topic, "consent_version": event.consent_version,
+            "lawful_basis": event.lawful_basis, "ip": event.ip if own else None,
+            "user_agent": event.user_agent if own else None, "by": by, "detail": event.detail}
 
 
 # ---------------------------------------------------------------- bulk import

@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from argon2 import PasswordHasher
 from hypothesis import settings as hypothesis_settings
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
-from mailer import migrations
+from mailer import accounts, migrations
 from mailer.config import Settings
 from subscribers.db import make_engine, normalise_url, session_factory
 from subscribers.rules import Rules
@@ -47,6 +48,32 @@ def _require_or_skip(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"{reason}, and CI=true requires it", pytrace=False)
     pytest.skip(reason)
+
+
+# argon2 at the console's cost (64 MiB, t=3, p=4: `accounts.HASHER`) takes about 140 ms a
+# password on two cores, and the suite hashes and checks hundreds. Tests hash at the cheapest
+# cost; the tests of the cost itself take `production_hasher`.
+PRODUCTION_HASHER = accounts.HASHER
+CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=64, parallelism=1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cheap_passwords() -> Iterator[None]:
+    production = accounts.HASHER
+    accounts.HASHER = CHEAP_HASHER
+    accounts._dummy_hash.cache_clear()
+    yield
+    accounts.HASHER = production
+
+
+@pytest.fixture
+def production_hasher() -> Iterator[PasswordHasher]:
+    """The hasher the console really uses, for the tests of its cost and of rehashing."""
+    accounts.HASHER = PRODUCTION_HASHER
+    accounts._dummy_hash.cache_clear()
+    yield PRODUCTION_HASHER
+    accounts.HASHER = CHEAP_HASHER
+    accounts._dummy_hash.cache_clear()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -3,7 +3,8 @@
 //
 //   node tests/oidc_provider.mjs <node_modules dir> <config.json>
 //
-// config.json: {"client_id", "client_secret", "redirect_uri", "accounts_file"}. It listens on
+// config.json: {"client_id", "client_secret", "redirect_uri", "accounts_file"}, and
+// optionally "more_redirect_uris" (the console under a real server, for the Chromium test). It listens on
 // a free 127.0.0.1 port and prints one line of JSON: {"issuer": "http://127.0.0.1:<port>"}.
 //
 // The accounts file is read again on every request, so a test changes a person's app roles,
@@ -74,7 +75,7 @@ const provider = new Provider(issuer, {
   clients: [{
     client_id: config.client_id,
     client_secret: config.client_secret,
-    redirect_uris: [config.redirect_uri],
+    redirect_uris: [config.redirect_uri, ...(config.more_redirect_uris || [])],
     response_types: ['code'],
     grant_types: ['authorization_code'],
     token_endpoint_auth_method: 'client_secret_basic',

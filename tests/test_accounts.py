@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import time_machine
+from argon2 import PasswordHasher
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text, update
 from sqlalchemy.exc import DBAPIError
@@ -193,9 +194,8 @@ def test_wrong_codes_lock_the_account_too_and_a_success_starts_the_count_again(
     assert user.locked_until == now + accounts.LOCK_FOR
 
 
-def test_a_password_hashed_with_weaker_settings_is_rehashed_at_sign_in(session: Session) -> None:
-    from argon2 import PasswordHasher
-
+def test_a_password_hashed_with_weaker_settings_is_rehashed_at_sign_in(
+        session: Session, production_hasher: PasswordHasher) -> None:
     user = accounts.add_user(session, login="jo", display_name="Jo", role="viewer",
                              password=PASSWORD, regions=["kent"], known_regions=["kent"])
     user.password_hash = PasswordHasher(time_cost=1, memory_cost=8192).hash(PASSWORD)
@@ -204,11 +204,13 @@ def test_a_password_hashed_with_weaker_settings_is_rehashed_at_sign_in(session: 
     assert accounts.authenticate(session, "jo", PASSWORD).outcome == LoginOutcome.OK
 
 
-def test_passwords_are_argon2id_and_weak_ones_are_refused(session: Session) -> None:
+def test_passwords_are_argon2id_and_weak_ones_are_refused(
+        session: Session, production_hasher: PasswordHasher) -> None:
     user = accounts.add_user(session, login="Jo", display_name="Jo  Smith", role="coordinator",
                              password=PASSWORD, regions=["kent"], known_regions=["kent"])
     assert user.login == "jo" and user.display_name == "Jo Smith"
-    assert user.password_hash.startswith("$argon2id$")
+    # RFC 9106's second recommended option (argon2-cffi's low-memory profile): 64 MiB, t=3, p=4
+    assert user.password_hash.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
     with pytest.raises(AccountError, match="too short"):
         accounts.add_user(session, login="al", display_name="Al", role="viewer",
                           password="short", regions=["kent"], known_regions=["kent"])

@@ -119,6 +119,7 @@ def _dashboard(app_client: TestClient, engine: Engine, web_settings: Settings,
     page = app_client.get("/admin").text
     assert "1 sign-up(s) waiting for approval" in page
     assert re.search(r'Kent</th><td class="num">2<', page)  # active, by region
+    assert re.search(r'Quarterly newsletter</th><td class="num">2<', page)  # by topic, named
     # Labels, not the codes stored (awaiting_approval, scheduled, sent).
     assert re.search(r'Waiting for approval</th><td class="num">1<', page)
     assert re.search(r'2020-q4-kent</a></td><td>Scheduled</td>', page)

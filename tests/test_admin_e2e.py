@@ -21,8 +21,10 @@ from playwright.sync_api import expect
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from mailer import accounts, alerts, audit, events, outbox, schedule
+from mailer import accounts, alerts, audit, events, outbox, replies, schedule
+from mailer.bounces import classify_inbound
 from mailer.config import Settings
+from mailer.inbound import InboundMessage
 from mailer.models import Delivery, Edition, EditionStatus
 from mailer.outbox import LONDON
 from mailer.worker import Worker
@@ -270,6 +272,19 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
     aid, _essex_edition, _officers = domain_alert(engine, served)
     assert alerts.mail_pending(sessions, served) == 1
     kent_segment(engine, served)
+    # Readers' replies: one forwarded, one the relay has refused so far (its error shown).
+    with sessions() as session:
+        for n, raw in enumerate([
+                f"From: Jo Bloggs <{READERS[0][0]}>\r\nSubject: Re: training\r\n\r\nYes\r\n",
+                "From: stranger@example.org\r\nSubject: Question\r\n\r\nHello\r\n"]):
+            message = InboundMessage(raw.encode(), "axe")
+            kept, _ = replies.keep(session, message,
+                                   classify_inbound(message.raw, served.secret()))
+            if n == 0:
+                kept.forwarded_at, kept.forwarded_to = kept.received_at, served.contact_address
+            else:
+                kept.attempts, kept.last_error = 2, "421 4.3.2 try again later"
+        session.commit()
 
     context = browser.new_context(bypass_csp=True)  # only so axe itself can be injected
     page = context.new_page()
@@ -352,7 +367,7 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
                 (f"/admin/editions/{states['sent']}", None),  # send again, to colleagues
                 (f"/admin/editions/{states['sending']}/progress", None),  # live
                 (f"/admin/editions/{states['sent']}/progress", None),  # finished
-                ("/admin/bounces", "/admin/bounces"),
+                ("/admin/bounces", "/admin/bounces"), ("/admin/replies", "/admin/replies"),
                 ("/admin/events", "/admin/events"), ("/admin/audit", "/admin/audit"),
                 ("/admin/audit?actor=root&action=login.ok", None),
                 ("/admin/users", "/admin/users"), ("/admin/privacy", "/admin/privacy"),
@@ -426,7 +441,10 @@ def test_every_console_page_passes_axe(browser: Any, served: Settings, sink: Fau
               # a chart's picture and figures: shown and linked on the dashboard and a sent
               # edition's page, which are checked
               "/admin/charts/{chart}.svg", "/admin/charts/{chart}.csv",
-              "/admin/editions/{eid}/chart.svg", "/admin/editions/{eid}/chart.csv"}
+              "/admin/editions/{eid}/chart.svg", "/admin/editions/{eid}/chart.csv",
+              # sign-in with a directory, not set up here: tests/test_oidc.py walks its pages
+              # with a real provider in Chromium and axe-core
+              "/admin/login/directory", "/admin/login/directory/callback"}
     assert pages - visited == set()
 
 

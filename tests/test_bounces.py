@@ -77,7 +77,7 @@ def test_the_corpus_has_thirty_messages_and_the_manifest_names_each_exactly_once
 
 def test_the_corpus_covers_every_kind_and_the_formats_asked_for() -> None:
     kinds = {entry["kind"] for entry in EXPECTED.values()}
-    assert kinds == {"hard", "soft", "complaint", "auto_reply", "unknown"}
+    assert kinds == {"hard", "soft", "complaint", "auto_reply", "reply", "unknown"}
     for prefix in ("postfix", "exim", "m365", "exchange", "gmail", "yahoo", "qmail", "sendmail",
                    "lotus", "arf", "vacation", "ooo"):
         assert any(name.startswith(prefix) for name in EXPECTED), prefix

@@ -37,7 +37,9 @@ from mailer.models import Delivery, Edition
 from mailer.web.app import create_app
 from subscribers.db import session_factory
 from subscribers.models import ConsentEvent, Subscriber
-from tests.test_admin_routes import PASSWORD, login, make_user, sample_edition
+from tests.conftest import _require_or_skip
+from tests.test_admin_e2e import _sign_in
+from tests.test_admin_routes import login, make_user, sample_edition
 from tests.test_web_e2e import AXE, _axe, served  # noqa: F401
 from tests.web_fixtures import BASE, fault_server, make_fault_server, sink, web_settings  # noqa: F401
 
@@ -426,11 +428,7 @@ def test_the_charts_show_in_chromium_under_the_consoles_csp_pass_axe_and_fit_a_p
     page.on("console", lambda message: refused.append(message.text)
             if "Content Security Policy" in message.text else None)
     try:
-        page.goto(f"{served.base_url}/admin/login")
-        page.get_by_label("Login").fill("root")
-        page.get_by_label("Password").fill(PASSWORD)
-        page.get_by_role("button", name="Sign in").click()
-        page.wait_for_url(f"{served.base_url}/admin")
+        _sign_in(page, served.base_url, "root")
         problems: list[str] = []
         for path in ("/admin", f"/admin/editions/{world['a-both']}"):
             page.set_viewport_size({"width": 1280, "height": 900})
@@ -449,15 +447,11 @@ def test_the_charts_show_in_chromium_under_the_consoles_csp_pass_axe_and_fit_a_p
     finally:
         context.close()
     if not AXE.exists():
-        pytest.skip("axe-core not installed (npm install --prefix var/axe axe-core@4)")
+        _require_or_skip(f"axe-core is not installed at {AXE} (bash .ci/setup)")
     context = browser.new_context(bypass_csp=True)  # only so axe itself can be injected
     page = context.new_page()
     try:
-        page.goto(f"{served.base_url}/admin/login")
-        page.get_by_label("Login").fill("root")
-        page.get_by_label("Password").fill(PASSWORD)
-        page.get_by_role("button", name="Sign in").click()
-        page.wait_for_url(f"{served.base_url}/admin")
+        _sign_in(page, served.base_url, "root")
         found = _axe(page)
         page.goto(f"{served.base_url}/admin/editions/{world['a-both']}")
         found += _axe(page)

@@ -177,6 +177,11 @@ def test_a_new_database_is_refused_until_upgraded_in_a_real_process(tmp_path: Pa
                             cwd=tmp_path, check=False)
     assert status.returncode == 0 and "up to date" in status.stdout
     assert (tmp_path / "var" / "mailer.db").exists()
+    # A command says what it did and nothing else: no library's warning on its way in (the
+    # help imports every command's modules).
+    helped = subprocess.run([*exe, "--help"], env=env, capture_output=True, text=True,
+                            cwd=tmp_path, check=False)
+    assert (helped.returncode, helped.stderr, upgrade.stderr, status.stderr) == (0, "", "", "")
 
 
 def test_a_command_run_where_nothing_is_set_up_says_so_and_leaves_nothing_behind(

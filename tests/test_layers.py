@@ -73,7 +73,8 @@ FACES = ("mailer.web", "mailer.cli")
 # The library modules that own tables: a face may read through them for display, never write.
 STORES = ("subscribers.store", "subscribers.importer", "mailer.outbox", "mailer.accounts",
           "mailer.audit", "mailer.events", "mailer.bounce_policy", "mailer.alerts",
-          "mailer.privacy", "mailer.revisions", "mailer.retention", "mailer.segments")
+          "mailer.privacy", "mailer.revisions", "mailer.retention", "mailer.replies",
+          "mailer.segments")
 # What a face may use of them: reads for display, and types and constants.
 READS = {
     "subscribers.store": {"list_topics", "find", "find_by_email", "topic_by_id",
@@ -95,6 +96,7 @@ READS = {
                              "BouncePolicy",
                              "Decision", "Outcome", "Purged"},
     "mailer.alerts": {"recent"},
+    "mailer.replies": {"own_addresses"},
     "mailer.privacy": set(),
     "mailer.revisions": set(),
     "mailer.retention": {"Holding", "Periods", "Purged"},
@@ -106,6 +108,7 @@ READS = {
 MACHINERY = {
     "mailer.bounce_policy": {"receive", "settle", "purge"},
     "mailer.alerts": {"mail_pending"},
+    "mailer.replies": {"forward_pending"},
     "mailer.events": {"plan_reminders"},
     "mailer.retention": {"run_due"},
 }

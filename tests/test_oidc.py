@@ -19,7 +19,9 @@ import os
 import re
 import select
 import shutil
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from html import unescape
 from pathlib import Path
@@ -29,6 +31,7 @@ from urllib.parse import urljoin
 import httpx
 import pytest
 import time_machine
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlalchemy import select as sql_select
@@ -73,8 +76,12 @@ def _require(reason: str) -> None:
 class Provider:
     """The running provider: its issuer, and the test's controls over it."""
 
-    def __init__(self, issuer: str, accounts_file: Path) -> None:
+    def __init__(self, issuer: str, accounts_file: Path,
+                 console: socket.socket | None = None) -> None:
         self.issuer, self.accounts_file = issuer, accounts_file
+        # A listening loopback socket registered with the provider, for the console under a
+        # real server (the Chromium test): a redirect must be known to the provider in advance.
+        self.console = console
 
     def accounts(self, **people: dict[str, Any]) -> None:
         """Replace the directory's people: key -> claims (name, roles, groups, disabled...)."""
@@ -95,6 +102,9 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
     if not (MODULES / "oidc-provider" / "lib" / "index.js").exists():
         _require(f"oidc-provider is not installed in {MODULES} (bash .ci/setup)")
     assert node is not None
+    console = socket.socket()
+    console.bind(("127.0.0.1", 0))
+    console.listen(64)
     folder = tmp_path_factory.mktemp("oidc")
     accounts_file = folder / "accounts.json"
     accounts_file.write_text("{}")
@@ -102,6 +112,8 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
     config.write_text(json.dumps({
         "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
         "redirect_uri": f"{BASE}/admin/login/directory/callback",
+        "more_redirect_uris": [f"http://127.0.0.1:{console.getsockname()[1]}"
+                               "/admin/login/directory/callback"],
         "accounts_file": str(accounts_file)}))
     with (folder / "provider.log").open("wb") as log:
         process = subprocess.Popen([node, str(SCRIPT), str(MODULES), str(config)],
@@ -112,10 +124,11 @@ def provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provider]:
         line = process.stdout.readline() if ready else b""
         if not line:
             pytest.fail(f"the provider did not start: {(folder / 'provider.log').read_text()}")
-        yield Provider(json.loads(line)["issuer"], accounts_file)
+        yield Provider(json.loads(line)["issuer"], accounts_file, console)
     finally:
         process.terminate()
         process.wait(10)
+        console.close()
 
 
 @pytest.fixture
@@ -416,3 +429,60 @@ def test_a_directory_that_cannot_be_reached_is_said_so_with_a_way_on(
 def client_without(settings: Settings, sink: Any, tmp_path: Path) -> Iterator[TestClient]:
     with TestClient(create_app(make_settings(sink, tmp_path)), base_url=BASE) as client:
         yield client
+
+
+# Once, on the embedded default: the other tests here cover both databases, and the provider
+# knows one loopback port for a real server.
+@pytest.mark.browser
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_directory_sign_in_in_chromium_and_its_pages_pass_axe(
+        browser: Any, settings: Settings, sink: Any, tmp_path: Path, idp: Provider,
+        engine: Engine) -> None:
+    """The whole round trip in a real browser, the cookies its own: the console's sign-in page,
+    the directory's, and back signed in; then the refusals a person can meet. Each of the
+    console's pages on the way passes axe-core (the console's axe walk runs without a
+    directory, so these pages are checked here)."""
+    from tests.test_web_e2e import AXE, _axe
+
+    if not AXE.exists():
+        _require(f"axe-core missing at {AXE}")
+    assert idp.console is not None
+    base = f"http://127.0.0.1:{idp.console.getsockname()[1]}"
+    served = _settings(sink, tmp_path, idp, base_url=base)
+    server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [idp.console]},
+                              daemon=True)
+    thread.start()
+    idp.accounts(kim={"roles": [KENT]}, lee={"roles": ["Some.Other.App"]})
+    context = browser.new_context(bypass_csp=True)  # to add axe-core to each page
+    page = context.new_page()
+    problems: list[str] = []
+    try:
+        page.goto(f"{base}/admin/login")
+        problems += _axe(page)
+        page.get_by_role("link", name="Sign in with your force account").click()
+        page.get_by_label("Account").fill("kim")
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(f"{base}/admin")
+        assert "Kim" in page.inner_text("header")
+        kim = _user(engine, "kim")
+        assert kim is not None and (kim.role, kim.regions) == ("coordinator", ["kent"])
+
+        refused = browser.new_context(bypass_csp=True).new_page()  # someone with no mapped role
+        refused.goto(f"{base}/admin/login")
+        refused.get_by_role("link", name="Sign in with your force account").click()
+        refused.get_by_label("Account").fill("lee")
+        refused.get_by_role("button", name="Sign in").click()
+        refused.wait_for_url(re.compile(r".*/admin/login/directory/callback.*"))
+        assert refused.get_by_role("link", name="Back to sign in").is_visible()
+        problems += _axe(refused)
+        refused.goto(f"{base}/admin/login/directory/callback?state=forged&code=x")
+        assert refused.get_by_role("link", name="Try again").is_visible()
+        problems += _axe(refused)
+        refused.context.close()
+    finally:
+        context.close()
+        server.should_exit = True
+        thread.join(10)
+    assert problems == []

@@ -256,9 +256,10 @@ def test_headers_follow_the_recommended_set(compiled: CompiledEdition, conf: Set
                         message_id=mid(conf))
     msg = parse(raw)
     assert list(msg.keys()) == [
-        "From", "Subject", "Date", "To", "Message-ID", "List-Unsubscribe", "List-Id",
-        "List-Unsubscribe-Post", "MIME-Version", "Content-Type"]
+        "From", "Reply-To", "Subject", "Date", "To", "Message-ID", "List-Unsubscribe",
+        "List-Id", "List-Unsubscribe-Post", "MIME-Version", "Content-Type"]
     assert str(msg["From"]) == "Kent & Essex MSHT Co-ordinators <bulletin@news.example.org>"
+    assert str(msg["Reply-To"]) == conf.contact_address  # no reply_to set: the contact address
     assert msg["To"].addresses[0].addr_spec == "resp@example.org"
     assert len(msg["To"].addresses) == 1
     assert msg["Message-ID"] == mid(conf)
@@ -595,3 +596,14 @@ def test_only_usable_unsubscribe_urls_go_into_the_header(url: str, ok: bool) -> 
     else:
         with pytest.raises(MessageRefused, match="unsubscribe URL"):
             list_unsubscribe(urls)
+
+
+def test_reply_to_is_the_setting_and_a_header_injection_is_refused(conf: Settings) -> None:
+    edition = load_edition(SAMPLE)
+    chosen = conf.model_copy(update={"reply_to": "msht.replies@kent.police.uk"})
+    raw = build_message(compile_edition(edition, chosen), Recipient("resp@example.org", "R"),
+                        urls_for(), message_id=mid(conf))
+    assert parse(raw)["Reply-To"] == "msht.replies@kent.police.uk"
+    with pytest.raises(EditionError):
+        compile_edition(edition, conf.model_copy(
+            update={"reply_to": "a@b.example\r\nBcc: everyone@example.org"}))

@@ -124,7 +124,8 @@ def test_each_period_removes_what_it_names_and_nothing_else(
     first = _purge(sessions, settings)
     assert first.counts() == {"unconfirmed_deleted": 1, "left_erased": 0, "replies_cleared": 0,
                               "bounce_raw_cleared": 0, "bounce_records_deleted": 0,
-                              "bounce_alerts_deleted": 0, "audit_deleted": 0}
+                              "bounce_alerts_deleted": 0, "reader_replies_deleted": 0,
+                              "audit_deleted": 0}
     assert _rows(sessions) == {
         active: ("active", "stays@kent.police.uk"), left: ("unsubscribed", "left@kent.police.uk"),
         bounced: ("active", "bounced@kent.police.uk"),
@@ -351,6 +352,7 @@ def test_privacy_report_figures_are_the_tables_counts(
             "consent": _count(s, "SELECT count(*) FROM consent_event"),
             "suppression": _count(s, "SELECT count(*) FROM suppression"),
             "audit": _count(s, "SELECT count(*) FROM audit_entry"),
+            "reader_replies": _count(s, "SELECT count(*) FROM reader_reply"),
         }
     assert {k: v["held"] for k, v in figures.items()} == expected
     assert (expected["unconfirmed"], expected["left"], expected["subscribers.active"],
@@ -404,4 +406,4 @@ def test_the_console_s_privacy_page_shows_the_report_to_administrators_only(
     assert rows["Unconfirmed sign-ups"] == "2"
     assert rows["Subscribers: waiting for confirmation"] == "2"
     assert rows["Audit entries"] == str(entries)
-    assert len(rows) == len(SubscriberStatus) + 9
+    assert len(rows) == len(SubscriberStatus) + 10

@@ -57,7 +57,8 @@ def _world(client: TestClient, sink: FaultServer) -> tuple[int, int]:
         other = store.add_active(session, rules, store.profile_from(
             rules, email=OTHER, name="Olive Other", organisation="Essex Police",
             region="essex"), store.topics_by_slug(session, ["newsletter"]),
-            Context(channel=Channel.ADMIN, actor="coord.essex", lawful_basis="public_task"))
+            Context(channel=Channel.ADMIN, actor="coord.essex", ip="192.0.2.77",
+                    user_agent="Console browser/1.0", lawful_basis="public_task"))
         for slug, title, regions in (("2026-q3-bulletin", "Autumn 2026 bulletin", []),
                                      ("essex-only-notice", "Essex only", ["essex"])):
             edition, _ = outbox.store_edition(
@@ -132,6 +133,10 @@ def test_a_reader_downloads_everything_held_on_them_and_nothing_of_anyone_else(
     theirs = client.post(f"{_preferences(client, other)}/download",
                          data={"csrf_token": csrf_of(page.text)}).json()
     assert theirs["profile"]["email"] == OTHER
+    # Added by a co-ordinator: the step is theirs to see, the co-ordinator's login, address and
+    # browser are not.
+    assert [(e["action"], e["by"], e["ip"], e["user_agent"]) for e in theirs["consent_history"]
+            ] == [("add", "a co-ordinator", None, None)]
     assert [d["edition"] for d in theirs["deliveries"]] == ["2026-q3-bulletin",
                                                             "essex-only-notice"]
 

@@ -1,7 +1,7 @@
 """saved segments; an edition's segment and extra topics; an event's audience
 
 Revision ID: 0018
-Revises: 0015
+Revises: 0017
 """
 
 from collections.abc import Sequence
@@ -12,7 +12,7 @@ from alembic import op
 import subscribers.db
 
 revision: str = "0018"
-down_revision: str | None = "0015"
+down_revision: str | None = "0017"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

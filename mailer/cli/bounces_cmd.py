@@ -4,7 +4,9 @@
 message is kept and the policy applied (`mailer.bounce_policy`). `parse` only shows what a saved
 message is and records nothing; `list` shows alerts and recent messages, `resolve` closes an
 alert, `purge` applies the retention periods (which `serve` also does hourly, and `fetch` after
-each read, so raw messages do not outlive them where nobody set up a cron job).
+each read, so raw messages do not outlive them where nobody set up a cron job). A reader's
+reply is kept and forwarded to the contact address (`mailer.replies`): at once, and again on
+each settle pass while the relay refuses it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from mailer import bounce_policy
+from mailer import bounce_policy, replies
 from mailer.bounce_policy import BouncePolicy, Decision
 from mailer.bounces import Kind, Verdict, classify_inbound
 from mailer.cli.runtime import Runtime, console
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 app = typer.Typer(help="Receive, parse and list bounces and complaints.", no_args_is_help=True)
 
 _COLOURS = {Kind.HARD: "red", Kind.SOFT: "yellow", Kind.COMPLAINT: "magenta",
-            Kind.AUTO_REPLY: "dim", Kind.UNKNOWN: "dim"}
+            Kind.AUTO_REPLY: "dim", Kind.REPLY: "green", Kind.UNKNOWN: "dim"}
 
 
 def show(verdict: Verdict, origin: str) -> None:
@@ -67,7 +69,12 @@ def _handle(message: InboundMessage, rt: Runtime,
     with rt.session() as session:
         outcome = bounce_policy.receive(session, policy, message, rt.settings.secret(),
                                         rules=rt.settings.rules(),
-                                        token_keys=rt.settings.token_keys())
+                                        token_keys=rt.settings.token_keys(),
+                                        own_addresses=replies.own_addresses(rt.settings))
+    if outcome.decision is Decision.REPLY:
+        # Recorded and committed: forwarding now is a courtesy, the next pass retries it, so
+        # a relay that is down must not make the MTA deliver the reply again.
+        _forward(rt)
     if outcome.duplicate:  # one line: a mailbox read again is mostly messages seen before
         console.print(f"[dim]{escape(message.origin)}: already received as "
                       f"#{outcome.inbound_id} ({outcome.decision})[/]")
@@ -77,6 +84,18 @@ def _handle(message: InboundMessage, rt: Runtime,
     console.print(f"  decision:  [{colour}]{outcome.decision}[/] ({escape(outcome.summary())})"
                   f" [dim]#{outcome.inbound_id}[/]")
     return outcome
+
+
+def _forward(rt: Runtime) -> int:
+    try:
+        done = replies.forward_pending(rt.sessions(), rt.settings)
+    except Exception:  # the database away for a moment: the next pass forwards it
+        log.exception("could not forward readers' replies")
+        return 0
+    if done:
+        console.print(f"{done} reader's reply(ies) forwarded to "
+                      f"{escape(rt.settings.contact_address)}")
+    return done
 
 
 def _settle(rt: Runtime, policy: BouncePolicy) -> int:
@@ -163,6 +182,7 @@ def serve(ctx: typer.Context,
                 _settle(rt, policy)
             except Exception:  # the database away for a moment: try again next time
                 log.exception("could not settle held bounces")
+            _forward(rt)  # replies the relay could not take before
     finally:
         receiver.stop()
     console.print("stopped")
@@ -196,6 +216,7 @@ def fetch(ctx: typer.Context,
         new += not _handle(message, rt, policy).duplicate
         count += 1
     settled = _settle(rt, policy)
+    _forward(rt)
     console.print(f"{count} message(s) read, {new} new" + (
         f", {settled} held bounce(s) settled" if settled else ""))
     _purge(rt, policy, quiet=True)

@@ -165,12 +165,13 @@ def set_preferences(session: Session, rules: Rules, subscriber: Subscriber,
 
 def own_data(session: Session, subscriber_id: int) -> dict[str, Any] | None:
     """Everything held on the reader a link names (UK GDPR Art. 15 and 20): the co-ordinators'
-    subject-access export of them, the same document whoever asks. None when the link names
+    subject-access export of them, less the co-ordinators' own details. None when the link names
     nobody, or someone already erased."""
     subscriber = store.find(session, subscriber_id)
     if subscriber is None:
         return None
-    return {"exported_at": utcnow().isoformat(), **privacy.subject_access(session, subscriber)}
+    return {"exported_at": utcnow().isoformat(),
+            **privacy.subject_access(session, subscriber, for_them=True)}
 
 
 def erase(session: Session, subscriber_id: int, ctx: Context) -> bool:

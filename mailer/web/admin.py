@@ -58,6 +58,7 @@ from mailer.operations import charts as chart_ops
 from mailer.operations import editions as edition_ops
 from mailer.operations import events as event_ops
 from mailer.operations import media as media_ops
+from mailer.operations import replies as reply_ops
 from mailer.operations import retention as retention_ops
 from mailer.operations import segments as segment_ops
 from mailer.operations import subscribers as subscriber_ops
@@ -550,7 +551,9 @@ async def dashboard(request: Request) -> HTMLResponse:
                 "reconfirm": subscriber_ops.reconfirmation(session, caller, c.settings),
                 "bounce_alerts": alert_ops.open_bounce_alerts(session, caller, every_region),
                 "told": alert_ops.coordinator_alerts(session, caller, now, ALERTS_SHOWN),
-                "charts": chart_ops.dashboard(session, caller, c.settings, now)}
+                "charts": chart_ops.dashboard(session, caller, c.settings, now),
+                # topics live in the database, not in the settings the labels come from
+                "topic_names": {t.slug: t.name for t in store.list_topics(session)}}
 
     view = await _run(request, work)
     return _page(request, caller.actor, "dashboard.html.j2", title="Dashboard", **view,
@@ -1542,6 +1545,17 @@ async def bounces_page(request: Request) -> HTMLResponse:
     view = await _run(request, work)
     return _page(request, caller.actor, "bounces.html.j2", title="Bounces and complaints",
                  **view, notice=_notice(request), back="/admin/bounces")
+
+
+@router.get("/replies")
+async def replies_page(request: Request) -> HTMLResponse:
+    caller = await _signed_in(request, Permission.REPLIES_VIEW)
+    every_region = _every_region(request)
+    rows, hidden = await _run(
+        request, lambda s: reply_ops.recent_replies(s, caller, every_region))
+    days = console(request).settings.reader_reply_retention_days
+    return _page(request, caller.actor, "replies.html.j2", title="Replies from readers",
+                 rows=rows, hidden=hidden, days=days)
 
 
 @router.post("/bounces/alerts/{aid}/resolve")

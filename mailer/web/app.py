@@ -4,7 +4,7 @@ co-ordinator console under /admin and the API under /api/v1, over one shared `ru
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -14,6 +14,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute
+from starlette.types import Receive, Scope, Send
 
 from mailer.config import Settings
 from mailer.labels import Labels
@@ -30,6 +32,29 @@ PG_DB_THREADS = 4
 _TITLES = {400: "Something in the request is wrong", 403: "Not allowed", 404: "Page not found",
            405: "That is not possible here", 413: "Request too large",
            415: "Unsupported form encoding", 429: "Too many requests"}
+
+
+class BuiltOnFirstUse:
+    """An ASGI app made at its first request. FastAPI takes about 60 ms to build the API's
+    routes (a pydantic adapter for each field), which every web app would pay at its start
+    whether or not it serves the API: each test of a reader or console page makes one."""
+
+    def __init__(self, build: Callable[[], FastAPI]) -> None:
+        self._build = build
+        self._app: FastAPI | None = None
+
+    @property
+    def app(self) -> FastAPI:
+        if self._app is None:  # a race builds it twice at worst: both are the same API
+            self._app = self._build()
+        return self._app
+
+    @property
+    def routes(self) -> list[BaseRoute]:  # what Starlette's Mount lists as its routes
+        return self.app.routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 def page_environment() -> jinja2.Environment:
@@ -70,7 +95,7 @@ def create_app(settings: Settings, *, dev_inbox: Path | None = None) -> FastAPI:
         app.add_route(path, endpoint, methods=methods, include_in_schema=False)
     app.include_router(public.router)
     admin.install(app, settings, TEMPLATE_DIR)
-    app.mount("/api/v1", api.create_api(app))
+    app.mount("/api/v1", BuiltOnFirstUse(lambda: api.create_api(app)))
     app.include_router(media.router(settings))  # /media/: images of the editions
     ops.install(app, settings, engine)  # /metrics, /readyz, request latency
     if dev_inbox is not None:
