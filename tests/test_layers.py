@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LEAVES = {"mailer.edition", "mailer.render", "mailer.smtp", "mailer.reference",
           "mailer.bounces", "mailer.inbound", "mailer.errors", "mailer.config", "mailer.signing",
           "mailer.media", "mailer.wordimport", "mailer.dkim", "mailer.spf", "mailer.outgoing",
-          "mailer.edition_form", "mailer.charts"}
+          "mailer.edition_form", "mailer.charts", "mailer.marking"}
 # The doctor looks at everything (the scheduler's leader lock too), and nothing looks at it.
 TOP = ("mailer.web", "mailer.cli", "mailer.schedule", "mailer.demo", "mailer.__main__",
        "mailer.doctor")
