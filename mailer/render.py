@@ -108,6 +108,9 @@ class CompiledEdition:
     # edition compiled before marking existed was OFFICIAL and public, which the defaults say.
     classification: str = ""
     archive: str = "public"
+    # OFFICIAL-SENSITIVE: the only domains (and their subdomains) it may go to, as the approver
+    # saw them; None: anyone in the audience.
+    secure_domains: list[str] | None = None
     _skeleton: _Skeleton | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -468,6 +471,9 @@ def compile_edition(edition: Edition, settings: Settings, *,
         compiled_at=(now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds"),
         issue_date=edition.meta.date.isoformat(),
         classification=classification.value, archive=archive.value,
+        secure_domains=(sorted({d.strip().lower() for d in settings.secure_domains if d.strip()})
+                        if classification == marking.Classification.OFFICIAL_SENSITIVE
+                        else None),
     )
     compiled.warnings = preflight(compiled)
     return compiled

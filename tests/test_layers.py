@@ -83,7 +83,7 @@ READS = {
     "mailer.outbox": {"Progress", "progress", "eta_text", "time_left_text",
                       "second_pair_of_eyes", "audience_breakdown", "published",
                       "published_compiled", "Published", "ApprovalRefused", "LONDON", "figures",
-                      "uk_time"},
+                      "uk_time", "left_out", "own_copy", "own_copies"},
     "mailer.audit": {"AuditFilter", "entries", "actions", "as_dict"},
     "mailer.events": {"list_events", "next_occurrence", "upcoming", "get_event",
                       "reminders_for", "load_file", "EventSpec", "EventError",
