@@ -32,6 +32,18 @@ SECURE_DOMAINS = ("police.uk", "pnn.police.uk", "gov.uk", "gcsx.gov.uk", "nhs.ne
 NOT_SECURE = "address not on a secure domain"
 
 
+def left_out_text(count: int) -> str:
+    """What the dry run, the approval screen and the status say about the readers left out."""
+    return f"left out: {count} ({NOT_SECURE})"
+
+
+def left_out_warning(count: int) -> str:
+    """The preflight warning for an OFFICIAL-SENSITIVE edition whose audience reaches past
+    the secure domains: not a refusal (the rest should still get it), but never a surprise."""
+    return (f"OFFICIAL-SENSITIVE: {count} reader(s) in its audience are not on a secure "
+            "domain and will be left out")
+
+
 def marked_subject(subject: str, classification: str) -> str:
     """The subject line as sent: the marking first, in capitals, as UK government mail has it."""
     return f"{classification}: {subject}"

@@ -470,11 +470,11 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
     # An address changed to one off the secure domains since the send was queued: the
     # marking's rule holds at send time too (the Python twin of the enqueue's SQL).
     restricted: dict[int, list[str]] = {}
-    for edition_id, domains in session.execute(
+    for marked, domains in session.execute(
             select(Edition.id, Edition.compiled["secure_domains"])
-            .where(Edition.id.in_({r.edition_id for r in rows}))).tuples():
+            .where(Edition.id.in_({r.edition_id for r in rows}))):
         if isinstance(domains, list):
-            restricted[edition_id] = [str(d) for d in domains]
+            restricted[marked] = [str(d) for d in domains]
     claims, skipped, late, unsafe = [], [], [], []
     for r in rows:
         if too_late(r.not_after, now):

@@ -1310,6 +1310,7 @@ async def _edition_page(request: Request, caller: Caller, eid: int, status: int 
         e = seen.edition
         return {"e": e, "text": seen.text, "warnings": seen.warnings,
                 "audience": seen.audience, "progress": outbox.progress(session, e),
+                "left_out": seen.left_out,
                 "covers": caller.actor.covers(e.regions),
                 "may_approve": outbox.second_pair_of_eyes(e, caller.actor.login),
                 "colleagues": (user_ops.colleagues(session, caller)
