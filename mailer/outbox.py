@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
@@ -474,7 +474,7 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
             select(Edition.id, Edition.compiled["secure_domains"])
             .where(Edition.id.in_({r.edition_id for r in rows}))):
         if isinstance(domains, list):
-            restricted[marked] = [str(d) for d in domains]
+            restricted[cast(int, marked)] = [str(d) for d in domains]
     claims, skipped, late, unsafe = [], [], [], []
     for r in rows:
         if too_late(r.not_after, now):
