@@ -365,3 +365,18 @@ def test_the_sql_and_python_domain_rules_agree(settings: Settings, sessions: ses
     for address, secure in CASES:
         assert in_domains(address, settings.secure_domains) is secure, address
         assert (address.lower() in chosen) is secure, address
+
+
+def test_the_editor_keeps_the_marking_and_leaves_a_default_unwritten() -> None:
+    from mailer import edition_form as ef
+
+    form = ef.from_source(source(classification="OFFICIAL-SENSITIVE", archive="none"))
+    assert (form.classification, form.archive) == ("OFFICIAL-SENSITIVE", "none")
+    assert "classification" not in form.extra and "archive" not in form.extra
+    again = parse_edition(ef.to_source(form), "e.md").meta
+    assert (again.classification, again.archive) == ("OFFICIAL-SENSITIVE", "none")
+    nxt = ef.next_issue(form)
+    assert (nxt.classification, nxt.archive) == ("OFFICIAL-SENSITIVE", "none")
+    form.classification = form.archive = ""
+    text = ef.to_source(form)
+    assert "classification:" not in text and "archive:" not in text
