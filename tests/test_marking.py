@@ -380,3 +380,20 @@ def test_the_editor_keeps_the_marking_and_leaves_a_default_unwritten() -> None:
     form.classification = form.archive = ""
     text = ef.to_source(form)
     assert "classification:" not in text and "archive:" not in text
+
+
+def test_the_preferences_page_from_the_magic_link_offers_the_readers_only_editions(
+        settings: Settings, sessions: sessionmaker[Session], rules: Rules) -> None:
+    settings = settings.model_copy(update={"base_url": BASE})
+    _people(sessions, rules, SECURE[:1])
+    _sent(settings, sessions, "shown-one", source(archive="subscribers"))
+    _sent(settings, sessions, "public-one", source())
+    with sessions() as s:
+        sid = s.scalar(select(Subscriber.id))
+        assert sid is not None
+    links = Links(settings)
+    with TestClient(create_app(settings), base_url=BASE) as client:
+        page = client.get(links.preferences(sid).removeprefix(BASE)).text
+        assert "Newsletters sent only to readers" in page
+        [url] = re.findall(rf'href="({BASE}/read/[^"]+)"', page)
+        assert client.get(url.removeprefix(BASE)).status_code == 200

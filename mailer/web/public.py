@@ -483,6 +483,10 @@ def _preferences_view(w: Web, session: Session, subscriber: Subscriber) -> dict[
                     ("role", "Your role", w.rules.roles, subscriber.role)],
         "paused_until": (f"{paused.day} {paused:%B %Y}" if paused and paused > utcnow()
                          else None),
+        # Editions kept out of the public archive that went to this reader: the magic link
+        # (/manage) is how a reader who lost the email still reaches them.
+        "own_copies": [(p.subject, w.links.view_own_copy(subscriber.id, p.id))
+                       for p in outbox.own_copies(session, subscriber.id)],
     }
 
 
