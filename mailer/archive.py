@@ -19,12 +19,14 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from mailer.config import Settings
-from mailer.edition import load_edition
+from mailer.edition import Edition, load_edition
 from mailer.errors import MailerError
+from mailer.marking import ArchiveVisibility, resolve
 from mailer.outbox import Published
 from mailer.render import CompiledEdition, Recipient, RecipientUrls, compile_edition, personalise
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,80}$")
+NOINDEX_META = '<meta name="robots" content="noindex, nofollow">'
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class Archive:
 
     def entries(self, sent: Sequence[Published] = ()) -> list[Entry]:
         """The sent editions (`outbox.published`) and the published files, newest first; a
-        file that no longer validates is left out rather than shown."""
+        file that no longer validates, or is not public, is left out rather than shown."""
         zone = ZoneInfo(self.settings.timezone)
         out = []
         for edition in sent:
@@ -82,7 +84,7 @@ class Archive:
                                   preheader=source.meta.preheader,
                                   date_text=f"{date.day} {date:%B %Y}",
                                   updated=f"{date.isoformat()}T00:00:00Z",
-                                  issued=date.isoformat())
+                                  issued=date.isoformat()) if self._public(source) else None
                 with self._lock:
                     self._entries[path] = (mtime, entry)
             else:
@@ -90,6 +92,13 @@ class Archive:
             if entry is not None and entry.slug not in taken:
                 out.append(entry)
         return sorted(out, key=lambda e: (e.issued, e.updated, e.slug), reverse=True)
+
+    def _public(self, source: Edition) -> bool:
+        """A file is published only if its marking and visibility allow it (mailer.marking)."""
+        _marking, visibility = resolve(source.meta.classification, source.meta.archive,
+                                       self.settings.default_classification,
+                                       self.settings.default_archive)
+        return visibility == ArchiveVisibility.PUBLIC
 
     def sent_page(self, edition: Published, compiled: dict[str, object]) -> str:
         """The view-online HTML of a sent edition (`outbox.published_compiled`)."""
@@ -102,11 +111,20 @@ class Archive:
             self._sent[edition.id] = (edition.compiled_at, html)
         return html
 
-    def _generic(self, compiled: CompiledEdition, slug: str) -> str:
+    def own_page(self, edition: Published, compiled: dict[str, object], url: str) -> str:
+        """A subscribers-only edition as a reader opens it from their copy (`url`, their
+        signed link): the generic page, marked not to be indexed. Not cached: few readers
+        open one, and the page carries their link."""
+        html = self._generic(CompiledEdition.from_dict(dict(compiled)), edition.slug, url)
+        return NOINDEX_META.join(re.split(r"(?<=<head>)", html, maxsplit=1)) \
+            if "<head>" in html else NOINDEX_META + html
+
+    def _generic(self, compiled: CompiledEdition, slug: str, view_online: str = "") -> str:
         base = self.settings.base_url
-        # Generic values: the page is public, so it must not carry anyone's name or tokens.
+        # Generic values: the page may be public, so it must not carry anyone's name or
+        # unsubscribe tokens.
         urls = RecipientUrls(unsubscribe=f"{base}/manage", preferences=f"{base}/manage",
-                             view_online=f"{base}/archive/{slug}")
+                             view_online=view_online or f"{base}/archive/{slug}")
         return personalise(compiled, Recipient(email="", name=None), urls).html
 
     def page(self, slug: str) -> str | None:
@@ -122,7 +140,10 @@ class Archive:
         if cached is not None and cached[0] == mtime:
             return cached[1]
         try:
-            compiled = compile_edition(load_edition(path), self.settings)
+            source = load_edition(path)
+            if not self._public(source):
+                return None
+            compiled = compile_edition(source, self.settings)
         except MailerError:
             return None
         html = self._generic(compiled, slug)

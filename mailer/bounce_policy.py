@@ -466,7 +466,11 @@ def _likely_delivery(session: Session, ref: DeliveryRef,
     if ref.topic_id is not None:
         query = query.join(Topic, Topic.slug == Edition.topic).where(Topic.id == ref.topic_id)
     if original_subject:
-        found = session.scalar(query.where(Edition.subject == original_subject))
+        # The subject as sent carries the protective marking (mailer.marking); the column
+        # keeps the one written, and an edition compiled before marking has only that.
+        found = session.scalar(query.where(or_(
+            Edition.compiled["subject"].as_string() == original_subject,
+            Edition.subject == original_subject)))
         if found is not None:
             return found
     return session.scalar(query)

@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from mailer.errors import ConfigError
+from mailer.marking import SECURE_DOMAINS, ArchiveVisibility, Classification
 from subscribers.rules import DEFAULT_ORGANISATION_TYPES, DEFAULT_REGIONS, DEFAULT_ROLES, Rules
 
 CONFIG_ENV = "MAILER_CONFIG"
@@ -76,6 +77,16 @@ class Settings(BaseSettings):
     trusted_domains: list[str] = Field(
         default_factory=lambda: ["police.uk", "gov.uk", "nhs.net", "nhs.uk"],
         description="Sign-ups from these domains need no co-ordinator approval")
+    # Named as a publication's settings will be, so one can supply them later.
+    default_classification: Classification = Field(
+        Classification.OFFICIAL, description="An edition's protective marking when its front "
+                                             "matter names none: OFFICIAL or OFFICIAL-SENSITIVE")
+    default_archive: ArchiveVisibility = Field(
+        ArchiveVisibility.PUBLIC, description="An edition's archive visibility when its front "
+                                              "matter names none: public, subscribers or none")
+    secure_domains: list[str] = Field(
+        default_factory=lambda: list(SECURE_DOMAINS),
+        description="OFFICIAL-SENSITIVE goes only to these domains and their subdomains")
 
     rate_per_minute: int = Field(30, ge=0, description="Messages a minute; 0 means no limit")
     rate_per_day: int = Field(10_000, ge=0, description="Messages a rolling 24 h; 0: no limit")
@@ -150,6 +161,9 @@ class Settings(BaseSettings):
         description="The sign-up consent text; change consent_version whenever it changes")
     confirm_link_days: int = Field(7, ge=1, description="How long a confirmation link works")
     manage_link_days: int = Field(180, ge=1, description="How long a preferences link works")
+    view_link_days: int = Field(
+        730, ge=1, description="How long a reader's signed 'view in your browser' link to an "
+                               "edition not in the public archive works")
     unsubscribe_link_years: int = Field(10, ge=3, description="How long unsubscribe links work")
 
     # ---- yearly reconfirmation (issue 17): `mailer.reconfirm`

@@ -236,7 +236,8 @@ def run_demo(console: Console, *, directory: Path = DEMO_DIR, serve: bool = True
             outbox.request_approval(session, edition, "demo.author")
             outbox.approve(session, edition, "demo.approver")
             queued = outbox.send_approved(session, edition, "demo.approver")
-            edition_id, slug, subject = edition.id, edition.slug, edition.subject
+            # As sent: with its protective marking (mailer.marking).
+            edition_id, slug, subject = edition.id, edition.slug, edition.compiled["subject"]
         console.print(f"{count} demo subscribers; edition '{escape(slug)}' queued for "
                       f"{queued} of them")
         sent = send_with_progress(settings, sessions, edition_id, console)

@@ -36,6 +36,7 @@ from pydantic import (
 )
 
 from mailer.errors import EditionError, yaml_problem
+from mailer.marking import ArchiveVisibility, Classification
 
 SectionKind = Literal["prose", "dates", "links", "figures"]
 # The email's column in CSS pixels (templates/editions: mj-body width): the widest an image
@@ -104,6 +105,15 @@ class FrontMatter(BaseModel):
     segment: str | None = None
     from_name: str | None = None
     images: list[Image] = Field(default_factory=list)
+    # None: the default (today the settings', later the publication's), resolved when compiled.
+    classification: Classification | None = None
+    archive: ArchiveVisibility | None = None
+
+    @field_validator("classification", mode="before")
+    @classmethod
+    def _marking_in_capitals(cls, value: Any) -> Any:
+        # "official-sensitive" is plainly meant; the marking is written in capitals anyway.
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("title", "subject", "preheader", "from_name")
     @classmethod
@@ -266,7 +276,7 @@ def _front_matter(text: str, first: int, where: str, errors: list[EditionError]
                                    f"{where}:{first}"))
         return None
     try:
-        return FrontMatter.model_validate(data)
+        meta = FrontMatter.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors():
             loc = tuple(err["loc"])
@@ -285,6 +295,9 @@ def _front_matter(text: str, first: int, where: str, errors: list[EditionError]
                 message = f"bad date {data.get('date')!r}: write it as YYYY-MM-DD"
             elif err["type"] == "string_too_short" and err.get("ctx", {}).get("min_length") == 1:
                 message = f"{name} is empty: write one"
+            elif err["type"] == "enum":
+                message = (f"{name}: {err['input']!r} is not one we know; write "
+                           f"{err['ctx']['expected']}")
             elif err["type"] == "string_too_long":
                 message = (f"{name} is too long: at most {err['ctx']['max_length']} characters, "
                            f"and it has {len(str(err['input']))}")
@@ -292,6 +305,15 @@ def _front_matter(text: str, first: int, where: str, errors: list[EditionError]
                 message = f"{name}: {err['msg']}"
             errors.append(EditionError(message, f"{where}:{line}"))
         return None
+    if (meta.classification == Classification.OFFICIAL_SENSITIVE
+            and meta.archive == ArchiveVisibility.PUBLIC):
+        errors.append(EditionError(
+            "an OFFICIAL-SENSITIVE edition cannot be public: its archive page would publish it",
+            f"{where}:{key_lines.get(('archive',), first)}",
+            hint="write 'archive: subscribers' (readers open it from their copy) or "
+                 "'archive: none'"))
+        return None
+    return meta
 
 
 def _inline_text(token: Token) -> str:

@@ -32,7 +32,7 @@ _DATE_ITEM = re.compile(r"^[-*]\s+\*\*(?P<date>[^*]+)\*\*\s*:?\s*(?P<text>.*)$")
 _LINK_ITEM = re.compile(r"^[-*]\s+\[(?P<text>[^\]]+)\]\((?P<href>[^)\s]+)\)\s*$")
 _NUMBER = re.compile(r"^[£$€]?\s*[-+]?\d[\d,]*(\.\d+)?\s*%?$")
 _FRONT_KEYS = ("title", "issue", "date", "subject", "preheader", "topic", "audience",
-               "from_name")
+               "from_name", "classification", "archive")
 
 
 @dataclass
@@ -57,6 +57,9 @@ class EditionForm:
     # No field on the form: kept as given, so a round trip through the editor loses nothing.
     audience_topics: list[str] = field(default_factory=list)
     from_name: str = ""
+    # "" leaves the key out of the front matter: the publication's default then applies.
+    classification: str = ""
+    archive: str = ""
     intro: str = ""
     sections: list[FormSection] = field(default_factory=list)
     # Front-matter keys the form has no field for (images, ...): kept as they are.
@@ -166,6 +169,7 @@ def from_source(source: str) -> EditionForm:
         organisation_types=_words(audience.get("organisation_types")),
         audience_topics=_words(audience.get("topics")),
         from_name=_text(meta.get("from_name")),
+        classification=_text(meta.get("classification")), archive=_text(meta.get("archive")),
         extra={k: v for k, v in meta.items() if k not in _FRONT_KEYS})
     chunks = re.split(r"(?m)^(## .*)$", body)
     form.intro = chunks[0].strip("\n")
@@ -256,6 +260,10 @@ def _front(form: EditionForm) -> dict[str, Any]:
         del meta["audience"]  # a saved segment names the audience; both would be refused
     if form.from_name.strip():
         meta["from_name"] = form.from_name.strip()
+    for key in ("classification", "archive"):
+        value = str(getattr(form, key)).strip()
+        if value:
+            meta[key] = value
     meta.update(form.extra)
     return meta
 
@@ -315,5 +323,6 @@ def next_issue(last: EditionForm) -> EditionForm:
     return EditionForm(title=last.title, issue=str(int(issue) + 1) if issue.isdigit() else "",
                        topic=last.topic, regions=list(last.regions), roles=list(last.roles),
                        organisation_types=list(last.organisation_types),
-                       from_name=last.from_name, sections=sections,
+                       from_name=last.from_name, classification=last.classification,
+                       archive=last.archive, sections=sections,
                        extra={k: v for k, v in last.extra.items() if k != "images"})

@@ -40,6 +40,10 @@ STATES = {
     "planned": "Planned",
     "enqueued": "Queued",
     "missed": "Missed",
+    # an edition's archive visibility (mailer.marking)
+    "public": "Public: in the archive and its feed",
+    "subscribers": "Readers only: opened from their own copy, not listed",
+    "none": "Not on the web",
     # a console account's role
     "viewer": "Viewer",
     "coordinator": "Co-ordinator",

@@ -6,12 +6,13 @@ from __future__ import annotations
 import functools
 
 from mailer.config import Settings
+from mailer.marking import ArchiveVisibility
 from mailer.render import RecipientUrls
 from subscribers.tokens import Lifetimes, Purpose, Tokens
 
 # Where each kind of link lands: the one place the recipient pages' link shapes are written.
 PATHS = {Purpose.CONFIRM: "/confirm/", Purpose.UNSUBSCRIBE: "/u/", Purpose.MANAGE: "/preferences/",
-         Purpose.RECONFIRM: "/still-working/"}
+         Purpose.RECONFIRM: "/still-working/", Purpose.VIEW: "/read/"}
 
 
 def tokens_for(settings: Settings) -> Tokens:
@@ -21,7 +22,8 @@ def tokens_for(settings: Settings) -> Tokens:
         confirm=settings.confirm_link_days * day,
         unsubscribe=settings.unsubscribe_link_years * 365 * day,
         manage=settings.manage_link_days * day,
-        reconfirm=settings.reconfirm_link_days * day))
+        reconfirm=settings.reconfirm_link_days * day,
+        view=settings.view_link_days * day))
 
 
 class Links:
@@ -59,6 +61,20 @@ class Links:
     def view_online(self, edition_slug: str) -> str:
         return self.url(f"/archive/{edition_slug}")
 
+    def view_own_copy(self, subscriber_id: int, edition_id: int) -> str:
+        """A reader's signed link to an edition kept out of the public archive."""
+        return self.page(Purpose.VIEW, self.tokens.view(subscriber_id, edition_id))
+
+    def browser_link(self, subscriber_id: int, edition_slug: str, edition_id: int | None,
+                     archive: str) -> str:
+        """The "view in your browser" link as the edition's archive visibility allows: the
+        public page, the reader's own signed link, or none (the email then shows no link)."""
+        if archive == ArchiveVisibility.NONE:
+            return ""
+        if archive == ArchiveVisibility.SUBSCRIBERS and edition_id is not None:
+            return self.view_own_copy(subscriber_id, edition_id)
+        return self.view_online(edition_slug)
+
     def preview(self, edition_slug: str) -> RecipientUrls:
         """A preview's links: not real tokens, so a preview never carries a link that acts
         for a subscriber."""
@@ -66,8 +82,10 @@ class Links:
                              preferences=self.url("/preferences/preview"),
                              view_online=self.view_online(edition_slug))
 
-    def recipient(self, subscriber_id: int, topic_id: int | None,
-                  edition_slug: str) -> RecipientUrls:
+    def recipient(self, subscriber_id: int, topic_id: int | None, edition_slug: str,
+                  edition_id: int | None = None,
+                  archive: str = ArchiveVisibility.PUBLIC) -> RecipientUrls:
         return RecipientUrls(unsubscribe=self.unsubscribe(subscriber_id, topic_id),
                              preferences=self.preferences(subscriber_id),
-                             view_online=self.view_online(edition_slug))
+                             view_online=self.browser_link(subscriber_id, edition_slug,
+                                                           edition_id, archive))

@@ -71,6 +71,7 @@ class DeliveryReason(StrEnum):
     SUPPRESSED = "suppressed"  # unsubscribed or suppressed before its turn
     CANCELLED = "cancelled"  # its send was cancelled
     NOT_BUILT = "not_built"  # the message could not be built for this person
+    NOT_SECURE = "not_secure"  # OFFICIAL-SENSITIVE, and the address is not on a secure domain
 
 
 DUE = frozenset({DeliveryStatus.QUEUED, DeliveryStatus.RETRY})

@@ -16,15 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
     ColumnElement,
     Select,
+    String,
     and_,
     bindparam,
     case,
+    false,
     func,
     literal,
     or_,
@@ -41,6 +43,7 @@ from mailer.config import Settings
 from mailer.deadline import too_late
 from mailer.edition import Edition as ParsedEdition
 from mailer.errors import Conflict, EditionError, MailerError, NotAllowed, NotFound
+from mailer.marking import NOT_SECURE, ArchiveVisibility
 from mailer.models import (
     DUE,
     FINAL,
@@ -59,6 +62,7 @@ from subscribers import store
 from subscribers.db import changed_rows, utcnow
 from subscribers.models import Subscriber, Topic
 from subscribers.regions import Scope, within
+from subscribers.validation import in_domains
 
 
 class EditionConflict(Conflict):
@@ -103,6 +107,8 @@ def store_edition(session: Session, *, slug: str, title: str, subject: str, topi
     edition.audience_topics, edition.segment = list(audience_topics), segment
     edition.source, edition.source_sha256, edition.compiled = source, digest, compiled
     edition.not_after = not_after
+    # Only a public edition is listed, in the feed and open to anyone (mailer.marking).
+    edition.public = compiled.get("archive", ArchiveVisibility.PUBLIC) == ArchiveVisibility.PUBLIC
     session.flush()
     return edition, existing is None
 
@@ -147,9 +153,38 @@ def list_editions(session: Session, limit: int = 50, scope: Scope = None) -> Seq
 _NOT_PERSONAL = Edition.kind.not_in(sorted(PERSONAL))
 
 
-def audience(edition: Edition) -> Select[int]:
-    return store.segment([edition.topic], edition.regions, edition.roles,
-                         edition.organisation_types, also_topics=edition.audience_topics or ())
+def secure_domains(edition: Edition) -> list[str] | None:
+    """The only domains an OFFICIAL-SENSITIVE edition may go to (as compiled, so as its
+    approver saw them), or None: it may go to anyone in its audience."""
+    domains = (edition.compiled or {}).get("secure_domains")
+    return None if domains is None else [str(d) for d in domains]
+
+
+def audience(edition: Edition, *, left_out: bool = False) -> Select[int]:
+    """Who the edition goes to; with `left_out`, who its topic and segment name but its
+    marking keeps it from (an address not on a secure domain). The one place the marking's
+    rule meets the audience: the dry run, the approval screen, the enqueue and the status all
+    count through here."""
+    query = store.segment([edition.topic], edition.regions, edition.roles,
+                          edition.organisation_types, also_topics=edition.audience_topics or ())
+    domains = secure_domains(edition)
+    if domains is None:
+        return query.where(false()) if left_out else query
+    secure = store.at_domains(domains)
+    return query.where(~secure if left_out else secure)
+
+
+def left_out(session: Session, edition: Edition) -> int:
+    """How many in the audience the edition may not go to: recorded by the send once it is
+    queued, counted live before."""
+    if secure_domains(edition) is None:
+        return 0
+    recorded = session.scalar(select(func.count()).select_from(Delivery).where(
+        Delivery.edition_id == edition.id, Delivery.reason == DeliveryReason.NOT_SECURE)) or 0
+    if edition.started_at is not None:
+        return recorded
+    return session.scalar(select(func.count()).select_from(
+        audience(edition, left_out=True).subquery())) or 0
 
 
 def audience_fields(edition: Edition) -> AudienceFields:
@@ -178,29 +213,50 @@ def _insert(session: Session) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(Delivery.__table__)
 
 
+_ROW = ["edition_id", "subscriber_id", "status", "attempts", "ambiguous", "queued_at",
+        "next_attempt_at", "reason", "last_reply"]
+# Rows that are messages: a left-out reader's row records a decision, not a send.
+_NOT_LEFT_OUT = or_(Delivery.reason.is_(None), Delivery.reason != DeliveryReason.NOT_SECURE)
+
+
+def _rows(edition: Edition, who: Select[int], now: datetime, status: DeliveryStatus,
+          reason: DeliveryReason | None = None, reply: str | None = None) -> Select[Any]:
+    ids = who.subquery()
+    # literal(True) in the WHERE: SQLite's upsert needs one to tell ON CONFLICT from a join.
+    return select(literal(edition.id), ids.c.id, literal(status.value), literal(0),
+                  literal(False), literal(now), literal(now),
+                  literal(reason.value if reason else None, String()),
+                  literal(reply, String())).select_from(ids).where(literal(True))
+
+
 def enqueue(session: Session, edition: Edition, *, now: datetime | None = None) -> int:
     """Queue one delivery per person in the edition's audience who has none yet; start the send.
 
-    One `INSERT ... SELECT`, so memory stays flat however large the list. Returns how many rows
-    were added (0 when run again: the unique key absorbs repeats).
+    One `INSERT ... SELECT`, so memory stays flat however large the list. Returns how many
+    messages were queued (0 when run again: the unique key absorbs repeats). An
+    OFFICIAL-SENSITIVE edition's readers off its secure domains get a skipped row saying so.
     """
     if edition.status not in STARTABLE and edition.status != EditionStatus.SENDING:
         raise EditionConflict(f"edition '{edition.slug}' is {edition.status}; it cannot be sent",
                               hint="`mailer edition resume` continues a paused send")
     now = now or utcnow()
-    ids = audience(edition).subquery()
-    chosen = select(literal(edition.id), ids.c.id, literal(DeliveryStatus.QUEUED.value),
-                    literal(0), literal(False), literal(now), literal(now)).select_from(ids)
-    stmt = _insert(session).from_select(
-        ["edition_id", "subscriber_id", "status", "attempts", "ambiguous", "queued_at",
-         "next_attempt_at"], chosen.where(literal(True))).on_conflict_do_nothing()
+    statements = [_insert(session).from_select(_ROW, _rows(edition, audience(edition), now,
+                                                           DeliveryStatus.QUEUED))
+                  .on_conflict_do_nothing()]
+    if secure_domains(edition) is not None:
+        # Left out, and recorded as such: the status counts them from the outbox, and their
+        # row keeps a later send-to-new from queueing them.
+        statements.append(_insert(session).from_select(_ROW, _rows(
+            edition, audience(edition, left_out=True), now, DeliveryStatus.SKIPPED,
+            DeliveryReason.NOT_SECURE, f"not sent: {NOT_SECURE}")).on_conflict_do_nothing())
     # rowcount of INSERT ... SELECT is not reported by every driver (psycopg gives -1 here):
     # the edition's row count before and after is, and costs one index scan each.
     def rows() -> int:
         return session.scalar(select(func.count()).select_from(Delivery)
-                              .where(Delivery.edition_id == edition.id)) or 0
+                              .where(Delivery.edition_id == edition.id, _NOT_LEFT_OUT)) or 0
     before = rows()
-    session.execute(stmt)
+    for stmt in statements:
+        session.execute(stmt)
     added = rows() - before
     if added >= 1000 and session.get_bind().dialect.name == "postgresql":
         # The claims that follow read index ranges that the planner only picks once it
@@ -425,10 +481,21 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
     # still as the refusal left them.
     told = [r.subscriber_id for r in rows if r.kind == EditionKind.DECLINED]
     declined = store.declined_among(session, told) if told else set()
-    claims, skipped, late = [], [], []
+    # An address changed to one off the secure domains since the send was queued: the
+    # marking's rule holds at send time too (the Python twin of the enqueue's SQL).
+    restricted: dict[int, list[str]] = {}
+    for marked, domains in session.execute(
+            select(Edition.id, Edition.compiled["secure_domains"])
+            .where(Edition.id.in_({r.edition_id for r in rows}))):
+        if isinstance(domains, list):
+            restricted[cast(int, marked)] = [str(d) for d in domains]
+    claims, skipped, late, unsafe = [], [], [], []
     for r in rows:
         if too_late(r.not_after, now):
             late.append(r.id)
+        elif r.edition_id in restricted and not in_domains(r.email or "",
+                                                           restricted[r.edition_id]):
+            unsafe.append(r.id)
         elif not (r.subscriber_id in declined if r.kind == EditionKind.DECLINED
                   else (r.subscriber_id, r.topic) in sendable):
             skipped.append(r.id)
@@ -443,7 +510,9 @@ def claim_due(session: Session, worker: str, limit: int, lease: timedelta,
     for ids_, reply, status, reason in (
             (skipped, "not sent: unsubscribed or suppressed before its turn",
              DeliveryStatus.SKIPPED, DeliveryReason.SUPPRESSED),
-            (late, f"not sent: {TOO_LATE}", DeliveryStatus.FAILED, DeliveryReason.TOO_LATE)):
+            (late, f"not sent: {TOO_LATE}", DeliveryStatus.FAILED, DeliveryReason.TOO_LATE),
+            (unsafe, f"not sent: {NOT_SECURE}", DeliveryStatus.SKIPPED,
+             DeliveryReason.NOT_SECURE)):
         if ids_:
             session.execute(_CLOSE_UNSENT, {"ids": ids_, "status": status, "reply": reply,
                                             "reason": reason})
@@ -563,6 +632,7 @@ class Progress:
     total: int
     taken_over: int = 0  # "resent after a crash": claims taken over from a worker that died
     once: int = 0  # "certainly sent once": accepted by the relay, and no copy before it
+    left_out: int = 0  # OFFICIAL-SENSITIVE: "left out: address not on a secure domain"
 
     @property
     def remaining(self) -> int:
@@ -571,18 +641,22 @@ class Progress:
 
 
 def progress(session: Session, edition: Edition) -> Progress:
+    # Left-out readers (OFFICIAL-SENSITIVE, not on a secure domain) are not messages: counted
+    # on their own, so "sent N of M" is of the messages the edition may send.
     counts = dict(session.execute(
-        select(Delivery.status, func.count()).where(Delivery.edition_id == edition.id)
+        select(Delivery.status, func.count()).where(Delivery.edition_id == edition.id,
+                                                    _NOT_LEFT_OUT)
         .group_by(Delivery.status)).all())
-    ambiguous, taken_over, once = session.execute(
+    ambiguous, taken_over, once, left = session.execute(
         select(func.count().filter(Delivery.ambiguous.is_(True)),
                func.count().filter(Delivery.taken_over.is_(True)),
                func.count().filter(and_(Delivery.status == DeliveryStatus.SENT,
-                                        Delivery.ambiguous.is_not(True))))
+                                        Delivery.ambiguous.is_not(True))),
+               func.count().filter(Delivery.reason == DeliveryReason.NOT_SECURE))
         .where(Delivery.edition_id == edition.id)).one()
     return Progress(edition.id, edition.slug, edition.status, edition.paused_reason,
                     {s.value: counts.get(s.value, 0) for s in DeliveryStatus}, ambiguous or 0,
-                    sum(counts.values()), taken_over or 0, once or 0)
+                    sum(counts.values()), taken_over or 0, once or 0, left or 0)
 
 
 def deliveries_for(session: Session, subscriber_id: int) -> list[dict[str, Any]]:
@@ -961,3 +1035,39 @@ def published_compiled(session: Session, slug: str) -> tuple[Published, dict[str
     row = session.execute(_published().add_columns(Edition.compiled)
                           .where(Edition.slug == slug)).first()
     return None if row is None else (Published(*row[:7]), row[7])
+
+
+def own_copy(session: Session, edition_id: int, subscriber_id: int
+             ) -> tuple[Published, dict[str, Any]] | None:
+    """A newsletter kept out of the public archive (`archive: subscribers`) as one reader may
+    open it from their copy: only an edition that went to them (a reader left out of an
+    OFFICIAL-SENSITIVE send had no copy, so has no page), and never one kept off the web."""
+    row = session.execute(
+        select(Edition.id, Edition.slug, Edition.subject,
+               Edition.compiled["preheader"].as_string(), Edition.started_at,
+               Edition.compiled["compiled_at"].as_string(),
+               Edition.compiled["issue_date"].as_string(), Edition.compiled)
+        .join(Delivery, Delivery.edition_id == Edition.id)
+        .where(Edition.id == edition_id, Delivery.subscriber_id == subscriber_id,
+               _NOT_LEFT_OUT, Edition.kind == EditionKind.NEWSLETTER,
+               Edition.started_at.is_not(None))).first()
+    if row is None or row[7].get("archive", ArchiveVisibility.PUBLIC) == ArchiveVisibility.NONE:
+        return None
+    return Published(*row[:7]), row[7]
+
+
+def own_copies(session: Session, subscriber_id: int) -> list[Published]:
+    """The newsletters kept out of the public archive that went to this reader, newest
+    first: what their preferences page (the /manage magic link) offers to open."""
+    rows = session.execute(
+        select(Edition.id, Edition.slug, Edition.subject,
+               Edition.compiled["preheader"].as_string(), Edition.started_at,
+               Edition.compiled["compiled_at"].as_string(),
+               Edition.compiled["issue_date"].as_string(),
+               Edition.compiled["archive"].as_string())
+        .join(Delivery, Delivery.edition_id == Edition.id)
+        .where(Delivery.subscriber_id == subscriber_id, _NOT_LEFT_OUT,
+               Edition.public.is_(False), Edition.kind == EditionKind.NEWSLETTER,
+               Edition.started_at.is_not(None))
+        .order_by(Edition.started_at.desc(), Edition.id.desc())).all()
+    return [Published(*r[:7]) for r in rows if r[7] == ArchiveVisibility.SUBSCRIBERS]

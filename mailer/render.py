@@ -42,7 +42,7 @@ import markupsafe
 from markdown_it.renderer import RendererHTML
 from markdown_it.token import Token
 
-from mailer import media, signing
+from mailer import marking, media, signing
 from mailer.config import Settings
 from mailer.dkim import HEADER_LIST
 from mailer.edition import COLUMN_WIDTH, CONTACT_HREF, Edition, Section, Table, markdown
@@ -108,6 +108,13 @@ class CompiledEdition:
     # Where replies go (issue 15). Empty in editions compiled before it existed: those are
     # sent without a Reply-To, as they were approved.
     reply_to: str = ""
+    # mailer.marking: "" for a mail that carries no marking (a welcome, a reminder); an
+    # edition compiled before marking existed was OFFICIAL and public, which the defaults say.
+    classification: str = ""
+    archive: str = "public"
+    # OFFICIAL-SENSITIVE: the only domains (and their subdomains) it may go to, as the approver
+    # saw them; None: anyone in the audience.
+    secure_domains: list[str] | None = None
     _skeleton: _Skeleton | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -423,6 +430,10 @@ def compile_edition(edition: Edition, settings: Settings, *,
                     now: dt.datetime | None = None) -> CompiledEdition:
     """Render `edition` once: HTML (inlined, with slot markers), text, subject, warnings."""
     _check_header_text(edition.meta.subject, "subject", edition.path)
+    classification, archive = marking.resolve(
+        edition.meta.classification, edition.meta.archive, settings.default_classification,
+        settings.default_archive)
+    subject = marking.marked_subject(edition.meta.subject, classification)
     from_name = edition.meta.from_name or settings.from_name
     _check_header_text(from_name, "from_name", edition.path)
     markers = _markers()
@@ -436,7 +447,10 @@ def compile_edition(edition: Edition, settings: Settings, *,
     date_text = f"{edition.meta.date.day} {edition.meta.date:%B %Y}"
     why = _why(edition, settings)
     context = {
-        "lang": "en-GB", "subject": edition.meta.subject, "preheader": edition.meta.preheader,
+        "lang": "en-GB", "subject": subject, "preheader": edition.meta.preheader,
+        "marking": classification.value,
+        # An edition kept off the web has no page to view: its copies carry no link to one.
+        "view_online": archive != marking.ArchiveVisibility.NONE,
         "title": edition.meta.title, "issue": edition.meta.issue, "date_text": date_text,
         "from_name": from_name, "contact_address": settings.contact_address, "why": why,
         "images": [i.model_dump() for i in edition.meta.images],
@@ -455,12 +469,16 @@ def compile_edition(edition: Edition, settings: Settings, *,
     text = re.sub(r"\n{3,}", "\n\n", text).strip("\n") + "\n"
     html = html.rstrip("\n") + "\n"  # as set_content() would leave it
     compiled = CompiledEdition(
-        html=html, text=text, subject=edition.meta.subject, preheader=edition.meta.preheader,
+        html=html, text=text, subject=subject, preheader=edition.meta.preheader,
         from_name=from_name, from_address=settings.from_address, list_id=settings.list_id,
         reply_to=_reply_to(settings, edition.path),
         markers=markers, title=edition.meta.title, source=edition.path,
         compiled_at=(now or dt.datetime.now(dt.UTC)).isoformat(timespec="seconds"),
         issue_date=edition.meta.date.isoformat(),
+        classification=classification.value, archive=archive.value,
+        secure_domains=(sorted({d.strip().lower() for d in settings.secure_domains if d.strip()})
+                        if classification == marking.Classification.OFFICIAL_SENSITIVE
+                        else None),
     )
     compiled.warnings = preflight(compiled)
     return compiled

@@ -428,7 +428,8 @@ class Worker:
         try:
             raw = build_message(
                 plan.compiled, Recipient(claim.email, claim.name),
-                self.links.recipient(claim.subscriber_id, plan.topic_id, plan.slug),
+                self.links.recipient(claim.subscriber_id, plan.topic_id, plan.slug,
+                                     plan.edition_id, plan.compiled.archive),
                 message_id=reference.message_id(self.secret, claim.edition_id,
                                                 claim.subscriber_id, self.domain))
             if self.signer:

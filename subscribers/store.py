@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import (
     ARRAY,
+    ColumnElement,
     Connection,
     Insert,
     Integer,
@@ -27,9 +28,11 @@ from sqlalchemy import (
     case,
     delete,
     exists,
+    false,
     func,
     insert,
     literal,
+    or_,
     select,
     text,
     update,
@@ -684,6 +687,18 @@ def segment(topics: Sequence[str] | None, regions: Sequence[str] = (),
     if organisation_types:
         query = query.where(Subscriber.organisation_type.in_(list(organisation_types)))
     return query
+
+
+def at_domains(domains: Sequence[str]) -> ColumnElement[bool]:
+    """SQL twin of `validation.in_domains`: the subscriber's address is at one of `domains` or
+    a subdomain of one (whole labels: the '@' or '.' before the domain is part of the match).
+    In SQL so a send's enqueue and its counts stay set-based."""
+    key = func.lower(func.coalesce(Subscriber.email_key, ""))
+    matches: list[ColumnElement[bool]] = []
+    for domain in domains:
+        escaped = domain.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        matches += [key.like(f"%@{escaped}", escape="\\"), key.like(f"%.{escaped}", escape="\\")]
+    return or_(*matches) if matches else false()
 
 
 def is_sendable(session: Session, subscriber_id: int, topic_slug: str) -> bool:

@@ -73,6 +73,7 @@ class Purpose(StrEnum):
     UNSUBSCRIBE = "unsubscribe"  # List-Unsubscribe and the footer link
     MANAGE = "manage"  # the preferences page (footer link and the /manage magic link)
     RECONFIRM = "reconfirm"  # the yearly "yes, I still work with MSHT" answer
+    VIEW = "view"  # "view in your browser" of an edition kept out of the public archive
 
 
 class InvalidToken(Exception):
@@ -87,7 +88,11 @@ class InvalidToken(Exception):
 @dataclass(frozen=True)
 class Claims:
     subscriber_id: int
-    topic_id: int | None = None
+    topic_id: int | None = None  # for a VIEW token, the edition's id (see `edition_id`)
+
+    @property
+    def edition_id(self) -> int | None:
+        return self.topic_id
 
 
 @dataclass(frozen=True)
@@ -100,10 +105,14 @@ class Lifetimes:
     manage: int = 180 * DAY
     # Outlives the answer window, so a reader who lapsed can still come back with it.
     reconfirm: int = 180 * DAY
+    # A copy is read for a while after it arrives, not for ever: a forwarded link to a
+    # subscribers-only edition should stop working in the end.
+    view: int = 730 * DAY
 
     def of(self, purpose: Purpose) -> int:
         return {Purpose.CONFIRM: self.confirm, Purpose.UNSUBSCRIBE: self.unsubscribe,
-                Purpose.MANAGE: self.manage, Purpose.RECONFIRM: self.reconfirm}[purpose]
+                Purpose.MANAGE: self.manage, Purpose.RECONFIRM: self.reconfirm,
+                Purpose.VIEW: self.view}[purpose]
 
 
 class Tokens:
@@ -156,6 +165,11 @@ class Tokens:
 
     def reconfirm(self, subscriber_id: int) -> str:
         return self.make(Purpose.RECONFIRM, subscriber_id)
+
+    def view(self, subscriber_id: int, edition_id: int) -> str:
+        """One reader's link to one edition: the edition rides where an unsubscribe token
+        carries its topic."""
+        return self.make(Purpose.VIEW, subscriber_id, edition_id)
 
     def read(self, purpose: Purpose, token: str) -> Claims:
         """The claims of a valid token for `purpose`; raises `InvalidToken` otherwise."""

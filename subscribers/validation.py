@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import re
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import email_validator
@@ -205,6 +206,12 @@ def email_hmac(rules: Rules, key: str) -> str:
     return hmac.new(rules.suppression_key, key.encode(), hashlib.sha256).hexdigest()
 
 
-def is_trusted_domain(rules: Rules, email: str) -> bool:
+def in_domains(email: str, domains: Iterable[str]) -> bool:
+    """Whether the address is at one of `domains` or a subdomain of one: whole labels, never
+    a substring (`kentpolice.uk` is not `police.uk`). `store.at_domains` is its SQL twin."""
     domain = email.rpartition("@")[2].lower()
-    return any(domain == d or domain.endswith("." + d) for d in rules.trusted_domains)
+    return any(domain == d.lower() or domain.endswith("." + d.lower()) for d in domains)
+
+
+def is_trusted_domain(rules: Rules, email: str) -> bool:
+    return in_domains(email, rules.trusted_domains)

@@ -33,6 +33,7 @@ from subscribers.models import Subscriber
 from tests.waiting import answering, wait_for
 
 SUBJECT = "MSHT newsletter, issue 2: Kent & Essex, summer 2020"
+SENT_SUBJECT = f"OFFICIAL: {SUBJECT}"  # as sent: the protective marking first (mailer.marking)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -66,7 +67,7 @@ def test_demo_no_serve_from_a_fresh_directory_delivers_to_every_demo_subscriber(
     assert len(addresses) == 200 and sent == 200
     to = [m["To"].addresses[0].addr_spec for m in received]
     assert len(to) == 200 and set(to) == addresses  # each demo subscriber once
-    assert {m["Subject"] for m in received} == {SUBJECT}
+    assert {m["Subject"] for m in received} == {SENT_SUBJECT}
     assert all(a.rpartition("@")[2].endswith(".example") for a in addresses)
     assert all(m["List-Unsubscribe"].startswith("<http://127.0.0.1:8000/u/") for m in received)
 

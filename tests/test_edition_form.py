@@ -100,9 +100,10 @@ def _fields(page: str) -> dict[str, str]:
     for name, body in re.findall(r'<textarea id="[^"]+" name="([^"]+)"[^>]*>(.*?)</textarea>',
                                  form, re.S):
         fields[name] = body
-    for name in re.findall(r'<select id="[^"]+" name="([^"]+)">', form):
-        chosen = re.search(rf'name="{re.escape(name)}">.*?<option value="([^"]+)" selected',
-                           form, re.S)
+    # Each select sends its selected option's value, "" included (the marking's "default").
+    for name, options in re.findall(r'<select id="[^"]+" name="([^"]+)"[^>]*>(.*?)</select>',
+                                    form, re.S):
+        chosen = re.search(r'<option value="([^"]*)" selected', options)
         fields[name] = chosen[1] if chosen else "text"
     import html
     return {k: html.unescape(v) for k, v in fields.items()}

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LEAVES = {"mailer.edition", "mailer.render", "mailer.smtp", "mailer.reference",
           "mailer.bounces", "mailer.inbound", "mailer.errors", "mailer.config", "mailer.signing",
           "mailer.media", "mailer.wordimport", "mailer.dkim", "mailer.spf", "mailer.outgoing",
-          "mailer.edition_form", "mailer.charts"}
+          "mailer.edition_form", "mailer.charts", "mailer.marking"}
 # The doctor looks at everything (the scheduler's leader lock too), and nothing looks at it.
 TOP = ("mailer.web", "mailer.cli", "mailer.schedule", "mailer.demo", "mailer.__main__",
        "mailer.doctor")
@@ -84,7 +84,7 @@ READS = {
     "mailer.outbox": {"Progress", "progress", "eta_text", "time_left_text",
                       "second_pair_of_eyes", "audience_breakdown", "published",
                       "published_compiled", "Published", "ApprovalRefused", "LONDON", "figures",
-                      "uk_time"},
+                      "uk_time", "left_out", "own_copy", "own_copies"},
     "mailer.audit": {"AuditFilter", "entries", "actions", "as_dict"},
     "mailer.events": {"list_events", "next_occurrence", "upcoming", "get_event",
                       "reminders_for", "load_file", "EventSpec", "EventError",

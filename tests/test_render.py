@@ -182,7 +182,8 @@ def test_preflight_warns_about_each_problem(conf: Settings) -> None:
     assert "Gmail clips" in text
     assert "link text 'here'" in text
     assert "no preheader" in text
-    assert "the subject is 80 characters" in text
+    # The subject as sent: "OFFICIAL: " (mailer.marking) and the 80 characters written.
+    assert "the subject is 90 characters" in text
     c.html = c.html.replace(c.markers["unsubscribe"], "https://example.org/nothing")
     c.html += '<img src="https://example.org/a.png"><a href="#">Top</a>'
     again = "\n".join(preflight(c))
@@ -317,7 +318,7 @@ def test_non_ascii_subject_and_names_use_encoded_words(conf: Settings) -> None:
     subject = next(x for x in header_lines(raw) if x.startswith(b"Subject:"))
     assert b"=?utf-8?" in subject
     msg = parse(raw)
-    assert msg["Subject"] == "Bulletin d’été for Zoë"
+    assert msg["Subject"] == "OFFICIAL: Bulletin d’été for Zoë"
     assert msg["To"].addresses[0].display_name == "Zoë Nguyễn"
 
 

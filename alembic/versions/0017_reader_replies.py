@@ -2,7 +2,7 @@
 until forwarded to the contact address and for `reader_reply_retention_days`.
 
 Revision ID: 0017
-Revises: 0015
+Revises: 0016
 """
 
 from collections.abc import Sequence
@@ -13,7 +13,7 @@ from alembic import op
 from subscribers.db import UTCDateTime
 
 revision: str = "0017"
-down_revision: str | None = "0015"
+down_revision: str | None = "0016"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

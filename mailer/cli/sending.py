@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from rich.table import Table
 
-from mailer import outbox
+from mailer import marking, outbox
 from mailer.cli.edition import app as edition_app
 from mailer.cli.edition import edition_of
 from mailer.cli.runtime import Runtime, console
@@ -50,6 +50,9 @@ def send(ctx: typer.Context,
                       f"{shown.count} reader(s) now")
         console.print(f"edition '{escape(found.slug)}' ({found.status}): "
                       f"{total} recipient(s) in its audience; {eta}")
+        left = outbox.left_out(session, found)
+        if left:
+            console.print(f"[yellow]{escape(marking.left_out_text(left))}[/]")
         if not confirm:
             session.rollback()  # a dry run stores nothing, not even the edition file
             console.print("dry run: nothing was sent or stored; add --confirm to queue it "
@@ -83,6 +86,8 @@ def _status_table(p: outbox.Progress, settings: Settings) -> Table:
     table.add_row("certainly sent once", str(p.once))
     table.add_row("may have been sent twice", str(p.ambiguous))
     table.add_row("resent after a crash", str(p.taken_over))
+    if p.left_out:
+        table.add_row(f"left out ({marking.NOT_SECURE})", str(p.left_out))
     table.add_row("ETA", outbox.time_left_text(settings, p))
     return table
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from mailer import accounts, outbox, revisions
+from mailer import accounts, marking, outbox, revisions
 from mailer.accounts import Permission
 from mailer.config import Settings
 from mailer.errors import Conflict, MailerError
@@ -62,6 +62,7 @@ class Preview:
     text: str
     warnings: list[str]
     audience: dict[str, dict[str, int]]
+    left_out: int = 0  # OFFICIAL-SENSITIVE: in the audience, not on a secure domain
 
 
 def preview(session: Session, caller: Caller, settings: Settings, ident: int | str
@@ -69,8 +70,10 @@ def preview(session: Session, caller: Caller, settings: Settings, ident: int | s
     edition = get(session, caller, ident)
     compiled = CompiledEdition.from_dict(edition.compiled)
     page = personalise(compiled, PREVIEW_READER, Links(settings).preview(edition.slug))
-    return Preview(edition, page.html, page.text, preflight(compiled),
-                   outbox.audience_breakdown(session, edition))
+    left = outbox.left_out(session, edition)
+    warnings = preflight(compiled) + ([marking.left_out_warning(left)] if left else [])
+    return Preview(edition, page.html, page.text, warnings,
+                   outbox.audience_breakdown(session, edition), left)
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,8 @@ def send(session: Session, caller: Caller, settings: Settings, ident: int | str)
         queued = outbox.send_approved(session, edition, caller.actor.login)
     else:
         queued = outbox.enqueue(session, edition)
-    caller.record(session, "edition.send", _target(edition), queued=queued)
+    caller.record(session, "edition.send", _target(edition), queued=queued,
+                  left_out=outbox.left_out(session, edition))
     return queued
 
 

@@ -997,7 +997,8 @@ def _read_editor(form: FormData) -> ef.EditionForm:
         regions=[r for r in form.getlist("regions") if isinstance(r, str)][:50],
         roles=_words_of(_text(form, "roles", 500)),
         organisation_types=_words_of(_text(form, "organisation_types", 500)),
-        from_name=_text(form, "from_name", 200), intro=_long(form, "intro"),
+        from_name=_text(form, "from_name", 200), classification=_text(form, "classification", 20),
+        archive=_text(form, "archive", 20), intro=_long(form, "intro"),
         extra=extra if isinstance(extra, dict) else {})
     count = min(_number(_text(form, "sections", 5)), 200)
     cells: dict[tuple[int, int], dict[tuple[int, int], str]] = {}
@@ -1111,7 +1112,8 @@ def _editor_page(request: Request, caller: Caller, model: ef.EditionForm, *, eid
                  problems=problems or [], section_warnings=on, general_warnings=general,
                  preview=preview, extra=json.dumps(model.extra, default=str),
                  every_region=[(r, c.region_names.get(r, r)) for r in _every_region(request)],
-                 notice=notice)
+                 default_classification=c.settings.default_classification,
+                 default_archive=c.settings.default_archive, notice=notice)
 
 
 def _new_slug(model: ef.EditionForm, typed: str) -> str:
@@ -1316,6 +1318,7 @@ async def _edition_page(request: Request, caller: Caller, eid: int, status: int 
         return {"e": e, "text": seen.text, "warnings": seen.warnings,
                 "audience": seen.audience, "progress": outbox.progress(session, e),
                 "reach": edition_ops.audience(session, caller, eid),
+                "left_out": seen.left_out,
                 "covers": caller.actor.covers(e.regions),
                 "may_approve": outbox.second_pair_of_eyes(e, caller.actor.login),
                 "colleagues": (user_ops.colleagues(session, caller)

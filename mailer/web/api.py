@@ -186,6 +186,8 @@ class ProgressOut(BaseModel):
     taken_over: int = Field(description="Resent after a crash: claims taken over from a "
                                         "worker that died")
     once: int = Field(description="Certainly sent once")
+    left_out: int = Field(0, description="OFFICIAL-SENSITIVE: readers in the audience left "
+                                         "out, their address not on a secure domain")
     total: int
     remaining: int
 
@@ -212,6 +214,9 @@ class PreviewOut(BaseModel):
     text: str
     warnings: list[str]
     audience: dict[str, dict[str, int]]
+    left_out: int = Field(0, description="OFFICIAL-SENSITIVE: readers in the audience who "
+                                         "will be left out, their address not on a secure "
+                                         "domain")
 
 
 class EventOut(BaseModel):
@@ -708,7 +713,7 @@ def _routes(api: FastAPI) -> None:
         def work(session: Session) -> PreviewOut:
             seen = edition_ops.preview(session, caller, settings, eid)
             return PreviewOut(html=seen.html, text=seen.text, warnings=seen.warnings,
-                              audience=seen.audience)
+                              audience=seen.audience, left_out=seen.left_out)
         return await _run(request, work)
 
     @api.post("/editions/{eid}/test-send", response_model=Done)
@@ -809,7 +814,7 @@ def _routes(api: FastAPI) -> None:
             p = edition_ops.progress(session, caller, eid)
             return ProgressOut(edition_id=p.edition_id, status=p.status, counts=p.counts,
                                ambiguous=p.ambiguous, taken_over=p.taken_over, once=p.once,
-                               total=p.total, remaining=p.remaining)
+                               left_out=p.left_out, total=p.total, remaining=p.remaining)
         return await _run(request, work)
 
     def edition_step(name: str, permission: Permission,

@@ -483,6 +483,10 @@ def _preferences_view(w: Web, session: Session, subscriber: Subscriber) -> dict[
                     ("role", "Your role", w.rules.roles, subscriber.role)],
         "paused_until": (f"{paused.day} {paused:%B %Y}" if paused and paused > utcnow()
                          else None),
+        # Editions kept out of the public archive that went to this reader: the magic link
+        # (/manage) is how a reader who lost the email still reaches them.
+        "own_copies": [(p.subject, w.links.view_own_copy(subscriber.id, p.id))
+                       for p in outbox.own_copies(session, subscriber.id)],
     }
 
 
@@ -708,6 +712,31 @@ async def archive_feed(request: Request) -> Response:
     return Response(body, media_type="application/atom+xml; charset=utf-8")
 
 
+# An email's HTML is styled inline; allow that on these pages only (still no script of any kind).
+_EMAIL_PAGE_CSP = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                              "img-src https: data:; frame-ancestors 'none'; "
+                                              "base-uri 'none'; form-action 'none'"}
+
+
+@router.get("/read/{token}")
+async def own_copy(request: Request, token: str) -> Response:
+    """A reader's "view in your browser" of an edition kept out of the public archive
+    (`archive: subscribers`): only through their signed link, never listed or indexed."""
+    w = web(request)
+    try:
+        claims = w.tokens.read(Purpose.VIEW, token)
+    except InvalidToken as exc:
+        return _bad_link(request, exc, "/manage", "Get a new link by email")
+    edition_id = claims.edition_id
+    found = None if edition_id is None else await w.run(
+        lambda session: outbox.own_copy(session, edition_id, claims.subscriber_id))
+    if found is None:
+        raise HTTPException(404, "There is no newsletter for you at this address.")
+    html = w.archive.own_page(*found, w.links.page(Purpose.VIEW, token))
+    # The security middleware adds no-store and no-referrer: the URL is the reader's key.
+    return HTMLResponse(html, headers={**_EMAIL_PAGE_CSP, "X-Robots-Tag": "noindex, nofollow"})
+
+
 @router.get("/archive/{slug}")
 async def archive_edition(request: Request, slug: str) -> Response:
     w = web(request)
@@ -716,8 +745,4 @@ async def archive_edition(request: Request, slug: str) -> Response:
             else await run_in_threadpool(w.archive.page, slug))
     if html is None:
         raise HTTPException(404, "There is no published newsletter at this address.")
-    # An email's HTML is styled inline; allow that here only (still no script of any kind).
-    return HTMLResponse(html, headers={
-        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
-                                   "img-src https: data:; frame-ancestors 'none'; "
-                                   "base-uri 'none'; form-action 'none'"})
+    return HTMLResponse(html, headers=_EMAIL_PAGE_CSP)
