@@ -173,3 +173,17 @@ def test_a_role_typed_in_a_spreadsheet_matches_by_slug_or_label_whatever_the_pun
     # What an import or a form accepts for a vocabulary: the slug or the label, in any case,
     # with punctuation and spaces around or between the words; nothing looser.
     assert Rules(suppression_key=b"k" * 32).match("role", typed) == slug
+
+
+def test_an_unknown_vocabulary_value_is_refused_with_its_field_in_words_and_known_ones() -> None:
+    # What an import row or a form shows the co-ordinator: which field, what was typed (cut to
+    # 40 characters), and the values that would have been accepted.
+    rules = Rules(suppression_key=b"k" * 40, organisation_types={"police": "Police",
+                                                                 "ngo": "NGO"})
+    assert validation.vocabulary_value(rules, "organisation_type", " NGO ") == "ngo"
+    assert validation.vocabulary_value(rules, "organisation_type", "  ") is None
+    with pytest.raises(InvalidInput) as refused:
+        validation.vocabulary_value(rules, "organisation_type", "  " + "p" * 50 + "  ")
+    assert refused.value.field == "organisation_type"
+    assert str(refused.value) == (f"unknown organisation type '{'p' * 40}' "
+                                  "(one of: ngo, police)")
