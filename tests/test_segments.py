@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import time_machine
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mailer import events, schedule
@@ -34,6 +34,7 @@ from subscribers.db import session_factory
 from subscribers.models import Channel
 from subscribers.rules import Rules
 from tests.test_admin_routes import app_client, login, make_user  # noqa: F401
+from tests.test_schedule import sessions  # noqa: F401  (no default dates due)
 from tests.web_fixtures import (  # noqa: F401
     csrf_of,
     fault_server,
@@ -71,15 +72,6 @@ EXPECTED = {
     "reminder-readers": {"a@kent.police.uk", "c@kent.gov.uk", "d@essex.police.uk", "g@nhs.net"},
     "everyone": {r[0] for r in READERS if "newsletter" in r[4]},
 }
-
-
-@pytest.fixture
-def sessions(engine) -> sessionmaker[Session]:
-    factory = session_factory(engine)
-    with factory() as s:  # the migration's default dates would fall due in these tests too
-        s.execute(delete(Event))
-        s.commit()
-    return factory
 
 
 def _readers(sessions: sessionmaker[Session], rules: Rules) -> None:
